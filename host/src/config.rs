@@ -1,0 +1,529 @@
+//! Configuration: one TOML file, read in two stages.
+//!
+//! [`RawConfig`] mirrors the file (every key optional, unknown keys refused);
+//! [`Config::from_raw`] validates it into the typed [`Config`] the rest of
+//! the host uses, after command-line flags and environment overrides are
+//! applied. Every error names the key and the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+/// Default plugins folder.
+pub const DEFAULT_PLUGINS: &str = "./plugins";
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub plugins: Option<PathBuf>,
+    /// Where compiled plugin code is cached (default: `<plugins>/.cache`).
+    pub cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub api: RawApi,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub misskey: RawMisskey,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub plugin_runtime: RawPluginRuntime,
+    /// `[plugins.<name>]` tables, split off by [`RawConfig::parse`].
+    #[serde(skip)]
+    pub plugins_config: BTreeMap<String, toml::Table>,
+    #[serde(default, rename = "socketio")]
+    pub socketio: Option<toml::Table>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    #[serde(default)]
+    pub tokens: BTreeMap<String, String>,
+    pub jwt: Option<RawJwt>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub secret: Option<String>,
+    pub user_claim: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMisskey {
+    pub ping_interval_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub max_frame_bytes: Option<usize>,
+    pub max_channels: Option<usize>,
+    pub max_captures: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub send_queue: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPluginRuntime {
+    pub call_timeout_ms: Option<u64>,
+    pub init_timeout_ms: Option<u64>,
+    pub memory_mb: Option<usize>,
+    pub stack_kb: Option<usize>,
+    pub queue: Option<usize>,
+}
+
+/// Misskey streaming settings.
+#[derive(Debug, Clone)]
+pub struct MisskeyConfig {
+    /// Interval of server WebSocket pings (Misskey: 60 s).
+    pub ping_interval: Duration,
+    /// A peer that sent nothing for this long is dropped (Misskey: 2 min).
+    pub idle_timeout: Duration,
+    /// Largest client frame accepted; larger ones close the stream with 1009.
+    pub max_frame_bytes: usize,
+    /// Channel instances per stream (Misskey: 32).
+    pub max_channels: usize,
+    /// Captured notes per stream, oldest evicted (Misskey: 1536).
+    pub max_captures: usize,
+}
+
+/// Limits of the plugin runtime.
+#[derive(Debug, Clone)]
+pub struct PluginRuntimeConfig {
+    /// Wall-clock budget of one plugin call.
+    pub call_timeout: Duration,
+    /// Budget of `describe` + `init` on a new instance (large guests start slowly).
+    pub init_timeout: Duration,
+    /// Linear memory a plugin instance may grow to.
+    pub memory_bytes: usize,
+    /// Wasm stack per call.
+    pub stack_bytes: usize,
+    /// Calls waiting per plugin before new event calls are dropped.
+    pub queue: usize,
+}
+
+/// JWT HS256 provider settings.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub secret: Vec<u8>,
+    pub user_claim: String,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub plugins_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub api_key: Option<String>,
+    pub tokens: BTreeMap<String, String>,
+    pub jwt: Option<JwtConfig>,
+    pub misskey: MisskeyConfig,
+    /// Frames queued per connection before it counts as a slow reader and is closed.
+    pub send_queue: usize,
+    pub plugin_runtime: PluginRuntimeConfig,
+    /// `[plugins.<name>]` tables, handed to each plugin's `init` as JSON.
+    pub plugin_tables: BTreeMap<String, serde_json::Value>,
+}
+
+/// Overrides from the command line.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub plugins: Option<PathBuf>,
+}
+
+/// Environment values that override the file (`CHANHOST_API_KEY`, `CHANHOST_JWT_SECRET`).
+#[derive(Debug, Default, Clone)]
+pub struct EnvOverrides {
+    pub api_key: Option<String>,
+    pub jwt_secret: Option<String>,
+}
+
+impl EnvOverrides {
+    /// Reads the overrides from the process environment.
+    pub fn from_env() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            api_key: get("CHANHOST_API_KEY"),
+            jwt_secret: get("CHANHOST_JWT_SECRET"),
+        }
+    }
+}
+
+impl RawConfig {
+    /// Parses a config file's text. `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        // `plugins` is either the folder (`plugins = "dir"`) or, since TOML
+        // cannot hold both a string and `[plugins.<name>]` tables under one
+        // key, a table: `dir` names the folder and every sub-table is the
+        // config of the plugin it is named after.
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let mut plugins_config = BTreeMap::new();
+        if let Some(toml::Value::Table(t)) = table.get("plugins").cloned() {
+            table.remove("plugins");
+            for (name, v) in t {
+                match v {
+                    toml::Value::Table(tt) => {
+                        plugins_config.insert(name, tt);
+                    }
+                    toml::Value::String(dir) if name == "dir" => {
+                        table.insert("plugins".into(), toml::Value::String(dir));
+                    }
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            origin: path.display().to_string(),
+                            key: format!("plugins.{name}"),
+                            message: "expected `dir = \"folder\"` or a `[plugins.<name>]` table of plugin settings".into(),
+                        })
+                    }
+                }
+            }
+        }
+        let mut raw: RawConfig =
+            table
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string().trim_end().to_owned(),
+                })?;
+        if !plugins_config.is_empty() {
+            raw.plugins_config = plugins_config;
+        }
+        Ok(raw)
+    }
+
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+fn ms(v: Option<u64>, default: u64) -> Duration {
+    Duration::from_millis(v.unwrap_or(default))
+}
+
+impl Config {
+    /// Validates a raw config. `origin` names where it came from (the file,
+    /// or "defaults") for error messages.
+    pub fn from_raw(
+        raw: RawConfig,
+        origin: &str,
+        flags: &Overrides,
+        env: &EnvOverrides,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let (listen_src, listen_key) = match (&flags.listen, &raw.listen) {
+            (Some(l), _) => (l.clone(), "--listen"),
+            (None, Some(l)) => (l.clone(), "listen"),
+            (None, None) => (DEFAULT_LISTEN.to_owned(), "listen"),
+        };
+        let listen: SocketAddr = listen_src.parse().map_err(|_| {
+            invalid(
+                listen_key,
+                format!("`{listen_src}` is not a socket address like 127.0.0.1:3000"),
+            )
+        })?;
+        let plugins_dir = flags
+            .plugins
+            .clone()
+            .or(raw.plugins.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PLUGINS));
+        let cache_dir = raw
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| plugins_dir.join(".cache"));
+
+        let api_key = env.api_key.clone().or(raw.api.key.clone());
+        if api_key.as_deref() == Some("") {
+            return Err(invalid("api.key", "must not be empty".into()));
+        }
+
+        let jwt = match raw.auth.jwt {
+            None => env.jwt_secret.as_ref().map(|s| JwtConfig {
+                secret: s.as_bytes().to_vec(),
+                user_claim: "id".into(),
+            }),
+            Some(j) => {
+                let secret = env.jwt_secret.clone().or(j.secret).ok_or_else(|| {
+                    invalid(
+                        "auth.jwt.secret",
+                        "missing (set it, or CHANHOST_JWT_SECRET)".into(),
+                    )
+                })?;
+                if secret.is_empty() {
+                    return Err(invalid("auth.jwt.secret", "must not be empty".into()));
+                }
+                let user_claim = j.user_claim.unwrap_or_else(|| "id".into());
+                if user_claim.is_empty() {
+                    return Err(invalid("auth.jwt.user_claim", "must not be empty".into()));
+                }
+                Some(JwtConfig {
+                    secret: secret.into_bytes(),
+                    user_claim,
+                })
+            }
+        };
+        for (token, user) in &raw.auth.tokens {
+            if token.is_empty() || user.is_empty() {
+                return Err(invalid(
+                    "auth.tokens",
+                    "tokens and user ids must not be empty".into(),
+                ));
+            }
+        }
+
+        let m = raw.misskey;
+        let misskey = MisskeyConfig {
+            ping_interval: ms(m.ping_interval_ms, 60_000),
+            idle_timeout: ms(m.idle_timeout_ms, 120_000),
+            max_frame_bytes: m.max_frame_bytes.unwrap_or(64 * 1024),
+            max_channels: m.max_channels.unwrap_or(32),
+            max_captures: m.max_captures.unwrap_or(1536),
+        };
+        if misskey.ping_interval.is_zero() {
+            return Err(invalid("misskey.ping_interval_ms", "must be > 0".into()));
+        }
+        if misskey.idle_timeout < misskey.ping_interval {
+            return Err(invalid(
+                "misskey.idle_timeout_ms",
+                "must be at least misskey.ping_interval_ms".into(),
+            ));
+        }
+        if misskey.max_frame_bytes < 1024 {
+            return Err(invalid("misskey.max_frame_bytes", "must be >= 1024".into()));
+        }
+
+        let send_queue = raw.limits.send_queue.unwrap_or(1024);
+        if send_queue == 0 {
+            return Err(invalid("limits.send_queue", "must be > 0".into()));
+        }
+
+        let p = raw.plugin_runtime;
+        let plugin_runtime = PluginRuntimeConfig {
+            call_timeout: ms(p.call_timeout_ms, 200),
+            init_timeout: ms(p.init_timeout_ms, 10_000),
+            memory_bytes: p.memory_mb.unwrap_or(64) << 20,
+            stack_bytes: p.stack_kb.unwrap_or(512) << 10,
+            queue: p.queue.unwrap_or(4096),
+        };
+        if plugin_runtime.call_timeout < Duration::from_millis(10) {
+            return Err(invalid(
+                "plugin_runtime.call_timeout_ms",
+                "must be >= 10".into(),
+            ));
+        }
+        if plugin_runtime.memory_bytes < (1 << 20) {
+            return Err(invalid("plugin_runtime.memory_mb", "must be >= 1".into()));
+        }
+        if plugin_runtime.stack_bytes < (64 << 10) {
+            return Err(invalid("plugin_runtime.stack_kb", "must be >= 64".into()));
+        }
+        if plugin_runtime.queue == 0 {
+            return Err(invalid("plugin_runtime.queue", "must be > 0".into()));
+        }
+
+        let mut plugin_tables = BTreeMap::new();
+        for (name, table) in raw.plugins_config {
+            let json = serde_json::to_value(&table)
+                .map_err(|e| invalid(&format!("plugins.{name}"), e.to_string()))?;
+            if let Some(allow) = table.get("allow_http") {
+                let ok = allow
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|v| v.as_str().is_some()));
+                if !ok {
+                    return Err(invalid(
+                        &format!("plugins.{name}.allow_http"),
+                        "expected a list of origins like [\"http://backend:8080\"]".into(),
+                    ));
+                }
+            }
+            plugin_tables.insert(name, json);
+        }
+        if raw.socketio.is_some() {
+            tracing::warn!(
+                "{origin}: the [socketio] table is read by the Socket.IO endpoint, which this build does not serve yet"
+            );
+        }
+
+        Ok(Config {
+            listen,
+            plugins_dir,
+            cache_dir,
+            api_key,
+            tokens: raw.auth.tokens,
+            jwt,
+            misskey,
+            send_queue,
+            plugin_runtime,
+            plugin_tables,
+        })
+    }
+
+    /// Loads the config: the file if given, then flags and environment.
+    pub fn load(
+        file: Option<&Path>,
+        flags: &Overrides,
+        env: &EnvOverrides,
+    ) -> Result<Self, ConfigError> {
+        match file {
+            Some(path) => {
+                let raw = RawConfig::load(path)?;
+                Self::from_raw(raw, &path.display().to_string(), flags, env)
+            }
+            None => Self::from_raw(RawConfig::default(), "defaults", flags, env),
+        }
+    }
+
+    /// The config table of one plugin as JSON text (`{}` when none).
+    pub fn plugin_table_json(&self, name: &str) -> String {
+        self.plugin_tables
+            .get(name)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "{}".to_owned())
+    }
+
+    /// A configuration for tests and embedding: defaults, the given plugins folder.
+    pub fn for_plugins(dir: impl Into<PathBuf>) -> Self {
+        let flags = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            plugins: Some(dir.into()),
+        };
+        Self::from_raw(
+            RawConfig::default(),
+            "defaults",
+            &flags,
+            &EnvOverrides::default(),
+        )
+        .expect("defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw = RawConfig::parse(text, Path::new("test.toml"))?;
+        Config::from_raw(
+            raw,
+            "test.toml",
+            &Overrides::default(),
+            &EnvOverrides::default(),
+        )
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            r#"
+listen = "127.0.0.1:4000"
+[api]
+key = "k"
+[auth]
+tokens = { "tok-alice" = "alice" }
+[auth.jwt]
+secret = "s"
+user_claim = "uid"
+[plugins]
+dir = "dir"
+[plugins.mew]
+allow_http = ["http://backend:8080"]
+rooms_url = "http://backend:8080/rooms"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 4000);
+        assert_eq!(c.plugins_dir, PathBuf::from("dir"));
+        assert_eq!(c.api_key.as_deref(), Some("k"));
+        assert_eq!(c.tokens["tok-alice"], "alice");
+        assert!(c.plugin_table_json("mew").contains("rooms_url"));
+        assert_eq!(c.plugin_table_json("other"), "{}");
+        assert_eq!(c.jwt.unwrap().user_claim, "uid");
+    }
+
+    #[test]
+    fn plugins_folder_as_string() {
+        let c = parse("plugins = \"p\"").unwrap();
+        assert_eq!(c.plugins_dir, PathBuf::from("p"));
+        assert_eq!(c.cache_dir, PathBuf::from("p/.cache"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("lisen = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("lisen"), "{e}");
+        assert!(e.contains("test.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_is_named() {
+        let e = parse("listen = \"nowhere\"").unwrap_err().to_string();
+        assert!(e.contains("`listen`") && e.contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn bad_allow_http_is_named() {
+        let e = parse("[plugins.x]\nallow_http = \"http://a\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plugins.x.allow_http"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let raw = RawConfig::parse("[api]\nkey = \"file\"", Path::new("t")).unwrap();
+        let env = EnvOverrides {
+            api_key: Some("env".into()),
+            jwt_secret: None,
+        };
+        let c = Config::from_raw(raw, "t", &Overrides::default(), &env).unwrap();
+        assert_eq!(c.api_key.as_deref(), Some("env"));
+    }
+}

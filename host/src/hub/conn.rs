@@ -1,0 +1,302 @@
+//! Per-connection state shared between the connection's session task, the
+//! hub and plugin host calls: identity, the bounded outbound queue, open
+//! channel instances, note captures and room memberships.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, Notify};
+
+use super::SharedEvent;
+use crate::auth::Identity;
+use crate::protocol::misskey::json_string;
+
+/// A connection id, unique for the life of the process.
+pub type ConnId = u64;
+
+/// The wire protocol of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Misskey,
+    SocketIo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SlotKind {
+    Instance,
+    Capture,
+}
+
+#[derive(Debug)]
+struct SlotInner {
+    kind: SlotKind,
+    id: Arc<str>,
+    quoted: Arc<str>,
+}
+
+/// What receives events on a connection: a channel instance (by its id) or
+/// a note capture (by the note id). Carries the id pre-quoted as JSON so
+/// per-recipient framing is a splice.
+#[derive(Debug, Clone)]
+pub struct Slot(Arc<SlotInner>);
+
+impl Slot {
+    fn new(kind: SlotKind, id: &str) -> Self {
+        Slot(Arc::new(SlotInner {
+            kind,
+            id: id.into(),
+            quoted: json_string(id).into(),
+        }))
+    }
+    /// A channel instance slot.
+    pub fn instance(id: &str) -> Self {
+        Self::new(SlotKind::Instance, id)
+    }
+    /// A note capture slot.
+    pub fn capture(note_id: &str) -> Self {
+        Self::new(SlotKind::Capture, note_id)
+    }
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+    /// The id as a JSON string literal.
+    pub fn quoted(&self) -> &str {
+        &self.0.quoted
+    }
+    pub fn is_capture(&self) -> bool {
+        self.0.kind == SlotKind::Capture
+    }
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.kind == o.0.kind && self.0.id == o.0.id
+    }
+}
+impl Eq for Slot {}
+impl Hash for Slot {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.kind.hash(h);
+        self.0.id.hash(h);
+    }
+}
+
+/// Something queued for a connection's writer.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A complete text frame.
+    Text(String),
+    /// A room event for one slot; the writer frames it for its protocol.
+    Event { slot: Slot, event: Arc<SharedEvent> },
+}
+
+/// An open channel instance.
+#[derive(Debug, Clone)]
+pub struct InstanceState {
+    /// The plugin serving it (its file name).
+    pub plugin: Arc<str>,
+    /// The channel name (Misskey) or namespace (Socket.IO).
+    pub channel: Arc<str>,
+    pub slot: Slot,
+}
+
+/// Mutable per-connection state.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    pub instances: HashMap<Arc<str>, InstanceState>,
+    memberships: HashSet<(Arc<str>, Slot)>,
+    captures: HashMap<Arc<str>, u32>,
+    capture_order: VecDeque<Arc<str>>,
+}
+
+/// What a capture request changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CaptureChange {
+    /// The note became captured (join its room).
+    pub joined: bool,
+    /// A note evicted to stay within the limit (leave its room).
+    pub evicted: Option<Arc<str>>,
+}
+
+/// A registered connection.
+#[derive(Debug)]
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub protocol: Protocol,
+    pub identity: Option<Identity>,
+    tx: mpsc::Sender<Outbound>,
+    close: Mutex<Option<(u16, String)>>,
+    close_notify: Notify,
+    state: Mutex<ConnState>,
+}
+
+impl ConnHandle {
+    /// A new handle and the receiving end of its outbound queue.
+    pub fn new(
+        id: ConnId,
+        protocol: Protocol,
+        identity: Option<Identity>,
+        queue: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let h = Arc::new(Self {
+            id,
+            protocol,
+            identity,
+            tx,
+            close: Mutex::new(None),
+            close_notify: Notify::new(),
+            state: Mutex::new(ConnState::default()),
+        });
+        (h, rx)
+    }
+
+    /// Queues a frame without waiting. A full queue means a slow consumer:
+    /// the connection is asked to close and the frame is dropped.
+    pub fn push(&self, out: Outbound) -> bool {
+        match self.tx.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.request_close(1008, "send queue full (slow consumer)");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close the connection with a close code and reason.
+    /// The first request wins.
+    pub fn request_close(&self, code: u16, reason: &str) {
+        let mut c = self.close.lock();
+        if c.is_none() {
+            *c = Some((code, reason.to_owned()));
+            self.close_notify.notify_one();
+        }
+    }
+
+    /// The pending close request, if any.
+    pub fn close_requested(&self) -> Option<(u16, String)> {
+        self.close.lock().clone()
+    }
+
+    /// Resolves once a close is requested.
+    pub async fn closed(&self) -> (u16, String) {
+        loop {
+            if let Some(c) = self.close_requested() {
+                return c;
+            }
+            self.close_notify.notified().await;
+        }
+    }
+
+    /// Runs `f` with the connection's state locked.
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut ConnState) -> R) -> R {
+        f(&mut self.state.lock())
+    }
+
+    /// The instance with this id, if open.
+    pub fn instance(&self, id: &str) -> Option<InstanceState> {
+        self.state.lock().instances.get(id).cloned()
+    }
+
+    pub(super) fn add_membership(&self, room: Arc<str>, slot: Slot) -> bool {
+        self.state.lock().memberships.insert((room, slot))
+    }
+
+    pub(super) fn remove_membership(&self, room: &Arc<str>, slot: &Slot) -> bool {
+        self.state
+            .lock()
+            .memberships
+            .remove(&(room.clone(), slot.clone()))
+    }
+
+    pub(super) fn take_memberships_of(&self, slot: &Slot) -> Vec<Arc<str>> {
+        let mut st = self.state.lock();
+        let rooms: Vec<Arc<str>> = st
+            .memberships
+            .iter()
+            .filter(|(_, s)| s == slot)
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in &rooms {
+            st.memberships.remove(&(r.clone(), slot.clone()));
+        }
+        rooms
+    }
+
+    /// Empties the state: memberships, instances, and the capture count.
+    pub(super) fn take_all(
+        &self,
+    ) -> (Vec<(Arc<str>, Slot)>, Vec<(Arc<str>, InstanceState)>, usize) {
+        let mut st = self.state.lock();
+        let memberships = st.memberships.drain().collect();
+        let instances = st.instances.drain().collect();
+        let captures = st.captures.len();
+        st.captures.clear();
+        st.capture_order.clear();
+        (memberships, instances, captures)
+    }
+
+    /// Counts one more capture of a note; evicts the oldest note when the
+    /// limit is reached.
+    pub(super) fn capture_add(&self, note: &str, max: usize) -> CaptureChange {
+        let mut st = self.state.lock();
+        if let Some(n) = st.captures.get_mut(note) {
+            *n += 1;
+            return CaptureChange::default();
+        }
+        let mut change = CaptureChange {
+            joined: true,
+            evicted: None,
+        };
+        if st.captures.len() >= max {
+            if let Some(old) = st.capture_order.pop_front() {
+                st.captures.remove(&old);
+                change.evicted = Some(old);
+            }
+        }
+        let note: Arc<str> = note.into();
+        st.captures.insert(note.clone(), 1);
+        st.capture_order.push_back(note);
+        change
+    }
+
+    /// Counts one capture less; true when the note is no longer captured.
+    pub(super) fn capture_remove(&self, note: &str) -> bool {
+        let mut st = self.state.lock();
+        let Some(n) = st.captures.get_mut(note) else {
+            return false;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return false;
+        }
+        st.captures.remove(note);
+        if let Some(pos) = st.capture_order.iter().position(|x| &**x == note) {
+            st.capture_order.remove(pos);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captures_are_ref_counted_and_evict_oldest() {
+        let (c, _rx) = ConnHandle::new(1, Protocol::Misskey, None, 4);
+        assert!(c.capture_add("a", 2).joined);
+        assert!(!c.capture_add("a", 2).joined);
+        assert!(c.capture_add("b", 2).joined);
+        let ch = c.capture_add("c", 2);
+        assert_eq!(ch.evicted.as_deref(), Some("a"));
+        // "a" was evicted; "c" is still counted once.
+        assert!(!c.capture_remove("a"));
+        assert!(c.capture_remove("b"));
+        assert!(c.capture_remove("c"));
+        assert!(!c.capture_remove("c"));
+    }
+}

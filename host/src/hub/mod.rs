@@ -1,0 +1,332 @@
+//! The hub: connections, channel instances, rooms, captures and fan-out on
+//! this node, independent of any wire protocol.
+//!
+//! A connection registers a [`ConnHandle`]: its identity, its bounded
+//! outbound queue and its per-connection state (open instances, captures,
+//! room memberships). Rooms are sharded maps from a room name to its
+//! members; delivering an event to a room pushes one [`Outbound::Event`]
+//! sharing the same [`SharedEvent`] into each member's queue, so the event
+//! is serialised once and each session only splices its own address in.
+//! A full queue marks that connection as a slow consumer and closes it;
+//! nobody else waits. The hub never calls plugins and never touches sockets.
+
+mod conn;
+mod event;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+pub use conn::{
+    CaptureChange, ConnHandle, ConnId, ConnState, InstanceState, Outbound, Protocol, Slot,
+};
+pub use event::SharedEvent;
+
+use crate::metrics::Metrics;
+
+const SHARDS: usize = 32;
+
+/// A member of a room: one slot (instance or capture) on one connection.
+#[derive(Clone)]
+struct Member {
+    conn: Arc<ConnHandle>,
+    slot: Slot,
+}
+
+type MemberKey = (ConnId, Slot);
+type RoomMap = HashMap<Arc<str>, HashMap<MemberKey, Member>>;
+
+/// The room of a captured note.
+pub fn note_room(note: &str) -> String {
+    format!("noteStream:{note}")
+}
+
+/// Connections and rooms of this node.
+pub struct Hub {
+    conns: RwLock<HashMap<ConnId, Arc<ConnHandle>>>,
+    rooms: Box<[RwLock<RoomMap>]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Plugins listening to a room: room -> plugin names.
+    listeners: RwLock<HashMap<Arc<str>, Vec<Arc<str>>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            conns: RwLock::new(HashMap::new()),
+            rooms: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            listeners: RwLock::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn shard(&self, room: &str) -> &RwLock<RoomMap> {
+        let mut h = self.hasher.build_hasher();
+        room.hash(&mut h);
+        &self.rooms[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Registers a new connection.
+    pub fn register(&self, conn: Arc<ConnHandle>) {
+        self.conns.write().insert(conn.id, conn);
+        self.metrics.connections.inc();
+    }
+
+    /// Removes a connection and all its room memberships. Returns the
+    /// instances that were open on it (for the caller to tell plugins).
+    pub fn unregister(&self, id: ConnId) -> Vec<(Arc<str>, InstanceState)> {
+        let Some(conn) = self.conns.write().remove(&id) else {
+            return Vec::new();
+        };
+        self.metrics.connections.dec();
+        let (memberships, instances, captures) = conn.take_all();
+        for (room, slot) in memberships {
+            self.remove_member(&room, &(id, slot));
+        }
+        self.metrics.instances.sub(instances.len() as u64);
+        self.metrics.captures.sub(captures as u64);
+        instances
+    }
+
+    /// The connection with this id, if it is open.
+    pub fn conn(&self, id: ConnId) -> Option<Arc<ConnHandle>> {
+        self.conns.read().get(&id).cloned()
+    }
+
+    /// Every open connection (for rare whole-node operations).
+    pub fn all_conns(&self) -> Vec<Arc<ConnHandle>> {
+        self.conns.read().values().cloned().collect()
+    }
+
+    /// Number of open connections.
+    pub fn conn_count(&self) -> usize {
+        self.conns.read().len()
+    }
+
+    /// Number of non-empty rooms.
+    pub fn room_count(&self) -> usize {
+        self.rooms.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// Adds a slot of a connection to a room. Returns false if it was
+    /// already a member (or the connection is gone).
+    pub fn join(&self, conn: &Arc<ConnHandle>, slot: Slot, room: &str) -> bool {
+        let room: Arc<str> = room.into();
+        if !conn.add_membership(room.clone(), slot.clone()) {
+            return false;
+        }
+        let member = Member {
+            conn: conn.clone(),
+            slot: slot.clone(),
+        };
+        self.shard(&room)
+            .write()
+            .entry(room)
+            .or_default()
+            .insert((conn.id, slot), member);
+        true
+    }
+
+    /// Removes a slot of a connection from a room.
+    pub fn leave(&self, conn: &ConnHandle, slot: &Slot, room: &str) -> bool {
+        let room: Arc<str> = room.into();
+        if !conn.remove_membership(&room, slot) {
+            return false;
+        }
+        self.remove_member(&room, &(conn.id, slot.clone()));
+        true
+    }
+
+    /// Removes a slot from every room it is in.
+    pub fn leave_all(&self, conn: &ConnHandle, slot: &Slot) {
+        for room in conn.take_memberships_of(slot) {
+            self.remove_member(&room, &(conn.id, slot.clone()));
+        }
+    }
+
+    fn remove_member(&self, room: &Arc<str>, key: &MemberKey) {
+        let mut shard = self.shard(room).write();
+        if let Some(members) = shard.get_mut(room) {
+            members.remove(key);
+            if members.is_empty() {
+                shard.remove(room);
+            }
+        }
+    }
+
+    /// Number of members of a room on this node.
+    pub fn room_size(&self, room: &str) -> usize {
+        self.shard(room).read().get(room).map_or(0, |m| m.len())
+    }
+
+    /// Delivers an event to every member of a room (except one slot).
+    /// Returns how many members it was queued for.
+    pub fn deliver(
+        &self,
+        room: &str,
+        event: &Arc<SharedEvent>,
+        except: Option<(ConnId, &str)>,
+    ) -> usize {
+        let shard = self.shard(room).read();
+        let Some(members) = shard.get(room) else {
+            return 0;
+        };
+        let mut n = 0;
+        for ((conn_id, slot), m) in members {
+            if let Some((ex_conn, ex_id)) = except {
+                if *conn_id == ex_conn && slot.id() == ex_id {
+                    continue;
+                }
+            }
+            if m.conn.push(Outbound::Event {
+                slot: m.slot.clone(),
+                event: event.clone(),
+            }) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Captures a note on a connection (Misskey `subNote`): ref-counted;
+    /// the first capture joins room `noteStream:<id>`, and past `max` the
+    /// oldest captured note is released.
+    pub fn capture(&self, conn: &Arc<ConnHandle>, note: &str, max: usize) {
+        let change = conn.capture_add(note, max);
+        if let Some(old) = change.evicted {
+            self.leave(conn, &Slot::capture(&old), &note_room(&old));
+            self.metrics.captures.dec();
+        }
+        if change.joined {
+            self.join(conn, Slot::capture(note), &note_room(note));
+            self.metrics.captures.inc();
+        }
+    }
+
+    /// Releases one capture of a note (Misskey `unsubNote`).
+    pub fn uncapture(&self, conn: &ConnHandle, note: &str) {
+        if conn.capture_remove(note) {
+            self.leave(conn, &Slot::capture(note), &note_room(note));
+            self.metrics.captures.dec();
+        }
+    }
+
+    /// Registers a plugin's interest in a room.
+    pub fn listen(&self, plugin: &Arc<str>, room: &str) {
+        let mut l = self.listeners.write();
+        let v = l.entry(room.into()).or_default();
+        if !v.iter().any(|p| p == plugin) {
+            v.push(plugin.clone());
+        }
+    }
+
+    /// Drops a plugin's interest in a room.
+    pub fn unlisten(&self, plugin: &str, room: &str) {
+        let mut l = self.listeners.write();
+        if let Some(v) = l.get_mut(room) {
+            v.retain(|p| &**p != plugin);
+            if v.is_empty() {
+                l.remove(room);
+            }
+        }
+    }
+
+    /// Replaces every listen of a plugin with `rooms`.
+    pub fn set_listens(&self, plugin: &Arc<str>, rooms: &[String]) {
+        self.unlisten_all(plugin);
+        for r in rooms {
+            self.listen(plugin, r);
+        }
+    }
+
+    /// Drops every listen of a plugin.
+    pub fn unlisten_all(&self, plugin: &str) {
+        let mut l = self.listeners.write();
+        l.retain(|_, v| {
+            v.retain(|p| &**p != plugin);
+            !v.is_empty()
+        });
+    }
+
+    /// The plugins listening to a room.
+    pub fn listeners(&self, room: &str) -> Vec<Arc<str>> {
+        self.listeners.read().get(room).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        Hub::new(Arc::new(Metrics::default()))
+    }
+
+    fn conn(id: ConnId, queue: usize) -> (Arc<ConnHandle>, tokio::sync::mpsc::Receiver<Outbound>) {
+        ConnHandle::new(id, Protocol::Misskey, None, queue)
+    }
+
+    #[test]
+    fn deliver_reaches_members_once_and_skips_except() {
+        let hub = hub();
+        let (a, mut ra) = conn(1, 8);
+        let (b, mut rb) = conn(2, 8);
+        hub.register(a.clone());
+        hub.register(b.clone());
+        assert!(hub.join(&a, Slot::instance("x"), "r"));
+        assert!(!hub.join(&a, Slot::instance("x"), "r"));
+        hub.join(&b, Slot::instance("y"), "r");
+        let ev = SharedEvent::new("e", "1".into());
+        assert_eq!(hub.deliver("r", &ev, Some((2, "y"))), 1);
+        assert!(ra.try_recv().is_ok());
+        assert!(ra.try_recv().is_err());
+        assert!(rb.try_recv().is_err());
+        assert_eq!(hub.deliver("r", &ev, None), 2);
+    }
+
+    #[test]
+    fn unregister_leaves_every_room() {
+        let hub = hub();
+        let (a, _ra) = conn(1, 8);
+        hub.register(a.clone());
+        hub.join(&a, Slot::instance("x"), "r1");
+        hub.join(&a, Slot::capture("n"), "noteStream:n");
+        assert_eq!(hub.room_count(), 2);
+        hub.unregister(1);
+        assert_eq!(hub.room_count(), 0);
+        assert_eq!(hub.conn_count(), 0);
+    }
+
+    #[test]
+    fn full_queue_closes_only_that_connection() {
+        let hub = hub();
+        let (slow, _rs) = conn(1, 1);
+        let (fast, mut rf) = conn(2, 8);
+        hub.register(slow.clone());
+        hub.register(fast.clone());
+        hub.join(&slow, Slot::instance("a"), "r");
+        hub.join(&fast, Slot::instance("b"), "r");
+        let ev = SharedEvent::new("e", "1".into());
+        hub.deliver("r", &ev, None);
+        hub.deliver("r", &ev, None);
+        assert!(slow.close_requested().is_some());
+        assert!(fast.close_requested().is_none());
+        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+    }
+
+    #[test]
+    fn listens_are_a_set() {
+        let hub = hub();
+        let p: Arc<str> = "p".into();
+        hub.listen(&p, "r");
+        hub.listen(&p, "r");
+        assert_eq!(hub.listeners("r").len(), 1);
+        hub.set_listens(&p, &["s".into()]);
+        assert!(hub.listeners("r").is_empty());
+        assert_eq!(hub.listeners("s").len(), 1);
+    }
+}

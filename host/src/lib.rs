@@ -1,0 +1,23 @@
+//! chanhost: a realtime gateway for the Misskey streaming protocol (and,
+//! next, Socket.IO) whose channels are WebAssembly component plugins.
+//!
+//! Module map (the tree reads as the architecture):
+//! - [`protocol`]: wire codecs without I/O.
+//! - [`hub`]: connections, instances, rooms, captures, fan-out.
+//! - [`plugin`]: the wasmtime runtime, registry, hot reload.
+//! - [`broker`]: how publishes reach every node (in-memory by default).
+//! - [`node`]: owns all of the above for one process.
+//! - [`server`]: HTTP and WebSocket sessions; [`api`]: publish and operations.
+//! - [`auth`], [`config`], [`metrics`], [`cli`].
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod plugin;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,477 @@
+//! The node owns everything of one host process and ties it together: the
+//! validated config, the hub, auth, the broker, the plugin registry, the
+//! key-value store and the metrics. Protocol sessions and the HTTP API talk
+//! to the node; plugins reach it through [`HostServices`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use serde::de::IgnoredAny;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::broker::{Broker, LocalDelivery, MemoryBroker, Publication};
+use crate::config::Config;
+use crate::hub::{ConnHandle, ConnId, Hub, InstanceState, Outbound, SharedEvent, Slot};
+use crate::metrics::{write_metric, Metrics};
+use crate::plugin::engine::PluginError;
+use crate::plugin::kv::KvStore;
+use crate::plugin::registry::LoadOutcome;
+use crate::plugin::watcher::FolderWatch;
+use crate::plugin::{DisconnectReason, HostServices, InstanceRef, Payload, PluginEngine, Registry};
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("plugins folder {0} does not exist (set `plugins` in the config or pass --plugins)")]
+    NoPluginsDir(String),
+    #[error("plugins path {0} is not a folder")]
+    PluginsNotDir(String),
+    #[error("cannot read plugins folder {path}: {source}")]
+    ReadPluginsDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot watch plugins folder {path}: {source}")]
+    Watch { path: String, source: notify::Error },
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+/// One host process.
+pub struct Node {
+    pub config: Config,
+    pub hub: Hub,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+    pub broker: Arc<dyn Broker>,
+    pub plugins: Registry,
+    kv: KvStore,
+    /// Cancelled on SIGTERM/SIGINT: sessions close with 1001.
+    pub shutdown: CancellationToken,
+    next_conn: AtomicU64,
+}
+
+fn is_json(s: &str) -> bool {
+    serde_json::from_str::<IgnoredAny>(s).is_ok()
+}
+
+impl Node {
+    /// Builds a node. Plugins are not loaded yet (see [`Node::load_plugins`]).
+    pub fn new(config: Config) -> Result<Arc<Self>, NodeError> {
+        let engine = PluginEngine::new(&config.plugin_runtime, Some(config.cache_dir.clone()))?;
+        let metrics = Arc::new(Metrics::default());
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::default());
+        let tables: HashMap<String, String> = config
+            .plugin_tables
+            .keys()
+            .map(|k| (k.clone(), config.plugin_table_json(k)))
+            .collect();
+        let node = Arc::new_cyclic(|weak: &Weak<Node>| {
+            let services: Weak<dyn HostServices> = weak.clone();
+            Node {
+                auth: Authenticator::new(&config),
+                hub: Hub::new(metrics.clone()),
+                metrics,
+                broker: broker.clone(),
+                plugins: Registry::new(engine, services, tables),
+                kv: KvStore::default(),
+                shutdown: CancellationToken::new(),
+                next_conn: AtomicU64::new(1),
+                config,
+            }
+        });
+        let local: Weak<dyn LocalDelivery> = Arc::downgrade(&node) as Weak<Node>;
+        broker.attach(local);
+        Ok(node)
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn dir_label(&self) -> String {
+        self.config.plugins_dir.display().to_string()
+    }
+
+    /// Checks the plugins folder and loads every plugin in it. A plugin
+    /// that fails to load is reported and skipped; the others serve.
+    pub async fn load_plugins(&self) -> Result<(), NodeError> {
+        let dir = &self.config.plugins_dir;
+        if !dir.exists() {
+            return Err(NodeError::NoPluginsDir(self.dir_label()));
+        }
+        if !dir.is_dir() {
+            return Err(NodeError::PluginsNotDir(self.dir_label()));
+        }
+        self.reconcile_plugins().await
+    }
+
+    /// Brings the registry in line with the folder: loads new and changed
+    /// files, removes plugins whose file is gone.
+    pub async fn reconcile_plugins(&self) -> Result<(), NodeError> {
+        let files = Registry::scan(&self.config.plugins_dir).map_err(|source| {
+            NodeError::ReadPluginsDir {
+                path: self.dir_label(),
+                source,
+            }
+        })?;
+        let mut present = Vec::new();
+        for path in &files {
+            let Some(name) = crate::plugin::registry::plugin_name(path) else {
+                continue;
+            };
+            present.push(name.clone());
+            match self.plugins.load_file(path).await {
+                Ok(LoadOutcome::Unchanged) => {}
+                Ok(LoadOutcome::Added(m)) => {
+                    self.metrics.reloads_ok.inc();
+                    tracing::info!(
+                        plugin = name,
+                        file = %path.display(),
+                        version = m.version,
+                        channels = ?m.channels.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                        "plugin loaded"
+                    );
+                }
+                Ok(LoadOutcome::Replaced {
+                    manifest,
+                    dropped_channels,
+                }) => {
+                    self.metrics.reloads_ok.inc();
+                    tracing::info!(
+                        plugin = name,
+                        file = %path.display(),
+                        version = manifest.version,
+                        "plugin replaced; connections keep their channels"
+                    );
+                    if !dropped_channels.is_empty() {
+                        self.end_plugin_instances(&name, Some(&dropped_channels));
+                    }
+                }
+                Err(e) => {
+                    self.metrics.reloads_failed.inc();
+                    let serving = if self.plugins.plugin(&name).is_some() {
+                        "; the previous version keeps serving"
+                    } else {
+                        ""
+                    };
+                    tracing::error!(
+                        plugin = name,
+                        file = %path.display(),
+                        "plugin not loaded: {e}{serving}"
+                    );
+                }
+            }
+        }
+        for name in self.plugins.names() {
+            if !present.iter().any(|p| **p == *name) && self.plugins.remove(&name).await.is_some() {
+                self.hub.unlisten_all(&name);
+                tracing::info!(plugin = &*name, "plugin removed; its channel instances end");
+                self.end_plugin_instances(&name, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches the plugins folder and reconciles on every settled change.
+    pub fn spawn_watcher(self: &Arc<Self>) -> Result<(), NodeError> {
+        let mut watch =
+            FolderWatch::new(&self.config.plugins_dir).map_err(|source| NodeError::Watch {
+                path: self.dir_label(),
+                source,
+            })?;
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while watch.changed().await.is_some() {
+                let Some(node) = node.upgrade() else { break };
+                if let Err(e) = node.reconcile_plugins().await {
+                    tracing::error!("{e}");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Ends the instances a plugin serves (all of them, or those of some
+    /// channels) on every connection, without calling the plugin.
+    fn end_plugin_instances(&self, plugin: &str, channels: Option<&[String]>) {
+        for conn in self.hub.all_conns() {
+            let ids: Vec<Arc<str>> = conn.with_state(|s| {
+                s.instances
+                    .iter()
+                    .filter(|(_, i)| {
+                        &*i.plugin == plugin
+                            && channels.is_none_or(|c| c.iter().any(|c| **c == *i.channel))
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            });
+            for id in ids {
+                self.close_instance(&conn, &id, DisconnectReason::Server, false);
+            }
+        }
+    }
+
+    /// Registers a new channel instance on a connection (before its
+    /// plugin's `connect`, so the plugin can join rooms from it).
+    pub fn open_instance(
+        &self,
+        conn: &ConnHandle,
+        id: &str,
+        plugin: &Arc<str>,
+        channel: &str,
+    ) -> Slot {
+        let slot = Slot::instance(id);
+        let state = InstanceState {
+            plugin: plugin.clone(),
+            channel: channel.into(),
+            slot: slot.clone(),
+        };
+        let fresh = conn.with_state(|s| s.instances.insert(id.into(), state).is_none());
+        if fresh {
+            self.metrics.instances.inc();
+        }
+        slot
+    }
+
+    /// Ends one instance: leaves its rooms, forgets it, and (if asked)
+    /// tells its plugin why.
+    pub fn close_instance(
+        &self,
+        conn: &ConnHandle,
+        id: &str,
+        reason: DisconnectReason,
+        notify_plugin: bool,
+    ) -> Option<InstanceState> {
+        let inst = conn.with_state(|s| s.instances.remove(id))?;
+        self.metrics.instances.dec();
+        self.hub.leave_all(conn, &inst.slot);
+        if notify_plugin {
+            if let Some(p) = self.plugins.plugin(&inst.plugin) {
+                p.disconnect(
+                    InstanceRef {
+                        connection: conn.id,
+                        id: id.to_owned(),
+                    },
+                    reason,
+                );
+            }
+        }
+        Some(inst)
+    }
+
+    /// Forgets a closed connection: rooms, captures, instances (each
+    /// plugin hears `disconnect` with `connection-closed`).
+    pub fn close_conn(&self, id: ConnId) {
+        for (inst_id, inst) in self.hub.unregister(id) {
+            if let Some(p) = self.plugins.plugin(&inst.plugin) {
+                p.disconnect(
+                    InstanceRef {
+                        connection: id,
+                        id: inst_id.to_string(),
+                    },
+                    DisconnectReason::ConnectionClosed,
+                );
+            }
+        }
+    }
+
+    /// Publishes an event to a room on every node. `data` must be JSON.
+    pub fn publish(&self, room: &str, event: &str, data: Arc<str>) {
+        self.metrics.publishes.inc();
+        let p = Publication {
+            room: room.into(),
+            event: event.into(),
+            data,
+            except: None,
+        };
+        if let Err(e) = self.broker.publish(p) {
+            tracing::error!("publish to {room} failed: {e}");
+        }
+    }
+
+    /// The instance a plugin addresses, if it exists and belongs to it.
+    fn owned(
+        &self,
+        plugin: &str,
+        target: &InstanceRef,
+    ) -> Option<(Arc<ConnHandle>, InstanceState)> {
+        let conn = self.hub.conn(target.connection)?;
+        let inst = conn.instance(&target.id)?;
+        if &*inst.plugin != plugin {
+            tracing::warn!(
+                plugin,
+                owner = &*inst.plugin,
+                "plugin addressed an instance of another plugin; ignored"
+            );
+            return None;
+        }
+        Some((conn, inst))
+    }
+
+    /// The whole `/metrics` text.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        self.metrics.render(self.hub.room_count(), &mut out);
+        let plugins = self.plugins.all();
+        write_metric(
+            &mut out,
+            "chanhost_plugins",
+            "gauge",
+            "Plugins loaded.",
+            plugins.len() as u64,
+        );
+        out.push_str("# HELP chanhost_plugin_calls_total Calls into plugins by hook.\n# TYPE chanhost_plugin_calls_total counter\n");
+        for p in &plugins {
+            for (hook, calls, _) in p.metrics.by_hook() {
+                out.push_str(&format!(
+                    "chanhost_plugin_calls_total{{plugin=\"{}\",hook=\"{hook}\"}} {calls}\n",
+                    p.name
+                ));
+            }
+        }
+        out.push_str("# HELP chanhost_plugin_errors_total Failed plugin calls (trap, timeout, out of memory) by hook.\n# TYPE chanhost_plugin_errors_total counter\n");
+        for p in &plugins {
+            for (hook, _, errors) in p.metrics.by_hook() {
+                out.push_str(&format!(
+                    "chanhost_plugin_errors_total{{plugin=\"{}\",hook=\"{hook}\"}} {errors}\n",
+                    p.name
+                ));
+            }
+        }
+        out.push_str("# HELP chanhost_plugin_dropped_total Plugin calls dropped because the plugin's queue was full.\n# TYPE chanhost_plugin_dropped_total counter\n");
+        for p in &plugins {
+            out.push_str(&format!(
+                "chanhost_plugin_dropped_total{{plugin=\"{}\"}} {}\n",
+                p.name,
+                p.metrics.dropped.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str("# HELP chanhost_plugin_rebuilds_total Plugin instances rebuilt after a failure.\n# TYPE chanhost_plugin_rebuilds_total counter\n");
+        for p in &plugins {
+            out.push_str(&format!(
+                "chanhost_plugin_rebuilds_total{{plugin=\"{}\"}} {}\n",
+                p.name,
+                p.metrics.rebuilds.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+}
+
+impl LocalDelivery for Node {
+    fn deliver_local(&self, p: &Publication) {
+        let ev = SharedEvent::new(&p.event, p.data.clone());
+        let except = p.except.as_ref().map(|(c, id)| (*c, &**id));
+        self.hub.deliver(&p.room, &ev, except);
+        for name in self.hub.listeners(&p.room) {
+            if let Some(plugin) = self.plugins.plugin(&name) {
+                plugin.event(p.room.clone(), ev.clone());
+            }
+        }
+    }
+}
+
+impl HostServices for Node {
+    fn send(&self, plugin: &str, target: InstanceRef, event: &str, data: Payload) {
+        if !is_json(&data.json) {
+            tracing::warn!(plugin, event, "send with invalid JSON data; dropped");
+            return;
+        }
+        if let Some((conn, inst)) = self.owned(plugin, &target) {
+            conn.push(Outbound::Event {
+                slot: inst.slot,
+                event: SharedEvent::new(event, data.json.into()),
+            });
+        }
+    }
+
+    fn ack(&self, plugin: &str, target: InstanceRef, _ack_id: u64, _args: Payload) {
+        // Misskey has no acknowledgements; the only protocol served so far.
+        tracing::debug!(
+            plugin,
+            connection = target.connection,
+            "ack on a connection without acks; ignored"
+        );
+    }
+
+    fn join(&self, plugin: &str, target: InstanceRef, room: &str) {
+        if let Some((conn, inst)) = self.owned(plugin, &target) {
+            self.hub.join(&conn, inst.slot, room);
+        }
+    }
+
+    fn leave(&self, plugin: &str, target: InstanceRef, room: &str) {
+        if let Some((conn, inst)) = self.owned(plugin, &target) {
+            self.hub.leave(&conn, &inst.slot, room);
+        }
+    }
+
+    fn broadcast(
+        &self,
+        plugin: &str,
+        room: &str,
+        event: &str,
+        data: Payload,
+        except: Option<InstanceRef>,
+        local_only: bool,
+    ) {
+        if !is_json(&data.json) {
+            tracing::warn!(
+                plugin,
+                room,
+                event,
+                "broadcast with invalid JSON data; dropped"
+            );
+            return;
+        }
+        let p = Publication {
+            room: room.into(),
+            event: event.into(),
+            data: data.json.into(),
+            except: except.map(|e| (e.connection, e.id.into())),
+        };
+        self.metrics.publishes.inc();
+        if local_only {
+            self.deliver_local(&p);
+        } else if let Err(e) = self.broker.publish(p) {
+            tracing::error!(plugin, room, "broadcast failed: {e}");
+        }
+    }
+
+    fn listen(&self, plugin: &Arc<str>, room: &str) {
+        self.hub.listen(plugin, room);
+    }
+
+    fn unlisten(&self, plugin: &str, room: &str) {
+        self.hub.unlisten(plugin, room);
+    }
+
+    fn set_listens(&self, plugin: &Arc<str>, rooms: &[String]) {
+        self.hub.set_listens(plugin, rooms);
+    }
+
+    fn end_instance(&self, plugin: &str, target: InstanceRef) {
+        if let Some((conn, _)) = self.owned(plugin, &target) {
+            self.close_instance(&conn, &target.id, DisconnectReason::Server, true);
+        }
+    }
+
+    fn close_connection(&self, plugin: &str, connection: u64, reason: &str) {
+        if let Some(conn) = self.hub.conn(connection) {
+            tracing::info!(plugin, connection, reason, "plugin closed a connection");
+            conn.request_close(1000, reason);
+        }
+    }
+
+    fn identity(&self, connection: u64) -> Option<crate::auth::Identity> {
+        self.hub.conn(connection)?.identity.clone()
+    }
+
+    fn kv(&self) -> &KvStore {
+        &self.kv
+    }
+}

@@ -1,0 +1,270 @@
+//! The wasmtime engine shared by every plugin: configuration and limits,
+//! the epoch ticker that enforces per-call deadlines, the linker with the
+//! host imports and WASI, and the on-disk cache of compiled components.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+use super::bindings::{self, Guest, GuestPre, StoreState};
+use super::{HostServices, Manifest, EXPORT_NAME};
+use crate::config::PluginRuntimeConfig;
+
+/// One epoch tick. Deadlines are whole ticks.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// Why a plugin could not be compiled, linked or started.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("not a valid WebAssembly component: {0:#}")]
+    Compile(wasmtime::Error),
+    #[error("{0}")]
+    Link(String),
+    #[error("failed to start: {0}")]
+    Start(String),
+    #[error("init refused the configuration: {0}")]
+    Init(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("wasmtime engine: {0:#}")]
+    Engine(wasmtime::Error),
+}
+
+/// The engine, its linker and limits.
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    limits: PluginRuntimeConfig,
+    cache_dir: Option<PathBuf>,
+}
+
+fn engine_config(limits: &PluginRuntimeConfig, pooling: bool) -> Config {
+    let mut c = Config::new();
+    c.wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(limits.stack_bytes)
+        .parallel_compilation(true);
+    if pooling {
+        let mut p = PoolingAllocationConfig::new();
+        // Sized for a few dozen plugins, including JavaScript and Python
+        // components with many core instances each.
+        p.total_component_instances(256)
+            .total_core_instances(2048)
+            .total_memories(1024)
+            .total_tables(1024)
+            .max_core_instances_per_component(64)
+            .max_memories_per_component(32)
+            .max_tables_per_component(32)
+            .max_component_instance_size(1 << 20)
+            .max_core_instance_size(1 << 20)
+            .table_elements(100_000)
+            .max_memory_size(limits.memory_bytes)
+            .max_unused_warm_slots(16);
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
+    }
+    c
+}
+
+impl PluginEngine {
+    /// Builds the engine. Falls back to on-demand allocation if the pooling
+    /// allocator cannot reserve its address space here.
+    pub fn new(
+        limits: &PluginRuntimeConfig,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Arc<Self>, PluginError> {
+        let engine = match Engine::new(&engine_config(limits, true)) {
+            Ok(e) => e,
+            Err(err) => {
+                tracing::warn!(
+                    "pooling allocator unavailable ({err:#}); using on-demand allocation"
+                );
+                Engine::new(&engine_config(limits, false)).map_err(PluginError::Engine)?
+            }
+        };
+        let mut linker = Linker::new(&engine);
+        bindings::add_to_linker(&mut linker).map_err(PluginError::Engine)?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                match weak.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => break,
+                }
+            })
+            .map_err(|e| PluginError::Engine(e.into()))?;
+        if let Some(dir) = &cache_dir {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                tracing::warn!(
+                    "compiled-code cache {} unavailable ({e}); plugins compile at every start",
+                    dir.display()
+                );
+            }
+        }
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            limits: limits.clone(),
+            cache_dir,
+        }))
+    }
+
+    pub fn limits(&self) -> &PluginRuntimeConfig {
+        &self.limits
+    }
+
+    /// Deadline of a normal call, in ticks.
+    pub fn call_ticks(&self) -> u64 {
+        ticks(self.limits.call_timeout)
+    }
+
+    /// Deadline of `describe` + `init`, in ticks.
+    pub fn init_ticks(&self) -> u64 {
+        ticks(self.limits.init_timeout)
+    }
+
+    fn cache_path(&self, bytes: &[u8]) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let file = hex::encode(Sha256::digest(bytes));
+        Some(dir.join(format!("{file}-{:016x}.cwasm", h.finish())))
+    }
+
+    /// Compiles a component, reusing the on-disk cache when the same bytes
+    /// were compiled by a compatible engine before. Blocking: call it off
+    /// the async runtime.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Component, PluginError> {
+        let cached = self.cache_path(bytes);
+        if let Some(path) = &cached {
+            if path.exists() {
+                // SAFETY: the cache folder holds only artifacts this host
+                // wrote with `Component::serialize`, named by the source's
+                // hash and the engine's compatibility hash.
+                match unsafe { Component::deserialize_file(&self.engine, path) } {
+                    Ok(c) => return Ok(c),
+                    Err(e) => {
+                        tracing::warn!("ignoring unreadable cache entry {}: {e:#}", path.display())
+                    }
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(PluginError::Compile)?;
+        if let Some(path) = &cached {
+            if let Err(e) = write_cache(&component, path) {
+                tracing::warn!("cannot write cache entry {}: {e:#}", path.display());
+            }
+        }
+        Ok(component)
+    }
+
+    /// Links a compiled component against the host imports.
+    pub fn link(&self, component: &Component) -> Result<GuestPre, PluginError> {
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        if !exports.iter().any(|e| e == EXPORT_NAME) {
+            let found = if exports.is_empty() {
+                "nothing".to_owned()
+            } else {
+                exports.join(", ")
+            };
+            return Err(PluginError::Link(format!(
+                "does not export `{EXPORT_NAME}` (it exports {found}); build it against the `plugin` world of wit/plugin.wit"
+            )));
+        }
+        GuestPre::new(&self.linker, component)
+            .map_err(|e| PluginError::Link(format!("cannot be linked: {e:#}")))
+    }
+
+    /// A fresh store for one plugin instance, with its memory limit.
+    pub fn new_store(&self, name: Arc<str>, services: Weak<dyn HostServices>) -> Store<StoreState> {
+        let limits = wasmtime::StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory_bytes)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(&self.engine, StoreState::new(name, services, limits));
+        store.limiter(|s| &mut s.limits);
+        store
+    }
+
+    /// Instantiates a linked component and runs `describe` and `init`.
+    pub fn start(
+        &self,
+        pre: &GuestPre,
+        name: Arc<str>,
+        services: Weak<dyn HostServices>,
+        config: &str,
+    ) -> Result<Started, PluginError> {
+        let mut store = self.new_store(name, services);
+        store.set_epoch_deadline(self.init_ticks());
+        let guest = pre
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::Start(describe_error(&e)))?;
+        let manifest = guest
+            .describe(&mut store)
+            .map_err(|e| PluginError::Start(format!("describe: {}", describe_error(&e))))?;
+        guest
+            .init(&mut store, config)
+            .map_err(|e| PluginError::Start(format!("init: {}", describe_error(&e))))?
+            .map_err(PluginError::Init)?;
+        let listens = std::mem::take(&mut store.data_mut().init_listens);
+        Ok(Started {
+            store,
+            guest,
+            manifest,
+            listens,
+        })
+    }
+}
+
+/// A plugin instance that passed `describe` and `init`.
+pub struct Started {
+    pub store: Store<StoreState>,
+    pub guest: Guest,
+    pub manifest: Manifest,
+    /// Rooms the instance listened to during `init`.
+    pub listens: Vec<String>,
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_millis() / TICK.as_millis()).max(1) as u64
+}
+
+fn write_cache(component: &Component, path: &Path) -> wasmtime::Result<()> {
+    let bytes = component.serialize()?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A one-line cause for a failed call: a trap code (timeouts and memory
+/// exhaustion included) or the error chain.
+pub fn describe_error(e: &wasmtime::Error) -> String {
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        return match trap {
+            wasmtime::Trap::Interrupt => "timed out (call deadline exceeded)".into(),
+            wasmtime::Trap::StackOverflow => "stack overflow".into(),
+            other => format!("trap: {other}"),
+        };
+    }
+    let s = format!("{e:#}");
+    if s.contains("forcing a memory growth failure") || s.contains("memory minimum size") {
+        return format!("out of memory (limit reached): {s}");
+    }
+    s
+}

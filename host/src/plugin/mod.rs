@@ -1,0 +1,166 @@
+//! The plugin runtime: everything between the host and WebAssembly channel
+//! plugins.
+//!
+//! - [`bindings`] holds the one `bindgen!` of the `chanhost:plugin` WIT and
+//!   converts generated types to the plain types of this module; no other
+//!   module touches generated names.
+//! - [`engine`] configures wasmtime (pooling allocator, epoch deadlines,
+//!   memory and stack limits, deny-by-default WASI) and caches compiled code.
+//! - [`runtime`] runs each plugin on its own thread: one long-lived instance,
+//!   calls one at a time, a failed call rebuilds the instance with backoff.
+//! - [`registry`] maps channel names and frame types to plugins, and loads,
+//!   replaces and removes plugin files.
+//! - [`watcher`] watches the plugins folder and reconciles it with the registry.
+//!
+//! Plugins reach the rest of the host only through [`HostServices`].
+
+mod bindings;
+pub mod engine;
+pub mod kv;
+pub mod registry;
+pub mod runtime;
+pub mod watcher;
+
+use std::sync::Arc;
+
+use crate::auth::Identity;
+use crate::hub::Protocol;
+
+pub use engine::PluginEngine;
+pub use registry::Registry;
+pub use runtime::{CallError, PluginSlot};
+
+/// The WIT package version this host implements.
+pub const WIT_VERSION: &str = "0.1.0";
+/// The interface a plugin must export.
+pub const EXPORT_NAME: &str = "chanhost:plugin/channel@0.1.0";
+
+/// One channel instance, as plugins address it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InstanceRef {
+    pub connection: u64,
+    pub id: String,
+}
+
+/// A message body: JSON text and binary attachments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Payload {
+    pub json: String,
+    pub attachments: Vec<Vec<u8>>,
+}
+
+impl Payload {
+    pub fn json(json: impl Into<String>) -> Self {
+        Self {
+            json: json.into(),
+            attachments: Vec::new(),
+        }
+    }
+}
+
+/// Log severity of a plugin's log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// One Misskey channel a plugin serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSpec {
+    pub name: String,
+    pub requires_user: bool,
+    pub shared: bool,
+}
+
+/// What a plugin serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifest {
+    pub version: String,
+    pub channels: Vec<ChannelSpec>,
+    pub namespaces: Vec<String>,
+    pub frames: Vec<String>,
+}
+
+/// A client's request to open a channel instance.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub target: InstanceRef,
+    pub protocol: Protocol,
+    pub channel: String,
+    pub params: String,
+    pub identity: Option<Identity>,
+    pub headers: Arc<[(String, String)]>,
+}
+
+/// A plugin's refusal of a connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub message: String,
+    pub data: Option<String>,
+}
+
+/// Why an instance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    Client,
+    ConnectionClosed,
+    Replaced,
+    Server,
+}
+
+/// What plugins may do to the host. Implemented by the node; every call
+/// names the calling plugin so the host can check ownership of instances.
+pub trait HostServices: Send + Sync {
+    fn send(&self, plugin: &str, target: InstanceRef, event: &str, data: Payload);
+    fn ack(&self, plugin: &str, target: InstanceRef, ack_id: u64, args: Payload);
+    fn join(&self, plugin: &str, target: InstanceRef, room: &str);
+    fn leave(&self, plugin: &str, target: InstanceRef, room: &str);
+    /// `local_only` is set when called from an `event` hook (every node
+    /// runs the same hook, so the delivery must not cross nodes).
+    fn broadcast(
+        &self,
+        plugin: &str,
+        room: &str,
+        event: &str,
+        data: Payload,
+        except: Option<InstanceRef>,
+        local_only: bool,
+    );
+    fn listen(&self, plugin: &Arc<str>, room: &str);
+    fn unlisten(&self, plugin: &str, room: &str);
+    /// Replaces a plugin's listens (a new version's standing listens).
+    fn set_listens(&self, plugin: &Arc<str>, rooms: &[String]);
+    fn end_instance(&self, plugin: &str, target: InstanceRef);
+    fn close_connection(&self, plugin: &str, connection: u64, reason: &str);
+    fn identity(&self, connection: u64) -> Option<Identity>;
+    fn kv(&self) -> &kv::KvStore;
+}
+
+/// Services for a plugin that runs outside a live host (`chanhost check`):
+/// every effect is dropped, the key-value store is private.
+#[derive(Default)]
+pub struct DetachedServices {
+    kv: kv::KvStore,
+}
+
+impl HostServices for DetachedServices {
+    fn send(&self, _: &str, _: InstanceRef, _: &str, _: Payload) {}
+    fn ack(&self, _: &str, _: InstanceRef, _: u64, _: Payload) {}
+    fn join(&self, _: &str, _: InstanceRef, _: &str) {}
+    fn leave(&self, _: &str, _: InstanceRef, _: &str) {}
+    fn broadcast(&self, _: &str, _: &str, _: &str, _: Payload, _: Option<InstanceRef>, _: bool) {}
+    fn listen(&self, _: &Arc<str>, _: &str) {}
+    fn unlisten(&self, _: &str, _: &str) {}
+    fn set_listens(&self, _: &Arc<str>, _: &[String]) {}
+    fn end_instance(&self, _: &str, _: InstanceRef) {}
+    fn close_connection(&self, _: &str, _: u64, _: &str) {}
+    fn identity(&self, _: u64) -> Option<Identity> {
+        None
+    }
+    fn kv(&self) -> &kv::KvStore {
+        &self.kv
+    }
+}

@@ -1,0 +1,279 @@
+//! Which plugin serves what: plugin names (the `.wasm` file's stem) to
+//! running plugins, Misskey channel names and frame types to plugins.
+//!
+//! Loading a file compiles it off the async runtime, starts a fresh
+//! instance (`describe` + `init`) beside the running version, checks that
+//! it claims nothing another plugin serves, then swaps it in and updates the
+//! routes in one step. Any failure leaves the running version serving.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+use parking_lot::RwLock;
+use sha2::{Digest, Sha256};
+
+use super::engine::{PluginEngine, PluginError};
+use super::runtime::{PluginSlot, Version};
+use super::{ChannelSpec, HostServices, Manifest};
+
+/// What loading a file did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// A new plugin now serves.
+    Added(Arc<Manifest>),
+    /// A new version replaced the running one. `dropped_channels` are
+    /// channels the old version served and the new one does not.
+    Replaced {
+        manifest: Arc<Manifest>,
+        dropped_channels: Vec<String>,
+    },
+    /// The file is byte-identical to the running version.
+    Unchanged,
+}
+
+#[derive(Default)]
+struct Routes {
+    channels: HashMap<String, (Arc<PluginSlot>, ChannelSpec)>,
+    frames: HashMap<String, Vec<Arc<PluginSlot>>>,
+}
+
+/// The plugin registry of a host.
+pub struct Registry {
+    engine: Arc<PluginEngine>,
+    services: Weak<dyn HostServices>,
+    tables: HashMap<String, String>,
+    plugins: RwLock<HashMap<Arc<str>, Arc<PluginSlot>>>,
+    routes: RwLock<Routes>,
+    /// Serialises loads and removals.
+    loading: tokio::sync::Mutex<()>,
+}
+
+/// The plugin name of a file: its stem (`plugins/main.wasm` -> `main`).
+pub fn plugin_name(path: &Path) -> Option<String> {
+    if path.extension()? != "wasm" {
+        return None;
+    }
+    Some(path.file_stem()?.to_str()?.to_owned())
+}
+
+impl Registry {
+    /// `tables` are the plugins' config tables as JSON text, by name.
+    pub fn new(
+        engine: Arc<PluginEngine>,
+        services: Weak<dyn HostServices>,
+        tables: HashMap<String, String>,
+    ) -> Self {
+        Self {
+            engine,
+            services,
+            tables,
+            plugins: RwLock::new(HashMap::new()),
+            routes: RwLock::new(Routes::default()),
+            loading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<PluginEngine> {
+        &self.engine
+    }
+
+    /// The plugin serving a Misskey channel, and the channel's spec.
+    pub fn channel(&self, name: &str) -> Option<(Arc<PluginSlot>, ChannelSpec)> {
+        self.routes.read().channels.get(name).cloned()
+    }
+
+    /// The plugins that declared a top-level Misskey frame type.
+    pub fn frame_handlers(&self, kind: &str) -> Vec<Arc<PluginSlot>> {
+        self.routes
+            .read()
+            .frames
+            .get(kind)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A running plugin by name.
+    pub fn plugin(&self, name: &str) -> Option<Arc<PluginSlot>> {
+        self.plugins.read().get(name).cloned()
+    }
+
+    /// Names of the running plugins, sorted.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        let mut v: Vec<_> = self.plugins.read().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Every running plugin.
+    pub fn all(&self) -> Vec<Arc<PluginSlot>> {
+        self.plugins.read().values().cloned().collect()
+    }
+
+    /// Loads or replaces the plugin in `path`.
+    pub async fn load_file(&self, path: &Path) -> Result<LoadOutcome, PluginError> {
+        let name = plugin_name(path)
+            .ok_or_else(|| PluginError::Link(format!("{} is not a .wasm file", path.display())))?;
+        let _guard = self.loading.lock().await;
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| PluginError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        let existing = self.plugin(&name);
+        if existing.as_ref().is_some_and(|p| p.hash() == hash) {
+            return Ok(LoadOutcome::Unchanged);
+        }
+        let name: Arc<str> = name.into();
+        let config = self
+            .tables
+            .get(&*name)
+            .cloned()
+            .unwrap_or_else(|| "{}".to_owned());
+        let engine = self.engine.clone();
+        let services = self.services.clone();
+        let (n, c) = (name.clone(), config.clone());
+        let (pre, started) = tokio::task::spawn_blocking(move || {
+            let component = engine.compile(&bytes)?;
+            let pre = engine.link(&component)?;
+            let started = engine.start(&pre, n, services, &c)?;
+            Ok::<_, PluginError>((pre, started))
+        })
+        .await
+        .map_err(|e| PluginError::Start(format!("loader task failed: {e}")))??;
+        let manifest = Arc::new(started.manifest.clone());
+        self.check_conflicts(&name, &manifest)?;
+        let version = Version {
+            pre,
+            manifest: manifest.clone(),
+            config,
+            hash,
+        };
+        match existing {
+            Some(slot) => {
+                let old = slot.manifest();
+                slot.swap(version, started)
+                    .await
+                    .map_err(|e| PluginError::Start(e.to_string()))?;
+                self.set_routes(&slot, Some(&old), &manifest);
+                let dropped_channels = old
+                    .channels
+                    .iter()
+                    .filter(|c| !manifest.channels.iter().any(|n| n.name == c.name))
+                    .map(|c| c.name.clone())
+                    .collect();
+                Ok(LoadOutcome::Replaced {
+                    manifest,
+                    dropped_channels,
+                })
+            }
+            None => {
+                let slot = PluginSlot::spawn(
+                    name.clone(),
+                    self.engine.clone(),
+                    self.services.clone(),
+                    version,
+                    started,
+                )
+                .map_err(|e| PluginError::Start(format!("cannot start plugin thread: {e}")))?;
+                self.plugins.write().insert(name, slot.clone());
+                self.set_routes(&slot, None, &manifest);
+                Ok(LoadOutcome::Added(manifest))
+            }
+        }
+    }
+
+    fn check_conflicts(&self, name: &str, manifest: &Manifest) -> Result<(), PluginError> {
+        let routes = self.routes.read();
+        for c in &manifest.channels {
+            if let Some((other, _)) = routes.channels.get(&c.name) {
+                if &*other.name != name {
+                    return Err(PluginError::Conflict(format!(
+                        "channel `{}` is already served by plugin `{}`",
+                        c.name, other.name
+                    )));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &manifest.channels {
+            if c.name.is_empty() || !seen.insert(&c.name) {
+                return Err(PluginError::Conflict(format!(
+                    "channel name `{}` is empty or declared twice",
+                    c.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn set_routes(&self, slot: &Arc<PluginSlot>, old: Option<&Manifest>, new: &Manifest) {
+        let mut routes = self.routes.write();
+        if let Some(old) = old {
+            remove_routes(&mut routes, &slot.name, old);
+        }
+        for c in &new.channels {
+            routes
+                .channels
+                .insert(c.name.clone(), (slot.clone(), c.clone()));
+        }
+        for f in &new.frames {
+            routes
+                .frames
+                .entry(f.clone())
+                .or_default()
+                .push(slot.clone());
+        }
+    }
+
+    /// Removes a plugin: its routes go first, then its thread stops after
+    /// the calls already queued. Returns the channels it served.
+    pub async fn remove(&self, name: &str) -> Option<Arc<Manifest>> {
+        let _guard = self.loading.lock().await;
+        let slot = self.plugins.write().remove(name)?;
+        let manifest = slot.manifest();
+        remove_routes(&mut self.routes.write(), name, &manifest);
+        slot.stop();
+        Some(manifest)
+    }
+
+    /// Stops every plugin thread.
+    pub fn stop_all(&self) {
+        for p in self.plugins.write().drain() {
+            p.1.stop();
+        }
+    }
+
+    /// The `.wasm` files directly inside a folder, sorted.
+    pub fn scan(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && plugin_name(p).is_some())
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+}
+
+fn remove_routes(routes: &mut Routes, name: &str, manifest: &Manifest) {
+    for c in &manifest.channels {
+        if routes
+            .channels
+            .get(&c.name)
+            .is_some_and(|(s, _)| &*s.name == name)
+        {
+            routes.channels.remove(&c.name);
+        }
+    }
+    for f in &manifest.frames {
+        if let Some(v) = routes.frames.get_mut(f) {
+            v.retain(|s| &*s.name != name);
+            if v.is_empty() {
+                routes.frames.remove(f);
+            }
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! One plugin at run time: a thread that owns the plugin's long-lived
+//! instance and runs its calls one at a time, in order, each under the
+//! epoch deadline.
+//!
+//! A call that traps, times out or exhausts memory fails alone: the error is
+//! logged with plugin, hook and cause, the instance is dropped, and the next
+//! call rebuilds it from the linked component ([`GuestPre`]), running
+//! `describe` and `init` again. Repeated failures back off exponentially
+//! (100 ms up to 30 s); while backing off, calls fail fast. A new version
+//! (hot reload) is started elsewhere and swapped in between two calls.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use tokio::sync::{mpsc, oneshot};
+
+use super::bindings::{Guest, GuestPre, Hook, StoreState};
+use super::engine::{describe_error, PluginEngine, Started};
+use super::{
+    ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, Rejection,
+};
+use crate::hub::SharedEvent;
+
+/// Why a call did not complete.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CallError {
+    #[error("plugin call failed: {0}")]
+    Failed(String),
+    #[error("plugin is unavailable (restarting after failures)")]
+    Unavailable,
+    #[error("plugin is gone")]
+    Gone,
+}
+
+/// Per-plugin counters, by hook.
+#[derive(Debug, Default)]
+pub struct PluginMetrics {
+    calls: [AtomicU64; 7],
+    errors: [AtomicU64; 7],
+    /// Calls dropped because the plugin's queue was full.
+    pub dropped: AtomicU64,
+    /// Instances rebuilt after a failure.
+    pub rebuilds: AtomicU64,
+}
+
+const HOOKS: [Hook; 7] = [
+    Hook::Describe,
+    Hook::Init,
+    Hook::Connect,
+    Hook::Message,
+    Hook::Disconnect,
+    Hook::Event,
+    Hook::Frame,
+];
+
+impl PluginMetrics {
+    fn idx(h: Hook) -> usize {
+        HOOKS.iter().position(|x| *x == h).unwrap_or(0)
+    }
+    /// (hook name, calls, errors) for every hook.
+    pub fn by_hook(&self) -> impl Iterator<Item = (&'static str, u64, u64)> + '_ {
+        HOOKS.iter().enumerate().map(|(i, h)| {
+            (
+                h.name(),
+                self.calls[i].load(Ordering::Relaxed),
+                self.errors[i].load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+type ConnectReply = oneshot::Sender<Result<Result<(), Rejection>, CallError>>;
+
+enum Job {
+    Connect(ConnectRequest, ConnectReply),
+    Message(InstanceRef, String, Payload, Option<u64>),
+    Disconnect(InstanceRef, DisconnectReason),
+    Event(Arc<str>, Arc<SharedEvent>),
+    Frame(u64, String, String),
+    Swap(Box<Version>, Started, oneshot::Sender<()>),
+    Stop,
+}
+
+impl Job {
+    /// Jobs that may be dropped when the queue is over its bound; lifecycle
+    /// jobs never are.
+    fn droppable(&self) -> bool {
+        matches!(self, Job::Message(..) | Job::Event(..) | Job::Frame(..))
+    }
+}
+
+/// A loaded version of a plugin.
+pub struct Version {
+    pub pre: GuestPre,
+    pub manifest: Arc<Manifest>,
+    pub config: String,
+    /// SHA-256 of the file it came from.
+    pub hash: [u8; 32],
+}
+
+/// The handle the rest of the host uses to call a plugin.
+pub struct PluginSlot {
+    pub name: Arc<str>,
+    tx: mpsc::UnboundedSender<Job>,
+    depth: Arc<AtomicUsize>,
+    bound: usize,
+    manifest: RwLock<Arc<Manifest>>,
+    hash: RwLock<[u8; 32]>,
+    pub metrics: Arc<PluginMetrics>,
+}
+
+impl PluginSlot {
+    /// Starts the plugin's thread with a version that already passed `init`.
+    pub fn spawn(
+        name: Arc<str>,
+        engine: Arc<PluginEngine>,
+        services: Weak<dyn HostServices>,
+        version: Version,
+        started: Started,
+    ) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let metrics = Arc::new(PluginMetrics::default());
+        let slot = Arc::new(PluginSlot {
+            name: name.clone(),
+            tx,
+            depth: depth.clone(),
+            bound: engine.limits().queue,
+            manifest: RwLock::new(version.manifest.clone()),
+            hash: RwLock::new(version.hash),
+            metrics: metrics.clone(),
+        });
+        if let Some(s) = services.upgrade() {
+            s.set_listens(&name, &started.listens);
+        }
+        let mut runner = Runner {
+            name,
+            engine,
+            services,
+            version,
+            live: Some(Live {
+                store: started.store,
+                guest: started.guest,
+            }),
+            failures: 0,
+            retry_at: None,
+            metrics,
+            depth,
+        };
+        std::thread::Builder::new()
+            .name(format!("plugin-{}", runner.name))
+            .spawn(move || runner.run(rx))?;
+        Ok(slot)
+    }
+
+    /// What the current version serves.
+    pub fn manifest(&self) -> Arc<Manifest> {
+        self.manifest.read().clone()
+    }
+
+    /// Hash of the file of the current version.
+    pub fn hash(&self) -> [u8; 32] {
+        *self.hash.read()
+    }
+
+    fn submit(&self, job: Job) -> bool {
+        if job.droppable() && self.depth.load(Ordering::Relaxed) >= self.bound {
+            self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(plugin = &*self.name, "plugin queue full; call dropped");
+            return false;
+        }
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(job).is_err() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Asks the plugin whether a client may open an instance.
+    pub async fn connect(&self, req: ConnectRequest) -> Result<Result<(), Rejection>, CallError> {
+        let (tx, rx) = oneshot::channel();
+        if !self.submit(Job::Connect(req, tx)) {
+            return Err(CallError::Gone);
+        }
+        rx.await.unwrap_or(Err(CallError::Gone))
+    }
+
+    /// Hands a client message to the plugin.
+    pub fn message(&self, target: InstanceRef, event: String, data: Payload, ack: Option<u64>) {
+        self.submit(Job::Message(target, event, data, ack));
+    }
+
+    /// Tells the plugin an instance ended.
+    pub fn disconnect(&self, target: InstanceRef, reason: DisconnectReason) {
+        self.submit(Job::Disconnect(target, reason));
+    }
+
+    /// Hands a room event to the plugin.
+    pub fn event(&self, room: Arc<str>, event: Arc<SharedEvent>) {
+        self.submit(Job::Event(room, event));
+    }
+
+    /// Hands a connection-level frame to the plugin.
+    pub fn frame(&self, connection: u64, kind: String, body: String) {
+        self.submit(Job::Frame(connection, kind, body));
+    }
+
+    /// Swaps in a new version between two calls; resolves once it serves.
+    pub async fn swap(&self, version: Version, started: Started) -> Result<(), CallError> {
+        let manifest = version.manifest.clone();
+        let hash = version.hash;
+        let (tx, rx) = oneshot::channel();
+        if !self.submit(Job::Swap(Box::new(version), started, tx)) {
+            return Err(CallError::Gone);
+        }
+        rx.await.map_err(|_| CallError::Gone)?;
+        *self.manifest.write() = manifest;
+        *self.hash.write() = hash;
+        Ok(())
+    }
+
+    /// Stops the plugin's thread after the calls already queued.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Job::Stop);
+    }
+}
+
+struct Live {
+    store: wasmtime::Store<StoreState>,
+    guest: Guest,
+}
+
+struct Runner {
+    name: Arc<str>,
+    engine: Arc<PluginEngine>,
+    services: Weak<dyn HostServices>,
+    version: Version,
+    live: Option<Live>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    metrics: Arc<PluginMetrics>,
+    depth: Arc<AtomicUsize>,
+}
+
+fn backoff(failures: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << failures.min(10).saturating_sub(1));
+    Duration::from_millis(ms.min(30_000))
+}
+
+impl Runner {
+    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        while let Some(job) = rx.blocking_recv() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            match job {
+                Job::Connect(req, reply) => {
+                    let r = self.call(Hook::Connect, |g, s| g.connect(s, req));
+                    let _ = reply.send(r);
+                }
+                Job::Message(t, ev, data, ack) => {
+                    let _ = self.call(Hook::Message, |g, s| g.message(s, t, &ev, data, ack));
+                }
+                Job::Disconnect(t, reason) => {
+                    let _ = self.call(Hook::Disconnect, |g, s| g.disconnect(s, t, reason));
+                }
+                Job::Event(room, ev) => {
+                    let data = Payload::json(&*ev.data);
+                    let _ = self.call(Hook::Event, |g, s| g.event(s, &room, &ev.event, data));
+                }
+                Job::Frame(conn, kind, body) => {
+                    let _ = self.call(Hook::Frame, |g, s| g.frame(s, conn, &kind, &body));
+                }
+                Job::Swap(version, started, done) => {
+                    if let Some(s) = self.services.upgrade() {
+                        s.set_listens(&self.name, &started.listens);
+                    }
+                    self.version = *version;
+                    self.live = Some(Live {
+                        store: started.store,
+                        guest: started.guest,
+                    });
+                    self.failures = 0;
+                    self.retry_at = None;
+                    let _ = done.send(());
+                }
+                Job::Stop => break,
+            }
+        }
+        tracing::debug!(plugin = &*self.name, "plugin thread stopped");
+    }
+
+    /// Rebuilds the instance if it was dropped after a failure.
+    fn ensure_live(&mut self) -> Result<(), CallError> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        if let Some(at) = self.retry_at {
+            if Instant::now() < at {
+                return Err(CallError::Unavailable);
+            }
+        }
+        match self.engine.start(
+            &self.version.pre,
+            self.name.clone(),
+            self.services.clone(),
+            &self.version.config,
+        ) {
+            Ok(started) => {
+                if let Some(s) = self.services.upgrade() {
+                    for room in &started.listens {
+                        s.listen(&self.name, room);
+                    }
+                }
+                self.metrics.rebuilds.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(plugin = &*self.name, "plugin instance rebuilt");
+                self.live = Some(Live {
+                    store: started.store,
+                    guest: started.guest,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(Hook::Init, e.to_string());
+                Err(CallError::Unavailable)
+            }
+        }
+    }
+
+    fn fail(&mut self, hook: Hook, cause: String) {
+        self.live = None;
+        self.failures += 1;
+        let wait = backoff(self.failures);
+        self.retry_at = Some(
+            Instant::now()
+                + if self.failures > 1 {
+                    wait
+                } else {
+                    Duration::ZERO
+                },
+        );
+        self.metrics.errors[PluginMetrics::idx(hook)].fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            plugin = &*self.name,
+            hook = hook.name(),
+            failures = self.failures,
+            "plugin call failed: {cause}; instance will be rebuilt"
+        );
+    }
+
+    fn call<R>(
+        &mut self,
+        hook: Hook,
+        f: impl FnOnce(&Guest, &mut wasmtime::Store<StoreState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        self.ensure_live()?;
+        self.metrics.calls[PluginMetrics::idx(hook)].fetch_add(1, Ordering::Relaxed);
+        let ticks = self.engine.call_ticks();
+        let live = self.live.as_mut().expect("ensured above");
+        live.store.set_epoch_deadline(ticks);
+        match f(&live.guest, &mut live.store) {
+            Ok(r) => {
+                self.failures = 0;
+                self.retry_at = None;
+                Ok(r)
+            }
+            Err(e) => {
+                let cause = describe_error(&e);
+                self.fail(hook, cause.clone());
+                Err(CallError::Failed(cause))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(9), Duration::from_millis(25_600));
+        assert_eq!(backoff(50), Duration::from_secs(30));
+    }
+}

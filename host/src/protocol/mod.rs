@@ -1,0 +1,4 @@
+//! Wire protocols as pure codecs: parsing and framing without I/O, so they
+//! can be unit-tested and fuzzed on their own.
+
+pub mod misskey;

@@ -1,0 +1,62 @@
+//! The HTTP server: one port for the Misskey stream, the API and the
+//! operational endpoints, graceful shutdown on SIGTERM/SIGINT.
+
+pub mod misskey;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::node::Node;
+
+/// The full router of a node.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/streaming", get(misskey::handler))
+        .merge(crate::api::router())
+        .with_state(node)
+}
+
+/// Serves until `node.shutdown` is cancelled, then closes every client with
+/// 1001 and waits (up to `drain`) for the sessions to end.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> std::io::Result<()> {
+    let app = router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let token = node.shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await?;
+    let deadline = tokio::time::Instant::now() + drain;
+    while node.hub.conn_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.plugins.stop_all();
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
