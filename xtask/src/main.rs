@@ -1,1 +1,193 @@
-fn main() {}
+//! Build chores: `cargo xtask <command>`.
+//!
+//! - `plugins`: builds `plugins/*` into `plugins/<name>.wasm` and the
+//!   test-only plugins `tests/plugins/*` into `target/test-plugins/<name>.wasm`.
+//! - `run`: builds the plugins and runs the host (release) with
+//!   `examples/chanhost.toml`.
+//! - `test`: everything the test suite needs, then every test: the
+//!   wasm target, the plugins, the host, `cargo test`, the npm packages of
+//!   the end-to-end tests (from the lockfile), and the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn ensure_wasm_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup is needed to add the wasm32-wasip2 target")?;
+    if !String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == WASM_TARGET)
+    {
+        run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
+    }
+    Ok(())
+}
+
+/// The package name in a crate's Cargo.toml.
+fn package_name(manifest: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(manifest)?;
+    let mut in_package = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if in_package {
+            if let Some(v) = line.strip_prefix("name") {
+                let v = v.trim_start().trim_start_matches('=').trim();
+                return Ok(v.trim_matches('"').to_owned());
+            }
+        }
+    }
+    bail!("no [package] name in {}", manifest.display())
+}
+
+/// Builds one plugin workspace; copies each cdylib member's component to
+/// `<out>/<member folder>.wasm`.
+fn build_wasm_workspace(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    let target_dir = root().join("target/wasm");
+    run(cargo()
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .args(["build", "--release", "--target", WASM_TARGET]))?;
+    std::fs::create_dir_all(out)?;
+    let mut built = Vec::new();
+    let mut members: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("Cargo.toml").is_file())
+        .collect();
+    members.sort();
+    for member in members {
+        let manifest = member.join("Cargo.toml");
+        if !std::fs::read_to_string(&manifest)?.contains("cdylib") {
+            continue;
+        }
+        let artifact = target_dir.join(WASM_TARGET).join("release").join(format!(
+            "{}.wasm",
+            package_name(&manifest)?.replace('-', "_")
+        ));
+        let name = member.file_name().unwrap().to_string_lossy().into_owned();
+        let dest = out.join(format!("{name}.wasm"));
+        // Write beside and rename, so a running host sees a whole file.
+        let tmp = out.join(format!(".{name}.wasm.tmp"));
+        std::fs::copy(&artifact, &tmp)
+            .with_context(|| format!("copy {} to {}", artifact.display(), tmp.display()))?;
+        std::fs::rename(&tmp, &dest)?;
+        built.push(dest);
+    }
+    Ok(built)
+}
+
+fn plugins() -> Result<()> {
+    ensure_wasm_target()?;
+    let root = root();
+    for p in build_wasm_workspace(&root.join("plugins"), &root.join("plugins"))? {
+        eprintln!("built {}", p.display());
+    }
+    for p in build_wasm_workspace(
+        &root.join("tests/plugins"),
+        &root.join("target/test-plugins"),
+    )? {
+        eprintln!("built {}", p.display());
+    }
+    Ok(())
+}
+
+fn npm_ci(dir: &Path) -> Result<()> {
+    let stamp = dir.join("node_modules/.package-lock.json");
+    let lock = dir.join("package-lock.json");
+    let fresh = match (stamp.metadata(), lock.metadata()) {
+        (Ok(s), Ok(l)) => s.modified()? >= l.modified()?,
+        _ => false,
+    };
+    if !fresh {
+        run(Command::new("npm")
+            .current_dir(dir)
+            .args(["ci", "--no-audit", "--no-fund"]))?;
+    }
+    Ok(())
+}
+
+fn test(filter: &[String]) -> Result<()> {
+    let root = root();
+    plugins()?;
+    run(cargo().current_dir(&root).args(["build", "-p", "chanhost"]))?;
+    if filter.is_empty() {
+        run(cargo().current_dir(&root).args(["test", "--workspace"]))?;
+    }
+    let e2e = root.join("tests/e2e");
+    npm_ci(&e2e)?;
+    let mut node = Command::new("node");
+    node.current_dir(&e2e)
+        .env("CHANHOST_BIN", root.join("target/debug/chanhost"))
+        .env("CHANHOST_ROOT", &root)
+        .args(["--test", "--test-reporter=spec"]);
+    if filter.is_empty() {
+        let mut files: Vec<_> = std::fs::read_dir(&e2e)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".test.mjs"))
+            .collect();
+        files.sort();
+        node.args(files);
+    } else {
+        node.args(filter);
+    }
+    run(&mut node)
+}
+
+fn run_host() -> Result<()> {
+    let root = root();
+    plugins()?;
+    run(cargo().current_dir(&root).args([
+        "run",
+        "--release",
+        "-p",
+        "chanhost",
+        "--",
+        "serve",
+        "--config",
+        "examples/chanhost.toml",
+    ]))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("plugins") => plugins(),
+        Some("test") => test(&args[1..]),
+        Some("run") => run_host(),
+        _ => {
+            eprintln!("usage: cargo xtask <plugins|test [E2E FILES...]|run>");
+            std::process::exit(2);
+        }
+    }
+}

@@ -13,6 +13,9 @@ use super::SharedEvent;
 use crate::auth::Identity;
 use crate::protocol::misskey::json_string;
 
+/// Close code for a connection whose send queue overflowed (policy violation).
+pub const SLOW_CONSUMER_CLOSE: u16 = 1008;
+
 /// A connection id, unique for the life of the process.
 pub type ConnId = u64;
 
@@ -159,7 +162,7 @@ impl ConnHandle {
         match self.tx.try_send(out) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.request_close(1008, "send queue full (slow consumer)");
+                self.request_close(SLOW_CONSUMER_CLOSE, "send queue full (slow consumer)");
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,

@@ -21,6 +21,7 @@ use parking_lot::RwLock;
 
 pub use conn::{
     CaptureChange, ConnHandle, ConnId, ConnState, InstanceState, Outbound, Protocol, Slot,
+    SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 

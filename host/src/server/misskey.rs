@@ -117,9 +117,7 @@ impl Session {
                 biased;
                 _ = self.node.shutdown.cancelled() => break End::Close(1001, "server shutting down".into()),
                 (code, reason) = self.conn.closed() => {
-                    if code == 1008 {
-                        self.node.metrics.slow_consumer_closes.inc();
-                    }
+                    self.count_close(code);
                     break End::Close(code, reason);
                 }
                 msg = socket.recv() => match msg {
@@ -143,8 +141,15 @@ impl Session {
                 },
                 out = rx.recv() => {
                     let Some(out) = out else { break End::Gone };
-                    if self.write(&mut socket, out, &mut rx).await.is_err() {
-                        break End::Gone;
+                    // A peer that stops reading blocks the write; a close
+                    // request (its queue overflowed) or shutdown cuts it short.
+                    tokio::select! {
+                        r = self.write(&mut socket, out, &mut rx) => if r.is_err() { break End::Gone },
+                        (code, _) = self.conn.closed() => {
+                            self.count_close(code);
+                            break End::Gone;
+                        }
+                        _ = self.node.shutdown.cancelled() => break End::Gone,
                     }
                 }
                 _ = ping.tick() => {
@@ -168,6 +173,12 @@ impl Session {
                 socket.send(Message::Close(Some(frame))),
             )
             .await;
+        }
+    }
+
+    fn count_close(&self, code: u16) {
+        if code == crate::hub::SLOW_CONSUMER_CLOSE {
+            self.node.metrics.slow_consumer_closes.inc();
         }
     }
 

@@ -1,0 +1,49 @@
+//! Rust bindings of the `chanhost:plugin@0.1.0` world, for plugins.
+//!
+//! ```ignore
+//! use chanhost_plugin::{export, Guest, types::*};
+//! struct MyPlugin;
+//! impl Guest for MyPlugin { /* describe, init, connect, ... */ }
+//! export!(MyPlugin);
+//! ```
+//!
+//! The host imports are in [`host`]; [`instance`] and [`json`] build the
+//! values plugins pass most often.
+
+wit_bindgen::generate!({
+    world: "plugin",
+    path: "../../wit",
+    pub_export_macro: true,
+    default_bindings_module: "chanhost_plugin",
+});
+
+pub use chanhost::plugin::{host, types};
+pub use exports::chanhost::plugin::channel::Guest;
+
+use types::{Instance, Payload};
+
+/// A payload of JSON text without attachments.
+pub fn json(text: impl Into<String>) -> Payload {
+    Payload {
+        json: text.into(),
+        attachments: Vec::new(),
+    }
+}
+
+/// The instance (connection, id) as an owned value.
+pub fn instance(connection: u64, id: &str) -> Instance {
+    Instance {
+        connection,
+        id: id.to_owned(),
+    }
+}
+
+/// Writes a log line at info level.
+pub fn log_info(message: &str) {
+    host::log(types::LogLevel::Info, message);
+}
+
+/// Writes a log line at warn level.
+pub fn log_warn(message: &str) {
+    host::log(types::LogLevel::Warn, message);
+}

@@ -1,0 +1,215 @@
+// Shared helpers of the end-to-end tests: start a real chanhost process on
+// a free port with a temporary plugins folder and config, talk to it with
+// misskey-js, raw WebSockets and HTTP.
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import WebSocket from 'ws';
+import * as Misskey from 'misskey-js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const ROOT = process.env.CHANHOST_ROOT ?? path.resolve(here, '../..');
+export const BIN = process.env.CHANHOST_BIN ?? path.join(ROOT, 'target/debug/chanhost');
+export const API_KEY = 'test-api-key';
+export const JWT_SECRET = 'test-jwt-secret';
+
+/** Path of a built plugin: `plugins/<name>.wasm` or `target/test-plugins/<name>.wasm`. */
+export function pluginPath(name) {
+  for (const p of [path.join(ROOT, 'plugins', `${name}.wasm`), path.join(ROOT, 'target/test-plugins', `${name}.wasm`)]) {
+    if (fs.existsSync(p)) return p;
+  }
+  throw new Error(`plugin ${name} is not built (run cargo xtask plugins)`);
+}
+
+/** Copies a plugin into a folder under a name, atomically (write + rename). */
+export function installPlugin(dir, name, as = name) {
+  const tmp = path.join(dir, `.${as}.tmp`);
+  fs.copyFileSync(pluginPath(name), tmp);
+  fs.renameSync(tmp, path.join(dir, `${as}.wasm`));
+}
+
+const BASE_CONFIG = `
+[api]
+key = "${API_KEY}"
+[auth]
+tokens = { "tok-alice" = "alice", "tok-bob" = "bob" }
+[auth.jwt]
+secret = "${JWT_SECRET}"
+user_claim = "id"
+`;
+
+/**
+ * Starts a host. `plugins`: names to install; `config`: extra TOML appended.
+ * Resolves once it listens. The caller must `await host.stop()`.
+ */
+export async function startHost({ plugins = ['main', 'global-timeline', 'probe'], config = '', env = {} } = {}) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chanhost-test-'));
+  const pluginsDir = path.join(dir, 'plugins');
+  fs.mkdirSync(pluginsDir);
+  for (const p of plugins) installPlugin(pluginsDir, p);
+  const cacheDir = path.join(ROOT, 'target/test-cache');
+  const configPath = path.join(dir, 'chanhost.toml');
+  fs.writeFileSync(configPath, `listen = "127.0.0.1:0"\ncache_dir = ${JSON.stringify(cacheDir)}\n${BASE_CONFIG}\n${config}\n`);
+  const proc = spawn(BIN, ['serve', '--config', configPath, '--plugins', pluginsDir], {
+    env: { ...process.env, CHANHOST_LOG: 'info', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  proc.stderr.on('data', (d) => { stderr += d; });
+  let stdout = '';
+  const addr = await new Promise((resolve, reject) => {
+    const onData = (d) => {
+      stdout += d;
+      const m = stdout.match(/listening on (\S+)/);
+      if (m) { proc.stdout.off('data', onData); resolve(m[1]); }
+    };
+    proc.stdout.on('data', onData);
+    proc.once('exit', (code) => reject(new Error(`chanhost exited with ${code} before listening:\n${stderr}`)));
+  });
+  const url = `http://${addr}`;
+  const host = {
+    proc, dir, pluginsDir, configPath, url, ws: `ws://${addr}`,
+    get stderr() { return stderr; },
+    streams: [],
+    async stop() {
+      for (const s of host.streams) { try { s.close(); } catch {} }
+      if (proc.exitCode === null) {
+        proc.kill('SIGTERM');
+        await once(proc, 'exit');
+      }
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+    /** A misskey-js Stream (closed by stop()). */
+    stream(token = null) {
+      const s = new Misskey.Stream(url, token ? { token } : null, { WebSocket });
+      host.streams.push(s);
+      return s;
+    },
+    publish: (body, key = API_KEY) => publish(url, body, key),
+    metrics: () => metrics(url),
+    /** Waits until the log contains a pattern. */
+    async waitLog(pattern, timeout = 20000) {
+      await until(() => (typeof pattern === 'string' ? stderr.includes(pattern) : pattern.test(stderr)), timeout, `log ${pattern}`);
+    },
+  };
+  return host;
+}
+
+export async function publish(url, body, key = API_KEY) {
+  const headers = { 'content-type': 'application/json' };
+  if (key) headers.authorization = `Bearer ${key}`;
+  const res = await fetch(`${url}/api/publish`, { method: 'POST', headers, body: typeof body === 'string' ? body : JSON.stringify(body) });
+  return { status: res.status, body: await res.json().catch(() => null) };
+}
+
+/** Parses /metrics into { "name{labels}": value }. */
+export async function metrics(url) {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const out = {};
+  for (const line of text.split('\n')) {
+    if (!line || line.startsWith('#')) continue;
+    const i = line.lastIndexOf(' ');
+    out[line.slice(0, i)] = Number(line.slice(i + 1));
+  }
+  return out;
+}
+
+export function sleep(ms) {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** Polls `cond` until true or throws after `timeout` ms. */
+export async function until(cond, timeout = 10000, what = 'condition') {
+  const end = Date.now() + timeout;
+  for (;;) {
+    if (await cond()) return;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+/** Resolves with the next `event` of an emitter, or rejects after `timeout`. */
+export function next(emitter, event, timeout = 5000) {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => { emitter.off(event, on); reject(new Error(`no ${event} within ${timeout} ms`)); }, timeout);
+    const on = (v) => { clearTimeout(t); resolve(v); };
+    emitter.once(event, on);
+  });
+}
+
+/** Collects every `event` an emitter emits. */
+export function collect(emitter, event) {
+  const got = [];
+  emitter.on(event, (v) => got.push(v));
+  return got;
+}
+
+let barrierSeq = 0;
+/**
+ * Waits until the host has processed every frame this stream sent so far:
+ * a probe channel echoes a token, and the host handles a stream's frames in
+ * order (a `connect` completes, joins included, before the next frame).
+ */
+export async function barrier(stream) {
+  if (!stream._probe) stream._probe = stream.useChannel('probe', {});
+  const token = `b${++barrierSeq}`;
+  const got = new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error('barrier timed out')), 5000);
+    const on = (body) => { if (body === token) { clearTimeout(t); stream._probe.off('echo', on); resolve(); } };
+    stream._probe.on('echo', on);
+  });
+  stream._probe.send('echo', token);
+  await got;
+}
+
+/** A raw WebSocket to /streaming that records every frame. */
+export async function rawStream(host, query = '', opts = {}) {
+  const ws = new WebSocket(`${host.ws}/streaming${query}`, opts);
+  ws.frames = [];
+  ws.on('message', (d, isBinary) => ws.frames.push(isBinary ? d : d.toString()));
+  await once(ws, 'open');
+  host.streams.push({ close: () => ws.terminate() });
+  return ws;
+}
+
+/** Sends a JSON frame on a raw socket. */
+export function sendJson(ws, obj) {
+  ws.send(JSON.stringify(obj));
+}
+
+/** Waits for a raw socket frame (parsed JSON) matching a predicate. */
+export async function frame(ws, pred, timeout = 5000) {
+  await until(() => ws.frames.some((f) => { try { return pred(JSON.parse(f)); } catch { return false; } }), timeout, 'frame');
+  return JSON.parse(ws.frames.find((f) => { try { return pred(JSON.parse(f)); } catch { return false; } }));
+}
+
+/** Runs the binary to completion; resolves { code, stdout, stderr }. */
+export async function runBin(args, env = {}) {
+  const proc = spawn(BIN, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  proc.stdout.on('data', (d) => { stdout += d; });
+  proc.stderr.on('data', (d) => { stderr += d; });
+  const [code] = await once(proc, 'exit');
+  return { code, stdout, stderr };
+}
+
+export function note(overrides = {}) {
+  return {
+    id: `n${Math.random().toString(36).slice(2, 10)}`,
+    createdAt: new Date().toISOString(),
+    userId: 'u1',
+    user: { id: 'u1', username: 'u1', host: null },
+    text: 'hello',
+    cw: null,
+    visibility: 'public',
+    renoteId: null,
+    replyId: null,
+    fileIds: [],
+    channelId: null,
+    ...overrides,
+  };
+}

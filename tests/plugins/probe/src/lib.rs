@@ -1,0 +1,148 @@
+//! A plugin that exposes the host imports to tests, driven by client
+//! messages. Channels: `probe` (anyone), `probeUser` (needs a user),
+//! `probeShared` (shared). Declares the frame type `readNotification`.
+//!
+//! Connect params: `{"reject": true}` refuses; `{"room": R}` joins room R.
+//! Messages (`ch` type, body):
+//! - `echo X` -> `echo X`
+//! - `join {room}` / `leave {room}` -> `joined`/`left {room}` once done
+//! - `broadcast {room, event, data, exceptSelf}` -> host broadcast
+//! - `whoami` -> `whoami {connection, userId, claims}` (`userId` null when anonymous)
+//! - `config` -> `config <the init config>`
+//! - `end` -> ends this instance from the server side
+//! - `close {reason}` -> closes the whole connection
+//! - `badjson` -> sends invalid JSON (the host must drop it), then `after-badjson`
+//! - `poke {connection, id}` -> tries to send to an instance it may not own
+//!
+//! Every `disconnect` and `frame` call is reported as event
+//! `disconnected`/`frame` to room `probe-log`.
+
+use std::cell::RefCell;
+
+use chanhost_plugin::types::{
+    ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, Payload, Rejection,
+};
+use chanhost_plugin::{export, host, instance, json, Guest};
+use serde_json::{json as j, Value};
+
+thread_local! {
+    static CONFIG: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+struct Probe;
+
+fn spec(name: &str, requires_user: bool, shared: bool) -> ChannelSpec {
+    ChannelSpec {
+        name: name.into(),
+        requires_user,
+        shared,
+    }
+}
+
+fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+impl Guest for Probe {
+    fn describe() -> Manifest {
+        Manifest {
+            version: "probe-1".into(),
+            channels: vec![
+                spec("probe", false, false),
+                spec("probeUser", true, false),
+                spec("probeShared", false, true),
+            ],
+            namespaces: vec![],
+            frames: vec!["readNotification".into()],
+        }
+    }
+
+    fn init(config: String) -> Result<(), String> {
+        CONFIG.with(|c| *c.borrow_mut() = config);
+        Ok(())
+    }
+
+    fn connect(req: ConnectRequest) -> Result<(), Rejection> {
+        let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
+        if params.get("reject").and_then(Value::as_bool) == Some(true) {
+            return Err(Rejection {
+                message: "rejected by request".into(),
+                data: None,
+            });
+        }
+        let room = str_of(&params, "room");
+        if !room.is_empty() {
+            host::join(&req.target, room);
+        }
+        Ok(())
+    }
+
+    fn message(target: Instance, event: String, data: Payload, _ack: Option<u64>) {
+        let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+        let reply = |ev: &str, v: Value| host::send(&target, ev, &json(v.to_string()));
+        match event.as_str() {
+            "echo" => reply("echo", body),
+            "join" => {
+                host::join(&target, str_of(&body, "room"));
+                reply("joined", j!({"room": str_of(&body, "room")}));
+            }
+            "leave" => {
+                host::leave(&target, str_of(&body, "room"));
+                reply("left", j!({"room": str_of(&body, "room")}));
+            }
+            "broadcast" => {
+                let except = (body.get("exceptSelf") == Some(&Value::Bool(true))).then(|| target.clone());
+                let data = body.get("data").cloned().unwrap_or(Value::Null).to_string();
+                host::broadcast(str_of(&body, "room"), str_of(&body, "event"), &json(data), except.as_ref());
+            }
+            "whoami" => {
+                let who = match host::connection_identity(target.connection) {
+                    Some(i) => j!({
+                        "connection": target.connection,
+                        "userId": i.user_id,
+                        "claims": serde_json::from_str::<Value>(&i.claims).unwrap_or(Value::Null),
+                    }),
+                    None => j!({"connection": target.connection, "userId": null}),
+                };
+                reply("whoami", who);
+            }
+            "config" => {
+                let cfg = CONFIG.with(|c| c.borrow().clone());
+                reply("config", serde_json::from_str(&cfg).unwrap_or(Value::Null));
+            }
+            "end" => host::end_instance(&target),
+            "close" => host::close_connection(target.connection, str_of(&body, "reason")),
+            "badjson" => {
+                host::send(&target, "bad", &json("{not json"));
+                reply("after-badjson", Value::Null);
+            }
+            "poke" => {
+                let conn = body.get("connection").and_then(Value::as_u64).unwrap_or(0);
+                host::send(&instance(conn, str_of(&body, "id")), "poked", &json("true"));
+                reply("poked-sent", Value::Null);
+            }
+            _ => {}
+        }
+    }
+
+    fn disconnect(target: Instance, reason: DisconnectReason) {
+        let reason = match reason {
+            DisconnectReason::Client => "client",
+            DisconnectReason::ConnectionClosed => "connection-closed",
+            DisconnectReason::Replaced => "replaced",
+            DisconnectReason::Server => "server",
+        };
+        let data = j!({"connection": target.connection, "id": target.id, "reason": reason});
+        host::broadcast("probe-log", "disconnected", &json(data.to_string()), None);
+    }
+
+    fn event(_room: String, _event: String, _data: Payload) {}
+
+    fn frame(connection: u64, kind: String, body: String) {
+        let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let data = j!({"connection": connection, "kind": kind, "body": body});
+        host::broadcast("probe-log", "frame", &json(data.to_string()), None);
+    }
+}
+
+export!(Probe);

@@ -1,0 +1,2 @@
+const VERSION: &str = "a";
+include!("../../reload-common.rs");

@@ -1,0 +1,2 @@
+const VERSION: &str = "b";
+include!("../../reload-common.rs");
