@@ -1,6 +1,8 @@
 //! The `chanhost` binary: parses the command line, sets up logging, and
 //! prints the cause chain of a fatal error.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
@@ -10,6 +12,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = chanhost::cli::Cli::parse();
     match chanhost::cli::run(cli) {

@@ -26,8 +26,8 @@ pub enum PluginError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("not a valid WebAssembly component: {0:#}")]
-    Compile(wasmtime::Error),
+    #[error("not a valid WebAssembly component: {0}")]
+    Compile(String),
     #[error("{0}")]
     Link(String),
     #[error("failed to start: {0}")]
@@ -160,7 +160,8 @@ impl PluginEngine {
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes).map_err(PluginError::Compile)?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| PluginError::Compile(one_line(&format!("{e:#}"))))?;
         if let Some(path) = &cached {
             if let Err(e) = write_cache(&component, path) {
                 tracing::warn!("cannot write cache entry {}: {e:#}", path.display());
@@ -186,8 +187,9 @@ impl PluginEngine {
                 "does not export `{EXPORT_NAME}` (it exports {found}); build it against the `plugin` world of wit/plugin.wit"
             )));
         }
-        GuestPre::new(&self.linker, component)
-            .map_err(|e| PluginError::Link(format!("cannot be linked: {e:#}")))
+        GuestPre::new(&self.linker, component).map_err(|e| {
+            PluginError::Link(format!("cannot be linked: {}", one_line(&format!("{e:#}"))))
+        })
     }
 
     /// A fresh store for one plugin instance, with its memory limit.
@@ -252,8 +254,14 @@ fn write_cache(component: &Component, path: &Path) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// A one-line cause for a failed call: a trap code (timeouts and memory
-/// exhaustion included) or the error chain.
+/// Collapses whitespace runs (wasmtime messages span lines) into one space.
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A one-line cause for a failed call: timeouts, stack overflows and
+/// memory exhaustion by name, other traps by their code, else the root
+/// cause. The wasm backtrace is left out.
 pub fn describe_error(e: &wasmtime::Error) -> String {
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
         return match trap {
@@ -262,9 +270,9 @@ pub fn describe_error(e: &wasmtime::Error) -> String {
             other => format!("trap: {other}"),
         };
     }
-    let s = format!("{e:#}");
-    if s.contains("forcing a memory growth failure") || s.contains("memory minimum size") {
-        return format!("out of memory (limit reached): {s}");
+    let root = one_line(&e.root_cause().to_string());
+    if root.contains("forcing trap when growing memory") {
+        return format!("out of memory (plugin memory limit reached: {root})");
     }
-    s
+    root
 }
