@@ -31,9 +31,7 @@ export function installPlugin(dir, name, as = name) {
   fs.renameSync(tmp, path.join(dir, `${as}.wasm`));
 }
 
-const BASE_CONFIG = `
-[api]
-key = "${API_KEY}"
+const AUTH_CONFIG = `
 [auth]
 tokens = { "tok-alice" = "alice", "tok-bob" = "bob" }
 [auth.jwt]
@@ -42,17 +40,19 @@ user_claim = "id"
 `;
 
 /**
- * Starts a host. `plugins`: names to install; `config`: extra TOML appended.
+ * Starts a host. `plugins`: names to install; `config`: extra TOML appended;
+ * `apiKey`: the [api] key, or null for none.
  * Resolves once it listens. The caller must `await host.stop()`.
  */
-export async function startHost({ plugins = ['main', 'global-timeline', 'probe'], config = '', env = {} } = {}) {
+export async function startHost({ plugins = ['main', 'global-timeline', 'probe'], config = '', env = {}, apiKey = API_KEY } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chanhost-test-'));
   const pluginsDir = path.join(dir, 'plugins');
   fs.mkdirSync(pluginsDir);
   for (const p of plugins) installPlugin(pluginsDir, p);
   const cacheDir = path.join(ROOT, 'target/test-cache');
   const configPath = path.join(dir, 'chanhost.toml');
-  fs.writeFileSync(configPath, `listen = "127.0.0.1:0"\ncache_dir = ${JSON.stringify(cacheDir)}\n${BASE_CONFIG}\n${config}\n`);
+  const api = apiKey ? `[api]\nkey = "${apiKey}"\n` : '';
+  fs.writeFileSync(configPath, `listen = "127.0.0.1:0"\ncache_dir = ${JSON.stringify(cacheDir)}\n${api}${AUTH_CONFIG}\n${config}\n`);
   const proc = spawn(BIN, ['serve', '--config', configPath, '--plugins', pluginsDir], {
     env: { ...process.env, CHANHOST_LOG: 'info', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -186,14 +186,16 @@ export async function frame(ws, pred, timeout = 5000) {
   return JSON.parse(ws.frames.find((f) => { try { return pred(JSON.parse(f)); } catch { return false; } }));
 }
 
-/** Runs the binary to completion; resolves { code, stdout, stderr }. */
-export async function runBin(args, env = {}) {
+/** Runs the binary to completion (killed after `timeout` ms); resolves { code, stdout, stderr }. */
+export async function runBin(args, env = {}, timeout = 20000) {
   const proc = spawn(BIN, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   proc.stdout.on('data', (d) => { stdout += d; });
   proc.stderr.on('data', (d) => { stderr += d; });
+  const killer = setTimeout(() => proc.kill('SIGKILL'), timeout);
   const [code] = await once(proc, 'exit');
+  clearTimeout(killer);
   return { code, stdout, stderr };
 }
 

@@ -104,14 +104,6 @@ impl PluginEngine {
                 }
             })
             .map_err(|e| PluginError::Engine(e.into()))?;
-        if let Some(dir) = &cache_dir {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                tracing::warn!(
-                    "compiled-code cache {} unavailable ({e}); plugins compile at every start",
-                    dir.display()
-                );
-            }
-        }
         Ok(Arc::new(Self {
             engine,
             linker,
@@ -248,6 +240,9 @@ fn ticks(d: Duration) -> u64 {
 
 fn write_cache(component: &Component, path: &Path) -> wasmtime::Result<()> {
     let bytes = component.serialize()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)?;
