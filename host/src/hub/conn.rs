@@ -114,6 +114,16 @@ pub struct ConnState {
     capture_order: VecDeque<Arc<str>>,
 }
 
+/// Everything a closed connection held.
+pub(super) struct Taken {
+    /// (room, slot) memberships.
+    pub memberships: Vec<(Arc<str>, Slot)>,
+    /// Open instances by id.
+    pub instances: Vec<(Arc<str>, InstanceState)>,
+    /// Number of captured notes.
+    pub captures: usize,
+}
+
 /// What a capture request changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CaptureChange {
@@ -230,16 +240,16 @@ impl ConnHandle {
     }
 
     /// Empties the state: memberships, instances, and the capture count.
-    pub(super) fn take_all(
-        &self,
-    ) -> (Vec<(Arc<str>, Slot)>, Vec<(Arc<str>, InstanceState)>, usize) {
+    pub(super) fn take_all(&self) -> Taken {
         let mut st = self.state.lock();
-        let memberships = st.memberships.drain().collect();
-        let instances = st.instances.drain().collect();
-        let captures = st.captures.len();
+        let taken = Taken {
+            memberships: st.memberships.drain().collect(),
+            instances: st.instances.drain().collect(),
+            captures: st.captures.len(),
+        };
         st.captures.clear();
         st.capture_order.clear();
-        (memberships, instances, captures)
+        taken
     }
 
     /// Counts one more capture of a note; evicts the oldest note when the

@@ -14,7 +14,7 @@ mod conn;
 mod event;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -66,9 +66,7 @@ impl Hub {
     }
 
     fn shard(&self, room: &str) -> &RwLock<RoomMap> {
-        let mut h = self.hasher.build_hasher();
-        room.hash(&mut h);
-        &self.rooms[(h.finish() as usize) % SHARDS]
+        &self.rooms[(self.hasher.hash_one(room) as usize) % SHARDS]
     }
 
     /// Registers a new connection.
@@ -84,13 +82,13 @@ impl Hub {
             return Vec::new();
         };
         self.metrics.connections.dec();
-        let (memberships, instances, captures) = conn.take_all();
-        for (room, slot) in memberships {
+        let taken = conn.take_all();
+        for (room, slot) in taken.memberships {
             self.remove_member(&room, &(id, slot));
         }
-        self.metrics.instances.sub(instances.len() as u64);
-        self.metrics.captures.sub(captures as u64);
-        instances
+        self.metrics.instances.sub(taken.instances.len() as u64);
+        self.metrics.captures.sub(taken.captures as u64);
+        taken.instances
     }
 
     /// The connection with this id, if it is open.

@@ -214,9 +214,7 @@ impl Session {
                 let addressing = if slot.is_capture() {
                     Addressing::NoteUpdated
                 } else {
-                    if self.conn.instance(slot.id()).is_none() {
-                        return None;
-                    }
+                    self.conn.instance(slot.id())?;
                     Addressing::Channel
                 };
                 Some(misskey::splice_event(
