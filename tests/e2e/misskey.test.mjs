@@ -308,6 +308,28 @@ describe('misskey streaming limits and heartbeats', () => {
     await frame(alive, (f) => f.type === 'connected');
   });
 
+  test('by default a stream holds 32 channel instances and 1536 captured notes', async () => {
+    const ws = await rawStream(host);
+    for (let i = 0; i < 33; i++) sendJson(ws, { type: 'connect', body: { channel: 'probe', id: `c${i}`, params: {}, pong: true } });
+    sendJson(ws, { type: 'ch', body: { id: 'c0', type: 'echo', body: 'done' } });
+    await frame(ws, (f) => f.body?.type === 'echo');
+    const connected = ws.frames.map((f) => JSON.parse(f)).filter((f) => f.type === 'connected');
+    assert.equal(connected.length, 32);
+    assert.equal(connected.at(-1).body.id, 'c31');
+
+    for (let i = 0; i <= 1536; i++) sendJson(ws, { type: 's', body: { id: `note${i}` } });
+    sendJson(ws, { type: 'ch', body: { id: 'c0', type: 'echo', body: 'captured' } });
+    await frame(ws, (f) => f.body?.body === 'captured');
+    await host.publish({ room: 'noteStream:note0', event: 'deleted', data: {} }); // evicted
+    await host.publish({ room: 'noteStream:note1', event: 'deleted', data: {} });
+    await host.publish({ room: 'noteStream:note1536', event: 'deleted', data: {} });
+    await until(() => ws.frames.filter((f) => JSON.parse(f).type === 'noteUpdated').length === 2);
+    await host.publish({ room: 'noteStream:note2', event: 'sentinel', data: {} });
+    await frame(ws, (f) => f.body?.type === 'sentinel');
+    const ids = ws.frames.map((f) => JSON.parse(f)).filter((f) => f.type === 'noteUpdated').map((f) => f.body.id);
+    assert.deepEqual(ids, ['note1', 'note1536', 'note2']);
+  });
+
   test('a frame over 64 KiB closes that stream with 1009, and nobody else', async () => {
     const other = await rawStream(host);
     const big = await rawStream(host);

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  startHost, installPlugin, barrier, collect, until, note,
+  startHost, installPlugin, barrier, collect, until, note, runBin,
 } from './helpers.mjs';
 
 describe('hot reload', () => {
@@ -121,4 +121,47 @@ describe('faulty plugins', () => {
       assert.equal(host.proc.exitCode, null, 'host still running');
     });
   }
+});
+
+describe('plugin configuration and conflicts', () => {
+  test('init gets the [plugins.<name>] table as JSON', async () => {
+    const host = await startHost({ plugins: ['probe'], config: '[plugins.probe]\ngreeting = "hi"\nlimits = { n = 3 }\n' });
+    try {
+      const s = host.stream();
+      const ch = s.useChannel('probe', {});
+      const got = new Promise((resolve) => ch.once('config', resolve));
+      ch.send('config');
+      assert.deepEqual(await got, { greeting: 'hi', limits: { n: 3 } });
+    } finally {
+      await host.stop();
+    }
+  });
+
+  test('a plugin whose init refuses its config is not loaded; check says why', async () => {
+    const host = await startHost({ plugins: ['probe', 'global-timeline'], config: '[plugins.probe]\nfail_init = true\n' });
+    try {
+      const h = await (await fetch(`${host.url}/healthz`)).json();
+      assert.deepEqual(h.plugins, ['global-timeline']);
+      assert.match(host.stderr, /plugin not loaded: init refused the configuration: fail_init is set plugin="probe"/);
+      const r = await runBin(['check', path.join(host.pluginsDir, 'probe.wasm'), '--config', host.configPath]);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /init refused the configuration: fail_init is set/);
+    } finally {
+      await host.stop();
+    }
+  });
+
+  test('a second plugin claiming a served channel is refused; the first keeps it', async () => {
+    const host = await startHost({ plugins: ['probe'] });
+    try {
+      installPlugin(host.pluginsDir, 'probe', 'probe2');
+      await host.waitLog(/channel `probe` is already served by plugin `probe`/);
+      const h = await (await fetch(`${host.url}/healthz`)).json();
+      assert.deepEqual(h.plugins, ['probe']);
+      const s = host.stream();
+      await barrier(s);
+    } finally {
+      await host.stop();
+    }
+  });
 });

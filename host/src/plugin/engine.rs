@@ -40,6 +40,15 @@ pub enum PluginError {
     Engine(wasmtime::Error),
 }
 
+/// Where compiled code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeSource {
+    /// Deserialized from the on-disk cache.
+    Cache,
+    /// Compiled now (and written to the cache, if there is one).
+    Compiled,
+}
+
 /// The engine, its linker and limits.
 pub struct PluginEngine {
     engine: Engine,
@@ -138,17 +147,27 @@ impl PluginEngine {
     /// were compiled by a compatible engine before. Blocking: call it off
     /// the async runtime.
     pub fn compile(&self, bytes: &[u8]) -> Result<Component, PluginError> {
+        self.compile_traced(bytes).map(|(c, _)| c)
+    }
+
+    /// [`PluginEngine::compile`], also telling where the code came from.
+    pub fn compile_traced(&self, bytes: &[u8]) -> Result<(Component, CodeSource), PluginError> {
         let cached = self.cache_path(bytes);
         if let Some(path) = &cached {
-            if path.exists() {
+            // Read into memory rather than map the file: a mapped file that
+            // someone truncates later would fault the whole process.
+            if let Ok(artifact) = std::fs::read(path) {
                 // SAFETY: the cache folder holds only artifacts this host
-                // wrote with `Component::serialize`, named by the source's
-                // hash and the engine's compatibility hash.
-                match unsafe { Component::deserialize_file(&self.engine, path) } {
-                    Ok(c) => return Ok(c),
-                    Err(e) => {
-                        tracing::warn!("ignoring unreadable cache entry {}: {e:#}", path.display())
-                    }
+                // wrote with `Component::serialize` (whole files, renamed
+                // into place), named by the source's hash and the engine's
+                // compatibility hash; wasmtime checks the header and version.
+                match unsafe { Component::deserialize(&self.engine, &artifact) } {
+                    Ok(c) => return Ok((c, CodeSource::Cache)),
+                    Err(e) => tracing::warn!(
+                        "ignoring unreadable cache entry {}: {}",
+                        path.display(),
+                        one_line(&format!("{e:#}"))
+                    ),
                 }
             }
         }
@@ -159,7 +178,7 @@ impl PluginEngine {
                 tracing::warn!("cannot write cache entry {}: {e:#}", path.display());
             }
         }
-        Ok(component)
+        Ok((component, CodeSource::Compiled))
     }
 
     /// Links a compiled component against the host imports.

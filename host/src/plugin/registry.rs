@@ -136,7 +136,8 @@ impl Registry {
         let services = self.services.clone();
         let (n, c) = (name.clone(), config.clone());
         let (pre, started) = tokio::task::spawn_blocking(move || {
-            let component = engine.compile(&bytes)?;
+            let (component, source) = engine.compile_traced(&bytes)?;
+            tracing::debug!(plugin = &*n, ?source, "plugin code ready");
             let pre = engine.link(&component)?;
             let started = engine.start(&pre, n, services, &c)?;
             Ok::<_, PluginError>((pre, started))

@@ -2,6 +2,8 @@
 //! messages. Channels: `probe` (anyone), `probeUser` (needs a user),
 //! `probeShared` (shared). Declares the frame type `readNotification`.
 //!
+//! Init fails when its config has `fail_init = true`.
+//!
 //! Connect params: `{"reject": true}` refuses; `{"room": R}` joins room R.
 //! Messages (`ch` type, body):
 //! - `echo X` -> `echo X`
@@ -58,6 +60,10 @@ impl Guest for Probe {
     }
 
     fn init(config: String) -> Result<(), String> {
+        let parsed: Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
+        if parsed.get("fail_init") == Some(&Value::Bool(true)) {
+            return Err("fail_init is set".into());
+        }
         CONFIG.with(|c| *c.borrow_mut() = config);
         Ok(())
     }
