@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -140,6 +141,8 @@ pub struct ConnHandle {
     pub protocol: Protocol,
     pub identity: Option<Identity>,
     tx: mpsc::Sender<Outbound>,
+    /// Set when the hub unregisters the connection; late joins undo themselves.
+    pub(super) unregistered: AtomicBool,
     close: Mutex<Option<(u16, String)>>,
     close_notify: Notify,
     state: Mutex<ConnState>,
@@ -159,6 +162,7 @@ impl ConnHandle {
             protocol,
             identity,
             tx,
+            unregistered: AtomicBool::new(false),
             close: Mutex::new(None),
             close_notify: Notify::new(),
             state: Mutex::new(ConnState::default()),

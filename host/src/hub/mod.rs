@@ -15,6 +15,7 @@ mod event;
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -81,6 +82,7 @@ impl Hub {
         let Some(conn) = self.conns.write().remove(&id) else {
             return Vec::new();
         };
+        conn.unregistered.store(true, Ordering::SeqCst);
         self.metrics.connections.dec();
         let taken = conn.take_all();
         for (room, slot) in taken.memberships {
@@ -124,9 +126,16 @@ impl Hub {
         };
         self.shard(&room)
             .write()
-            .entry(room)
+            .entry(room.clone())
             .or_default()
-            .insert((conn.id, slot), member);
+            .insert((conn.id, slot.clone()), member);
+        // A plugin may join a connection that is closing on another thread;
+        // whatever `unregister` could not see yet is undone here.
+        if conn.unregistered.load(Ordering::SeqCst) {
+            conn.remove_membership(&room, &slot);
+            self.remove_member(&room, &(conn.id, slot));
+            return false;
+        }
         true
     }
 
@@ -315,6 +324,16 @@ mod tests {
         assert!(slow.close_requested().is_some());
         assert!(fast.close_requested().is_none());
         assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_join_after_unregister_leaves_no_member_behind() {
+        let hub = hub();
+        let (a, _ra) = conn(1, 8);
+        hub.register(a.clone());
+        hub.unregister(1);
+        assert!(!hub.join(&a, Slot::instance("x"), "late"));
+        assert_eq!(hub.room_count(), 0);
     }
 
     #[test]
