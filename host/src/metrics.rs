@@ -65,6 +65,14 @@ pub fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value:
     );
 }
 
+/// Writes a metric family with one sample per label set (`a="x",b="y"`).
+pub fn write_family(out: &mut String, name: &str, kind: &str, help: &str, rows: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in rows {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
 impl Metrics {
     /// Renders the host-wide part; `rooms` is read from the hub.
     pub fn render(&self, rooms: usize, out: &mut String) {
@@ -117,16 +125,15 @@ impl Metrics {
             "Connections closed because their send queue was full.",
             self.slow_consumer_closes.get(),
         );
-        let _ = writeln!(out, "# HELP chanhost_plugin_reloads_total Plugin loads and reloads by result.\n# TYPE chanhost_plugin_reloads_total counter");
-        let _ = writeln!(
+        write_family(
             out,
-            "chanhost_plugin_reloads_total{{result=\"ok\"}} {}",
-            self.reloads_ok.get()
-        );
-        let _ = writeln!(
-            out,
-            "chanhost_plugin_reloads_total{{result=\"error\"}} {}",
-            self.reloads_failed.get()
+            "chanhost_plugin_reloads_total",
+            "counter",
+            "Plugin loads and reloads by result.",
+            &[
+                ("result=\"ok\"".into(), self.reloads_ok.get()),
+                ("result=\"error\"".into(), self.reloads_failed.get()),
+            ],
         );
     }
 }

@@ -14,12 +14,14 @@ use crate::auth::Authenticator;
 use crate::broker::{Broker, LocalDelivery, MemoryBroker, Publication};
 use crate::config::Config;
 use crate::hub::{ConnHandle, ConnId, Hub, InstanceState, Outbound, SharedEvent, Slot};
-use crate::metrics::{write_metric, Metrics};
+use crate::metrics::{write_family, write_metric, Metrics};
 use crate::plugin::engine::PluginError;
 use crate::plugin::kv::KvStore;
 use crate::plugin::registry::LoadOutcome;
 use crate::plugin::watcher::FolderWatch;
-use crate::plugin::{DisconnectReason, HostServices, InstanceRef, Payload, PluginEngine, Registry};
+use crate::plugin::{
+    DisconnectReason, HostServices, InstanceRef, Payload, PluginEngine, PluginSlot, Registry,
+};
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -324,40 +326,53 @@ impl Node {
             "Plugins loaded.",
             plugins.len() as u64,
         );
-        out.push_str("# HELP chanhost_plugin_calls_total Calls into plugins by hook.\n# TYPE chanhost_plugin_calls_total counter\n");
-        for p in &plugins {
-            for (hook, calls, _) in p.metrics.by_hook() {
-                out.push_str(&format!(
-                    "chanhost_plugin_calls_total{{plugin=\"{}\",hook=\"{hook}\"}} {calls}\n",
-                    p.name
-                ));
-            }
-        }
-        out.push_str("# HELP chanhost_plugin_errors_total Failed plugin calls (trap, timeout, out of memory) by hook.\n# TYPE chanhost_plugin_errors_total counter\n");
-        for p in &plugins {
-            for (hook, _, errors) in p.metrics.by_hook() {
-                out.push_str(&format!(
-                    "chanhost_plugin_errors_total{{plugin=\"{}\",hook=\"{hook}\"}} {errors}\n",
-                    p.name
-                ));
-            }
-        }
-        out.push_str("# HELP chanhost_plugin_dropped_total Plugin calls dropped because the plugin's queue was full.\n# TYPE chanhost_plugin_dropped_total counter\n");
-        for p in &plugins {
-            out.push_str(&format!(
-                "chanhost_plugin_dropped_total{{plugin=\"{}\"}} {}\n",
-                p.name,
-                p.metrics.dropped.load(Ordering::Relaxed)
-            ));
-        }
-        out.push_str("# HELP chanhost_plugin_rebuilds_total Plugin instances rebuilt after a failure.\n# TYPE chanhost_plugin_rebuilds_total counter\n");
-        for p in &plugins {
-            out.push_str(&format!(
-                "chanhost_plugin_rebuilds_total{{plugin=\"{}\"}} {}\n",
-                p.name,
-                p.metrics.rebuilds.load(Ordering::Relaxed)
-            ));
-        }
+        let by_hook = |errors: bool| -> Vec<(String, u64)> {
+            plugins
+                .iter()
+                .flat_map(|p| {
+                    p.metrics.by_hook().map(move |(hook, calls, errs)| {
+                        (
+                            format!("plugin=\"{}\",hook=\"{hook}\"", p.name),
+                            if errors { errs } else { calls },
+                        )
+                    })
+                })
+                .collect()
+        };
+        let per_plugin = |get: fn(&PluginSlot) -> u64| -> Vec<(String, u64)> {
+            plugins
+                .iter()
+                .map(|p| (format!("plugin=\"{}\"", p.name), get(p)))
+                .collect()
+        };
+        write_family(
+            &mut out,
+            "chanhost_plugin_calls_total",
+            "counter",
+            "Calls into plugins by hook.",
+            &by_hook(false),
+        );
+        write_family(
+            &mut out,
+            "chanhost_plugin_errors_total",
+            "counter",
+            "Failed plugin calls (trap, timeout, out of memory) by hook.",
+            &by_hook(true),
+        );
+        write_family(
+            &mut out,
+            "chanhost_plugin_dropped_total",
+            "counter",
+            "Plugin calls dropped because the plugin's queue was full.",
+            &per_plugin(|p| p.metrics.dropped.load(Ordering::Relaxed)),
+        );
+        write_family(
+            &mut out,
+            "chanhost_plugin_rebuilds_total",
+            "counter",
+            "Plugin instances rebuilt after a failure.",
+            &per_plugin(|p| p.metrics.rebuilds.load(Ordering::Relaxed)),
+        );
         out
     }
 }
