@@ -56,8 +56,8 @@ pub struct RawConfig {
     /// `[plugins.<name>]` tables, split off by [`RawConfig::parse`].
     #[serde(skip)]
     pub plugins_config: BTreeMap<String, toml::Table>,
-    #[serde(default, rename = "socketio")]
-    pub socketio: Option<toml::Table>,
+    #[serde(default)]
+    pub socketio: RawSocketIo,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +93,17 @@ pub struct RawMisskey {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawSocketIo {
+    pub ping_interval_ms: Option<u64>,
+    pub ping_timeout_ms: Option<u64>,
+    pub max_payload: Option<usize>,
+    pub connect_timeout_ms: Option<u64>,
+    pub upgrade_timeout_ms: Option<u64>,
+    pub cors_origins: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub send_queue: Option<usize>,
 }
@@ -120,6 +131,24 @@ pub struct MisskeyConfig {
     pub max_channels: usize,
     /// Captured notes per stream, oldest evicted (Misskey: 1536).
     pub max_captures: usize,
+}
+
+/// Engine.IO / Socket.IO settings (defaults as the reference server).
+#[derive(Debug, Clone)]
+pub struct SocketIoConfig {
+    /// Interval of server pings (`pingInterval`).
+    pub ping_interval: Duration,
+    /// How long a pong may take (`pingTimeout`).
+    pub ping_timeout: Duration,
+    /// Largest message or polling body accepted (`maxPayload`), in bytes.
+    pub max_payload: usize,
+    /// A session that connects no namespace within this is closed.
+    pub connect_timeout: Duration,
+    /// A WebSocket upgrade not completed within this is abandoned.
+    pub upgrade_timeout: Duration,
+    /// Origins allowed cross-site (`"*"` for any). Same-origin requests
+    /// and requests without an Origin are always allowed.
+    pub cors_origins: Vec<String>,
 }
 
 /// Limits of the plugin runtime.
@@ -154,6 +183,7 @@ pub struct Config {
     pub tokens: BTreeMap<String, String>,
     pub jwt: Option<JwtConfig>,
     pub misskey: MisskeyConfig,
+    pub socketio: SocketIoConfig,
     /// Frames queued per connection before it counts as a slow reader and is closed.
     pub send_queue: usize,
     pub plugin_runtime: PluginRuntimeConfig,
@@ -386,10 +416,36 @@ impl Config {
             }
             plugin_tables.insert(name, json);
         }
-        if raw.socketio.is_some() {
-            tracing::warn!(
-                "{origin}: the [socketio] table is read by the Socket.IO endpoint, which this build does not serve yet"
-            );
+        let sio = raw.socketio;
+        let socketio = SocketIoConfig {
+            ping_interval: ms(sio.ping_interval_ms, 25_000),
+            ping_timeout: ms(sio.ping_timeout_ms, 20_000),
+            max_payload: sio.max_payload.unwrap_or(1_000_000),
+            connect_timeout: ms(sio.connect_timeout_ms, 45_000),
+            upgrade_timeout: ms(sio.upgrade_timeout_ms, 10_000),
+            cors_origins: sio.cors_origins.unwrap_or_default(),
+        };
+        for (key, d) in [
+            ("socketio.ping_interval_ms", socketio.ping_interval),
+            ("socketio.ping_timeout_ms", socketio.ping_timeout),
+            ("socketio.connect_timeout_ms", socketio.connect_timeout),
+            ("socketio.upgrade_timeout_ms", socketio.upgrade_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be > 0".into()));
+            }
+        }
+        if socketio.max_payload < 1024 {
+            return Err(invalid("socketio.max_payload", "must be >= 1024".into()));
+        }
+        for o in &socketio.cors_origins {
+            let ok = o == "*" || o.starts_with("http://") || o.starts_with("https://");
+            if !ok || o.ends_with('/') {
+                return Err(invalid(
+                    "socketio.cors_origins",
+                    format!("`{o}` is not an origin like https://app.example (or \"*\")"),
+                ));
+            }
         }
 
         Ok(Config {
@@ -400,6 +456,7 @@ impl Config {
             tokens: raw.auth.tokens,
             jwt,
             misskey,
+            socketio,
             send_queue,
             plugin_runtime,
             plugin_tables,

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::broker::{Broker, LocalDelivery, MemoryBroker, Publication};
 use crate::config::Config;
-use crate::hub::{ConnHandle, ConnId, Hub, InstanceState, Outbound, SharedEvent, Slot};
+use crate::hub::{ConnHandle, ConnId, Hub, InstanceState, Outbound, Protocol, SharedEvent, Slot};
 use crate::metrics::{write_family, write_metric, Metrics};
 use crate::plugin::engine::PluginError;
 use crate::plugin::kv::KvStore;
@@ -22,6 +22,7 @@ use crate::plugin::watcher::FolderWatch;
 use crate::plugin::{
     DisconnectReason, HostServices, InstanceRef, Payload, PluginEngine, PluginSlot, Registry,
 };
+use crate::protocol::socketio;
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,27 @@ pub struct Node {
 
 fn is_json(s: &str) -> bool {
     serde_json::from_str::<IgnoredAny>(s).is_ok()
+}
+
+/// Checks a payload a plugin hands over: JSON, and (with attachments)
+/// exactly one placeholder per attachment. Logs and returns false if not.
+fn valid_payload(plugin: &str, what: &str, data: &Payload) -> bool {
+    if data.attachments.is_empty() {
+        if is_json(&data.json) {
+            return true;
+        }
+    } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&data.json) {
+        if socketio::count_placeholders(&v) == data.attachments.len() {
+            return true;
+        }
+        tracing::warn!(
+            plugin,
+            "{what} whose placeholders do not match its attachments; dropped"
+        );
+        return false;
+    }
+    tracing::warn!(plugin, "{what} with invalid JSON data; dropped");
+    false
 }
 
 impl Node {
@@ -212,7 +234,7 @@ impl Node {
                     .collect()
             });
             for id in ids {
-                self.close_instance(&conn, &id, DisconnectReason::Server, false);
+                self.end_instance(&conn, &id, false);
             }
         }
     }
@@ -237,6 +259,21 @@ impl Node {
             self.metrics.instances.inc();
         }
         slot
+    }
+
+    /// Ends an instance from the server side: Socket.IO clients get a
+    /// DISCONNECT packet for the namespace (Misskey has no such frame).
+    pub fn end_instance(&self, conn: &ConnHandle, id: &str, notify_plugin: bool) {
+        if self
+            .close_instance(conn, id, DisconnectReason::Server, notify_plugin)
+            .is_some()
+            && conn.protocol == Protocol::SocketIo
+        {
+            conn.push(Outbound::Text(format!(
+                "4{}",
+                socketio::encode_disconnect(id)
+            )));
+        }
     }
 
     /// Ends one instance: leaves its rooms, forgets it, and (if asked)
@@ -288,6 +325,7 @@ impl Node {
             room: room.into(),
             event: event.into(),
             data,
+            attachments: Arc::from(Vec::new()),
             except: None,
         };
         if let Err(e) = self.broker.publish(p) {
@@ -379,7 +417,7 @@ impl Node {
 
 impl LocalDelivery for Node {
     fn deliver_local(&self, p: &Publication) {
-        let ev = SharedEvent::new(&p.event, p.data.clone());
+        let ev = SharedEvent::with_attachments(&p.event, p.data.clone(), p.attachments.clone());
         let except = p.except.as_ref().map(|(c, id)| (*c, &**id));
         self.hub.deliver(&p.room, &ev, except);
         for name in self.hub.listeners(&p.room) {
@@ -392,25 +430,44 @@ impl LocalDelivery for Node {
 
 impl HostServices for Node {
     fn send(&self, plugin: &str, target: InstanceRef, event: &str, data: Payload) {
-        if !is_json(&data.json) {
-            tracing::warn!(plugin, event, "send with invalid JSON data; dropped");
+        if !valid_payload(plugin, "send", &data) {
             return;
         }
         if let Some((conn, inst)) = self.owned(plugin, &target) {
             conn.push(Outbound::Event {
                 slot: inst.slot,
-                event: SharedEvent::new(event, data.json.into()),
+                event: SharedEvent::with_attachments(
+                    event,
+                    data.json.into(),
+                    data.attachments.into(),
+                ),
             });
         }
     }
 
-    fn ack(&self, plugin: &str, target: InstanceRef, _ack_id: u64, _args: Payload) {
-        // Misskey has no acknowledgements; the only protocol served so far.
-        tracing::debug!(
-            plugin,
-            connection = target.connection,
-            "ack on a connection without acks; ignored"
-        );
+    fn ack(&self, plugin: &str, target: InstanceRef, ack_id: u64, args: Payload) {
+        if !valid_payload(plugin, "ack", &args) {
+            return;
+        }
+        if !args.json.trim_start().starts_with('[') {
+            tracing::warn!(plugin, "ack arguments must be a JSON array; dropped");
+            return;
+        }
+        let Some((conn, _)) = self.owned(plugin, &target) else {
+            return;
+        };
+        if conn.protocol != Protocol::SocketIo {
+            tracing::debug!(plugin, "ack on a Misskey stream (no acks there); ignored");
+            return;
+        }
+        let n = args.attachments.len();
+        conn.push(Outbound::Text(format!(
+            "4{}",
+            socketio::encode_ack(&target.id, ack_id, &args.json, n)
+        )));
+        for a in args.attachments {
+            conn.push(Outbound::Binary(a));
+        }
     }
 
     fn join(&self, plugin: &str, target: InstanceRef, room: &str) {
@@ -434,19 +491,14 @@ impl HostServices for Node {
         except: Option<InstanceRef>,
         local_only: bool,
     ) {
-        if !is_json(&data.json) {
-            tracing::warn!(
-                plugin,
-                room,
-                event,
-                "broadcast with invalid JSON data; dropped"
-            );
+        if !valid_payload(plugin, "broadcast", &data) {
             return;
         }
         let p = Publication {
             room: room.into(),
             event: event.into(),
             data: data.json.into(),
+            attachments: data.attachments.into(),
             except: except.map(|e| (e.connection, e.id.into())),
         };
         self.metrics.publishes.inc();
@@ -471,7 +523,7 @@ impl HostServices for Node {
 
     fn end_instance(&self, plugin: &str, target: InstanceRef) {
         if let Some((conn, _)) = self.owned(plugin, &target) {
-            self.close_instance(&conn, &target.id, DisconnectReason::Server, true);
+            self.end_instance(&conn, &target.id, true);
         }
     }
 
@@ -484,6 +536,10 @@ impl HostServices for Node {
 
     fn identity(&self, connection: u64) -> Option<crate::auth::Identity> {
         self.hub.conn(connection)?.identity.clone()
+    }
+
+    fn verify_token(&self, token: &str) -> Result<crate::auth::Identity, String> {
+        self.auth.verify(token).map_err(|e| e.to_string())
     }
 
     fn kv(&self) -> &KvStore {

@@ -16,6 +16,8 @@ pub struct Publication {
     pub event: Arc<str>,
     /// JSON text.
     pub data: Arc<str>,
+    /// Binary attachments (Socket.IO placeholders in `data` refer to them).
+    pub attachments: Arc<[Vec<u8>]>,
     /// A member slot (connection, instance id) to skip.
     pub except: Option<(ConnId, Arc<str>)>,
 }

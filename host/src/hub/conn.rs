@@ -90,10 +90,20 @@ impl Hash for Slot {
 /// Something queued for a connection's writer.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A complete text frame.
+    /// A complete text frame (Socket.IO: one Engine.IO text packet).
     Text(String),
+    /// A binary message (Socket.IO attachments).
+    Binary(Vec<u8>),
     /// A room event for one slot; the writer frames it for its protocol.
     Event { slot: Slot, event: Arc<SharedEvent> },
+    /// Socket.IO: the reply to a namespace CONNECT. Events for that slot
+    /// queued while its plugin decided are written after it (`release`) or
+    /// dropped.
+    Gate {
+        slot: Arc<str>,
+        text: String,
+        release: bool,
+    },
 }
 
 /// An open channel instance.

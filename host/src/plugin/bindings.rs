@@ -219,6 +219,13 @@ impl self::chanhost::plugin::host::Host for StoreState {
         self.with(|s| s.identity(connection)).map(wit_identity)
     }
 
+    fn verify_token(&mut self, token: String) -> Result<wit::Identity, String> {
+        match self.services.upgrade() {
+            Some(s) => s.verify_token(&token).map(wit_identity),
+            None => Err("host is shutting down".into()),
+        }
+    }
+
     fn log(&mut self, level: wit::LogLevel, message: String) {
         let level = match level {
             wit::LogLevel::Debug => LogLevel::Debug,

@@ -136,6 +136,8 @@ pub trait HostServices: Send + Sync {
     fn end_instance(&self, plugin: &str, target: InstanceRef);
     fn close_connection(&self, plugin: &str, connection: u64, reason: &str);
     fn identity(&self, connection: u64) -> Option<Identity>;
+    /// Checks a token with the configured auth providers.
+    fn verify_token(&self, token: &str) -> Result<Identity, String>;
     fn kv(&self) -> &kv::KvStore;
 }
 
@@ -159,6 +161,9 @@ impl HostServices for DetachedServices {
     fn close_connection(&self, _: &str, _: u64, _: &str) {}
     fn identity(&self, _: u64) -> Option<Identity> {
         None
+    }
+    fn verify_token(&self, _: &str) -> Result<Identity, String> {
+        Err("no auth providers outside a running host".into())
     }
     fn kv(&self) -> &kv::KvStore {
         &self.kv

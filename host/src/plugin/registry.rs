@@ -35,6 +35,7 @@ pub enum LoadOutcome {
 #[derive(Default)]
 struct Routes {
     channels: HashMap<String, (Arc<PluginSlot>, ChannelSpec)>,
+    namespaces: HashMap<String, Arc<PluginSlot>>,
     frames: HashMap<String, Vec<Arc<PluginSlot>>>,
 }
 
@@ -81,6 +82,11 @@ impl Registry {
     /// The plugin serving a Misskey channel, and the channel's spec.
     pub fn channel(&self, name: &str) -> Option<(Arc<PluginSlot>, ChannelSpec)> {
         self.routes.read().channels.get(name).cloned()
+    }
+
+    /// The plugin serving a Socket.IO namespace.
+    pub fn namespace(&self, nsp: &str) -> Option<Arc<PluginSlot>> {
+        self.routes.read().namespaces.get(nsp).cloned()
     }
 
     /// The plugins that declared a top-level Misskey frame type.
@@ -159,12 +165,18 @@ impl Registry {
                     .await
                     .map_err(|e| PluginError::Start(e.to_string()))?;
                 self.set_routes(&slot, Some(&old), &manifest);
-                let dropped_channels = old
+                let mut dropped_channels: Vec<String> = old
                     .channels
                     .iter()
                     .filter(|c| !manifest.channels.iter().any(|n| n.name == c.name))
                     .map(|c| c.name.clone())
                     .collect();
+                dropped_channels.extend(
+                    old.namespaces
+                        .iter()
+                        .filter(|n| !manifest.namespaces.contains(n))
+                        .cloned(),
+                );
                 Ok(LoadOutcome::Replaced {
                     manifest,
                     dropped_channels,
@@ -194,6 +206,21 @@ impl Registry {
                     return Err(PluginError::Conflict(format!(
                         "channel `{}` is already served by plugin `{}`",
                         c.name, other.name
+                    )));
+                }
+            }
+        }
+        for n in &manifest.namespaces {
+            if !n.starts_with('/') {
+                return Err(PluginError::Conflict(format!(
+                    "namespace `{n}` must start with `/`"
+                )));
+            }
+            if let Some(other) = routes.namespaces.get(n) {
+                if &*other.name != name {
+                    return Err(PluginError::Conflict(format!(
+                        "namespace `{n}` is already served by plugin `{}`",
+                        other.name
                     )));
                 }
             }
@@ -267,6 +294,11 @@ fn remove_routes(routes: &mut Routes, name: &str, manifest: &Manifest) {
             .is_some_and(|(s, _)| &*s.name == name)
         {
             routes.channels.remove(&c.name);
+        }
+    }
+    for n in &manifest.namespaces {
+        if routes.namespaces.get(n).is_some_and(|s| &*s.name == name) {
+            routes.namespaces.remove(n);
         }
     }
     for f in &manifest.frames {

@@ -1,4 +1,6 @@
 //! Wire protocols as pure codecs: parsing and framing without I/O, so they
 //! can be unit-tested and fuzzed on their own.
 
+pub mod engineio;
 pub mod misskey;
+pub mod socketio;

@@ -2,6 +2,7 @@
 //! operational endpoints, graceful shutdown on SIGTERM/SIGINT.
 
 pub mod misskey;
+pub mod socketio;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/streaming", get(misskey::handler))
         .merge(crate::api::router())
-        .with_state(node)
+        .with_state(node.clone())
+        .merge(socketio::router(node))
 }
 
 /// Serves until `node.shutdown` is cancelled, then closes every client with

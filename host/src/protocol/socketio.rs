@@ -1,0 +1,406 @@
+//! Socket.IO v5 packets as a codec, without I/O (socketio/socket.io-protocol).
+//!
+//! Encoding: `<type>[<attachments>-][<namespace>,][<ack id>][<JSON>]`, types
+//! `0 CONNECT`, `1 DISCONNECT`, `2 EVENT`, `3 ACK`, `4 CONNECT_ERROR`,
+//! `5 BINARY_EVENT`, `6 BINARY_ACK`. The namespace is omitted for `/`.
+//! Decoding validates what the reference parser validates (payload shape per
+//! type, reserved event names) and, for binary packets, that placeholders
+//! `{"_placeholder":true,"num":N}` name exactly the attachments announced
+//! (see CVE-2022-2421 and CVE-2023-32695 for what goes wrong otherwise).
+
+use serde_json::Value;
+
+/// Most binary attachments accepted in one packet.
+pub const MAX_ATTACHMENTS: usize = 64;
+
+/// Event names a client may not use.
+pub const RESERVED_EVENTS: [&str; 6] = [
+    "connect",
+    "connect_error",
+    "disconnect",
+    "disconnecting",
+    "newListener",
+    "removeListener",
+];
+
+/// The packet types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketType {
+    Connect = 0,
+    Disconnect = 1,
+    Event = 2,
+    Ack = 3,
+    ConnectError = 4,
+    BinaryEvent = 5,
+    BinaryAck = 6,
+}
+
+impl PacketType {
+    fn from_char(c: u8) -> Option<Self> {
+        Some(match c {
+            b'0' => PacketType::Connect,
+            b'1' => PacketType::Disconnect,
+            b'2' => PacketType::Event,
+            b'3' => PacketType::Ack,
+            b'4' => PacketType::ConnectError,
+            b'5' => PacketType::BinaryEvent,
+            b'6' => PacketType::BinaryAck,
+            _ => return None,
+        })
+    }
+
+    pub fn is_binary(self) -> bool {
+        matches!(self, PacketType::BinaryEvent | PacketType::BinaryAck)
+    }
+}
+
+/// A decoded packet (attachments, if any, follow as binary messages).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packet {
+    pub kind: PacketType,
+    pub nsp: String,
+    pub id: Option<u64>,
+    pub data: Option<Value>,
+    /// Binary attachments announced by the header.
+    pub attachments: usize,
+}
+
+/// Why a string is not a valid Socket.IO packet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty packet")]
+    Empty,
+    #[error("unknown packet type")]
+    UnknownType,
+    #[error("invalid attachment count")]
+    Attachments,
+    #[error("invalid ack id")]
+    AckId,
+    #[error("invalid JSON payload")]
+    Json,
+    #[error("invalid payload for this packet type")]
+    Payload,
+    #[error("reserved event name")]
+    Reserved,
+    #[error("placeholders do not match the attachments")]
+    Placeholders,
+}
+
+/// Decodes a packet's text.
+pub fn decode(s: &str) -> Result<Packet, DecodeError> {
+    let b = s.as_bytes();
+    let kind = PacketType::from_char(*b.first().ok_or(DecodeError::Empty)?)
+        .ok_or(DecodeError::UnknownType)?;
+    let mut i = 1;
+    let mut attachments = 0;
+    if kind.is_binary() {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start || i >= b.len() || b[i] != b'-' {
+            return Err(DecodeError::Attachments);
+        }
+        attachments = s[start..i]
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= MAX_ATTACHMENTS)
+            .ok_or(DecodeError::Attachments)?;
+        i += 1;
+    }
+    let mut nsp = "/".to_owned();
+    if i < b.len() && b[i] == b'/' {
+        let start = i;
+        while i < b.len() && b[i] != b',' {
+            i += 1;
+        }
+        nsp = s[start..i].to_owned();
+        if i < b.len() {
+            i += 1; // the comma
+        }
+    }
+    let mut id = None;
+    let start = i;
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+    }
+    if i > start {
+        id = Some(s[start..i].parse::<u64>().map_err(|_| DecodeError::AckId)?);
+    }
+    let rest = &s[i..];
+    let data = if rest.is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str::<Value>(rest).map_err(|_| DecodeError::Json)?)
+    };
+    let packet = Packet {
+        kind,
+        nsp,
+        id,
+        data,
+        attachments,
+    };
+    validate(&packet)?;
+    Ok(packet)
+}
+
+fn validate(p: &Packet) -> Result<(), DecodeError> {
+    match (p.kind, &p.data) {
+        (PacketType::Connect, None) => {}
+        (PacketType::Connect, Some(Value::Object(_))) => {}
+        (PacketType::Disconnect, None) => {}
+        (PacketType::ConnectError, Some(Value::String(_) | Value::Object(_))) => {}
+        (PacketType::Event | PacketType::BinaryEvent, Some(Value::Array(a))) => match a.first() {
+            Some(Value::String(name)) if RESERVED_EVENTS.contains(&name.as_str()) => {
+                return Err(DecodeError::Reserved)
+            }
+            Some(Value::String(_) | Value::Number(_)) => {}
+            _ => return Err(DecodeError::Payload),
+        },
+        (PacketType::Ack | PacketType::BinaryAck, Some(Value::Array(_))) => {}
+        _ => return Err(DecodeError::Payload),
+    }
+    if matches!(
+        p.kind,
+        PacketType::Connect | PacketType::Disconnect | PacketType::ConnectError
+    ) && p.id.is_some()
+    {
+        return Err(DecodeError::Payload);
+    }
+    if matches!(p.kind, PacketType::Ack | PacketType::BinaryAck) && p.id.is_none() {
+        return Err(DecodeError::AckId);
+    }
+    if let Some(data) = &p.data {
+        let mut seen = vec![false; p.attachments];
+        check_placeholders(data, &mut seen)?;
+        if seen.iter().any(|s| !s) {
+            return Err(DecodeError::Placeholders);
+        }
+    }
+    Ok(())
+}
+
+/// Marks the placeholders of `v` in `seen`; any placeholder out of range,
+/// malformed or repeated is an error.
+fn check_placeholders(v: &Value, seen: &mut [bool]) -> Result<(), DecodeError> {
+    match v {
+        Value::Array(a) => a.iter().try_for_each(|x| check_placeholders(x, seen)),
+        Value::Object(o) => {
+            if o.get("_placeholder") == Some(&Value::Bool(true)) {
+                let n = o
+                    .get("num")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or(DecodeError::Placeholders)?;
+                match seen.get_mut(n) {
+                    Some(s) if !*s => *s = true,
+                    _ => return Err(DecodeError::Placeholders),
+                }
+                Ok(())
+            } else {
+                o.values().try_for_each(|x| check_placeholders(x, seen))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Counts the placeholders in JSON (for packets the host encodes).
+pub fn count_placeholders(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => a.iter().map(count_placeholders).sum(),
+        Value::Object(o) if o.get("_placeholder") == Some(&Value::Bool(true)) => 1,
+        Value::Object(o) => o.values().map(count_placeholders).sum(),
+        _ => 0,
+    }
+}
+
+/// `<nsp>,` for namespaces other than `/`, else nothing.
+pub fn nsp_prefix(nsp: &str) -> String {
+    if nsp == "/" {
+        String::new()
+    } else {
+        format!("{nsp},")
+    }
+}
+
+fn header(kind: PacketType, attachments: usize, nsp: &str) -> String {
+    let mut s = String::with_capacity(nsp.len() + 8);
+    let (kind, attachments) = match (kind, attachments) {
+        (PacketType::Event, n) if n > 0 => (PacketType::BinaryEvent, n),
+        (PacketType::Ack, n) if n > 0 => (PacketType::BinaryAck, n),
+        other => other,
+    };
+    s.push(char::from(b'0' + kind as u8));
+    if kind.is_binary() {
+        s.push_str(&attachments.to_string());
+        s.push('-');
+    }
+    s.push_str(&nsp_prefix(nsp));
+    s
+}
+
+/// `CONNECT` reply: `0[<nsp>,]{"sid":"..."}`.
+pub fn encode_connect(nsp: &str, sid: &str) -> String {
+    format!(
+        "{}{}",
+        header(PacketType::Connect, 0, nsp),
+        serde_json::json!({ "sid": sid })
+    )
+}
+
+/// `CONNECT_ERROR`: `4[<nsp>,]{"message":..,"data":..}`.
+pub fn encode_connect_error(nsp: &str, message: &str, data: Option<&Value>) -> String {
+    let mut body = serde_json::json!({ "message": message });
+    if let Some(d) = data {
+        body["data"] = d.clone();
+    }
+    format!("{}{}", header(PacketType::ConnectError, 0, nsp), body)
+}
+
+/// `DISCONNECT`: `1[<nsp>,]`.
+pub fn encode_disconnect(nsp: &str) -> String {
+    header(PacketType::Disconnect, 0, nsp)
+}
+
+/// The argument array `["<event>",<data>]` of an event with one argument.
+pub fn event_args(event: &str, data_json: &str) -> String {
+    let ev = serde_json::to_string(event).expect("strings serialise");
+    let mut s = String::with_capacity(ev.len() + data_json.len() + 3);
+    s.push('[');
+    s.push_str(&ev);
+    s.push(',');
+    s.push_str(data_json);
+    s.push(']');
+    s
+}
+
+/// `EVENT` (or `BINARY_EVENT` with attachments) from a prebuilt argument array.
+pub fn encode_event(nsp: &str, args_json: &str, attachments: usize) -> String {
+    let mut s = header(PacketType::Event, attachments, nsp);
+    s.push_str(args_json);
+    s
+}
+
+/// `ACK` (or `BINARY_ACK`): `3[<nsp>,]<id>[...]`.
+pub fn encode_ack(nsp: &str, id: u64, args_json: &str, attachments: usize) -> String {
+    let mut s = header(PacketType::Ack, attachments, nsp);
+    s.push_str(&id.to_string());
+    s.push_str(args_json);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_the_protocol_examples() {
+        let p = decode("0").unwrap();
+        assert_eq!(
+            (p.kind, p.nsp.as_str(), p.data),
+            (PacketType::Connect, "/", None)
+        );
+        let p = decode(r#"0/admin,{"token":"123"}"#).unwrap();
+        assert_eq!(p.nsp, "/admin");
+        assert_eq!(p.data.unwrap()["token"], "123");
+        let p = decode(r#"2["foo","bar"]"#).unwrap();
+        assert_eq!(p.kind, PacketType::Event);
+        let p = decode(r#"2/admin,12["bar"]"#).unwrap();
+        assert_eq!((p.nsp.as_str(), p.id), ("/admin", Some(12)));
+        let p = decode(r#"3/admin,13["bar"]"#).unwrap();
+        assert_eq!((p.kind, p.id), (PacketType::Ack, Some(13)));
+        let p = decode(r#"51-["baz",{"_placeholder":true,"num":0}]"#).unwrap();
+        assert_eq!((p.kind, p.attachments), (PacketType::BinaryEvent, 1));
+        let p = decode(r#"61-/admin,15[{"_placeholder":true,"num":0}]"#).unwrap();
+        assert_eq!(
+            (p.kind, p.id, p.attachments),
+            (PacketType::BinaryAck, Some(15), 1)
+        );
+        assert_eq!(decode("1/admin,").unwrap().kind, PacketType::Disconnect);
+    }
+
+    #[test]
+    fn refuses_malformed_packets() {
+        for bad in [
+            "",
+            "7",
+            "abc",
+            "4abc",
+            "42{}",
+            "2{}",
+            "2[]",
+            "2[{}]",
+            "2abc[\"a\"]",
+            "2[\"a\"",
+            "0\"str\"",
+            "0[]",
+            "1{}",
+            "3[1]",
+            "2[\"connect\"]",
+            "2[\"disconnect\",1]",
+            "5[\"a\"]",
+            "5-[\"a\"]",
+            "51[\"a\"]",
+            "5999-[\"a\"]",
+            "3/x,1{}",
+            "099999999999999999999999[\"a\"]",
+        ] {
+            assert!(decode(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn placeholders_must_match_attachments() {
+        // Out of range.
+        assert_eq!(
+            decode(r#"51-["a",{"_placeholder":true,"num":1}]"#),
+            Err(DecodeError::Placeholders)
+        );
+        // Announced two, used one.
+        assert_eq!(
+            decode(r#"52-["a",{"_placeholder":true,"num":0}]"#),
+            Err(DecodeError::Placeholders)
+        );
+        // Used twice.
+        assert_eq!(
+            decode(r#"52-["a",{"_placeholder":true,"num":0},{"_placeholder":true,"num":0}]"#),
+            Err(DecodeError::Placeholders)
+        );
+        // Not an integer (CVE-2023-32695 used strings and objects here).
+        for num in ["\"0\"", "{}", "-1", "0.5", "null", "\"toString\""] {
+            let s = format!(r#"51-["a",{{"_placeholder":true,"num":{num}}}]"#);
+            assert_eq!(decode(&s), Err(DecodeError::Placeholders), "{s}");
+        }
+        // A placeholder in a non-binary packet.
+        assert_eq!(
+            decode(r#"2["a",{"_placeholder":true,"num":0}]"#),
+            Err(DecodeError::Placeholders)
+        );
+        assert!(decode(
+            r#"52-["a",{"x":[{"_placeholder":true,"num":1}]},{"_placeholder":true,"num":0}]"#
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn encodes() {
+        assert_eq!(encode_connect("/", "abc"), r#"0{"sid":"abc"}"#);
+        assert_eq!(encode_connect("/admin", "abc"), r#"0/admin,{"sid":"abc"}"#);
+        assert_eq!(
+            encode_connect_error("/x", "Invalid namespace", None),
+            r#"4/x,{"message":"Invalid namespace"}"#
+        );
+        assert_eq!(encode_disconnect("/"), "1");
+        assert_eq!(encode_event("/", &event_args("hi", "1"), 0), r#"2["hi",1]"#);
+        assert_eq!(
+            encode_event("/c", "[\"b\",{\"_placeholder\":true,\"num\":0}]", 1),
+            r#"51-/c,["b",{"_placeholder":true,"num":0}]"#
+        );
+        assert_eq!(encode_ack("/", 7, "[1,2]", 0), "37[1,2]");
+        assert_eq!(
+            encode_ack("/c", 7, "[{\"_placeholder\":true,\"num\":0}]", 1),
+            r#"61-/c,7[{"_placeholder":true,"num":0}]"#
+        );
+    }
+}

@@ -1,0 +1,428 @@
+//! Socket.IO v5 over Engine.IO v4 on `/socket.io/`: long-polling,
+//! WebSocket, the upgrade between them, CORS, and the reference server's
+//! refusals (socketio/engine.io-protocol, socketio/socket.io-protocol).
+//!
+//! Sessions live in [`SioServer`]; each is one hub connection whose
+//! namespaces are channel instances served by plugins.
+
+mod session;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use futures_util::SinkExt;
+use parking_lot::Mutex;
+
+use self::session::{EioOut, Session, Transport};
+use crate::hub::Outbound;
+use crate::node::Node;
+use crate::protocol::engineio::{self, HttpError, Packet};
+
+/// Most queued items written per poll response or WebSocket flush.
+const DRAIN: usize = 256;
+
+/// The Socket.IO endpoint of a node.
+pub struct SioServer {
+    pub node: Arc<Node>,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+}
+
+/// Routes of the endpoint (`/socket.io/`, with and without the slash).
+pub fn router(node: Arc<Node>) -> Router {
+    let server = Arc::new(SioServer {
+        node,
+        sessions: Mutex::new(HashMap::new()),
+    });
+    Router::new()
+        .route("/socket.io/", any(handle))
+        .route("/socket.io", any(handle))
+        .with_state(server)
+}
+
+fn eio_error(e: HttpError, cors: &[(header::HeaderName, HeaderValue)]) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        e.body(),
+    )
+        .into_response();
+    for (k, v) in cors {
+        r.headers_mut().insert(k.clone(), v.clone());
+    }
+    r
+}
+
+/// Whether a request's Origin may use the endpoint: no Origin (not a
+/// browser), same origin as the Host, or on the allow-list (`*` = any).
+fn origin_allowed(origin: Option<&str>, headers: &HeaderMap, allow: &[String]) -> bool {
+    let Some(origin) = origin else { return true };
+    if allow.iter().any(|a| a == "*" || a == origin) {
+        return true;
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    matches!((host, origin_host), (Some(h), Some(o)) if h.eq_ignore_ascii_case(o))
+}
+
+fn cors_headers(origin: Option<&str>, allowed: bool) -> Vec<(header::HeaderName, HeaderValue)> {
+    let (Some(origin), true) = (origin, allowed) else {
+        return Vec::new();
+    };
+    let Ok(v) = HeaderValue::from_str(origin) else {
+        return Vec::new();
+    };
+    vec![
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, v),
+        (
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        ),
+        (header::VARY, HeaderValue::from_static("Origin")),
+    ]
+}
+
+fn with_headers(mut r: Response, hs: &[(header::HeaderName, HeaderValue)]) -> Response {
+    for (k, v) in hs {
+        r.headers_mut().insert(k.clone(), v.clone());
+    }
+    r
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let query: HashMap<String, String> = parts
+        .uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let cfg = &server.node.config.socketio;
+    let origin = parts
+        .headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_owned);
+    let allowed = origin_allowed(origin.as_deref(), &parts.headers, &cfg.cors_origins);
+    let cors = cors_headers(origin.as_deref(), allowed);
+
+    if parts.method == Method::OPTIONS {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        if allowed && origin.is_some() {
+            let h = r.headers_mut();
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST"),
+            );
+            if let Some(req_h) = parts.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+                h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, req_h.clone());
+            }
+        }
+        return with_headers(r, &cors);
+    }
+    if query.get("EIO").map(String::as_str) != Some("4") {
+        return eio_error(HttpError::UnsupportedProtocolVersion, &cors);
+    }
+    let sid = query.get("sid").cloned();
+    match query.get("transport").map(String::as_str) {
+        Some("websocket") => {
+            if !allowed {
+                return eio_error(HttpError::Forbidden, &cors);
+            }
+            let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+                Ok(ws) => ws,
+                Err(_) => return eio_error(HttpError::BadRequest, &cors),
+            };
+            let ws = ws
+                .read_buffer_size(4096)
+                .write_buffer_size(0)
+                .max_message_size(cfg.max_payload)
+                .max_frame_size(cfg.max_payload);
+            match sid {
+                None => {
+                    let headers = super::misskey::header_list(&parts.headers);
+                    ws.on_upgrade(move |socket| async move {
+                        let session = Session::start(&server, headers, Transport::WebSocket);
+                        let mut socket = socket;
+                        let open = session.open_packet(&[]);
+                        if socket.send(Message::Text(open.into())).await.is_err() {
+                            session.close("handshake write failed");
+                            return;
+                        }
+                        run_websocket(session, socket).await;
+                    })
+                }
+                Some(sid) => {
+                    let Some(session) = server.sessions.lock().get(sid.as_str()).cloned() else {
+                        return eio_error(HttpError::UnknownSid, &cors);
+                    };
+                    if session.transport() != Transport::Polling {
+                        return eio_error(HttpError::BadRequest, &cors);
+                    }
+                    ws.on_upgrade(move |socket| upgrade(session, socket))
+                }
+            }
+        }
+        Some("polling") => {
+            let resp = match sid {
+                None if parts.method == Method::GET => {
+                    let headers = super::misskey::header_list(&parts.headers);
+                    let session = Session::start(&server, headers, Transport::Polling);
+                    text(
+                        StatusCode::OK,
+                        "text/plain; charset=UTF-8",
+                        session.open_packet(&["websocket"]),
+                    )
+                }
+                None => eio_error(HttpError::BadHandshakeMethod, &cors),
+                Some(sid) => {
+                    let Some(session) = server.sessions.lock().get(sid.as_str()).cloned() else {
+                        return eio_error(HttpError::UnknownSid, &cors);
+                    };
+                    if session.transport() == Transport::WebSocket {
+                        return eio_error(HttpError::BadRequest, &cors);
+                    }
+                    match parts.method {
+                        Method::GET => poll(&session).await,
+                        Method::POST => post(&session, body).await,
+                        _ => eio_error(HttpError::BadRequest, &cors),
+                    }
+                }
+            };
+            with_headers(resp, &cors)
+        }
+        _ => eio_error(HttpError::UnknownTransport, &cors),
+    }
+}
+
+/// A long-polling GET: waits for queued packets and returns them.
+async fn poll(session: &Arc<Session>) -> Response {
+    let Ok(mut rx) = session.rx.try_lock() else {
+        // A second concurrent GET: the reference server closes the session.
+        session.close("overlapping polling requests");
+        return eio_error(HttpError::BadRequest, &[]);
+    };
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            item = rx.recv() => {
+                let Some(item) = item else { break };
+                session.render(item, &mut out);
+                while out.len() < DRAIN {
+                    match rx.try_recv() {
+                        Ok(item) => session.render(item, &mut out),
+                        Err(_) => break,
+                    }
+                }
+                if !out.is_empty() {
+                    break;
+                }
+            }
+            _ = session.closed.cancelled() => {
+                out.push(EioOut::Text(Packet::Close.encode()));
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let closing = out.iter().any(|o| matches!(o, EioOut::Text(t) if t == "1"));
+    session.node.metrics.frames_sent.add(out.len() as u64);
+    let body = engineio::encode_payload(out.into_iter().map(EioOut::into_polling));
+    if closing {
+        session.close("server closed the session");
+    }
+    text(StatusCode::OK, "text/plain; charset=UTF-8", body)
+}
+
+/// A long-polling POST: the packets the client sends.
+async fn post(session: &Arc<Session>, body: Body) -> Response {
+    let max = session.node.config.socketio.max_payload;
+    let bytes = match axum::body::to_bytes(body, max).await {
+        Ok(b) => b,
+        Err(_) => {
+            session.close("payload over maxPayload");
+            return (StatusCode::PAYLOAD_TOO_LARGE, "payload too large").into_response();
+        }
+    };
+    let Ok(text_body) = std::str::from_utf8(&bytes) else {
+        session.close("payload is not UTF-8");
+        return eio_error(HttpError::BadRequest, &[]);
+    };
+    let packets = match engineio::decode_payload(text_body) {
+        Ok(p) => p,
+        Err(e) => {
+            session.close(&format!("invalid payload: {e}"));
+            return eio_error(HttpError::BadRequest, &[]);
+        }
+    };
+    for p in packets {
+        if let Err(e) = session.on_packet(p).await {
+            session.close(&e.to_string());
+            return eio_error(HttpError::BadRequest, &[]);
+        }
+    }
+    text(StatusCode::OK, "text/html", "ok".into())
+}
+
+/// The polling-to-WebSocket upgrade: `2probe` / `3probe`, a noop to the
+/// pending poll, then `5`; on any failure the session stays on polling.
+async fn upgrade(session: Arc<Session>, mut socket: WebSocket) {
+    session.set_transport(Transport::Upgrading);
+    let timeout = session.node.config.socketio.upgrade_timeout;
+    let probed = tokio::time::timeout(timeout, async {
+        loop {
+            match socket.recv().await {
+                Some(Ok(Message::Text(t))) => match Packet::decode_from_client(&t) {
+                    Ok(Packet::Ping(d)) if d == "probe" => {
+                        socket
+                            .send(Message::Text(Packet::Pong(d).encode().into()))
+                            .await
+                            .ok()?;
+                        session.conn.push(Outbound::Text(Packet::Noop.encode()));
+                    }
+                    Ok(Packet::Upgrade) => return Some(()),
+                    _ => return None,
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    if !matches!(probed, Ok(Some(()))) || session.closed.is_cancelled() {
+        session.set_transport(Transport::Polling);
+        tracing::debug!(sid = &*session.sid, "websocket upgrade abandoned");
+        return;
+    }
+    session.set_transport(Transport::WebSocket);
+    run_websocket(session, socket).await;
+}
+
+/// Serves a session over a WebSocket until either side ends it.
+async fn run_websocket(session: Arc<Session>, mut socket: WebSocket) {
+    // Waits for a poll in flight (after an upgrade) to hand the queue over.
+    let mut rx = session.rx.lock().await;
+    let node = session.node.clone();
+    let mut close_code = 1000;
+    loop {
+        tokio::select! {
+            biased;
+            _ = session.closed.cancelled() => break,
+            _ = node.shutdown.cancelled() => {
+                session.close("server shutting down");
+                close_code = 1001;
+                break;
+            }
+            msg = socket.recv() => {
+                let packet = match msg {
+                    Some(Ok(Message::Text(t))) => Packet::decode_from_client(&t),
+                    Some(Ok(Message::Binary(b))) => Ok(Packet::Binary(b.to_vec())),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => {
+                        session.close("transport close");
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        let too_big = e.to_string().contains("too long") || e.to_string().contains("Space limit");
+                        session.close(if too_big { "message over maxPayload" } else { "transport error" });
+                        if too_big {
+                            close_code = 1009;
+                            break;
+                        }
+                        return;
+                    }
+                };
+                let result = match packet {
+                    Ok(p) => session.on_packet(p).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("invalid packet: {e}")),
+                };
+                if let Err(e) = result {
+                    session.close(&e);
+                    break;
+                }
+            }
+            item = rx.recv() => {
+                let Some(item) = item else { break };
+                let mut out = Vec::new();
+                session.render(item, &mut out);
+                while out.len() < DRAIN {
+                    match rx.try_recv() {
+                        Ok(item) => session.render(item, &mut out),
+                        Err(_) => break,
+                    }
+                }
+                let closing = out.iter().any(|o| matches!(o, EioOut::Text(t) if t == "1"));
+                let n = out.len() as u64;
+                let write = async {
+                    for o in out {
+                        let m = match o {
+                            EioOut::Text(t) => Message::Text(t.into()),
+                            EioOut::Binary(b) => Message::Binary(b.into()),
+                        };
+                        socket.feed(m).await?;
+                    }
+                    socket.flush().await
+                };
+                tokio::select! {
+                    r = write => if r.is_err() { session.close("transport error"); return; },
+                    _ = session.closed.cancelled() => return,
+                }
+                node.metrics.frames_sent.add(n);
+                if closing {
+                    session.close("server closed the session");
+                    break;
+                }
+            }
+        }
+    }
+    let frame = CloseFrame {
+        code: close_code,
+        reason: "".into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        socket.send(Message::Close(Some(frame))),
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        h
+    }
+
+    #[test]
+    fn origins() {
+        let h = headers("gw.example:3000");
+        let allow = vec!["https://app.example".to_owned()];
+        assert!(origin_allowed(None, &h, &allow));
+        assert!(origin_allowed(Some("https://app.example"), &h, &allow));
+        assert!(origin_allowed(Some("http://gw.example:3000"), &h, &allow));
+        assert!(!origin_allowed(Some("https://evil.example"), &h, &allow));
+        assert!(origin_allowed(
+            Some("https://evil.example"),
+            &h,
+            &["*".to_owned()]
+        ));
+        assert!(cors_headers(Some("https://evil.example"), false).is_empty());
+        assert_eq!(cors_headers(Some("https://app.example"), true).len(), 3);
+    }
+}

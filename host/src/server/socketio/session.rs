@@ -1,0 +1,459 @@
+//! One Engine.IO session and the Socket.IO sockets multiplexed on it.
+//!
+//! The session owns the connection's outbound queue. Whichever transport is
+//! current drains it: a pending long-polling GET, or the WebSocket task
+//! after an upgrade (or from the start). Inbound packets from either
+//! transport go through [`Session::on_packet`], one at a time. A heartbeat
+//! task pings every `ping_interval` and closes the session when a pong does
+//! not come within `ping_timeout`; a session that connects no namespace
+//! within `connect_timeout` is closed too.
+//!
+//! Events for a namespace whose CONNECT is still being decided by its
+//! plugin are held back by the writer and released right after the CONNECT
+//! reply (or dropped with a CONNECT_ERROR), so a client never sees events
+//! before the socket it belongs to.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::SioServer;
+use crate::hub::{ConnHandle, Outbound};
+use crate::node::Node;
+use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
+use crate::protocol::engineio::{self, Packet};
+use crate::protocol::socketio::{self as sio, PacketType};
+
+/// Which transport carries the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Transport {
+    Polling = 0,
+    /// A WebSocket is probing; polling still works.
+    Upgrading = 1,
+    WebSocket = 2,
+}
+
+/// One outbound Engine.IO packet, ready for a transport.
+#[derive(Debug)]
+pub enum EioOut {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+impl EioOut {
+    /// As a polling record (`b<base64>` for binary).
+    pub fn into_polling(self) -> String {
+        match self {
+            EioOut::Text(t) => t,
+            EioOut::Binary(b) => Packet::Binary(b).encode(),
+        }
+    }
+}
+
+/// A binary packet waiting for its attachments.
+struct PendingBinary {
+    packet: sio::Packet,
+    attachments: Vec<Vec<u8>>,
+}
+
+/// One Engine.IO session.
+pub struct Session {
+    pub sid: Arc<str>,
+    pub node: Arc<Node>,
+    server: Weak<SioServer>,
+    pub conn: Arc<ConnHandle>,
+    headers: Arc<[(String, String)]>,
+    /// The outbound queue; the current transport holds the lock while draining.
+    pub rx: tokio::sync::Mutex<mpsc::Receiver<Outbound>>,
+    transport: AtomicU8,
+    /// Cancelled when the session ends.
+    pub closed: CancellationToken,
+    /// Serialises inbound packet handling across transports.
+    inbound: tokio::sync::Mutex<Option<PendingBinary>>,
+    pong_tx: mpsc::Sender<()>,
+    /// Namespaces whose CONNECT is being decided: their events are held.
+    held: Mutex<HashMap<Arc<str>, Vec<Outbound>>>,
+    connected_once: AtomicBool,
+}
+
+/// Why a session ends because of what the client sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("invalid Engine.IO packet: {0}")]
+    Engine(#[from] engineio::DecodeError),
+    #[error("invalid Socket.IO packet: {0}")]
+    Socket(#[from] sio::DecodeError),
+    #[error("unexpected binary message")]
+    UnexpectedBinary,
+    #[error("text packet while attachments were expected")]
+    ExpectedBinary,
+    #[error("packet for namespace {0} which is not connected")]
+    NotConnected(String),
+    #[error("client sent a CONNECT_ERROR")]
+    ClientConnectError,
+    #[error("client closed the session")]
+    ClientClose,
+}
+
+fn random_id() -> String {
+    use base64::Engine as _;
+    let mut b = [0u8; 15];
+    if getrandom::fill(&mut b).is_err() {
+        // The OS RNG is unavailable: fall back to a time-and-counter mix,
+        // still unique per process.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b[..8].copy_from_slice(&(t as u64).to_le_bytes());
+        b[8..15].copy_from_slice(&N.fetch_add(1, Ordering::Relaxed).to_le_bytes()[..7]);
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+impl Session {
+    /// Creates a session, registers its connection and starts its timers.
+    pub fn start(
+        server: &Arc<SioServer>,
+        headers: Arc<[(String, String)]>,
+        transport: Transport,
+    ) -> Arc<Session> {
+        let node = server.node.clone();
+        let id = node.next_conn_id();
+        let (conn, rx) = ConnHandle::new(
+            id,
+            crate::hub::Protocol::SocketIo,
+            None,
+            node.config.send_queue,
+        );
+        node.hub.register(conn.clone());
+        let (pong_tx, pong_rx) = mpsc::channel(1);
+        let session = Arc::new(Session {
+            sid: random_id().into(),
+            node,
+            server: Arc::downgrade(server),
+            conn,
+            headers,
+            rx: tokio::sync::Mutex::new(rx),
+            transport: AtomicU8::new(transport as u8),
+            closed: CancellationToken::new(),
+            inbound: tokio::sync::Mutex::new(None),
+            pong_tx,
+            held: Mutex::new(HashMap::new()),
+            connected_once: AtomicBool::new(false),
+        });
+        server
+            .sessions
+            .lock()
+            .insert(session.sid.clone(), session.clone());
+        tokio::spawn(heartbeat(session.clone(), pong_rx));
+        tokio::spawn(connect_timeout(session.clone()));
+        session
+    }
+
+    /// The open packet's text.
+    pub fn open_packet(&self, upgrades: &[&str]) -> String {
+        let c = &self.node.config.socketio;
+        Packet::Open(engineio::handshake_json(
+            &self.sid,
+            upgrades,
+            c.ping_interval.as_millis() as u64,
+            c.ping_timeout.as_millis() as u64,
+            c.max_payload,
+        ))
+        .encode()
+    }
+
+    pub fn transport(&self) -> Transport {
+        match self.transport.load(Ordering::SeqCst) {
+            0 => Transport::Polling,
+            1 => Transport::Upgrading,
+            _ => Transport::WebSocket,
+        }
+    }
+
+    pub fn set_transport(&self, t: Transport) {
+        self.transport.store(t as u8, Ordering::SeqCst);
+    }
+
+    /// Ends the session: forgets it, ends its sockets (plugins hear
+    /// `disconnect`), wakes whatever transport is waiting.
+    pub fn close(&self, why: &str) {
+        if self.closed.is_cancelled() {
+            return;
+        }
+        tracing::debug!(
+            sid = &*self.sid,
+            conn = self.conn.id,
+            "socket.io session closed: {why}"
+        );
+        self.closed.cancel();
+        if let Some(server) = self.server.upgrade() {
+            server.sessions.lock().remove(&self.sid);
+        }
+        self.node.close_conn(self.conn.id);
+    }
+
+    /// A close asked by a plugin or by the hub (slow consumer): sockets get
+    /// a DISCONNECT, then the Engine.IO close packet ends the session once
+    /// the transport wrote it. A slow consumer is cut off at once.
+    fn server_close(&self, code: u16, reason: &str) {
+        if code == crate::hub::SLOW_CONSUMER_CLOSE {
+            self.node.metrics.slow_consumer_closes.inc();
+            self.close(reason);
+            return;
+        }
+        let nsps: Vec<Arc<str>> = self
+            .conn
+            .with_state(|s| s.instances.keys().cloned().collect());
+        for nsp in nsps {
+            self.conn
+                .push(Outbound::Text(format!("4{}", sio::encode_disconnect(&nsp))));
+        }
+        if !self.conn.push(Outbound::Text(Packet::Close.encode())) {
+            self.close(reason);
+        }
+    }
+
+    /// Handles one inbound Engine.IO packet. An error closes the session.
+    pub async fn on_packet(&self, packet: Packet) -> Result<(), ProtocolError> {
+        let mut pending = self.inbound.lock().await;
+        match packet {
+            Packet::Pong(_) => {
+                let _ = self.pong_tx.try_send(());
+            }
+            Packet::Ping(data) => {
+                self.conn.push(Outbound::Text(Packet::Pong(data).encode()));
+            }
+            Packet::Message(text) => {
+                if pending.is_some() {
+                    return Err(ProtocolError::ExpectedBinary);
+                }
+                let p = sio::decode(&text)?;
+                if p.kind.is_binary() && p.attachments > 0 {
+                    *pending = Some(PendingBinary {
+                        packet: p,
+                        attachments: Vec::new(),
+                    });
+                } else {
+                    self.on_sio(p, Vec::new()).await?;
+                }
+            }
+            Packet::Binary(bytes) => {
+                let Some(mut p) = pending.take() else {
+                    return Err(ProtocolError::UnexpectedBinary);
+                };
+                p.attachments.push(bytes);
+                if p.attachments.len() == p.packet.attachments {
+                    self.on_sio(p.packet, p.attachments).await?;
+                } else {
+                    *pending = Some(p);
+                }
+            }
+            Packet::Close => return Err(ProtocolError::ClientClose),
+            Packet::Upgrade | Packet::Noop | Packet::Open(_) => {}
+        }
+        Ok(())
+    }
+
+    async fn on_sio(&self, p: sio::Packet, attachments: Vec<Vec<u8>>) -> Result<(), ProtocolError> {
+        match p.kind {
+            PacketType::Connect => {
+                self.connect(p.nsp, p.data).await;
+                Ok(())
+            }
+            PacketType::Disconnect => {
+                self.node
+                    .close_instance(&self.conn, &p.nsp, DisconnectReason::Client, true);
+                Ok(())
+            }
+            PacketType::Event | PacketType::BinaryEvent => {
+                let inst = self
+                    .conn
+                    .instance(&p.nsp)
+                    .ok_or_else(|| ProtocolError::NotConnected(p.nsp.clone()))?;
+                let Some(Value::Array(mut args)) = p.data else {
+                    return Ok(()); // validated by the decoder
+                };
+                let name = match args.remove(0) {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                if let Some(plugin) = self.node.plugins.plugin(&inst.plugin) {
+                    let payload = Payload {
+                        json: Value::Array(args).to_string(),
+                        attachments,
+                    };
+                    let target = InstanceRef {
+                        connection: self.conn.id,
+                        id: p.nsp,
+                    };
+                    plugin.message(target, name, payload, p.id);
+                }
+                Ok(())
+            }
+            // The host does not ask clients for acknowledgements; a stray
+            // ack for a connected namespace is ignored.
+            PacketType::Ack | PacketType::BinaryAck => {
+                if self.conn.instance(&p.nsp).is_none() {
+                    return Err(ProtocolError::NotConnected(p.nsp));
+                }
+                Ok(())
+            }
+            PacketType::ConnectError => Err(ProtocolError::ClientConnectError),
+        }
+    }
+
+    async fn connect(&self, nsp: String, auth: Option<Value>) {
+        let node = &self.node;
+        let Some(plugin) = node.plugins.namespace(&nsp) else {
+            self.conn.push(Outbound::Text(format!(
+                "4{}",
+                sio::encode_connect_error(&nsp, "Invalid namespace", None)
+            )));
+            return;
+        };
+        // A second CONNECT to the same namespace replaces the socket.
+        node.close_instance(&self.conn, &nsp, DisconnectReason::Replaced, true);
+        let key: Arc<str> = nsp.as_str().into();
+        self.held.lock().insert(key.clone(), Vec::new());
+        node.open_instance(&self.conn, &nsp, &plugin.name, &nsp);
+        let req = ConnectRequest {
+            target: InstanceRef {
+                connection: self.conn.id,
+                id: nsp.clone(),
+            },
+            protocol: crate::hub::Protocol::SocketIo,
+            channel: nsp.clone(),
+            params: auth.map(|a| a.to_string()).unwrap_or_else(|| "{}".into()),
+            identity: self.conn.identity.clone(),
+            headers: self.headers.clone(),
+        };
+        let (text, accepted) = match plugin.connect(req).await {
+            Ok(Ok(())) => {
+                self.connected_once.store(true, Ordering::SeqCst);
+                (sio::encode_connect(&nsp, &random_id()), true)
+            }
+            Ok(Err(rej)) => {
+                node.close_instance(&self.conn, &nsp, DisconnectReason::Server, false);
+                let data = rej
+                    .data
+                    .as_deref()
+                    .and_then(|d| serde_json::from_str::<Value>(d).ok());
+                (
+                    sio::encode_connect_error(&nsp, &rej.message, data.as_ref()),
+                    false,
+                )
+            }
+            Err(e) => {
+                tracing::warn!(nsp, "namespace connect failed: {e}");
+                node.close_instance(&self.conn, &nsp, DisconnectReason::Server, false);
+                (
+                    sio::encode_connect_error(&nsp, "Internal server error", None),
+                    false,
+                )
+            }
+        };
+        self.conn.push(Outbound::Gate {
+            slot: key,
+            text: format!("4{text}"),
+            release: accepted,
+        });
+    }
+
+    /// Renders a queued item into Engine.IO packets, holding back events of
+    /// namespaces still connecting. Returns nothing for an item held or
+    /// addressed to a socket that is gone.
+    pub fn render(&self, out: Outbound, into: &mut Vec<EioOut>) {
+        match out {
+            Outbound::Text(t) => into.push(EioOut::Text(t)),
+            Outbound::Binary(b) => into.push(EioOut::Binary(b)),
+            Outbound::Event { slot, event } => {
+                let nsp = slot.id();
+                {
+                    let mut held = self.held.lock();
+                    if let Some(h) = held.get_mut(nsp) {
+                        h.push(Outbound::Event { slot, event });
+                        return;
+                    }
+                }
+                if self.conn.instance(nsp).is_none() {
+                    return;
+                }
+                into.push(EioOut::Text(format!(
+                    "4{}",
+                    sio::encode_event(nsp, event.socketio_args(), event.attachments.len())
+                )));
+                for a in event.attachments.iter() {
+                    into.push(EioOut::Binary(a.clone()));
+                }
+            }
+            Outbound::Gate {
+                slot,
+                text,
+                release,
+            } => {
+                into.push(EioOut::Text(text));
+                let held = self.held.lock().remove(&slot).unwrap_or_default();
+                if release {
+                    for h in held {
+                        self.render(h, into);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn heartbeat(session: Arc<Session>, mut pongs: mpsc::Receiver<()>) {
+    let cfg = session.node.config.socketio.clone();
+    let node = session.node.clone();
+    let mut waiting_pong = false;
+    loop {
+        let wait = if waiting_pong {
+            cfg.ping_timeout
+        } else {
+            cfg.ping_interval
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {
+                if waiting_pong {
+                    session.close("ping timeout");
+                    return;
+                }
+                while pongs.try_recv().is_ok() {}
+                session.conn.push(Outbound::Text(Packet::Ping(String::new()).encode()));
+                waiting_pong = true;
+            }
+            Some(()) = pongs.recv(), if waiting_pong => waiting_pong = false,
+            (code, reason) = session.conn.closed() => {
+                session.server_close(code, &reason);
+                return;
+            }
+            _ = node.shutdown.cancelled() => {
+                session.close("server shutting down");
+                return;
+            }
+            _ = session.closed.cancelled() => return,
+        }
+    }
+}
+
+async fn connect_timeout(session: Arc<Session>) {
+    let t = session.node.config.socketio.connect_timeout;
+    tokio::select! {
+        _ = tokio::time::sleep(t) => {
+            if !session.connected_once.load(Ordering::SeqCst) {
+                session.close("no namespace connected in time");
+            }
+        }
+        _ = session.closed.cancelled() => {}
+    }
+}
