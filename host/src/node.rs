@@ -445,6 +445,26 @@ impl HostServices for Node {
         }
     }
 
+    fn emit(&self, plugin: &str, target: InstanceRef, event: &str, args: Payload) {
+        if !valid_payload(plugin, "emit", &args) {
+            return;
+        }
+        let Some(ev) = SharedEvent::spread(event, &args.json, args.attachments.into()) else {
+            tracing::warn!(
+                plugin,
+                event,
+                "emit arguments must be a JSON array; dropped"
+            );
+            return;
+        };
+        if let Some((conn, inst)) = self.owned(plugin, &target) {
+            conn.push(Outbound::Event {
+                slot: inst.slot,
+                event: ev,
+            });
+        }
+    }
+
     fn ack(&self, plugin: &str, target: InstanceRef, ack_id: u64, args: Payload) {
         if !valid_payload(plugin, "ack", &args) {
             return;

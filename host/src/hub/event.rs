@@ -34,6 +34,26 @@ impl SharedEvent {
         })
     }
 
+    /// An event with several arguments (`args_json`, a JSON array):
+    /// Socket.IO spreads them; Misskey gets the single argument, or the
+    /// array when there are several or none. None if `args_json` is not an array.
+    pub fn spread(event: &str, args_json: &str, attachments: Arc<[Vec<u8>]>) -> Option<Arc<Self>> {
+        let serde_json::Value::Array(mut args) = serde_json::from_str(args_json).ok()? else {
+            return None;
+        };
+        let data: Arc<str> = if args.len() == 1 {
+            args[0].to_string().into()
+        } else {
+            args_json.into()
+        };
+        args.insert(0, serde_json::Value::String(event.to_owned()));
+        let ev = Self::with_attachments(event, data, attachments);
+        let _ = ev
+            .socketio_args
+            .set(serde_json::Value::Array(args).to_string());
+        Some(ev)
+    }
+
     /// The recipient-independent end of a Misskey event frame, built on
     /// first use and shared by every recipient.
     pub fn misskey_tail(&self) -> &str {

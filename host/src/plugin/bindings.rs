@@ -157,6 +157,10 @@ impl self::chanhost::plugin::host::Host for StoreState {
         self.with(|s| s.send(&self.name, target.into(), &event, data.into()))
     }
 
+    fn emit(&mut self, target: wit::Instance, event: String, args: wit::Payload) {
+        self.with(|s| s.emit(&self.name, target.into(), &event, args.into()))
+    }
+
     fn ack(&mut self, target: wit::Instance, ack_id: u64, args: wit::Payload) {
         self.with(|s| s.ack(&self.name, target.into(), ack_id, args.into()))
     }

@@ -115,6 +115,7 @@ pub enum DisconnectReason {
 /// names the calling plugin so the host can check ownership of instances.
 pub trait HostServices: Send + Sync {
     fn send(&self, plugin: &str, target: InstanceRef, event: &str, data: Payload);
+    fn emit(&self, plugin: &str, target: InstanceRef, event: &str, args: Payload);
     fn ack(&self, plugin: &str, target: InstanceRef, ack_id: u64, args: Payload);
     fn join(&self, plugin: &str, target: InstanceRef, room: &str);
     fn leave(&self, plugin: &str, target: InstanceRef, room: &str);
@@ -150,6 +151,7 @@ pub struct DetachedServices {
 
 impl HostServices for DetachedServices {
     fn send(&self, _: &str, _: InstanceRef, _: &str, _: Payload) {}
+    fn emit(&self, _: &str, _: InstanceRef, _: &str, _: Payload) {}
     fn ack(&self, _: &str, _: InstanceRef, _: u64, _: Payload) {}
     fn join(&self, _: &str, _: InstanceRef, _: &str) {}
     fn leave(&self, _: &str, _: InstanceRef, _: &str) {}

@@ -247,6 +247,9 @@ impl Registry {
                 .channels
                 .insert(c.name.clone(), (slot.clone(), c.clone()));
         }
+        for n in &new.namespaces {
+            routes.namespaces.insert(n.clone(), slot.clone());
+        }
         for f in &new.frames {
             routes
                 .frames

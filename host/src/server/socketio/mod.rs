@@ -215,8 +215,14 @@ async fn poll(session: &Arc<Session>) -> Response {
         session.close("overlapping polling requests");
         return eio_error(HttpError::BadRequest, &[]);
     };
-    let mut out = Vec::new();
+    // A close packet goes out alone, after whatever preceded it: clients
+    // process a payload's messages a tick later than its close.
+    let mut out = session.take_carry();
+    let close = Packet::Close.encode();
     loop {
+        if !out.is_empty() {
+            break;
+        }
         tokio::select! {
             item = rx.recv() => {
                 let Some(item) = item else { break };
@@ -227,18 +233,25 @@ async fn poll(session: &Arc<Session>) -> Response {
                         Err(_) => break,
                     }
                 }
-                if !out.is_empty() {
-                    break;
-                }
             }
             _ = session.closed.cancelled() => {
-                out.push(EioOut::Text(Packet::Close.encode()));
+                out.push(EioOut::Text(close.clone()));
                 break;
             }
         }
     }
     drop(rx);
-    let closing = out.iter().any(|o| matches!(o, EioOut::Text(t) if t == "1"));
+    if let Some(i) = out
+        .iter()
+        .position(|o| matches!(o, EioOut::Text(t) if *t == close))
+    {
+        if i > 0 {
+            session.carry(out.split_off(i));
+        } else {
+            out.truncate(1);
+        }
+    }
+    let closing = matches!(out.as_slice(), [EioOut::Text(t)] if *t == close);
     session.node.metrics.frames_sent.add(out.len() as u64);
     let body = engineio::encode_payload(out.into_iter().map(EioOut::into_polling));
     if closing {
@@ -364,7 +377,12 @@ async fn run_websocket(session: Arc<Session>, mut socket: WebSocket) {
                         Err(_) => break,
                     }
                 }
-                let closing = out.iter().any(|o| matches!(o, EioOut::Text(t) if t == "1"));
+                // The Engine.IO close packet is not written: the WebSocket
+                // close frame after the flush ends the session, so the
+                // client handles every DISCONNECT before it.
+                let close = Packet::Close.encode();
+                let closing = out.iter().any(|o| matches!(o, EioOut::Text(t) if *t == close));
+                out.retain(|o| !matches!(o, EioOut::Text(t) if *t == close));
                 let n = out.len() as u64;
                 let write = async {
                     for o in out {

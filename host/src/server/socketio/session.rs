@@ -79,6 +79,8 @@ pub struct Session {
     pong_tx: mpsc::Sender<()>,
     /// Namespaces whose CONNECT is being decided: their events are held.
     held: Mutex<HashMap<Arc<str>, Vec<Outbound>>>,
+    /// Packets rendered for a poll but kept for the next one.
+    carried: Mutex<Vec<EioOut>>,
     connected_once: AtomicBool,
 }
 
@@ -147,6 +149,7 @@ impl Session {
             inbound: tokio::sync::Mutex::new(None),
             pong_tx,
             held: Mutex::new(HashMap::new()),
+            carried: Mutex::new(Vec::new()),
             connected_once: AtomicBool::new(false),
         });
         server
@@ -169,6 +172,16 @@ impl Session {
             c.max_payload,
         ))
         .encode()
+    }
+
+    /// Keeps rendered packets for the next poll.
+    pub fn carry(&self, packets: Vec<EioOut>) {
+        self.carried.lock().extend(packets);
+    }
+
+    /// The packets kept for this poll.
+    pub fn take_carry(&self) -> Vec<EioOut> {
+        std::mem::take(&mut *self.carried.lock())
     }
 
     pub fn transport(&self) -> Transport {

@@ -1,0 +1,100 @@
+//! Behaves like the server of the official Socket.IO protocol test suites.
+//!
+//! Serves `/` and `/custom`. On connect it emits `auth` with the
+//! handshake's auth payload and, if the payload has a `room`, joins the
+//! socket to that room. `message` is answered with `message-back` carrying
+//! the same arguments; `message-with-ack` is acknowledged with the same
+//! arguments (binary attachments included).
+//!
+//! Extras for chanhost's own tests: an auth payload `{"reject": X}` refuses
+//! the connect with message `rejected` and data X; events `disconnect-me`
+//! (server-side disconnect of this socket), `close-me` (closes the whole
+//! connection), `verify` (acks the result of verifying the token argument
+//! with the host's auth providers) and `broadcast` (`{room, event, data,
+//! exceptSelf}` to a room).
+
+use chanhost_plugin::types::{
+    ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload,
+    Rejection,
+};
+use chanhost_plugin::{export, host, json, Guest};
+use serde_json::{json as j, Value};
+
+struct Conformance;
+
+impl Guest for Conformance {
+    fn describe() -> Manifest {
+        Manifest {
+            version: "1".into(),
+            channels: Vec::<ChannelSpec>::new(),
+            namespaces: vec![
+                NamespaceSpec { name: "/".into() },
+                NamespaceSpec {
+                    name: "/custom".into(),
+                },
+            ],
+            frames: vec![],
+        }
+    }
+
+    fn init(_config: String) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn connect(req: ConnectRequest) -> Result<(), Rejection> {
+        let auth: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
+        if let Some(data) = auth.get("reject") {
+            return Err(Rejection {
+                message: "rejected".into(),
+                data: Some(data.to_string()),
+            });
+        }
+        host::send(&req.target, "auth", &json(req.params.clone()));
+        if let Some(room) = auth.get("room").and_then(Value::as_str) {
+            host::join(&req.target, room);
+        }
+        Ok(())
+    }
+
+    fn message(target: Instance, event: String, data: Payload, ack: Option<u64>) {
+        match event.as_str() {
+            "message" => host::emit(&target, "message-back", &data),
+            "message-with-ack" => {
+                if let Some(id) = ack {
+                    host::ack(&target, id, &data);
+                }
+            }
+            "disconnect-me" => host::end_instance(&target),
+            "close-me" => host::close_connection(target.connection, "asked to close"),
+            "verify" => {
+                let args: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+                let token = args.get(0).and_then(Value::as_str).unwrap_or("");
+                let result = match host::verify_token(token) {
+                    Ok(id) => j!([{"userId": id.user_id}]),
+                    Err(e) => j!([{"error": e}]),
+                };
+                if let Some(id) = ack {
+                    host::ack(&target, id, &json(result.to_string()));
+                }
+            }
+            "broadcast" => {
+                let args: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+                let b = args.get(0).cloned().unwrap_or(Value::Null);
+                let room = b.get("room").and_then(Value::as_str).unwrap_or("");
+                let ev = b.get("event").and_then(Value::as_str).unwrap_or("");
+                let payload = b.get("data").cloned().unwrap_or(Value::Null).to_string();
+                let except = (b.get("exceptSelf") == Some(&Value::Bool(true))).then(|| target.clone());
+                host::broadcast(room, ev, &json(payload), except.as_ref());
+            }
+            _ => {}
+        }
+    }
+
+    fn disconnect(_target: Instance, _reason: DisconnectReason) {}
+
+    fn event(_room: String, _event: String, _data: Payload) {}
+
+    fn frame(_connection: u64, _kind: String, _body: String) {}
+}
+
+export!(Conformance);
