@@ -82,5 +82,8 @@ fn mutated_packets_never_panic_and_keep_invariants() {
         let _ = decode_payload(&s);
         let _ = misskey::parse(&s);
     }
-    assert!(accepted > 1000, "mutations too destructive: {accepted} accepted");
+    assert!(
+        accepted > 1000,
+        "mutations too destructive: {accepted} accepted"
+    );
 }

@@ -166,6 +166,35 @@ describe('Engine.IO', () => {
     ws.send('3');
   });
 
+  test('an upgrade not completed in time is abandoned; polling carries on', async () => {
+    const sid = await connected();
+    const ws = new WebSocket(`${host.ws}/socket.io/?EIO=4&transport=websocket&sid=${sid}`);
+    host.streams.push({ close: () => ws.terminate() });
+    await once(ws, 'open');
+    const frames = [];
+    ws.on('message', (d) => frames.push(d.toString()));
+    ws.send('2probe');
+    await until(() => frames.includes('3probe'));
+    assert.equal((await get(sid)).body, '6');
+    // Keep the session alive over polling while the WebSocket idles.
+    let wsClosed = false;
+    ws.on('close', () => { wsClosed = true; });
+    while (!wsClosed) {
+      const { body } = await get(sid);
+      assert.equal(body, '2');
+      await post(sid, '3');
+    }
+    // Never sent `5`: the WebSocket was dropped after upgrade_timeout_ms,
+    // and the session still works over polling.
+    assert.equal((await post(sid, '42["message","by poll"]')).body, 'ok');
+    let body;
+    do {
+      body = (await get(sid)).body;
+      if (body === '2') await post(sid, '3');
+    } while (body === '2');
+    assert.equal(body, '42["message-back","by poll"]');
+  });
+
   test('a WebSocket-only session needs no prior handshake', async () => {
     const ws = new WebSocket(`${host.ws}/socket.io/?EIO=4&transport=websocket`);
     host.streams.push({ close: () => ws.terminate() });

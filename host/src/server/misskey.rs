@@ -17,6 +17,7 @@ use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::header_list;
 use crate::hub::{ConnHandle, Outbound, Protocol};
 use crate::node::Node;
 use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
@@ -41,14 +42,6 @@ fn token_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty())
     })
-}
-
-/// Lower-cased request headers, handed to plugins at connect.
-pub fn header_list(headers: &HeaderMap) -> Arc<[(String, String)]> {
-    headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect()
 }
 
 /// `GET /streaming`.

@@ -8,11 +8,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::node::Node;
+
+/// Lower-cased request headers, handed to plugins at connect.
+pub fn header_list(headers: &HeaderMap) -> Arc<[(String, String)]> {
+    headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
 
 /// The full router of a node.
 pub fn router(node: Arc<Node>) -> Router {

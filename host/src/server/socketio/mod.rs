@@ -153,7 +153,7 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
                 .max_frame_size(cfg.max_payload);
             match sid {
                 None => {
-                    let headers = super::misskey::header_list(&parts.headers);
+                    let headers = super::header_list(&parts.headers);
                     ws.on_upgrade(move |socket| async move {
                         let session = Session::start(&server, headers, Transport::WebSocket);
                         let mut socket = socket;
@@ -179,7 +179,7 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
         Some("polling") => {
             let resp = match sid {
                 None if parts.method == Method::GET => {
-                    let headers = super::misskey::header_list(&parts.headers);
+                    let headers = super::header_list(&parts.headers);
                     let session = Session::start(&server, headers, Transport::Polling);
                     text(
                         StatusCode::OK,
@@ -330,6 +330,20 @@ async fn run_websocket(session: Arc<Session>, mut socket: WebSocket) {
     let mut rx = session.rx.lock().await;
     let node = session.node.clone();
     let mut close_code = 1000;
+    for o in session.take_carry() {
+        let m = match o {
+            EioOut::Text(t) if t == Packet::Close.encode() => {
+                session.close("server closed the session");
+                Message::Close(None)
+            }
+            EioOut::Text(t) => Message::Text(t.into()),
+            EioOut::Binary(b) => Message::Binary(b.into()),
+        };
+        if socket.send(m).await.is_err() {
+            session.close("transport error");
+            return;
+        }
+    }
     loop {
         tokio::select! {
             biased;
