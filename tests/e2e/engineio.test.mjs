@@ -48,6 +48,14 @@ describe('Engine.IO', () => {
     assert.match(reply.body, /^40\{"sid":"[^"]+"\}/);
     return open.sid;
   }
+  /** Polls, answering pings, until something else than a ping comes. */
+  async function nextAnsweringPings(sid) {
+    for (;;) {
+      const { body } = await get(sid);
+      if (body !== '2') return body;
+      await post(sid, '3');
+    }
+  }
   async function assertGone(sid) {
     const r = await get(sid);
     assert.equal(r.status, 400);
@@ -77,12 +85,7 @@ describe('Engine.IO', () => {
 
   test('a session that connects no namespace in time is closed', async () => {
     const { open } = await handshake();
-    let body;
-    do {
-      body = (await get(open.sid)).body;
-      if (body === '2') await post(open.sid, '3');
-    } while (body === '2');
-    assert.equal(body, '1');
+    assert.equal(await nextAnsweringPings(open.sid), '1');
     await assertGone(open.sid);
   });
 
@@ -187,12 +190,7 @@ describe('Engine.IO', () => {
     // Never sent `5`: the WebSocket was dropped after upgrade_timeout_ms,
     // and the session still works over polling.
     assert.equal((await post(sid, '42["message","by poll"]')).body, 'ok');
-    let body;
-    do {
-      body = (await get(sid)).body;
-      if (body === '2') await post(sid, '3');
-    } while (body === '2');
-    assert.equal(body, '42["message-back","by poll"]');
+    assert.equal(await nextAnsweringPings(sid), '42["message-back","by poll"]');
   });
 
   test('a WebSocket-only session needs no prior handshake', async () => {
