@@ -66,18 +66,115 @@ pub fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(
     }
 }
 
+/// One item of a publish body, in either accepted shape.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawItem<'a> {
+    room: Option<String>,
+    event: Option<String>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    /// Misskey's event bus shape: `{"channel", "message"}`.
+    channel: Option<String>,
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+}
+
+/// The `message` of Misskey's bus: `{type, body}` (or a bare value for
+/// `notesStream`).
+#[derive(Deserialize)]
+struct BusMessage<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+}
+
+/// The body of a `noteStream:<id>` bus message: `{id, body}`.
+#[derive(Deserialize)]
+struct NoteStreamBody<'a> {
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+}
+
+/// A validated publish: room, event, data (JSON text).
+#[derive(Debug, PartialEq, Eq)]
 struct PublishItem<'a> {
     room: String,
     event: String,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
+    data: &'a str,
+}
+
+fn raw_or_null(v: Option<&RawValue>) -> &str {
+    v.map(RawValue::get).unwrap_or("null")
+}
+
+fn normalize(i: usize, it: RawItem<'_>) -> Result<PublishItem<'_>, String> {
+    match (it.room, it.channel) {
+        (Some(room), None) => {
+            if it.message.is_some() {
+                return Err(format!(
+                    "item {i}: `message` goes with `channel`, not `room`"
+                ));
+            }
+            let event = it
+                .event
+                .ok_or_else(|| format!("item {i}: missing field `event`"))?;
+            if room.is_empty() {
+                return Err(format!("item {i}: `room` must not be empty"));
+            }
+            if event.is_empty() {
+                return Err(format!("item {i}: `event` must not be empty"));
+            }
+            Ok(PublishItem {
+                room,
+                event,
+                data: raw_or_null(it.data),
+            })
+        }
+        (None, Some(channel)) => {
+            if it.event.is_some() || it.data.is_some() {
+                return Err(format!(
+                    "item {i}: `event`/`data` go with `room`; Misskey's bus shape is {{\"channel\", \"message\"}}"
+                ));
+            }
+            if channel.is_empty() {
+                return Err(format!("item {i}: `channel` must not be empty"));
+            }
+            let message = it
+                .message
+                .ok_or_else(|| format!("item {i}: missing field `message`"))?;
+            // `notesStream` carries the bare note.
+            if channel == "notesStream" {
+                return Ok(PublishItem {
+                    room: channel,
+                    event: "note".into(),
+                    data: message.get(),
+                });
+            }
+            let m: BusMessage<'_> = serde_json::from_str(message.get())
+                .map_err(|e| format!("item {i}: `message` must be {{\"type\", \"body\"}}: {e}"))?;
+            let mut data = raw_or_null(m.body);
+            // Misskey wraps note stream events as {id, body}.
+            if channel.starts_with("noteStream:") {
+                if let Ok(inner) = serde_json::from_str::<NoteStreamBody<'_>>(data) {
+                    data = raw_or_null(inner.body);
+                }
+            }
+            Ok(PublishItem {
+                room: channel,
+                event: m.kind,
+                data,
+            })
+        }
+        (Some(_), Some(_)) => Err(format!("item {i}: give `room` or `channel`, not both")),
+        (None, None) => Err(format!("item {i}: missing field `room`")),
+    }
 }
 
 fn parse_publish(body: &[u8]) -> Result<Vec<PublishItem<'_>>, String> {
     let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_owned())?;
-    let items: Vec<PublishItem<'_>> = match text.trim_start().as_bytes().first() {
+    let items: Vec<RawItem<'_>> = match text.trim_start().as_bytes().first() {
         Some(b'[') => {
             serde_json::from_str(text).map_err(|e| format!("invalid publish array: {e}"))?
         }
@@ -86,20 +183,16 @@ fn parse_publish(body: &[u8]) -> Result<Vec<PublishItem<'_>>, String> {
         }
         _ => {
             return Err(
-                "body must be a JSON object {\"room\",\"event\",\"data\"} or an array of them"
+                "body must be a JSON object {\"room\",\"event\",\"data\"} (or Misskey's {\"channel\",\"message\"}) or an array of them"
                     .into(),
             )
         }
     };
-    for (i, it) in items.iter().enumerate() {
-        if it.room.is_empty() {
-            return Err(format!("item {i}: `room` must not be empty"));
-        }
-        if it.event.is_empty() {
-            return Err(format!("item {i}: `event` must not be empty"));
-        }
-    }
-    Ok(items)
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, it)| normalize(i, it))
+        .collect()
 }
 
 async fn publish(
@@ -116,8 +209,7 @@ async fn publish(
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     for it in &items {
-        let data = it.data.map(|d| d.get()).unwrap_or("null");
-        node.publish(&it.room, &it.event, data.into());
+        node.publish(&it.room, &it.event, it.data.into());
     }
     Json(json!({ "published": items.len() })).into_response()
 }
@@ -170,6 +262,44 @@ mod tests {
         assert!(parse_publish(br#"[{"room":"r","event":"e"},{"room":"r"}]"#)
             .unwrap_err()
             .contains("event"));
+    }
+
+    #[test]
+    fn misskey_bus_shape() {
+        let items = parse_publish(
+            br#"[{"channel":"notesStream","message":{"id":"n1","text":"hi"}},
+                 {"channel":"mainStream:u1","message":{"type":"notification","body":{"id":"x"}}},
+                 {"channel":"noteStream:n1","message":{"type":"reacted","body":{"id":"n1","body":{"reaction":"+1"}}}},
+                 {"channel":"broadcast","message":{"type":"emojiAdded"}}]"#,
+        )
+        .unwrap();
+        let flat: Vec<_> = items
+            .iter()
+            .map(|i| (i.room.as_str(), i.event.as_str(), i.data))
+            .collect();
+        assert_eq!(
+            flat,
+            vec![
+                ("notesStream", "note", r#"{"id":"n1","text":"hi"}"#),
+                ("mainStream:u1", "notification", r#"{"id":"x"}"#),
+                ("noteStream:n1", "reacted", r#"{"reaction":"+1"}"#),
+                ("broadcast", "emojiAdded", "null"),
+            ]
+        );
+        assert!(parse_publish(br#"{"channel":"x"}"#)
+            .unwrap_err()
+            .contains("message"));
+        assert!(parse_publish(br#"{"channel":"x","message":{"body":1}}"#)
+            .unwrap_err()
+            .contains("type"));
+        assert!(parse_publish(br#"{"channel":"x","room":"y","message":{}}"#)
+            .unwrap_err()
+            .contains("not both"));
+        assert!(
+            parse_publish(br#"{"channel":"x","event":"e","message":{"type":"t"}}"#)
+                .unwrap_err()
+                .contains("bus shape")
+        );
     }
 
     #[test]

@@ -548,10 +548,20 @@ impl HostServices for Node {
     }
 
     fn close_connection(&self, plugin: &str, connection: u64, reason: &str) {
-        if let Some(conn) = self.hub.conn(connection) {
-            tracing::info!(plugin, connection, reason, "plugin closed a connection");
-            conn.request_close(1000, reason);
+        let Some(conn) = self.hub.conn(connection) else {
+            return;
+        };
+        // Only a plugin serving the connection may close it.
+        if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
+            tracing::warn!(
+                plugin,
+                connection,
+                "plugin closed a connection it does not serve; ignored"
+            );
+            return;
         }
+        tracing::info!(plugin, connection, reason, "plugin closed a connection");
+        conn.request_close(1000, reason);
     }
 
     fn identity(&self, connection: u64) -> Option<crate::auth::Identity> {

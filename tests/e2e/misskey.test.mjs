@@ -111,6 +111,29 @@ describe('misskey streaming', () => {
     assert.deepEqual(got.all[0], notes.plain, 'the note arrives unchanged');
   });
 
+  test('Misskey\'s own event bus messages can be published unchanged', async () => {
+    const s = host.stream('tok-alice');
+    const main = s.useChannel('main');
+    const tl = s.useChannel('globalTimeline', {});
+    s.send('s', { id: 'bus-note' });
+    await barrier(s);
+    const notes = collect(tl, 'note');
+    const notifications = collect(main, 'notification');
+    const updates = collect(s, 'noteUpdated');
+    const n = note({ text: 'from the bus' });
+    // What GlobalEventService sends over Redis: {channel, message}.
+    const r = await host.publish([
+      { channel: 'notesStream', message: n },
+      { channel: 'mainStream:alice', message: { type: 'notification', body: { id: 'nt1' } } },
+      { channel: 'noteStream:bus-note', message: { type: 'reacted', body: { id: 'bus-note', body: { reaction: '🎉', userId: 'u3' } } } },
+    ]);
+    assert.deepEqual(r, { status: 200, body: { published: 3 } });
+    await until(() => notes.length === 1 && notifications.length === 1 && updates.length === 1);
+    assert.deepEqual(notes[0], n);
+    assert.deepEqual(notifications[0], { id: 'nt1' });
+    assert.deepEqual(updates[0], { id: 'bus-note', type: 'reacted', body: { reaction: '🎉', userId: 'u3' } });
+  });
+
   test('globalTimeline costs one plugin call per note, whatever the number of subscribers', async () => {
     const streams = Array.from({ length: 5 }, () => host.stream());
     const chans = streams.map((s, i) => s.useChannel('globalTimeline', { withRenotes: i % 2 === 0 }));
