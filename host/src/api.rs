@@ -1,5 +1,5 @@
 //! The HTTP API for backends and operators: `POST /api/publish`,
-//! `GET /healthz`, `GET /metrics`.
+//! `POST /api/rooms/join` and `/api/rooms/leave`, `GET /healthz`, `GET /metrics`.
 //!
 //! `/api/*` needs `Authorization: Bearer <[api] key>`; without a configured
 //! key it answers loopback clients only. Errors are JSON `{"error": ...}`.
@@ -23,6 +23,8 @@ use crate::node::Node;
 pub fn router() -> Router<Arc<Node>> {
     Router::new()
         .route("/api/publish", post(publish))
+        .route("/api/rooms/join", post(rooms_join))
+        .route("/api/rooms/leave", post(rooms_leave))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
 }
@@ -214,6 +216,96 @@ async fn publish(
     Json(json!({ "published": items.len() })).into_response()
 }
 
+/// Body of `/api/rooms/join` and `/api/rooms/leave`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomsBody {
+    /// Every connection of this user on this node...
+    user: Option<String>,
+    /// ...or this one connection.
+    connection: Option<u64>,
+    rooms: Vec<String>,
+    /// Only instances of this channel or namespace (default: every
+    /// instance of the connections).
+    channel: Option<String>,
+}
+
+fn parse_rooms(body: &[u8]) -> Result<RoomsBody, String> {
+    let b: RoomsBody = serde_json::from_slice(body).map_err(|e| {
+        format!("body must be {{\"user\" or \"connection\", \"rooms\": [...]}}: {e}")
+    })?;
+    match (&b.user, b.connection) {
+        (Some(_), Some(_)) => return Err("give `user` or `connection`, not both".into()),
+        (None, None) => return Err("missing `user` or `connection`".into()),
+        (Some(u), None) if u.is_empty() => return Err("`user` must not be empty".into()),
+        _ => {}
+    }
+    if b.rooms.iter().any(String::is_empty) {
+        return Err("room names must not be empty".into());
+    }
+    Ok(b)
+}
+
+async fn rooms(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    body: Bytes,
+    join: bool,
+) -> Response {
+    if let Err(r) = authorize(&node, peer, &headers) {
+        return r;
+    }
+    let b = match parse_rooms(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let conns = match (&b.user, b.connection) {
+        (Some(u), _) => node.hub.user_conns(u),
+        (None, Some(c)) => node.hub.conn(c).into_iter().collect(),
+        (None, None) => Vec::new(),
+    };
+    let mut instances = 0;
+    for conn in &conns {
+        let slots: Vec<_> = conn.with_state(|s| {
+            s.instances
+                .values()
+                .filter(|i| b.channel.as_deref().is_none_or(|c| *i.channel == *c))
+                .map(|i| i.slot.clone())
+                .collect()
+        });
+        instances += slots.len();
+        for slot in slots {
+            for room in &b.rooms {
+                if join {
+                    node.hub.join(conn, slot.clone(), room);
+                } else {
+                    node.hub.leave(conn, &slot, room);
+                }
+            }
+        }
+    }
+    Json(json!({ "connections": conns.len(), "instances": instances })).into_response()
+}
+
+async fn rooms_join(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    rooms(node, peer, headers, body, true).await
+}
+
+async fn rooms_leave(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    rooms(node, peer, headers, body, false).await
+}
+
 async fn healthz(State(node): State<Arc<Node>>) -> Response {
     Json(json!({
         "status": "ok",
@@ -300,6 +392,27 @@ mod tests {
                 .unwrap_err()
                 .contains("bus shape")
         );
+    }
+
+    #[test]
+    fn rooms_bodies() {
+        assert!(parse_rooms(br#"{"user":"u","rooms":["a"]}"#).is_ok());
+        assert!(parse_rooms(br#"{"connection":3,"rooms":[],"channel":"/"}"#).is_ok());
+        assert!(parse_rooms(br#"{"rooms":["a"]}"#)
+            .unwrap_err()
+            .contains("missing"));
+        assert!(parse_rooms(br#"{"user":"u","connection":1,"rooms":["a"]}"#)
+            .unwrap_err()
+            .contains("not both"));
+        assert!(parse_rooms(br#"{"user":"u","rooms":[""]}"#)
+            .unwrap_err()
+            .contains("empty"));
+        assert!(parse_rooms(br#"{"user":"u","rooms":"a"}"#)
+            .unwrap_err()
+            .contains("rooms"));
+        assert!(parse_rooms(br#"{"user":"u"}"#)
+            .unwrap_err()
+            .contains("rooms"));
     }
 
     #[test]

@@ -24,6 +24,13 @@ use crate::plugin::{
 };
 use crate::protocol::socketio;
 
+/// The room where the host announces presence changes: event `online`
+/// when a user's first connection is identified, `offline` when their last
+/// one closes, data `{"userId": ...}`. Plugins listen to it.
+pub const PRESENCE_ROOM: &str = "chanhost:presence";
+const PRESENCE_ONLINE: &str = "online";
+const PRESENCE_OFFLINE: &str = "offline";
+
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -302,10 +309,36 @@ impl Node {
         Some(inst)
     }
 
+    /// Registers a new connection; an identified one may bring its user online.
+    pub fn open_conn(&self, conn: Arc<ConnHandle>) {
+        let user = conn.identity().map(|i| i.user_id.clone());
+        if self.hub.register(conn) == 1 {
+            self.presence_changed(user.as_deref().unwrap_or_default(), PRESENCE_ONLINE);
+        }
+    }
+
+    /// Gives a connection its identity (Socket.IO plugins, after checking a
+    /// token). Returns the user's number of connections on this node.
+    pub fn identify(&self, id: ConnId, identity: crate::auth::Identity) -> Result<usize, String> {
+        let user = identity.user_id.clone();
+        let n = self.hub.identify(id, identity).map_err(|e| e.to_string())?;
+        if n == 1 {
+            self.presence_changed(&user, PRESENCE_ONLINE);
+        }
+        Ok(n)
+    }
+
+    fn presence_changed(&self, user: &str, event: &str) {
+        let data = serde_json::json!({ "userId": user }).to_string();
+        self.publish(PRESENCE_ROOM, event, data.into());
+    }
+
     /// Forgets a closed connection: rooms, captures, instances (each
-    /// plugin hears `disconnect` with `connection-closed`).
+    /// plugin hears `disconnect` with `connection-closed`); the user goes
+    /// offline if it was their last connection.
     pub fn close_conn(&self, id: ConnId) {
-        for (inst_id, inst) in self.hub.unregister(id) {
+        let gone = self.hub.unregister(id);
+        for (inst_id, inst) in gone.instances {
             if let Some(p) = self.plugins.plugin(&inst.plugin) {
                 p.disconnect(
                     InstanceRef {
@@ -315,6 +348,9 @@ impl Node {
                     DisconnectReason::ConnectionClosed,
                 );
             }
+        }
+        if let Some(user) = gone.went_offline {
+            self.presence_changed(&user, PRESENCE_OFFLINE);
         }
     }
 
@@ -565,7 +601,31 @@ impl HostServices for Node {
     }
 
     fn identity(&self, connection: u64) -> Option<crate::auth::Identity> {
-        self.hub.conn(connection)?.identity.clone()
+        self.hub.conn(connection)?.identity().cloned()
+    }
+
+    fn set_identity(
+        &self,
+        plugin: &str,
+        connection: u64,
+        identity: crate::auth::Identity,
+    ) -> Result<u32, String> {
+        let conn = self.hub.conn(connection).ok_or("no such connection")?;
+        if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
+            return Err("the plugin serves no instance on this connection".into());
+        }
+        if !is_json(&identity.claims) {
+            return Err("claims must be a JSON object".into());
+        }
+        self.identify(connection, identity).map(|n| n as u32)
+    }
+
+    fn online_users(&self) -> Vec<String> {
+        self.hub
+            .online_users()
+            .iter()
+            .map(|u| u.to_string())
+            .collect()
     }
 
     fn verify_token(&self, token: &str) -> Result<crate::auth::Identity, String> {

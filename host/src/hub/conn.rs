@@ -149,7 +149,7 @@ pub struct CaptureChange {
 pub struct ConnHandle {
     pub id: ConnId,
     pub protocol: Protocol,
-    pub identity: Option<Identity>,
+    identity: std::sync::OnceLock<Identity>,
     tx: mpsc::Sender<Outbound>,
     /// Set when the hub unregisters the connection; late joins undo themselves.
     pub(super) unregistered: AtomicBool,
@@ -170,7 +170,7 @@ impl ConnHandle {
         let h = Arc::new(Self {
             id,
             protocol,
-            identity,
+            identity: identity.map(std::sync::OnceLock::from).unwrap_or_default(),
             tx,
             unregistered: AtomicBool::new(false),
             close: Mutex::new(None),
@@ -178,6 +178,18 @@ impl ConnHandle {
             state: Mutex::new(ConnState::default()),
         });
         (h, rx)
+    }
+
+    /// Who the connection belongs to, if known.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.get()
+    }
+
+    /// Sets the identity of a connection that has none yet (Socket.IO
+    /// plugins identify their sockets). Returns the identity in place
+    /// afterwards, which differs from `id` if one was already set.
+    pub(super) fn set_identity(&self, id: Identity) -> &Identity {
+        self.identity.get_or_init(|| id)
     }
 
     /// Queues a frame without waiting. A full queue means a slow consumer:

@@ -26,6 +26,7 @@ pub use conn::{
 };
 pub use event::SharedEvent;
 
+use crate::auth::Identity;
 use crate::metrics::Metrics;
 
 const SHARDS: usize = 32;
@@ -40,6 +41,24 @@ struct Member {
 type MemberKey = (ConnId, Slot);
 type RoomMap = HashMap<Arc<str>, HashMap<MemberKey, Member>>;
 
+/// What unregistering a connection left to do.
+#[derive(Debug, Default)]
+pub struct Unregistered {
+    /// Instances that were open, by id.
+    pub instances: Vec<(Arc<str>, InstanceState)>,
+    /// The user, if this was their last connection on this node.
+    pub went_offline: Option<Arc<str>>,
+}
+
+/// Why a connection could not be identified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentifyError {
+    #[error("no such connection")]
+    NoConnection,
+    #[error("connection already belongs to user {0}")]
+    AlreadyIdentified(String),
+}
+
 /// The room of a captured note.
 pub fn note_room(note: &str) -> String {
     format!("noteStream:{note}")
@@ -50,6 +69,8 @@ pub struct Hub {
     conns: RwLock<HashMap<ConnId, Arc<ConnHandle>>>,
     rooms: Box<[RwLock<RoomMap>]>,
     hasher: std::collections::hash_map::RandomState,
+    /// Identified connections by user id (presence on this node).
+    users: RwLock<HashMap<Arc<str>, Vec<ConnId>>>,
     /// Plugins listening to a room: room -> plugin names.
     listeners: RwLock<HashMap<Arc<str>, Vec<Arc<str>>>>,
     metrics: Arc<Metrics>,
@@ -61,6 +82,7 @@ impl Hub {
             conns: RwLock::new(HashMap::new()),
             rooms: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: Default::default(),
+            users: RwLock::new(HashMap::new()),
             listeners: RwLock::new(HashMap::new()),
             metrics,
         }
@@ -70,19 +92,80 @@ impl Hub {
         &self.rooms[(self.hasher.hash_one(room) as usize) % SHARDS]
     }
 
-    /// Registers a new connection.
-    pub fn register(&self, conn: Arc<ConnHandle>) {
-        self.conns.write().insert(conn.id, conn);
+    /// Registers a new connection. Returns the number of connections of
+    /// its user afterwards (0 for an anonymous connection).
+    pub fn register(&self, conn: Arc<ConnHandle>) -> usize {
+        let user = conn.identity().map(|i| i.user_id.clone());
+        self.conns.write().insert(conn.id, conn.clone());
         self.metrics.connections.inc();
+        user.map_or(0, |u| self.add_user_conn(u, conn.id))
+    }
+
+    fn add_user_conn(&self, user: Arc<str>, id: ConnId) -> usize {
+        let mut users = self.users.write();
+        let v = users.entry(user).or_default();
+        if !v.contains(&id) {
+            v.push(id);
+        }
+        v.len()
+    }
+
+    /// Gives an anonymous connection its identity. Returns the number of
+    /// connections of the user afterwards, or an error if the connection is
+    /// gone or already belongs to another user.
+    pub fn identify(&self, id: ConnId, identity: Identity) -> Result<usize, IdentifyError> {
+        let conn = self.conn(id).ok_or(IdentifyError::NoConnection)?;
+        let wanted = identity.user_id.clone();
+        let now = conn.set_identity(identity);
+        if now.user_id != wanted {
+            return Err(IdentifyError::AlreadyIdentified(now.user_id.to_string()));
+        }
+        let n = self.add_user_conn(wanted, id);
+        if conn.unregistered.load(Ordering::SeqCst) {
+            // Closed meanwhile: undo, as `unregister` may not have seen it.
+            return Ok(self.remove_user_conn(&now.user_id, id));
+        }
+        Ok(n)
+    }
+
+    fn remove_user_conn(&self, user: &str, id: ConnId) -> usize {
+        let mut users = self.users.write();
+        let Some(v) = users.get_mut(user) else {
+            return 0;
+        };
+        v.retain(|c| *c != id);
+        let n = v.len();
+        if n == 0 {
+            users.remove(user);
+        }
+        n
+    }
+
+    /// The open connections of a user on this node.
+    pub fn user_conns(&self, user: &str) -> Vec<Arc<ConnHandle>> {
+        let ids = self.users.read().get(user).cloned().unwrap_or_default();
+        ids.into_iter().filter_map(|id| self.conn(id)).collect()
+    }
+
+    /// Users with at least one identified connection on this node.
+    pub fn online_users(&self) -> Vec<Arc<str>> {
+        let mut v: Vec<_> = self.users.read().keys().cloned().collect();
+        v.sort();
+        v
     }
 
     /// Removes a connection and all its room memberships. Returns the
-    /// instances that were open on it (for the caller to tell plugins).
-    pub fn unregister(&self, id: ConnId) -> Vec<(Arc<str>, InstanceState)> {
+    /// instances that were open on it (for the caller to tell plugins) and,
+    /// if the connection was the last of its user here, that user.
+    pub fn unregister(&self, id: ConnId) -> Unregistered {
         let Some(conn) = self.conns.write().remove(&id) else {
-            return Vec::new();
+            return Unregistered::default();
         };
         conn.unregistered.store(true, Ordering::SeqCst);
+        let went_offline = conn
+            .identity()
+            .filter(|i| self.remove_user_conn(&i.user_id, id) == 0)
+            .map(|i| i.user_id.clone());
         self.metrics.connections.dec();
         let taken = conn.take_all();
         for (room, slot) in taken.memberships {
@@ -90,7 +173,10 @@ impl Hub {
         }
         self.metrics.instances.sub(taken.instances.len() as u64);
         self.metrics.captures.sub(taken.captures as u64);
-        taken.instances
+        Unregistered {
+            instances: taken.instances,
+            went_offline,
+        }
     }
 
     /// The connection with this id, if it is open.
@@ -334,6 +420,30 @@ mod tests {
         hub.unregister(1);
         assert!(!hub.join(&a, Slot::instance("x"), "late"));
         assert_eq!(hub.room_count(), 0);
+    }
+
+    #[test]
+    fn presence_counts_connections_per_user() {
+        let hub = hub();
+        let id = |u: &str| Identity {
+            user_id: u.into(),
+            claims: "{}".into(),
+        };
+        let (a, _ra) = ConnHandle::new(1, Protocol::Misskey, Some(id("alice")), 8);
+        let (b, _rb) = conn(2, 8);
+        assert_eq!(hub.register(a), 1);
+        assert_eq!(hub.register(b), 0);
+        assert_eq!(hub.identify(2, id("alice")), Ok(2));
+        assert_eq!(
+            hub.identify(2, id("bob")),
+            Err(IdentifyError::AlreadyIdentified("alice".into()))
+        );
+        assert_eq!(hub.identify(9, id("bob")), Err(IdentifyError::NoConnection));
+        assert_eq!(hub.user_conns("alice").len(), 2);
+        assert_eq!(hub.unregister(1).went_offline, None);
+        assert_eq!(hub.online_users(), vec![Arc::<str>::from("alice")]);
+        assert_eq!(hub.unregister(2).went_offline.as_deref(), Some("alice"));
+        assert!(hub.online_users().is_empty());
     }
 
     #[test]

@@ -223,6 +223,21 @@ impl self::chanhost::plugin::host::Host for StoreState {
         self.with(|s| s.identity(connection)).map(wit_identity)
     }
 
+    fn set_identity(&mut self, connection: u64, identity: wit::Identity) -> Result<u32, String> {
+        let identity = Identity {
+            user_id: identity.user_id.into(),
+            claims: identity.claims.into(),
+        };
+        match self.services.upgrade() {
+            Some(s) => s.set_identity(&self.name, connection, identity),
+            None => Err("host is shutting down".into()),
+        }
+    }
+
+    fn online_users(&mut self) -> Vec<String> {
+        self.with(|s| s.online_users())
+    }
+
     fn verify_token(&mut self, token: String) -> Result<wit::Identity, String> {
         match self.services.upgrade() {
             Some(s) => s.verify_token(&token).map(wit_identity),

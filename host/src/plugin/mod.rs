@@ -137,6 +137,16 @@ pub trait HostServices: Send + Sync {
     fn end_instance(&self, plugin: &str, target: InstanceRef);
     fn close_connection(&self, plugin: &str, connection: u64, reason: &str);
     fn identity(&self, connection: u64) -> Option<Identity>;
+    /// Identifies a connection the plugin serves; returns the user's number
+    /// of connections on this node.
+    fn set_identity(
+        &self,
+        plugin: &str,
+        connection: u64,
+        identity: Identity,
+    ) -> Result<u32, String>;
+    /// Users with at least one identified connection.
+    fn online_users(&self) -> Vec<String>;
     /// Checks a token with the configured auth providers.
     fn verify_token(&self, token: &str) -> Result<Identity, String>;
     fn kv(&self) -> &kv::KvStore;
@@ -163,6 +173,12 @@ impl HostServices for DetachedServices {
     fn close_connection(&self, _: &str, _: u64, _: &str) {}
     fn identity(&self, _: u64) -> Option<Identity> {
         None
+    }
+    fn set_identity(&self, _: &str, _: u64, _: Identity) -> Result<u32, String> {
+        Err("no connections outside a running host".into())
+    }
+    fn online_users(&self) -> Vec<String> {
+        Vec::new()
     }
     fn verify_token(&self, _: &str) -> Result<Identity, String> {
         Err("no auth providers outside a running host".into())

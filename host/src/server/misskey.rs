@@ -75,7 +75,7 @@ pub async fn handler(
             let id = node.next_conn_id();
             let (conn, rx) =
                 ConnHandle::new(id, Protocol::Misskey, identity, node.config.send_queue);
-            node.hub.register(conn.clone());
+            node.open_conn(conn.clone());
             let session = Session {
                 node: node.clone(),
                 conn,
@@ -275,7 +275,7 @@ impl Session {
             );
             return;
         };
-        if spec.requires_user && conn.identity.is_none() {
+        if spec.requires_user && conn.identity().is_none() {
             tracing::debug!(
                 conn = conn.id,
                 channel,
@@ -312,7 +312,7 @@ impl Session {
             protocol: Protocol::Misskey,
             channel: channel.clone(),
             params,
-            identity: conn.identity.clone(),
+            identity: conn.identity().cloned(),
             headers: self.headers.clone(),
         };
         match plugin.connect(req).await {

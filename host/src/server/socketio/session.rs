@@ -135,7 +135,7 @@ impl Session {
             None,
             node.config.send_queue,
         );
-        node.hub.register(conn.clone());
+        node.open_conn(conn.clone());
         let (pong_tx, pong_rx) = mpsc::channel(1);
         let session = Arc::new(Session {
             sid: random_id().into(),
@@ -346,7 +346,7 @@ impl Session {
             protocol: crate::hub::Protocol::SocketIo,
             channel: nsp.clone(),
             params: auth.map(|a| a.to_string()).unwrap_or_else(|| "{}".into()),
-            identity: self.conn.identity.clone(),
+            identity: self.conn.identity().cloned(),
             headers: self.headers.clone(),
         };
         let (text, accepted) = match plugin.connect(req).await {

@@ -11,7 +11,10 @@
 //! (server-side disconnect of this socket), `close-me` (closes the whole
 //! connection), `verify` (acks the result of verifying the token argument
 //! with the host's auth providers) and `broadcast` (`{room, event, data,
-//! exceptSelf}` to a room).
+//! exceptSelf}` to a room), `identify` (verifies the token argument and
+//! identifies the connection; acks `{count, connection}` or `{error}`) and
+//! `online` (acks the online user ids). Presence changes announced by the
+//! host are relayed as `presence` events to room `presence-watchers`.
 
 use chanhost_plugin::types::{
     ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload,
@@ -38,6 +41,7 @@ impl Guest for Conformance {
     }
 
     fn init(_config: String) -> Result<(), String> {
+        host::listen("chanhost:presence");
         Ok(())
     }
 
@@ -77,6 +81,25 @@ impl Guest for Conformance {
                     host::ack(&target, id, &json(result.to_string()));
                 }
             }
+            "identify" => {
+                let args: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+                let token = args.get(0).and_then(Value::as_str).unwrap_or("");
+                let result = match host::verify_token(token)
+                    .and_then(|id| host::set_identity(target.connection, &id))
+                {
+                    Ok(count) => j!([{"count": count, "connection": target.connection}]),
+                    Err(e) => j!([{"error": e}]),
+                };
+                if let Some(id) = ack {
+                    host::ack(&target, id, &json(result.to_string()));
+                }
+            }
+            "online" => {
+                if let Some(id) = ack {
+                    let users = j!([host::online_users()]);
+                    host::ack(&target, id, &json(users.to_string()));
+                }
+            }
             "broadcast" => {
                 let args: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
                 let b = args.get(0).cloned().unwrap_or(Value::Null);
@@ -92,7 +115,12 @@ impl Guest for Conformance {
 
     fn disconnect(_target: Instance, _reason: DisconnectReason) {}
 
-    fn event(_room: String, _event: String, _data: Payload) {}
+    fn event(room: String, event: String, data: Payload) {
+        if room == "chanhost:presence" {
+            let change = format!(r#"{{"status":"{event}","change":{}}}"#, data.json);
+            host::broadcast("presence-watchers", "presence", &json(change), None);
+        }
+    }
 
     fn frame(_connection: u64, _kind: String, _body: String) {}
 }
