@@ -1,5 +1,6 @@
 //! The HTTP API for backends and operators: `POST /api/publish`,
-//! `POST /api/rooms/join` and `/api/rooms/leave`, `GET /healthz`, `GET /metrics`.
+//! `POST /api/rooms/join` and `/api/rooms/leave`, `GET /api/plugins/<name>/kv/<key>`,
+//! `GET /healthz`, `GET /metrics`.
 //!
 //! `/api/*` needs `Authorization: Bearer <[api] key>`; without a configured
 //! key it answers loopback clients only. Errors are JSON `{"error": ...}`.
@@ -25,6 +26,7 @@ pub fn router() -> Router<Arc<Node>> {
         .route("/api/publish", post(publish))
         .route("/api/rooms/join", post(rooms_join))
         .route("/api/rooms/leave", post(rooms_leave))
+        .route("/api/plugins/{plugin}/kv/{key}", get(plugin_kv))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
 }
@@ -304,6 +306,32 @@ async fn rooms_leave(
     body: Bytes,
 ) -> Response {
     rooms(node, peer, headers, body, false).await
+}
+
+/// `GET /api/plugins/<plugin>/kv/<key>`: a value of a plugin's key-value
+/// store, for operators (plugins publish their state there, e.g. the online
+/// services of `mew-infra`). JSON values are returned as JSON.
+async fn plugin_kv(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::extract::Path((plugin, key)): axum::extract::Path<(String, String)>,
+) -> Response {
+    if let Err(r) = authorize(&node, peer, &headers) {
+        return r;
+    }
+    use crate::plugin::HostServices;
+    match node.kv().get(&plugin, &key) {
+        Some(v) => {
+            let value = serde_json::from_str::<serde_json::Value>(&v)
+                .unwrap_or(serde_json::Value::String(v));
+            Json(json!({ "plugin": plugin, "key": key, "value": value })).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("plugin `{plugin}` has no key `{key}`"),
+        ),
+    }
 }
 
 async fn healthz(State(node): State<Arc<Node>>) -> Response {

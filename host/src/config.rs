@@ -116,6 +116,7 @@ pub struct RawPluginRuntime {
     pub memory_mb: Option<usize>,
     pub stack_kb: Option<usize>,
     pub queue: Option<usize>,
+    pub http_timeout_ms: Option<u64>,
 }
 
 /// Misskey streaming settings.
@@ -164,6 +165,9 @@ pub struct PluginRuntimeConfig {
     pub stack_bytes: usize,
     /// Calls waiting per plugin before new event calls are dropped.
     pub queue: usize,
+    /// Bound on each phase of a plugin's outbound HTTP request (connect,
+    /// first byte, between bytes). The plugin waits meanwhile.
+    pub http_timeout: Duration,
 }
 
 /// JWT HS256 provider settings.
@@ -382,7 +386,14 @@ impl Config {
             memory_bytes: p.memory_mb.unwrap_or(64) << 20,
             stack_bytes: p.stack_kb.unwrap_or(512) << 10,
             queue: p.queue.unwrap_or(4096),
+            http_timeout: ms(p.http_timeout_ms, 5_000),
         };
+        if plugin_runtime.http_timeout.is_zero() {
+            return Err(invalid(
+                "plugin_runtime.http_timeout_ms",
+                "must be > 0".into(),
+            ));
+        }
         if plugin_runtime.call_timeout < Duration::from_millis(10) {
             return Err(invalid(
                 "plugin_runtime.call_timeout_ms",
@@ -543,6 +554,41 @@ rooms_url = "http://backend:8080/rooms"
         assert!(c.plugin_table_json("mew").contains("rooms_url"));
         assert_eq!(c.plugin_table_json("other"), "{}");
         assert_eq!(c.jwt.unwrap().user_claim, "uid");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chanhost.toml");
+        let raw = RawConfig::load(&path).unwrap();
+        let c = Config::from_raw(
+            raw,
+            "example",
+            &Overrides::default(),
+            &EnvOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.plugins_dir, PathBuf::from("plugins"));
+        assert_eq!(c.tokens["tok-alice"], "alice");
+        // Uncommented, its plugin tables parse too.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("# [", "[")
+            .replace("# rooms_url", "rooms_url")
+            .replace("# api_base", "api_base")
+            .replace("# allow_http", "allow_http")
+            .replace("# admin_secret", "admin_secret")
+            .replace("# secret", "secret")
+            .replace("# user_claim", "user_claim");
+        let raw = RawConfig::parse(&text, &path).unwrap();
+        let c = Config::from_raw(
+            raw,
+            "example",
+            &Overrides::default(),
+            &EnvOverrides::default(),
+        )
+        .unwrap();
+        assert!(c.plugin_table_json("mew").contains("rooms_url"));
+        assert!(c.plugin_table_json("mew-infra").contains("admin_secret"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 // a free port with a temporary plugins folder and config, talk to it with
 // misskey-js, raw WebSockets and HTTP.
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -197,6 +198,13 @@ export async function runBin(args, env = {}, timeout = 20000) {
   const [code] = await once(proc, 'exit');
   clearTimeout(killer);
   return { code, stdout, stderr };
+}
+
+/** Signs an HS256 JWT (the test hosts' [auth.jwt] secret by default). */
+export function jwt(claims, secret = JWT_SECRET) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  return `${head}.${crypto.createHmac('sha256', secret).update(head).digest('base64url')}`;
 }
 
 export function note(overrides = {}) {

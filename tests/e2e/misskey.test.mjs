@@ -2,18 +2,11 @@
 // (the official client) and raw frames where the client cannot go.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import crypto from 'node:crypto';
 import { once } from 'node:events';
 import WebSocket from 'ws';
 import {
-  startHost, barrier, collect, next, until, rawStream, sendJson, frame, note, JWT_SECRET,
+  startHost, barrier, collect, next, until, rawStream, sendJson, frame, note, jwt,
 } from './helpers.mjs';
-
-function jwt(claims, secret = JWT_SECRET) {
-  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
-  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
-  return `${head}.${crypto.createHmac('sha256', secret).update(head).digest('base64url')}`;
-}
 
 describe('misskey streaming', () => {
   let host;

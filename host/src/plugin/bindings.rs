@@ -8,6 +8,9 @@ use std::sync::{Arc, Weak};
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Store, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::http::HttpPolicy;
 
 use super::{
     ChannelSpec, ConnectRequest, DisconnectReason, HostServices, InstanceRef, LogLevel, Manifest,
@@ -54,6 +57,8 @@ impl Hook {
 pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    http_policy: HttpPolicy,
     pub(super) limits: StoreLimits,
     name: Arc<str>,
     services: Weak<dyn HostServices>,
@@ -68,6 +73,7 @@ impl StoreState {
         name: Arc<str>,
         services: Weak<dyn HostServices>,
         limits: StoreLimits,
+        http_policy: HttpPolicy,
     ) -> Self {
         // Deny by default: no preopened directories, no environment, no
         // arguments, no network, stdio discarded.
@@ -75,6 +81,8 @@ impl StoreState {
         Self {
             wasi,
             table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            http_policy,
             limits,
             name,
             services,
@@ -100,9 +108,21 @@ impl WasiView for StoreState {
     }
 }
 
-/// Adds the `host` imports and WASI 0.2 to a linker.
+impl WasiHttpView for StoreState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_policy,
+        }
+    }
+}
+
+/// Adds the `host` imports, WASI 0.2 and `wasi:http` (gated by each
+/// plugin's `allow_http`) to a linker.
 pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(linker)?;
     Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     Ok(())
 }
@@ -350,6 +370,7 @@ impl Guest {
             params: req.params,
             identity: req.identity.map(wit_identity),
             headers: req.headers.to_vec(),
+            query: req.query.to_vec(),
         };
         Ok(self
             .0

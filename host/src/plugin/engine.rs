@@ -12,6 +12,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 use super::bindings::{self, Guest, GuestPre, StoreState};
+use super::http::HttpPolicy;
 use super::{HostServices, Manifest, EXPORT_NAME};
 use crate::config::PluginRuntimeConfig;
 
@@ -203,13 +204,23 @@ impl PluginEngine {
         })
     }
 
-    /// A fresh store for one plugin instance, with its memory limit.
-    pub fn new_store(&self, name: Arc<str>, services: Weak<dyn HostServices>) -> Store<StoreState> {
+    /// A fresh store for one plugin instance, with its memory limit and the
+    /// HTTP origins its config allows.
+    pub fn new_store(
+        &self,
+        name: Arc<str>,
+        services: Weak<dyn HostServices>,
+        config: &str,
+    ) -> Store<StoreState> {
         let limits = wasmtime::StoreLimitsBuilder::new()
             .memory_size(self.limits.memory_bytes)
             .trap_on_grow_failure(true)
             .build();
-        let mut store = Store::new(&self.engine, StoreState::new(name, services, limits));
+        let policy = HttpPolicy::from_config(config, self.limits.http_timeout);
+        let mut store = Store::new(
+            &self.engine,
+            StoreState::new(name, services, limits, policy),
+        );
         store.limiter(|s| &mut s.limits);
         store
     }
@@ -222,7 +233,7 @@ impl PluginEngine {
         services: Weak<dyn HostServices>,
         config: &str,
     ) -> Result<Started, PluginError> {
-        let mut store = self.new_store(name, services);
+        let mut store = self.new_store(name, services, config);
         store.set_epoch_deadline(self.init_ticks());
         let guest = pre
             .instantiate(&mut store)

@@ -11,11 +11,13 @@
 //! - [`registry`] maps channel names and frame types to plugins, and loads,
 //!   replaces and removes plugin files.
 //! - [`watcher`] watches the plugins folder and reconciles it with the registry.
+//! - [`http`] gates outbound `wasi:http` requests by each plugin's `allow_http`.
 //!
 //! Plugins reach the rest of the host only through [`HostServices`].
 
 mod bindings;
 pub mod engine;
+pub mod http;
 pub mod kv;
 pub mod registry;
 pub mod runtime;
@@ -93,6 +95,7 @@ pub struct ConnectRequest {
     pub params: String,
     pub identity: Option<Identity>,
     pub headers: Arc<[(String, String)]>,
+    pub query: Arc<[(String, String)]>,
 }
 
 /// A plugin's refusal of a connect.

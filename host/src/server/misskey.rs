@@ -66,6 +66,7 @@ pub async fn handler(
         },
     };
     let headers = header_list(&headers);
+    let query = super::query_list(&uri, &["i"]);
     let max = node.config.misskey.max_frame_bytes;
     ws.read_buffer_size(4096)
         .write_buffer_size(0)
@@ -80,6 +81,7 @@ pub async fn handler(
                 node: node.clone(),
                 conn,
                 headers,
+                query,
             };
             session.run(socket, rx).await;
             node.close_conn(id);
@@ -90,6 +92,7 @@ struct Session {
     node: Arc<Node>,
     conn: Arc<ConnHandle>,
     headers: Arc<[(String, String)]>,
+    query: Arc<[(String, String)]>,
 }
 
 enum End {
@@ -314,6 +317,7 @@ impl Session {
             params,
             identity: conn.identity().cloned(),
             headers: self.headers.clone(),
+            query: self.query.clone(),
         };
         match plugin.connect(req).await {
             Ok(Ok(())) => {

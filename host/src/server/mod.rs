@@ -23,6 +23,18 @@ pub fn header_list(headers: &HeaderMap) -> Arc<[(String, String)]> {
         .collect()
 }
 
+/// Query parameters of a request, except `skip`.
+pub fn query_list(uri: &axum::http::Uri, skip: &[&str]) -> Arc<[(String, String)]> {
+    uri.query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .filter(|(k, _)| !skip.contains(&k.as_str()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The full router of a node.
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! The host imports are in [`host`]; [`instance`] and [`json`] build the
-//! values plugins pass most often.
+//! values plugins pass most often. With the `http` feature, `http` is a
+//! blocking client for the backend origins the host allows.
 
 wit_bindgen::generate!({
     world: "plugin",
@@ -18,6 +19,9 @@ wit_bindgen::generate!({
 });
 
 pub use chanhost::plugin::{host, types};
+
+#[cfg(feature = "http")]
+pub mod http;
 pub use exports::chanhost::plugin::channel::Guest;
 
 use types::{Instance, Payload};

@@ -154,8 +154,9 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
             match sid {
                 None => {
                     let headers = super::header_list(&parts.headers);
+                    let query = super::query_list(&parts.uri, &[]);
                     ws.on_upgrade(move |socket| async move {
-                        let session = Session::start(&server, headers, Transport::WebSocket);
+                        let session = Session::start(&server, headers, query, Transport::WebSocket);
                         let mut socket = socket;
                         let open = session.open_packet(&[]);
                         if socket.send(Message::Text(open.into())).await.is_err() {
@@ -180,7 +181,8 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
             let resp = match sid {
                 None if parts.method == Method::GET => {
                     let headers = super::header_list(&parts.headers);
-                    let session = Session::start(&server, headers, Transport::Polling);
+                    let query = super::query_list(&parts.uri, &[]);
+                    let session = Session::start(&server, headers, query, Transport::Polling);
                     text(
                         StatusCode::OK,
                         "text/plain; charset=UTF-8",

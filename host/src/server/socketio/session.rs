@@ -69,6 +69,7 @@ pub struct Session {
     server: Weak<SioServer>,
     pub conn: Arc<ConnHandle>,
     headers: Arc<[(String, String)]>,
+    query: Arc<[(String, String)]>,
     /// The outbound queue; the current transport holds the lock while draining.
     pub rx: tokio::sync::Mutex<mpsc::Receiver<Outbound>>,
     transport: AtomicU8,
@@ -125,6 +126,7 @@ impl Session {
     pub fn start(
         server: &Arc<SioServer>,
         headers: Arc<[(String, String)]>,
+        query: Arc<[(String, String)]>,
         transport: Transport,
     ) -> Arc<Session> {
         let node = server.node.clone();
@@ -143,6 +145,7 @@ impl Session {
             server: Arc::downgrade(server),
             conn,
             headers,
+            query,
             rx: tokio::sync::Mutex::new(rx),
             transport: AtomicU8::new(transport as u8),
             closed: CancellationToken::new(),
@@ -348,6 +351,7 @@ impl Session {
             params: auth.map(|a| a.to_string()).unwrap_or_else(|| "{}".into()),
             identity: self.conn.identity().cloned(),
             headers: self.headers.clone(),
+            query: self.query.clone(),
         };
         let (text, accepted) = match plugin.connect(req).await {
             Ok(Ok(())) => {
