@@ -42,8 +42,10 @@ async function startBackend() {
 
 const token = (id) => jwt({ id, username: id, exp: Math.floor(Date.now() / 1000) + 600 });
 
+let transports = ['websocket'];
+
 function connect(host, nsp, opts = {}) {
-  const s = io(`${host.url}${nsp}`, { transports: ['websocket'], reconnection: false, forceNew: true, ...opts });
+  const s = io(`${host.url}${nsp}`, { transports, reconnection: false, forceNew: true, ...opts });
   host.streams.push({ close: () => s.close() });
   return s;
 }
@@ -64,10 +66,11 @@ async function user(host, id, opts = {}) {
   return { s, events };
 }
 
-describe('mew gateway', () => {
+for (const t of [['websocket'], ['polling']]) describe(`mew gateway over ${t[0]}`, () => {
   let host;
   let backend;
   before(async () => {
+    transports = t;
     backend = await startBackend();
     host = await startHost({
       plugins: ['mew', 'mew-infra'],
@@ -78,10 +81,26 @@ api_base = "${backend.origin}/api"
 allow_http = ["${backend.origin}"]
 [plugins.mew-infra]
 admin_secret = "adm1n-s3cret"
+[socketio]
+cors_origins = ["https://mew.example"]
 `,
     });
   });
   after(async () => { await host.stop(); backend.close(); });
+
+  test('an allowed browser origin connects; a disallowed one gets no CORS headers and no WebSocket', async () => {
+    const ok = await user(host, 'alice', { extraHeaders: { origin: 'https://mew.example' } });
+    ok.s.close();
+    const handshake = await fetch(`${host.url}/socket.io/?EIO=4&transport=polling`, { headers: { origin: 'https://evil.example' } });
+    assert.equal(handshake.headers.get('access-control-allow-origin'), null);
+    const allowed = await fetch(`${host.url}/socket.io/?EIO=4&transport=polling`, { headers: { origin: 'https://mew.example' } });
+    assert.equal(allowed.headers.get('access-control-allow-origin'), 'https://mew.example');
+    assert.equal(allowed.headers.get('access-control-allow-credentials'), 'true');
+    const evil = io(host.url, { transports: ['websocket'], reconnection: false, forceNew: true,
+      auth: { token: token('alice') }, extraHeaders: { origin: 'https://evil.example' } });
+    host.streams.push({ close: () => evil.close() });
+    assert.equal((await result(evil)).ok, false);
+  });
 
   test('refusals: no token, invalid or expired token', async () => {
     assert.deepEqual(await result(connect(host, '/')), { ok: false, message: 'Authentication error: No token provided' });
@@ -204,6 +223,38 @@ admin_secret = "adm1n-s3cret"
     b.close();
     await until(async () => !(await online()).includes('translator'), 5000, 'translator offline');
     assert.ok((await online()).includes('webhook'));
+  });
+});
+
+describe('mew gateway with a raw Engine.IO client', () => {
+  test('a Go-SDK-style client (WebSocket only, 40 with a token, answering pings) gets ready and events', async () => {
+    const host = await startHost({ plugins: ['mew'], config: '[socketio]\nping_interval_ms = 150\nping_timeout_ms = 300\n' });
+    try {
+      const { default: WebSocket } = await import('ws');
+      const ws = new WebSocket(`${host.ws}/socket.io/?EIO=4&transport=websocket`);
+      host.streams.push({ close: () => ws.terminate() });
+      const frames = [];
+      let pings = 0;
+      ws.on('message', (d) => {
+        const f = d.toString();
+        if (f === '2') { pings++; ws.send('3'); return; } // the server pings; the client answers
+        frames.push(f);
+      });
+      await once(ws, 'open');
+      await until(() => frames.length === 1 && frames[0].startsWith('0{'));
+      ws.send(`40${JSON.stringify({ token: token('hank') })}`);
+      await until(() => frames.includes('42["ready"]'));
+      assert.match(frames[1], /^40\{"sid":"[^"]+"\}$/);
+      assert.equal(frames[2], '42["PRESENCE_UPDATE",{"status":"online","userId":"hank"}]');
+      assert.equal(frames[3], '42["PRESENCE_INITIAL_STATE",["hank"]]');
+      const seen = pings;
+      await until(() => pings >= seen + 3, 5000, 'three more ping rounds');
+      await host.publish({ room: 'hank', event: 'MESSAGE_CREATE', data: { id: 'x' } });
+      await until(() => frames.includes('42["MESSAGE_CREATE",{"id":"x"}]'));
+      assert.equal(ws.readyState, WebSocket.OPEN);
+    } finally {
+      await host.stop();
+    }
   });
 });
 
