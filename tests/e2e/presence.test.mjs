@@ -3,7 +3,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { io } from 'socket.io-client';
-import { startHost, barrier, collect, until, API_KEY } from './helpers.mjs';
+import { startHost, barrier, collect, until, jwt, API_KEY } from './helpers.mjs';
 
 function connect(host, opts = {}) {
   const s = io(host.url, { transports: ['websocket'], reconnection: false, forceNew: true, ...opts });
@@ -92,6 +92,21 @@ describe('presence and server-side rooms', () => {
     assert.deepEqual(narrowed.body, { connections: 2, instances: 0 });
     const nobody = await rooms(host, 'join', { user: 'nobody', rooms: ['x'] });
     assert.deepEqual(nobody.body, { connections: 0, instances: 0 });
+  });
+
+  test('rooms API reaches Misskey streams too, narrowed to one channel', async () => {
+    const m = host.stream(jwt({ id: 'carol' }));
+    const probe = m.useChannel('probe', {});
+    const other = m.useChannel('probeShared');
+    await barrier(m);
+    const got = collect(probe, 'NEWS');
+    const gotOther = collect(other, 'NEWS');
+    const r = await rooms(host, 'join', { user: 'carol', rooms: ['news'], channel: 'probe' });
+    assert.deepEqual(r.body, { connections: 1, instances: 2 }); // the probe channel and the barrier's
+    await host.publish({ room: 'news', event: 'NEWS', data: 1 });
+    await until(() => got.length === 1);
+    await barrier(m);
+    assert.equal(gotOther.length, 0);
   });
 
   test('rooms API refusals', async () => {
