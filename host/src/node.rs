@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::broker::{Broker, LocalDelivery, MemoryBroker, Publication};
 use crate::config::Config;
-use crate::hub::{ConnHandle, ConnId, Hub, InstanceState, Outbound, Protocol, SharedEvent, Slot};
+use crate::hub::{
+    Condition, ConnHandle, ConnId, Filter, Hub, InstanceState, Outbound, Protocol, SharedEvent,
+    Slot,
+};
 use crate::metrics::{write_family, write_metric, Metrics};
 use crate::plugin::engine::PluginError;
 use crate::plugin::kv::KvStore;
@@ -362,7 +365,7 @@ impl Node {
             event: event.into(),
             data,
             attachments: Arc::from(Vec::new()),
-            except: None,
+            filter: Filter::default(),
         };
         if let Err(e) = self.broker.publish(p) {
             tracing::error!("publish to {room} failed: {e}");
@@ -454,8 +457,7 @@ impl Node {
 impl LocalDelivery for Node {
     fn deliver_local(&self, p: &Publication) {
         let ev = SharedEvent::with_attachments(&p.event, p.data.clone(), p.attachments.clone());
-        let except = p.except.as_ref().map(|(c, id)| (*c, &**id));
-        self.hub.deliver(&p.room, &ev, except);
+        self.hub.deliver(&p.room, &ev, &p.filter);
         for name in self.hub.listeners(&p.room) {
             if let Some(plugin) = self.plugins.plugin(&name) {
                 plugin.event(p.room.clone(), ev.clone());
@@ -545,6 +547,7 @@ impl HostServices for Node {
         event: &str,
         data: Payload,
         except: Option<InstanceRef>,
+        conditions: Vec<Condition>,
         local_only: bool,
     ) {
         if !valid_payload(plugin, "broadcast", &data) {
@@ -555,13 +558,43 @@ impl HostServices for Node {
             event: event.into(),
             data: data.json.into(),
             attachments: data.attachments.into(),
-            except: except.map(|e| (e.connection, e.id.into())),
+            filter: Filter {
+                except: except.map(|e| (e.connection, e.id.into())),
+                owner: Some(plugin.into()),
+                conditions: conditions.into(),
+            },
         };
         self.metrics.publishes.inc();
         if local_only {
             self.deliver_local(&p);
         } else if let Err(e) = self.broker.publish(p) {
             tracing::error!(plugin, room, "broadcast failed: {e}");
+        }
+    }
+
+    fn set_attribute(
+        &self,
+        plugin: &str,
+        connection: u64,
+        name: &str,
+        add: Vec<String>,
+        remove: Option<Vec<String>>,
+    ) {
+        let Some(conn) = self.hub.conn(connection) else {
+            return;
+        };
+        if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
+            tracing::warn!(
+                plugin,
+                connection,
+                "attribute on a connection the plugin does not serve; ignored"
+            );
+            return;
+        }
+        let owner: Arc<str> = plugin.into();
+        match remove {
+            None => conn.set_attribute(&owner, name, add),
+            Some(remove) => conn.update_attribute(&owner, name, add, &remove),
         }
     }
 

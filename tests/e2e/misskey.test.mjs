@@ -140,6 +140,59 @@ describe('misskey streaming', () => {
     assert.equal(after - before, 1);
   });
 
+  test('filtered broadcasts test each member\'s attribute sets natively', async () => {
+    const members = {};
+    for (const [name, attrs] of Object.entries({
+      plain: {},
+      mutesU9: { muting: ['u9'] },
+      followsU2: { following: ['u2', 'u3'] },
+      followsU2mutesU9: { following: ['u2'], muting: ['u9', 'u8'] },
+    })) {
+      const s = host.stream();
+      const ch = s.useChannel('probe', { room: 'filtered' });
+      for (const [attr, values] of Object.entries(attrs)) ch.send('attr', { name: attr, values });
+      await barrier(s);
+      members[name] = collect(ch, 'note');
+    }
+    const sender = host.stream();
+    const ch = sender.useChannel('probe', {});
+    await barrier(sender);
+    const before = (await host.metrics())['chanhost_plugin_calls_total{plugin="probe",hook="message"}'];
+    const send = (id, conditions) => ch.send('fbroadcast', { room: 'filtered', event: 'note', data: { id }, conditions });
+    send('by-u9', [{ attribute: 'muting', keys: ['u9'], exclude: true }]);
+    send('from-u2', [{ attribute: 'following', keys: ['u2'] }]);
+    send('from-u2-renoting-u8', [{ attribute: 'following', keys: ['u2'] }, { attribute: 'muting', keys: ['u2', 'u8'], exclude: true }]);
+    send('everyone', []);
+    await until(() => Object.values(members).every((g) => g.some((n) => n.id === 'everyone')));
+    const ids = (g) => g.map((n) => n.id);
+    assert.deepEqual(ids(members.plain), ['by-u9', 'everyone']);
+    assert.deepEqual(ids(members.mutesU9), ['everyone']);
+    assert.deepEqual(ids(members.followsU2), ['by-u9', 'from-u2', 'from-u2-renoting-u8', 'everyone']);
+    assert.deepEqual(ids(members.followsU2mutesU9), ['from-u2', 'everyone']);
+    const after = (await host.metrics())['chanhost_plugin_calls_total{plugin="probe",hook="message"}'];
+    assert.equal(after - before, 4, 'one plugin call per broadcast');
+  });
+
+  test('a room of 1,000 subscribers costs one plugin call per event', async () => {
+    const sockets = [];
+    let received = 0;
+    for (let i = 0; i < 1000; i += 100) {
+      await Promise.all(Array.from({ length: 100 }, async () => {
+        const ws = await rawStream(host);
+        sockets.push(ws);
+        ws.on('message', (d) => { if (JSON.parse(d.toString()).body?.type === 'note') received++; });
+        sendJson(ws, { type: 'connect', body: { channel: 'globalTimeline', id: 'g', params: { withRenotes: false }, pong: true } });
+        await frame(ws, (f) => f.type === 'connected');
+      }));
+    }
+    const key = 'chanhost_plugin_calls_total{plugin="global-timeline",hook="event"}';
+    const before = (await host.metrics())[key];
+    for (let i = 0; i < 3; i++) await host.publish({ room: 'notesStream', event: 'note', data: note() });
+    await until(() => received === 3000, 20000, `3000 deliveries (got ${received})`);
+    assert.equal((await host.metrics())[key] - before, 3);
+    for (const ws of sockets) ws.terminate();
+  });
+
   test('connect with pong is answered connected; unknown channels are ignored', async () => {
     const ws = await rawStream(host);
     sendJson(ws, { type: 'connect', body: { channel: 'doesNotExist', id: 'x', pong: true } });

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock, Weak};
 
-use crate::hub::ConnId;
+use crate::hub::Filter;
 
 /// One event on its way to a room.
 #[derive(Debug, Clone)]
@@ -18,8 +18,8 @@ pub struct Publication {
     pub data: Arc<str>,
     /// Binary attachments (Socket.IO placeholders in `data` refer to them).
     pub attachments: Arc<[Vec<u8>]>,
-    /// A member slot (connection, instance id) to skip.
-    pub except: Option<(ConnId, Arc<str>)>,
+    /// Which members receive it.
+    pub filter: Filter,
 }
 
 /// Why a publish could not be carried.

@@ -116,10 +116,33 @@ pub struct InstanceState {
     pub slot: Slot,
 }
 
+/// One condition of a filtered delivery, tested against a member's
+/// attribute set: does the set contain any of `keys`?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub attribute: String,
+    pub keys: Vec<String>,
+    /// Deliver only if the set contains none of the keys (else: at least one).
+    pub exclude: bool,
+}
+
+/// Who among a room's members receives an event.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// A member slot (connection, instance id) to skip.
+    pub except: Option<(ConnId, Arc<str>)>,
+    /// The plugin whose attributes the conditions read.
+    pub owner: Option<Arc<str>>,
+    /// All must hold.
+    pub conditions: Arc<[Condition]>,
+}
+
 /// Mutable per-connection state.
 #[derive(Debug, Default)]
 pub struct ConnState {
     pub instances: HashMap<Arc<str>, InstanceState>,
+    /// Attribute sets by (plugin, name), for filtered deliveries.
+    attributes: HashMap<(Arc<str>, String), HashSet<String>>,
     memberships: HashSet<(Arc<str>, Slot)>,
     captures: HashMap<Arc<str>, u32>,
     capture_order: VecDeque<Arc<str>>,
@@ -233,6 +256,49 @@ impl ConnHandle {
     /// Runs `f` with the connection's state locked.
     pub fn with_state<R>(&self, f: impl FnOnce(&mut ConnState) -> R) -> R {
         f(&mut self.state.lock())
+    }
+
+    /// Replaces a plugin's attribute set on this connection.
+    pub fn set_attribute(&self, owner: &Arc<str>, name: &str, values: Vec<String>) {
+        let mut st = self.state.lock();
+        let key = (owner.clone(), name.to_owned());
+        if values.is_empty() {
+            st.attributes.remove(&key);
+        } else {
+            st.attributes.insert(key, values.into_iter().collect());
+        }
+    }
+
+    /// Adds and removes values of a plugin's attribute set.
+    pub fn update_attribute(
+        &self,
+        owner: &Arc<str>,
+        name: &str,
+        add: Vec<String>,
+        remove: &[String],
+    ) {
+        let mut st = self.state.lock();
+        let key = (owner.clone(), name.to_owned());
+        let set = st.attributes.entry(key.clone()).or_default();
+        set.extend(add);
+        for r in remove {
+            set.remove(r);
+        }
+        if set.is_empty() {
+            st.attributes.remove(&key);
+        }
+    }
+
+    /// Whether this connection passes every condition (a missing set is empty).
+    pub fn passes(&self, owner: &Arc<str>, conditions: &[Condition]) -> bool {
+        let st = self.state.lock();
+        conditions.iter().all(|c| {
+            let hit = st
+                .attributes
+                .get(&(owner.clone(), c.attribute.clone()))
+                .is_some_and(|set| c.keys.iter().any(|k| set.contains(k)));
+            hit != c.exclude
+        })
     }
 
     /// The instance with this id, if open.

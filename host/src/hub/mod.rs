@@ -21,8 +21,8 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use conn::{
-    CaptureChange, ConnHandle, ConnId, ConnState, InstanceState, Outbound, Protocol, Slot,
-    SLOW_CONSUMER_CLOSE,
+    CaptureChange, Condition, ConnHandle, ConnId, ConnState, Filter, InstanceState, Outbound,
+    Protocol, Slot, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 
@@ -259,20 +259,24 @@ impl Hub {
 
     /// Delivers an event to every member of a room (except one slot).
     /// Returns how many members it was queued for.
-    pub fn deliver(
-        &self,
-        room: &str,
-        event: &Arc<SharedEvent>,
-        except: Option<(ConnId, &str)>,
-    ) -> usize {
+    pub fn deliver(&self, room: &str, event: &Arc<SharedEvent>, filter: &Filter) -> usize {
         let shard = self.shard(room).read();
         let Some(members) = shard.get(room) else {
             return 0;
         };
+        let conditions = match &filter.owner {
+            Some(owner) if !filter.conditions.is_empty() => Some((owner, &*filter.conditions)),
+            _ => None,
+        };
         let mut n = 0;
         for ((conn_id, slot), m) in members {
-            if let Some((ex_conn, ex_id)) = except {
-                if *conn_id == ex_conn && slot.id() == ex_id {
+            if let Some((ex_conn, ex_id)) = &filter.except {
+                if conn_id == ex_conn && slot.id() == &**ex_id {
+                    continue;
+                }
+            }
+            if let Some((owner, conds)) = conditions {
+                if !m.conn.passes(owner, conds) {
                     continue;
                 }
             }
@@ -375,11 +379,15 @@ mod tests {
         assert!(!hub.join(&a, Slot::instance("x"), "r"));
         hub.join(&b, Slot::instance("y"), "r");
         let ev = SharedEvent::new("e", "1".into());
-        assert_eq!(hub.deliver("r", &ev, Some((2, "y"))), 1);
+        let except = Filter {
+            except: Some((2, "y".into())),
+            ..Filter::default()
+        };
+        assert_eq!(hub.deliver("r", &ev, &except), 1);
         assert!(ra.try_recv().is_ok());
         assert!(ra.try_recv().is_err());
         assert!(rb.try_recv().is_err());
-        assert_eq!(hub.deliver("r", &ev, None), 2);
+        assert_eq!(hub.deliver("r", &ev, &Filter::default()), 2);
     }
 
     #[test]
@@ -405,8 +413,8 @@ mod tests {
         hub.join(&slow, Slot::instance("a"), "r");
         hub.join(&fast, Slot::instance("b"), "r");
         let ev = SharedEvent::new("e", "1".into());
-        hub.deliver("r", &ev, None);
-        hub.deliver("r", &ev, None);
+        hub.deliver("r", &ev, &Filter::default());
+        hub.deliver("r", &ev, &Filter::default());
         assert!(slow.close_requested().is_some());
         assert!(fast.close_requested().is_none());
         assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
@@ -444,6 +452,66 @@ mod tests {
         assert_eq!(hub.online_users(), vec![Arc::<str>::from("alice")]);
         assert_eq!(hub.unregister(2).went_offline.as_deref(), Some("alice"));
         assert!(hub.online_users().is_empty());
+    }
+
+    #[test]
+    fn filtered_delivery_tests_attribute_sets_natively() {
+        let hub = hub();
+        let p: Arc<str> = "p".into();
+        let other: Arc<str> = "q".into();
+        let mut rxs = Vec::new();
+        for id in 1..=3 {
+            let (c, rx) = conn(id, 8);
+            hub.register(c.clone());
+            hub.join(&c, Slot::instance("x"), "tl");
+            rxs.push((c, rx));
+        }
+        rxs[0].0.set_attribute(&p, "muting", vec!["u9".into()]);
+        rxs[1]
+            .0
+            .set_attribute(&p, "following", vec!["u9".into(), "u2".into()]);
+        rxs[2]
+            .0
+            .set_attribute(&other, "following", vec!["u9".into()]);
+        let ev = SharedEvent::new("note", "{}".into());
+        let f = |conditions: Vec<Condition>| Filter {
+            except: None,
+            owner: Some(p.clone()),
+            conditions: conditions.into(),
+        };
+        let muted = Condition {
+            attribute: "muting".into(),
+            keys: vec!["u9".into()],
+            exclude: true,
+        };
+        let followed = Condition {
+            attribute: "following".into(),
+            keys: vec!["u9".into()],
+            exclude: false,
+        };
+        assert_eq!(hub.deliver("tl", &ev, &f(vec![muted.clone()])), 2);
+        assert_eq!(
+            hub.deliver("tl", &ev, &f(vec![followed.clone()])),
+            1,
+            "another plugin's set does not count"
+        );
+        assert_eq!(hub.deliver("tl", &ev, &f(vec![muted, followed])), 1);
+        let counts: Vec<usize> = rxs
+            .iter_mut()
+            .map(|(_, rx)| std::iter::from_fn(|| rx.try_recv().ok()).count())
+            .collect();
+        assert_eq!(counts, vec![0, 3, 1]);
+        rxs[1]
+            .0
+            .update_attribute(&p, "following", vec![], &["u9".into()]);
+        assert!(!rxs[1].0.passes(
+            &p,
+            &[Condition {
+                attribute: "following".into(),
+                keys: vec!["u9".into()],
+                exclude: false
+            }]
+        ));
     }
 
     #[test]

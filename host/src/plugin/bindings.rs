@@ -17,7 +17,7 @@ use super::{
     Payload, Rejection,
 };
 use crate::auth::Identity;
-use crate::hub::Protocol;
+use crate::hub::{Condition, Protocol};
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -200,7 +200,26 @@ impl self::chanhost::plugin::host::Host for StoreState {
         data: wit::Payload,
         except: Option<wit::Instance>,
     ) {
+        self.broadcast_filtered(room, event, data, except, Vec::new())
+    }
+
+    fn broadcast_filtered(
+        &mut self,
+        room: String,
+        event: String,
+        data: wit::Payload,
+        except: Option<wit::Instance>,
+        conditions: Vec<wit::Condition>,
+    ) {
         let local_only = self.hook == Hook::Event;
+        let conditions = conditions
+            .into_iter()
+            .map(|c| Condition {
+                attribute: c.attribute,
+                keys: c.keys,
+                exclude: c.exclude,
+            })
+            .collect();
         self.with(|s| {
             s.broadcast(
                 &self.name,
@@ -208,9 +227,24 @@ impl self::chanhost::plugin::host::Host for StoreState {
                 &event,
                 data.into(),
                 except.map(Into::into),
+                conditions,
                 local_only,
             )
         })
+    }
+
+    fn set_attribute(&mut self, connection: u64, name: String, values: Vec<String>) {
+        self.with(|s| s.set_attribute(&self.name, connection, &name, values, None))
+    }
+
+    fn update_attribute(
+        &mut self,
+        connection: u64,
+        name: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) {
+        self.with(|s| s.set_attribute(&self.name, connection, &name, add, Some(remove)))
     }
 
     fn listen(&mut self, room: String) {

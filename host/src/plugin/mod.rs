@@ -124,6 +124,8 @@ pub trait HostServices: Send + Sync {
     fn leave(&self, plugin: &str, target: InstanceRef, room: &str);
     /// `local_only` is set when called from an `event` hook (every node
     /// runs the same hook, so the delivery must not cross nodes).
+    /// `conditions` (with `plugin`'s attribute sets) narrow the members.
+    #[allow(clippy::too_many_arguments)]
     fn broadcast(
         &self,
         plugin: &str,
@@ -131,7 +133,18 @@ pub trait HostServices: Send + Sync {
         event: &str,
         data: Payload,
         except: Option<InstanceRef>,
+        conditions: Vec<crate::hub::Condition>,
         local_only: bool,
+    );
+    /// Replaces (`remove` = None) or updates an attribute set of `plugin`
+    /// on a connection it serves.
+    fn set_attribute(
+        &self,
+        plugin: &str,
+        connection: u64,
+        name: &str,
+        add: Vec<String>,
+        remove: Option<Vec<String>>,
     );
     fn listen(&self, plugin: &Arc<str>, room: &str);
     fn unlisten(&self, plugin: &str, room: &str);
@@ -168,7 +181,18 @@ impl HostServices for DetachedServices {
     fn ack(&self, _: &str, _: InstanceRef, _: u64, _: Payload) {}
     fn join(&self, _: &str, _: InstanceRef, _: &str) {}
     fn leave(&self, _: &str, _: InstanceRef, _: &str) {}
-    fn broadcast(&self, _: &str, _: &str, _: &str, _: Payload, _: Option<InstanceRef>, _: bool) {}
+    fn broadcast(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: Payload,
+        _: Option<InstanceRef>,
+        _: Vec<crate::hub::Condition>,
+        _: bool,
+    ) {
+    }
+    fn set_attribute(&self, _: &str, _: u64, _: &str, _: Vec<String>, _: Option<Vec<String>>) {}
     fn listen(&self, _: &Arc<str>, _: &str) {}
     fn unlisten(&self, _: &str, _: &str) {}
     fn set_listens(&self, _: &Arc<str>, _: &[String]) {}

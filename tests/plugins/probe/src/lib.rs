@@ -15,6 +15,9 @@
 //! - `close {reason}` -> closes the whole connection
 //! - `badjson` -> sends invalid JSON (the host must drop it), then `after-badjson`
 //! - `poke {connection, id}` -> tries to send to an instance it may not own
+//! - `attr {name, values}` / `attr-update {name, add, remove}` -> sets this
+//!   connection's attribute set, then `attr-set`
+//! - `fbroadcast {room, event, data, conditions}` -> a filtered broadcast
 //!
 //! Every `disconnect` and `frame` call is reported as event
 //! `disconnected`/`frame` to room `probe-log`.
@@ -22,7 +25,8 @@
 use std::cell::RefCell;
 
 use chanhost_plugin::types::{
-    ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, Payload, Rejection,
+    ChannelSpec, Condition, ConnectRequest, DisconnectReason, Instance, Manifest, Payload,
+    Rejection,
 };
 use chanhost_plugin::{export, host, instance, json, Guest};
 use serde_json::{json as j, Value};
@@ -39,6 +43,12 @@ fn spec(name: &str, requires_user: bool, shared: bool) -> ChannelSpec {
         requires_user,
         shared,
     }
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
 }
 
 fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -121,6 +131,33 @@ impl Guest for Probe {
             "badjson" => {
                 host::send(&target, "bad", &json("{not json"));
                 reply("after-badjson", Value::Null);
+            }
+            "attr" => {
+                let values = strings(body.get("values"));
+                host::set_attribute(target.connection, str_of(&body, "name"), &values);
+                reply("attr-set", Value::Null);
+            }
+            "attr-update" => {
+                let (add, remove) = (strings(body.get("add")), strings(body.get("remove")));
+                host::update_attribute(target.connection, str_of(&body, "name"), &add, &remove);
+                reply("attr-set", Value::Null);
+            }
+            "fbroadcast" => {
+                let conditions: Vec<Condition> = body
+                    .get("conditions")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|c| Condition {
+                                attribute: str_of(c, "attribute").to_owned(),
+                                keys: strings(c.get("keys")),
+                                exclude: c.get("exclude") == Some(&Value::Bool(true)),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let data = body.get("data").cloned().unwrap_or(Value::Null).to_string();
+                host::broadcast_filtered(str_of(&body, "room"), str_of(&body, "event"), &json(data), None, &conditions);
             }
             "poke" => {
                 let conn = body.get("connection").and_then(Value::as_u64).unwrap_or(0);
