@@ -264,7 +264,9 @@ impl Node {
             channel: channel.into(),
             slot: slot.clone(),
         };
-        let fresh = conn.with_state(|s| s.instances.insert(id.into(), state).is_none());
+        // A connection already forgotten by the hub gets no new instance.
+        let fresh = !conn.is_unregistered()
+            && conn.with_state(|s| s.instances.insert(id.into(), state).is_none());
         if fresh {
             self.metrics.instances.inc();
         }

@@ -105,6 +105,22 @@ describe('Engine.IO', () => {
     }
   });
 
+  test('a client close over polling is answered ok and ends the session', async () => {
+    const sid = await connected();
+    const r = await post(sid, '1');
+    assert.deepEqual(r, { status: 200, body: 'ok' });
+    await assertGone(sid);
+  });
+
+  test('a session a plugin closes ends even if the client never polls again', async () => {
+    const sid = await connected();
+    const before = (await host.metrics()).chanhost_connections;
+    assert.equal((await post(sid, '42["close-me"]')).body, 'ok');
+    // No GET fetches the close packet: the session still goes.
+    await until(async () => (await host.metrics()).chanhost_connections === before - 1, 10000, 'session gone');
+    await assertGone(sid);
+  });
+
   test('a second concurrent poll closes the session', async () => {
     const sid = await connected();
     const first = get(sid);

@@ -306,8 +306,25 @@ impl ConnHandle {
         self.state.lock().instances.get(id).cloned()
     }
 
+    /// Records a membership. An instance slot must still be the open
+    /// instance (the very same slot, not a later instance with its id): a
+    /// join racing the instance's end is refused.
     pub(super) fn add_membership(&self, room: Arc<str>, slot: Slot) -> bool {
-        self.state.lock().memberships.insert((room, slot))
+        let mut st = self.state.lock();
+        if !slot.is_capture()
+            && !st
+                .instances
+                .get(slot.id())
+                .is_some_and(|i| Arc::ptr_eq(&i.slot.0, &slot.0))
+        {
+            return false;
+        }
+        st.memberships.insert((room, slot))
+    }
+
+    /// Whether the hub has forgotten this connection.
+    pub fn is_unregistered(&self) -> bool {
+        self.unregistered.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(super) fn remove_membership(&self, room: &Arc<str>, slot: &Slot) -> bool {

@@ -120,25 +120,34 @@ impl Hub {
         if now.user_id != wanted {
             return Err(IdentifyError::AlreadyIdentified(now.user_id.to_string()));
         }
-        let n = self.add_user_conn(wanted, id);
+        // Checked under the users lock: `unregister` sets the flag before
+        // it removes the connection from that map.
+        let mut users = self.users.write();
         if conn.unregistered.load(Ordering::SeqCst) {
-            // Closed meanwhile: undo, as `unregister` may not have seen it.
-            return Ok(self.remove_user_conn(&now.user_id, id));
+            return Err(IdentifyError::NoConnection);
         }
-        Ok(n)
+        let v = users.entry(wanted).or_default();
+        if !v.contains(&id) {
+            v.push(id);
+        }
+        Ok(v.len())
     }
 
-    fn remove_user_conn(&self, user: &str, id: ConnId) -> usize {
+    /// Removes a connection of a user; the number left, or None if it was
+    /// not listed.
+    fn remove_user_conn(&self, user: &str, id: ConnId) -> Option<usize> {
         let mut users = self.users.write();
-        let Some(v) = users.get_mut(user) else {
-            return 0;
-        };
+        let v = users.get_mut(user)?;
+        let before = v.len();
         v.retain(|c| *c != id);
+        if v.len() == before {
+            return None;
+        }
         let n = v.len();
         if n == 0 {
             users.remove(user);
         }
-        n
+        Some(n)
     }
 
     /// The open connections of a user on this node.
@@ -164,7 +173,7 @@ impl Hub {
         conn.unregistered.store(true, Ordering::SeqCst);
         let went_offline = conn
             .identity()
-            .filter(|i| self.remove_user_conn(&i.user_id, id) == 0)
+            .filter(|i| self.remove_user_conn(&i.user_id, id) == Some(0))
             .map(|i| i.user_id.clone());
         self.metrics.connections.dec();
         let taken = conn.take_all();
@@ -368,6 +377,18 @@ mod tests {
         ConnHandle::new(id, Protocol::Misskey, None, queue)
     }
 
+    /// Opens an instance on a connection and returns its slot.
+    fn inst(c: &ConnHandle, id: &str) -> Slot {
+        let slot = Slot::instance(id);
+        let state = InstanceState {
+            plugin: "p".into(),
+            channel: "c".into(),
+            slot: slot.clone(),
+        };
+        c.with_state(|s| s.instances.insert(id.into(), state));
+        slot
+    }
+
     #[test]
     fn deliver_reaches_members_once_and_skips_except() {
         let hub = hub();
@@ -375,9 +396,10 @@ mod tests {
         let (b, mut rb) = conn(2, 8);
         hub.register(a.clone());
         hub.register(b.clone());
-        assert!(hub.join(&a, Slot::instance("x"), "r"));
-        assert!(!hub.join(&a, Slot::instance("x"), "r"));
-        hub.join(&b, Slot::instance("y"), "r");
+        let x = inst(&a, "x");
+        assert!(hub.join(&a, x.clone(), "r"));
+        assert!(!hub.join(&a, x, "r"));
+        hub.join(&b, inst(&b, "y"), "r");
         let ev = SharedEvent::new("e", "1".into());
         let except = Filter {
             except: Some((2, "y".into())),
@@ -395,7 +417,7 @@ mod tests {
         let hub = hub();
         let (a, _ra) = conn(1, 8);
         hub.register(a.clone());
-        hub.join(&a, Slot::instance("x"), "r1");
+        hub.join(&a, inst(&a, "x"), "r1");
         hub.join(&a, Slot::capture("n"), "noteStream:n");
         assert_eq!(hub.room_count(), 2);
         hub.unregister(1);
@@ -410,8 +432,8 @@ mod tests {
         let (fast, mut rf) = conn(2, 8);
         hub.register(slow.clone());
         hub.register(fast.clone());
-        hub.join(&slow, Slot::instance("a"), "r");
-        hub.join(&fast, Slot::instance("b"), "r");
+        hub.join(&slow, inst(&slow, "a"), "r");
+        hub.join(&fast, inst(&fast, "b"), "r");
         let ev = SharedEvent::new("e", "1".into());
         hub.deliver("r", &ev, &Filter::default());
         hub.deliver("r", &ev, &Filter::default());
@@ -426,7 +448,20 @@ mod tests {
         let (a, _ra) = conn(1, 8);
         hub.register(a.clone());
         hub.unregister(1);
-        assert!(!hub.join(&a, Slot::instance("x"), "late"));
+        assert!(!hub.join(&a, Slot::capture("x"), "late"));
+        assert_eq!(hub.room_count(), 0);
+    }
+
+    #[test]
+    fn a_join_racing_the_end_of_its_instance_is_refused() {
+        let hub = hub();
+        let (a, _ra) = conn(1, 8);
+        hub.register(a.clone());
+        let old = inst(&a, "/");
+        a.with_state(|s| s.instances.remove("/"));
+        let _new = inst(&a, "/"); // a later instance under the same id
+        assert!(!hub.join(&a, old, "stale"));
+        assert!(!hub.join(&a, Slot::instance("never-opened"), "stale"));
         assert_eq!(hub.room_count(), 0);
     }
 
@@ -463,7 +498,7 @@ mod tests {
         for id in 1..=3 {
             let (c, rx) = conn(id, 8);
             hub.register(c.clone());
-            hub.join(&c, Slot::instance("x"), "tl");
+            hub.join(&c, inst(&c, "x"), "tl");
             rxs.push((c, rx));
         }
         rxs[0].0.set_attribute(&p, "muting", vec!["u9".into()]);

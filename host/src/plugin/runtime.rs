@@ -224,7 +224,7 @@ impl PluginSlot {
 
     /// Stops the plugin's thread after the calls already queued.
     pub fn stop(&self) {
-        let _ = self.tx.send(Job::Stop);
+        self.submit(Job::Stop);
     }
 }
 
@@ -308,10 +308,10 @@ impl Runner {
             &self.version.config,
         ) {
             Ok(started) => {
+                // The rebuilt instance's standing listens replace whatever
+                // the failed one listened to.
                 if let Some(s) = self.services.upgrade() {
-                    for room in &started.listens {
-                        s.listen(&self.name, room);
-                    }
+                    s.set_listens(&self.name, &started.listens);
                 }
                 self.metrics.rebuilds.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(plugin = &*self.name, "plugin instance rebuilt");

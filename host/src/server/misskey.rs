@@ -140,7 +140,10 @@ impl Session {
                     // A peer that stops reading blocks the write; a close
                     // request (its queue overflowed) or shutdown cuts it short.
                     tokio::select! {
-                        r = self.write(&mut socket, out, &mut rx) => if r.is_err() { break End::Gone },
+                        // A peer that takes no frame for the idle timeout is gone.
+                        r = tokio::time::timeout(cfg.idle_timeout, self.write(&mut socket, out, &mut rx)) => {
+                            if !matches!(r, Ok(Ok(()))) { break End::Gone }
+                        }
                         (code, _) = self.conn.closed() => {
                             self.count_close(code);
                             break End::Gone;

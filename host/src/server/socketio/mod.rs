@@ -170,10 +170,15 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
                     let Some(session) = server.sessions.lock().get(sid.as_str()).cloned() else {
                         return eio_error(HttpError::UnknownSid, &cors);
                     };
-                    if session.transport() != Transport::Polling {
+                    // One upgrade at a time, and only from polling.
+                    if !session.switch_transport(Transport::Polling, Transport::Upgrading) {
                         return eio_error(HttpError::BadRequest, &cors);
                     }
-                    ws.on_upgrade(move |socket| upgrade(session, socket))
+                    let failed = session.clone();
+                    ws.on_failed_upgrade(move |_| {
+                        failed.switch_transport(Transport::Upgrading, Transport::Polling);
+                    })
+                    .on_upgrade(move |socket| upgrade(session, socket))
                 }
             }
         }
@@ -242,7 +247,8 @@ async fn poll(session: &Arc<Session>) -> Response {
             }
         }
     }
-    drop(rx);
+    // Carried packets are stored before the queue is released, so a
+    // WebSocket taking over after an upgrade finds them.
     if let Some(i) = out
         .iter()
         .position(|o| matches!(o, EioOut::Text(t) if *t == close))
@@ -253,6 +259,7 @@ async fn poll(session: &Arc<Session>) -> Response {
             out.truncate(1);
         }
     }
+    drop(rx);
     let closing = matches!(out.as_slice(), [EioOut::Text(t)] if *t == close);
     session.node.metrics.frames_sent.add(out.len() as u64);
     let body = engineio::encode_payload(out.into_iter().map(EioOut::into_polling));
@@ -264,6 +271,11 @@ async fn poll(session: &Arc<Session>) -> Response {
 
 /// A long-polling POST: the packets the client sends.
 async fn post(session: &Arc<Session>, body: Body) -> Response {
+    let Ok(_posting) = session.posting.try_lock() else {
+        // Overlapping data requests: the reference server closes the session.
+        session.close("overlapping polling POSTs");
+        return eio_error(HttpError::BadRequest, &[]);
+    };
     let max = session.node.config.socketio.max_payload;
     let bytes = match axum::body::to_bytes(body, max).await {
         Ok(b) => b,
@@ -284,9 +296,18 @@ async fn post(session: &Arc<Session>, body: Body) -> Response {
         }
     };
     for p in packets {
-        if let Err(e) = session.on_packet(p).await {
-            session.close(&e.to_string());
-            return eio_error(HttpError::BadRequest, &[]);
+        match session.on_packet(p).await {
+            Ok(()) => {}
+            // A client's close is a normal end: answered `ok`, as the
+            // reference server does.
+            Err(session::ProtocolError::ClientClose) => {
+                session.close("client closed the session");
+                break;
+            }
+            Err(e) => {
+                session.close(&e.to_string());
+                return eio_error(HttpError::BadRequest, &[]);
+            }
         }
     }
     text(StatusCode::OK, "text/html", "ok".into())
@@ -295,7 +316,6 @@ async fn post(session: &Arc<Session>, body: Body) -> Response {
 /// The polling-to-WebSocket upgrade: `2probe` / `3probe`, a noop to the
 /// pending poll, then `5`; on any failure the session stays on polling.
 async fn upgrade(session: Arc<Session>, mut socket: WebSocket) {
-    session.set_transport(Transport::Upgrading);
     let timeout = session.node.config.socketio.upgrade_timeout;
     let probed = tokio::time::timeout(timeout, async {
         loop {
@@ -318,11 +338,13 @@ async fn upgrade(session: Arc<Session>, mut socket: WebSocket) {
     })
     .await;
     if !matches!(probed, Ok(Some(()))) || session.closed.is_cancelled() {
-        session.set_transport(Transport::Polling);
+        session.switch_transport(Transport::Upgrading, Transport::Polling);
         tracing::debug!(sid = &*session.sid, "websocket upgrade abandoned");
         return;
     }
-    session.set_transport(Transport::WebSocket);
+    if !session.switch_transport(Transport::Upgrading, Transport::WebSocket) {
+        return;
+    }
     run_websocket(session, socket).await;
 }
 

@@ -77,6 +77,8 @@ pub struct Session {
     pub closed: CancellationToken,
     /// Serialises inbound packet handling across transports.
     inbound: tokio::sync::Mutex<Option<PendingBinary>>,
+    /// Held by a polling POST in progress (a second one is refused).
+    pub posting: tokio::sync::Mutex<()>,
     pong_tx: mpsc::Sender<()>,
     /// Namespaces whose CONNECT is being decided: their events are held.
     held: Mutex<HashMap<Arc<str>, Vec<Outbound>>>,
@@ -150,6 +152,7 @@ impl Session {
             transport: AtomicU8::new(transport as u8),
             closed: CancellationToken::new(),
             inbound: tokio::sync::Mutex::new(None),
+            posting: tokio::sync::Mutex::new(()),
             pong_tx,
             held: Mutex::new(HashMap::new()),
             carried: Mutex::new(Vec::new()),
@@ -195,8 +198,11 @@ impl Session {
         }
     }
 
-    pub fn set_transport(&self, t: Transport) {
-        self.transport.store(t as u8, Ordering::SeqCst);
+    /// Switches the transport from `from` to `to` if it still is `from`.
+    pub fn switch_transport(&self, from: Transport, to: Transport) -> bool {
+        self.transport
+            .compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 
     /// Ends the session: forgets it, ends its sockets (plugins hear
@@ -241,6 +247,9 @@ impl Session {
     /// Handles one inbound Engine.IO packet. An error closes the session.
     pub async fn on_packet(&self, packet: Packet) -> Result<(), ProtocolError> {
         let mut pending = self.inbound.lock().await;
+        if self.closed.is_cancelled() {
+            return Ok(());
+        }
         match packet {
             Packet::Pong(_) => {
                 let _ = self.pong_tx.try_send(());
@@ -452,6 +461,14 @@ async fn heartbeat(session: Arc<Session>, mut pongs: mpsc::Receiver<()>) {
             Some(()) = pongs.recv(), if waiting_pong => waiting_pong = false,
             (code, reason) = session.conn.closed() => {
                 session.server_close(code, &reason);
+                // The transport ends the session once the close packet is
+                // written; a client that never fetches it is cut off.
+                tokio::select! {
+                    _ = tokio::time::sleep(cfg.ping_interval + cfg.ping_timeout) => {
+                        session.close("close packet not fetched");
+                    }
+                    _ = session.closed.cancelled() => {}
+                }
                 return;
             }
             _ = node.shutdown.cancelled() => {
