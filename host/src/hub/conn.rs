@@ -101,6 +101,8 @@ pub enum Outbound {
     /// dropped.
     Gate {
         slot: Arc<str>,
+        /// Which CONNECT of that slot this answers (a later one may follow).
+        generation: u64,
         text: String,
         release: bool,
     },

@@ -80,8 +80,10 @@ pub struct Session {
     /// Held by a polling POST in progress (a second one is refused).
     pub posting: tokio::sync::Mutex<()>,
     pong_tx: mpsc::Sender<()>,
-    /// Namespaces whose CONNECT is being decided: their events are held.
-    held: Mutex<HashMap<Arc<str>, Vec<Outbound>>>,
+    /// Namespaces whose CONNECT is being decided: their events are held,
+    /// tagged with the generation of that CONNECT.
+    held: Mutex<HashMap<Arc<str>, (u64, Vec<Outbound>)>>,
+    generation: std::sync::atomic::AtomicU64,
     /// Packets rendered for a poll but kept for the next one.
     carried: Mutex<Vec<EioOut>>,
     connected_once: AtomicBool,
@@ -155,6 +157,7 @@ impl Session {
             posting: tokio::sync::Mutex::new(()),
             pong_tx,
             held: Mutex::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
             carried: Mutex::new(Vec::new()),
             connected_once: AtomicBool::new(false),
         });
@@ -348,7 +351,10 @@ impl Session {
         // A second CONNECT to the same namespace replaces the socket.
         node.close_instance(&self.conn, &nsp, DisconnectReason::Replaced, true);
         let key: Arc<str> = nsp.as_str().into();
-        self.held.lock().insert(key.clone(), Vec::new());
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        self.held
+            .lock()
+            .insert(key.clone(), (generation, Vec::new()));
         node.open_instance(&self.conn, &nsp, &plugin.name, &nsp);
         let req = ConnectRequest {
             target: InstanceRef {
@@ -389,6 +395,7 @@ impl Session {
         };
         self.conn.push(Outbound::Gate {
             slot: key,
+            generation,
             text: format!("4{text}"),
             release: accepted,
         });
@@ -405,7 +412,7 @@ impl Session {
                 let nsp = slot.id();
                 {
                     let mut held = self.held.lock();
-                    if let Some(h) = held.get_mut(nsp) {
+                    if let Some((_, h)) = held.get_mut(nsp) {
                         h.push(Outbound::Event { slot, event });
                         return;
                     }
@@ -423,11 +430,21 @@ impl Session {
             }
             Outbound::Gate {
                 slot,
+                generation,
                 text,
                 release,
             } => {
                 into.push(EioOut::Text(text));
-                let held = self.held.lock().remove(&slot).unwrap_or_default();
+                // Only this CONNECT's hold: a later CONNECT to the same
+                // namespace keeps its own until its own reply.
+                let held = {
+                    let mut map = self.held.lock();
+                    match map.get(&slot) {
+                        Some((g, _)) if *g == generation => map.remove(&slot).map(|(_, h)| h),
+                        _ => None,
+                    }
+                }
+                .unwrap_or_default();
                 if release {
                     for h in held {
                         self.render(h, into);
