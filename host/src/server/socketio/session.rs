@@ -56,6 +56,10 @@ impl EioOut {
     }
 }
 
+/// Events held for a namespace while its CONNECT is decided: the CONNECT's
+/// generation and the events.
+type Held = (u64, Vec<Outbound>);
+
 /// A binary packet waiting for its attachments.
 struct PendingBinary {
     packet: sio::Packet,
@@ -82,7 +86,7 @@ pub struct Session {
     pong_tx: mpsc::Sender<()>,
     /// Namespaces whose CONNECT is being decided: their events are held,
     /// tagged with the generation of that CONNECT.
-    held: Mutex<HashMap<Arc<str>, (u64, Vec<Outbound>)>>,
+    held: Mutex<HashMap<Arc<str>, Held>>,
     generation: std::sync::atomic::AtomicU64,
     /// Packets rendered for a poll but kept for the next one.
     carried: Mutex<Vec<EioOut>>,
