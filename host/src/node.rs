@@ -374,6 +374,21 @@ impl Node {
         }
     }
 
+    /// A connection on which the plugin serves at least one instance: the
+    /// only connections it may close, identify or tag.
+    fn served(&self, plugin: &str, connection: u64) -> Result<Arc<ConnHandle>, String> {
+        let conn = self.hub.conn(connection).ok_or("no such connection")?;
+        if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
+            tracing::warn!(
+                plugin,
+                connection,
+                "plugin addressed a connection it does not serve; ignored"
+            );
+            return Err("the plugin serves no instance on this connection".into());
+        }
+        Ok(conn)
+    }
+
     /// The instance a plugin addresses, if it exists and belongs to it.
     fn owned(
         &self,
@@ -582,17 +597,9 @@ impl HostServices for Node {
         add: Vec<String>,
         remove: Option<Vec<String>>,
     ) {
-        let Some(conn) = self.hub.conn(connection) else {
+        let Ok(conn) = self.served(plugin, connection) else {
             return;
         };
-        if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
-            tracing::warn!(
-                plugin,
-                connection,
-                "attribute on a connection the plugin does not serve; ignored"
-            );
-            return;
-        }
         let owner: Arc<str> = plugin.into();
         match remove {
             None => conn.set_attribute(&owner, name, add),
@@ -619,18 +626,9 @@ impl HostServices for Node {
     }
 
     fn close_connection(&self, plugin: &str, connection: u64, reason: &str) {
-        let Some(conn) = self.hub.conn(connection) else {
+        let Ok(conn) = self.served(plugin, connection) else {
             return;
         };
-        // Only a plugin serving the connection may close it.
-        if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
-            tracing::warn!(
-                plugin,
-                connection,
-                "plugin closed a connection it does not serve; ignored"
-            );
-            return;
-        }
         tracing::info!(plugin, connection, reason, "plugin closed a connection");
         conn.request_close(1000, reason);
     }
@@ -645,10 +643,7 @@ impl HostServices for Node {
         connection: u64,
         identity: crate::auth::Identity,
     ) -> Result<u32, String> {
-        let conn = self.hub.conn(connection).ok_or("no such connection")?;
-        if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
-            return Err("the plugin serves no instance on this connection".into());
-        }
+        self.served(plugin, connection)?;
         if !is_json(&identity.claims) {
             return Err("claims must be a JSON object".into());
         }

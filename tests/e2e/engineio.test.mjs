@@ -56,6 +56,17 @@ describe('Engine.IO', () => {
       await post(sid, '3');
     }
   }
+  /** Opens the upgrade WebSocket of a polling session and probes it. */
+  async function probe(sid) {
+    const ws = new WebSocket(`${host.ws}/socket.io/?EIO=4&transport=websocket&sid=${sid}`);
+    host.streams.push({ close: () => ws.terminate() });
+    await once(ws, 'open');
+    const frames = [];
+    ws.on('message', (d) => frames.push(d.toString()));
+    ws.send('2probe');
+    await until(() => frames.includes('3probe'));
+    return { ws, frames };
+  }
   async function assertGone(sid) {
     const r = await get(sid);
     assert.equal(r.status, 400);
@@ -165,13 +176,7 @@ describe('Engine.IO', () => {
   test('the upgrade: probe, noop to the pending poll, then polling is refused', async () => {
     const sid = await connected();
     const pending = get(sid);
-    const ws = new WebSocket(`${host.ws}/socket.io/?EIO=4&transport=websocket&sid=${sid}`);
-    host.streams.push({ close: () => ws.terminate() });
-    await once(ws, 'open');
-    const frames = [];
-    ws.on('message', (d) => frames.push(d.toString()));
-    ws.send('2probe');
-    await until(() => frames.includes('3probe'));
+    const { ws, frames } = await probe(sid);
     assert.equal((await pending).body, '6');
     ws.send('5');
     ws.send('42["message","over ws"]');
@@ -187,13 +192,7 @@ describe('Engine.IO', () => {
 
   test('an upgrade not completed in time is abandoned; polling carries on', async () => {
     const sid = await connected();
-    const ws = new WebSocket(`${host.ws}/socket.io/?EIO=4&transport=websocket&sid=${sid}`);
-    host.streams.push({ close: () => ws.terminate() });
-    await once(ws, 'open');
-    const frames = [];
-    ws.on('message', (d) => frames.push(d.toString()));
-    ws.send('2probe');
-    await until(() => frames.includes('3probe'));
+    const { ws, frames } = await probe(sid);
     assert.equal((await get(sid)).body, '6');
     // Keep the session alive over polling while the WebSocket idles.
     let wsClosed = false;
