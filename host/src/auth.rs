@@ -1,20 +1,24 @@
 //! Authentication: turns a credential (a bearer token) into an [`Identity`].
 //!
-//! Providers, tried in order: the static token map from `[auth] tokens`, then
+//! Providers, tried in order: the static token map from `[auth] tokens`,
 //! JWT HS256 from `[auth.jwt]` (the user id read from `user_claim`, falling
-//! back to `sub`). This module only verifies credentials; it knows nothing of
-//! connections or protocols.
+//! back to `sub`), then the backend from `[auth.backend]` (`POST url` with
+//! `{"i": token}`, as Misskey's `/api/i` takes it; answers are cached per
+//! token for `cache_ttl_ms`, refusals for a few seconds). This module only
+//! verifies credentials; it knows nothing of connections or protocols.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::{Config, JwtConfig};
+use parking_lot::Mutex;
+
+use crate::config::{BackendAuthConfig, Config, JwtConfig};
 
 /// Who a connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +29,7 @@ pub struct Identity {
 }
 
 /// Why a credential was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("unknown token")]
     UnknownToken,
@@ -41,6 +45,10 @@ pub enum AuthError {
     NotYetValid,
     #[error("JWT has no user id claim `{0}` (nor `sub`)")]
     NoUserClaim(String),
+    #[error("user is suspended")]
+    Suspended,
+    #[error("authentication backend unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// The configured providers.
@@ -48,6 +56,19 @@ pub enum AuthError {
 pub struct Authenticator {
     tokens: BTreeMap<String, String>,
     jwt: Option<JwtConfig>,
+    backend: Option<Arc<Backend>>,
+}
+
+/// Most cached backend answers kept; past it, expired ones are dropped
+/// first, then everything.
+const CACHE_MAX: usize = 100_000;
+/// How long a refusal is remembered.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct Backend {
+    config: BackendAuthConfig,
+    cache: Mutex<HashMap<String, (Instant, Result<Identity, AuthError>)>>,
 }
 
 impl Authenticator {
@@ -55,11 +76,26 @@ impl Authenticator {
         Self {
             tokens: config.tokens.clone(),
             jwt: config.jwt.clone(),
+            backend: config.backend_auth.clone().map(|config| {
+                Arc::new(Backend {
+                    config,
+                    cache: Mutex::new(HashMap::new()),
+                })
+            }),
         }
     }
 
-    /// Verifies a token with every provider.
+    /// Verifies a token with the local providers (static tokens, JWT) and
+    /// the backend's cached answers; never waits on the network.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let local = self.verify_local(token);
+        match (&local, &self.backend) {
+            (Err(_), Some(b)) => b.cached(token).unwrap_or(local),
+            _ => local,
+        }
+    }
+
+    fn verify_local(&self, token: &str) -> Result<Identity, AuthError> {
         if let Some(user) = self.tokens.get(token) {
             return Ok(Identity {
                 user_id: user.as_str().into(),
@@ -70,6 +106,103 @@ impl Authenticator {
             Some(jwt) if token.matches('.').count() == 2 => verify_jwt(jwt, token, now_secs()),
             _ => Err(AuthError::UnknownToken),
         }
+    }
+
+    /// Verifies a token with every provider, asking the backend if the
+    /// local providers do not know it.
+    pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        let local = self.verify_local(token);
+        match (&local, &self.backend) {
+            (Err(_), Some(b)) => b.check(token).await,
+            _ => local,
+        }
+    }
+}
+
+impl Backend {
+    fn cached(&self, token: &str) -> Option<Result<Identity, AuthError>> {
+        let cache = self.cache.lock();
+        let (at, r) = cache.get(token)?;
+        (Instant::now() < *at).then(|| r.clone())
+    }
+
+    async fn check(&self, token: &str) -> Result<Identity, AuthError> {
+        if let Some(r) = self.cached(token) {
+            return r;
+        }
+        let r = tokio::time::timeout(self.config.timeout, self.ask(token))
+            .await
+            .unwrap_or_else(|_| Err(AuthError::Unavailable("timed out".into())));
+        let ttl = match &r {
+            Ok(_) => Some(self.config.cache_ttl),
+            Err(AuthError::Unavailable(_)) => None,
+            Err(_) => Some(NEGATIVE_TTL),
+        };
+        if let Some(ttl) = ttl {
+            let mut cache = self.cache.lock();
+            if cache.len() >= CACHE_MAX {
+                let now = Instant::now();
+                cache.retain(|_, (at, _)| *at > now);
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(token.to_owned(), (Instant::now() + ttl, r.clone()));
+        }
+        r
+    }
+
+    async fn ask(&self, token: &str) -> Result<Identity, AuthError> {
+        use http_body_util::{BodyExt, Full, Limited};
+        let unavailable = |e: &dyn std::fmt::Display| AuthError::Unavailable(e.to_string());
+        let body = serde_json::json!({ "i": token }).to_string();
+        let uri: http::Uri = self.config.url.parse().map_err(|e| unavailable(&e))?;
+        let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        let req = http::Request::post(uri)
+            .header(http::header::HOST, host)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(
+                Full::new(bytes::Bytes::from(body))
+                    .map_err(|e: std::convert::Infallible| match e {}),
+            )
+            .map_err(|e| unavailable(&e))?;
+        let t = Some(self.config.timeout);
+        let options = wasmtime_wasi_http::RequestOptions {
+            connect_timeout: t,
+            first_byte_timeout: t,
+            between_bytes_timeout: t,
+        };
+        let (res, io) = wasmtime_wasi_http::default_send_request(req, Some(options))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let status = res.status();
+        let (bytes, _) = tokio::join!(Limited::new(res.into_body(), 1 << 20).collect(), async {
+            let _ = io.await;
+        });
+        let bytes = bytes.map_err(|e| unavailable(&e))?.to_bytes();
+        match status.as_u16() {
+            200 => {}
+            400 | 401 => return Err(AuthError::UnknownToken),
+            403 => return Err(AuthError::Suspended),
+            other => return Err(AuthError::Unavailable(format!("backend answered {other}"))),
+        }
+        let user: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes)
+            .map_err(|_| AuthError::Unavailable("backend answer is not a JSON object".into()))?;
+        let id = match user.get(&self.config.user_field) {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => {
+                return Err(AuthError::Unavailable(format!(
+                    "backend answer has no `{}`",
+                    self.config.user_field
+                )))
+            }
+        };
+        Ok(Identity {
+            user_id: id.into(),
+            claims: serde_json::Value::Object(user).to_string().into(),
+        })
     }
 }
 
@@ -160,6 +293,7 @@ mod tests {
                 secret: b"s3cret".to_vec(),
                 user_claim: "id".into(),
             }),
+            backend: None,
         }
     }
 

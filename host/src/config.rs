@@ -72,6 +72,16 @@ pub struct RawAuth {
     #[serde(default)]
     pub tokens: BTreeMap<String, String>,
     pub jwt: Option<RawJwt>,
+    pub backend: Option<RawBackendAuth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendAuth {
+    pub url: Option<String>,
+    pub user_field: Option<String>,
+    pub cache_ttl_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +187,19 @@ pub struct JwtConfig {
     pub user_claim: String,
 }
 
+/// Tokens checked by the backend: `POST url` with `{"i": token}` (what
+/// Misskey's `/api/i` takes); 200 answers the user, 401 an unknown token,
+/// 403 a suspended user.
+#[derive(Debug, Clone)]
+pub struct BackendAuthConfig {
+    pub url: String,
+    /// Field of the answer holding the user id.
+    pub user_field: String,
+    /// How long an answer is reused for the same token.
+    pub cache_ttl: Duration,
+    pub timeout: Duration,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -186,6 +209,7 @@ pub struct Config {
     pub api_key: Option<String>,
     pub tokens: BTreeMap<String, String>,
     pub jwt: Option<JwtConfig>,
+    pub backend_auth: Option<BackendAuthConfig>,
     pub misskey: MisskeyConfig,
     pub socketio: SocketIoConfig,
     /// Frames queued per connection before it counts as a slow reader and is closed.
@@ -344,6 +368,32 @@ impl Config {
                 })
             }
         };
+        let backend_auth = match raw.auth.backend {
+            None => None,
+            Some(b) => {
+                let url = b.url.ok_or_else(|| {
+                    invalid(
+                        "auth.backend.url",
+                        "missing (e.g. \"http://misskey:3000/api/i\")".into(),
+                    )
+                })?;
+                let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                });
+                if !ok {
+                    return Err(invalid(
+                        "auth.backend.url",
+                        format!("`{url}` is not an http(s) URL"),
+                    ));
+                }
+                Some(BackendAuthConfig {
+                    url,
+                    user_field: b.user_field.unwrap_or_else(|| "id".into()),
+                    cache_ttl: ms(b.cache_ttl_ms, 60_000),
+                    timeout: ms(b.timeout_ms, 5_000),
+                })
+            }
+        };
         for (token, user) in &raw.auth.tokens {
             if token.is_empty() || user.is_empty() {
                 return Err(invalid(
@@ -466,6 +516,7 @@ impl Config {
             api_key,
             tokens: raw.auth.tokens,
             jwt,
+            backend_auth,
             misskey,
             socketio,
             send_queue,
@@ -589,6 +640,18 @@ rooms_url = "http://backend:8080/rooms"
         .unwrap();
         assert!(c.plugin_table_json("mew").contains("rooms_url"));
         assert!(c.plugin_table_json("mew-infra").contains("admin_secret"));
+    }
+
+    #[test]
+    fn backend_auth_url_is_checked() {
+        let c = parse("[auth.backend]\nurl = \"http://misskey:3000/api/i\"").unwrap();
+        assert_eq!(c.backend_auth.unwrap().user_field, "id");
+        let e = parse("[auth.backend]\nurl = \"misskey\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.backend.url"), "{e}");
+        let e = parse("[auth.backend]\n").unwrap_err().to_string();
+        assert!(e.contains("auth.backend.url"), "{e}");
     }
 
     #[test]

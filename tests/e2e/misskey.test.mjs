@@ -433,3 +433,61 @@ describe('misskey streaming limits and heartbeats', () => {
     assert.ok(code === 1008 || code === 1006, `close code ${code}`);
   });
 });
+
+describe('misskey tokens checked by the backend', () => {
+  let host;
+  let backend;
+  let calls = 0;
+  before(async () => {
+    const http = await import('node:http');
+    const users = { 'mk-token-ivy': { id: 'ivy', username: 'ivy', isModerator: true } };
+    backend = http.createServer((req, res) => {
+      let body = '';
+      req.on('data', (d) => { body += d; });
+      req.on('end', () => {
+        calls++;
+        const { i } = JSON.parse(body || '{}');
+        if (i === 'mk-suspended') { res.writeHead(403).end('{"error":{"code":"YOUR_ACCOUNT_SUSPENDED"}}'); return; }
+        if (i === 'mk-broken') { res.writeHead(500).end('{}'); return; }
+        const user = users[i];
+        if (!user || req.headers.authorization !== `Bearer ${i}`) { res.writeHead(401).end('{"error":{}}'); return; }
+        res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(user));
+      });
+    });
+    backend.listen(0, '127.0.0.1');
+    await once(backend, 'listening');
+    host = await startHost({
+      config: `[auth.backend]\nurl = "http://127.0.0.1:${backend.address().port}/api/i"\ncache_ttl_ms = 60000\n`,
+    });
+  });
+  after(async () => { await host.stop(); backend.close(); });
+
+  test('a Misskey token is resolved by the backend, cached, and reaches the user\'s stream', async () => {
+    const s = host.stream('mk-token-ivy');
+    const main = s.useChannel('main');
+    await barrier(s);
+    const got = collect(main, 'notification');
+    await host.publish({ channel: 'mainStream:ivy', message: { type: 'notification', body: { id: 'n' } } });
+    await until(() => got.length === 1);
+    const ws = await rawStream(host, '?i=mk-token-ivy');
+    sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p', params: {} } });
+    sendJson(ws, { type: 'ch', body: { id: 'p', type: 'whoami' } });
+    const who = (await frame(ws, (f) => f.body?.type === 'whoami')).body.body;
+    assert.equal(who.userId, 'ivy');
+    assert.equal(who.claims.isModerator, true, 'the backend\'s answer is the claims');
+    assert.equal(calls, 1, 'the second connection used the cached answer');
+  });
+
+  test('unknown is 401, suspended is 403, a failing backend is 503 — all before the upgrade', async () => {
+    for (const [token, status] of [['mk-nope', 401], ['mk-suspended', 403], ['mk-broken', 503]]) {
+      const ws = new WebSocket(`${host.ws}/streaming?i=${token}`);
+      const [, res] = await once(ws, 'unexpected-response');
+      assert.equal(res.statusCode, status, token);
+      ws.on('error', () => {});
+      ws.terminate();
+    }
+    // Local providers still answer without the backend.
+    const s = host.stream('tok-alice');
+    await barrier(s);
+  });
+});

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::header_list;
+use crate::auth::AuthError;
 use crate::hub::{ConnHandle, Outbound, Protocol};
 use crate::node::Node;
 use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
@@ -53,12 +54,17 @@ pub async fn handler(
 ) -> Response {
     let identity = match token_of(&uri, &headers) {
         None => None,
-        Some(token) => match node.auth.verify(&token) {
+        Some(token) => match node.auth.authenticate(&token).await {
             Ok(id) => Some(id),
             Err(e) => {
                 tracing::debug!("streaming auth refused: {e}");
+                let status = match e {
+                    AuthError::Suspended => StatusCode::FORBIDDEN,
+                    AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::UNAUTHORIZED,
+                };
                 return (
-                    StatusCode::UNAUTHORIZED,
+                    status,
                     axum::Json(serde_json::json!({"error": "authentication failed", "reason": e.to_string()})),
                 )
                     .into_response();
