@@ -65,10 +65,13 @@ const CACHE_MAX: usize = 100_000;
 /// How long a refusal is remembered.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 
+type Cached = (Instant, Result<Identity, AuthError>);
+
 #[derive(Debug)]
 struct Backend {
     config: BackendAuthConfig,
-    cache: Mutex<HashMap<String, (Instant, Result<Identity, AuthError>)>>,
+    /// Token -> (valid until, answer).
+    cache: Mutex<HashMap<String, Cached>>,
 }
 
 impl Authenticator {
