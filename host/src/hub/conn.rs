@@ -96,16 +96,20 @@ pub enum Outbound {
     Binary(Vec<u8>),
     /// A room event for one slot; the writer frames it for its protocol.
     Event { slot: Slot, event: Arc<SharedEvent> },
-    /// Socket.IO: the reply to a namespace CONNECT. Events for that slot
-    /// queued while its plugin decided are written after it (`release`) or
-    /// dropped.
-    Gate {
-        slot: Arc<str>,
-        /// Which CONNECT of that slot this answers (a later one may follow).
-        generation: u64,
-        text: String,
-        release: bool,
-    },
+    /// Socket.IO: the reply to a namespace CONNECT (boxed: rare, and the
+    /// queue's slots are sized by the largest variant).
+    Gate(Box<Gate>),
+}
+
+/// Socket.IO: the reply to a namespace CONNECT. Events for that slot queued
+/// while its plugin decided are written after it (`release`) or dropped.
+#[derive(Debug)]
+pub struct Gate {
+    pub slot: Arc<str>,
+    /// Which CONNECT of that slot this answers (a later one may follow).
+    pub generation: u64,
+    pub text: String,
+    pub release: bool,
 }
 
 /// An open channel instance.
@@ -408,6 +412,16 @@ impl ConnHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_items_stay_small() {
+        // Every connection's queue allocates slots of this size.
+        assert!(
+            std::mem::size_of::<Outbound>() <= 32,
+            "{}",
+            std::mem::size_of::<Outbound>()
+        );
+    }
 
     #[test]
     fn captures_are_ref_counted_and_evict_oldest() {

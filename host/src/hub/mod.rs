@@ -21,7 +21,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use conn::{
-    CaptureChange, Condition, ConnHandle, ConnId, ConnState, Filter, InstanceState, Outbound,
+    CaptureChange, Condition, ConnHandle, ConnId, ConnState, Filter, Gate, InstanceState, Outbound,
     Protocol, Slot, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;

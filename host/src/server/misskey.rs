@@ -215,7 +215,7 @@ impl Session {
     fn frame(&self, out: Outbound) -> Option<String> {
         match out {
             Outbound::Text(t) => Some(t),
-            Outbound::Binary(_) | Outbound::Gate { .. } => None,
+            Outbound::Binary(_) | Outbound::Gate(_) => None,
             Outbound::Event { slot, event } => {
                 let addressing = if slot.is_capture() {
                     Addressing::NoteUpdated

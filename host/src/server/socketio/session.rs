@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::SioServer;
-use crate::hub::{ConnHandle, Outbound};
+use crate::hub::{ConnHandle, Gate, Outbound};
 use crate::node::Node;
 use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
 use crate::protocol::engineio::{self, Packet};
@@ -397,12 +397,12 @@ impl Session {
                 )
             }
         };
-        self.conn.push(Outbound::Gate {
+        self.conn.push(Outbound::Gate(Box::new(Gate {
             slot: key,
             generation,
             text: format!("4{text}"),
             release: accepted,
-        });
+        })));
     }
 
     /// Renders a queued item into Engine.IO packets, holding back events of
@@ -432,12 +432,13 @@ impl Session {
                     into.push(EioOut::Binary(a.clone()));
                 }
             }
-            Outbound::Gate {
-                slot,
-                generation,
-                text,
-                release,
-            } => {
+            Outbound::Gate(gate) => {
+                let Gate {
+                    slot,
+                    generation,
+                    text,
+                    release,
+                } = *gate;
                 into.push(EioOut::Text(text));
                 // Only this CONNECT's hold: a later CONNECT to the same
                 // namespace keeps its own until its own reply.
