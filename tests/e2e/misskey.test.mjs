@@ -475,6 +475,10 @@ describe('misskey tokens checked by the backend', () => {
     const who = (await frame(ws, (f) => f.body?.type === 'whoami')).body.body;
     assert.equal(who.userId, 'ivy');
     assert.equal(who.claims.isModerator, true, 'the backend\'s answer is the claims');
+    // Plugins that call the backend on the user's behalf get the token.
+    sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'c', params: { echoCredential: true } } });
+    const cred = await frame(ws, (f) => f.body?.type === 'credential');
+    assert.equal(cred.body.body, 'mk-token-ivy');
     assert.equal(calls, 1, 'the second connection used the cached answer');
   });
 

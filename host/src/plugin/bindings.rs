@@ -405,6 +405,7 @@ impl Guest {
             identity: req.identity.map(wit_identity),
             headers: req.headers.to_vec(),
             query: req.query.to_vec(),
+            credential: req.credential.map(|c| c.to_string()),
         };
         Ok(self
             .0

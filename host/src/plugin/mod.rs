@@ -96,6 +96,7 @@ pub struct ConnectRequest {
     pub identity: Option<Identity>,
     pub headers: Arc<[(String, String)]>,
     pub query: Arc<[(String, String)]>,
+    pub credential: Option<Arc<str>>,
 }
 
 /// A plugin's refusal of a connect.

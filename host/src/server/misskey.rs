@@ -52,9 +52,10 @@ pub async fn handler(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let identity = match token_of(&uri, &headers) {
+    let token = token_of(&uri, &headers);
+    let identity = match &token {
         None => None,
-        Some(token) => match node.auth.authenticate(&token).await {
+        Some(token) => match node.auth.authenticate(token).await {
             Ok(id) => Some(id),
             Err(e) => {
                 tracing::debug!("streaming auth refused: {e}");
@@ -73,6 +74,7 @@ pub async fn handler(
     };
     let headers = header_list(&headers);
     let query = super::query_list(&uri, &["i"]);
+    let credential: Option<Arc<str>> = token.map(Into::into);
     let max = node.config.misskey.max_frame_bytes;
     ws.read_buffer_size(4096)
         .write_buffer_size(0)
@@ -88,6 +90,7 @@ pub async fn handler(
                 conn,
                 headers,
                 query,
+                credential,
             };
             session.run(socket, rx).await;
             node.close_conn(id);
@@ -99,6 +102,8 @@ struct Session {
     conn: Arc<ConnHandle>,
     headers: Arc<[(String, String)]>,
     query: Arc<[(String, String)]>,
+    /// The token the stream authenticated with, for plugins.
+    credential: Option<Arc<str>>,
 }
 
 enum End {
@@ -327,6 +332,7 @@ impl Session {
             identity: conn.identity().cloned(),
             headers: self.headers.clone(),
             query: self.query.clone(),
+            credential: self.credential.clone(),
         };
         match plugin.connect(req).await {
             Ok(Ok(())) => {

@@ -371,6 +371,7 @@ impl Session {
             identity: self.conn.identity().cloned(),
             headers: self.headers.clone(),
             query: self.query.clone(),
+            credential: None,
         };
         let (text, accepted) = match plugin.connect(req).await {
             Ok(Ok(())) => {

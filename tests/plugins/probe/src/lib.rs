@@ -4,7 +4,8 @@
 //!
 //! Init fails when its config has `fail_init = true`.
 //!
-//! Connect params: `{"reject": true}` refuses; `{"room": R}` joins room R.
+//! Connect params: `{"reject": true}` refuses; `{"room": R}` joins room R;
+//! `{"echoCredential": true}` sends back `credential` (the stream's token).
 //! Messages (`ch` type, body):
 //! - `echo X` -> `echo X`
 //! - `join {room}` / `leave {room}` -> `joined`/`left {room}` once done
@@ -89,6 +90,10 @@ impl Guest for Probe {
         let room = str_of(&params, "room");
         if !room.is_empty() {
             host::join(&req.target, room);
+        }
+        if params.get("echoCredential") == Some(&Value::Bool(true)) {
+            let cred = req.credential.clone().map_or(Value::Null, Value::String);
+            host::send(&req.target, "credential", &json(cred.to_string()));
         }
         Ok(())
     }
