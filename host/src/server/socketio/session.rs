@@ -170,7 +170,6 @@ impl Session {
             .lock()
             .insert(session.sid.clone(), session.clone());
         tokio::spawn(heartbeat(session.clone(), pong_rx));
-        tokio::spawn(connect_timeout(session.clone()));
         session
     }
 
@@ -461,9 +460,14 @@ impl Session {
     }
 }
 
+/// The session's one timer task: pings, pong deadlines, the connect
+/// timeout, close requests and shutdown.
 async fn heartbeat(session: Arc<Session>, mut pongs: mpsc::Receiver<()>) {
-    let cfg = session.node.config.socketio.clone();
     let node = session.node.clone();
+    let cfg = &node.config.socketio;
+    let connect_deadline = tokio::time::sleep(cfg.connect_timeout);
+    tokio::pin!(connect_deadline);
+    let mut connect_pending = true;
     let mut waiting_pong = false;
     loop {
         let wait = if waiting_pong {
@@ -482,6 +486,13 @@ async fn heartbeat(session: Arc<Session>, mut pongs: mpsc::Receiver<()>) {
                 waiting_pong = true;
             }
             Some(()) = pongs.recv(), if waiting_pong => waiting_pong = false,
+            _ = &mut connect_deadline, if connect_pending => {
+                connect_pending = false;
+                if !session.connected_once.load(Ordering::SeqCst) {
+                    session.close("no namespace connected in time");
+                    return;
+                }
+            }
             (code, reason) = session.conn.closed() => {
                 session.server_close(code, &reason);
                 // The transport ends the session once the close packet is
@@ -500,17 +511,5 @@ async fn heartbeat(session: Arc<Session>, mut pongs: mpsc::Receiver<()>) {
             }
             _ = session.closed.cancelled() => return,
         }
-    }
-}
-
-async fn connect_timeout(session: Arc<Session>) {
-    let t = session.node.config.socketio.connect_timeout;
-    tokio::select! {
-        _ = tokio::time::sleep(t) => {
-            if !session.connected_once.load(Ordering::SeqCst) {
-                session.close("no namespace connected in time");
-            }
-        }
-        _ = session.closed.cancelled() => {}
     }
 }
