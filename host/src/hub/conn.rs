@@ -147,8 +147,8 @@ pub struct Filter {
 #[derive(Debug, Default)]
 pub struct ConnState {
     pub instances: HashMap<Arc<str>, InstanceState>,
-    /// Attribute sets by (plugin, name), for filtered deliveries.
-    attributes: HashMap<(Arc<str>, String), HashSet<String>>,
+    /// Attribute sets by plugin, then name, for filtered deliveries.
+    attributes: HashMap<Arc<str>, HashMap<String, HashSet<String>>>,
     memberships: HashSet<(Arc<str>, Slot)>,
     captures: HashMap<Arc<str>, u32>,
     capture_order: VecDeque<Arc<str>>,
@@ -267,11 +267,11 @@ impl ConnHandle {
     /// Replaces a plugin's attribute set on this connection.
     pub fn set_attribute(&self, owner: &Arc<str>, name: &str, values: Vec<String>) {
         let mut st = self.state.lock();
-        let key = (owner.clone(), name.to_owned());
+        let sets = st.attributes.entry(owner.clone()).or_default();
         if values.is_empty() {
-            st.attributes.remove(&key);
+            sets.remove(name);
         } else {
-            st.attributes.insert(key, values.into_iter().collect());
+            sets.insert(name.to_owned(), values.into_iter().collect());
         }
     }
 
@@ -284,27 +284,33 @@ impl ConnHandle {
         remove: &[String],
     ) {
         let mut st = self.state.lock();
-        let key = (owner.clone(), name.to_owned());
-        let set = st.attributes.entry(key.clone()).or_default();
+        let sets = st.attributes.entry(owner.clone()).or_default();
+        let set = sets.entry(name.to_owned()).or_default();
         set.extend(add);
         for r in remove {
             set.remove(r);
         }
         if set.is_empty() {
-            st.attributes.remove(&key);
+            sets.remove(name);
         }
     }
 
-    /// Whether this connection passes every condition (a missing set is empty).
-    pub fn passes(&self, owner: &Arc<str>, conditions: &[Condition]) -> bool {
+    /// Whether this connection passes every condition (a missing set is
+    /// empty). Runs once per member in a filtered fan-out: no allocation.
+    pub fn passes(&self, owner: &str, conditions: &[Condition]) -> bool {
         let st = self.state.lock();
+        let sets = st.attributes.get(owner);
         conditions.iter().all(|c| {
-            let hit = st
-                .attributes
-                .get(&(owner.clone(), c.attribute.clone()))
+            let hit = sets
+                .and_then(|s| s.get(c.attribute.as_str()))
                 .is_some_and(|set| c.keys.iter().any(|k| set.contains(k)));
             hit != c.exclude
         })
+    }
+
+    /// Whether an instance with this id is open.
+    pub fn has_instance(&self, id: &str) -> bool {
+        self.state.lock().instances.contains_key(id)
     }
 
     /// The instance with this id, if open.

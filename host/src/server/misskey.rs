@@ -225,7 +225,9 @@ impl Session {
                 let addressing = if slot.is_capture() {
                     Addressing::NoteUpdated
                 } else {
-                    self.conn.instance(slot.id())?;
+                    if !self.conn.has_instance(slot.id()) {
+                        return None;
+                    }
                     Addressing::Channel
                 };
                 Some(misskey::splice_event(

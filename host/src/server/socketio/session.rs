@@ -421,7 +421,7 @@ impl Session {
                         return;
                     }
                 }
-                if self.conn.instance(nsp).is_none() {
+                if !self.conn.has_instance(nsp) {
                     return;
                 }
                 into.push(EioOut::Text(format!(
