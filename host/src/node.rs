@@ -167,6 +167,7 @@ impl Node {
                         file = %path.display(),
                         version = m.version,
                         channels = ?m.channels.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                        namespaces = ?m.namespaces,
                         "plugin loaded"
                     );
                 }
