@@ -310,7 +310,8 @@ async fn rooms_leave(
 
 /// `GET /api/plugins/<plugin>/kv/<key>`: a value of a plugin's key-value
 /// store, for operators (plugins publish their state there, e.g. the online
-/// services of `mew-infra`). JSON values are returned as JSON.
+/// services of `mew-infra`). JSON values are returned as JSON. Keys starting
+/// with `_` are private to the plugin (configs, credentials) and refused.
 async fn plugin_kv(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -321,6 +322,12 @@ async fn plugin_kv(
         return r;
     }
     use crate::plugin::HostServices;
+    if key.starts_with('_') {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("key `{key}` is private to plugin `{plugin}` (keys starting with `_` are)"),
+        );
+    }
     match node.kv().get(&plugin, &key) {
         Some(v) => {
             let value = serde_json::from_str::<serde_json::Value>(&v)

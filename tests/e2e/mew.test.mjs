@@ -223,6 +223,13 @@ cors_origins = ["https://mew.example"]
     b.close();
     await until(async () => !(await online()).includes('translator'), 5000, 'translator offline');
     assert.ok((await online()).includes('webhook'));
+    // The plugins' own config and the users' tokens stay private.
+    for (const path of ['mew-infra/kv/_config', 'mew/kv/_config']) {
+      const r = await fetch(`${host.url}/api/plugins/${path}`, { headers: { authorization: `Bearer ${API_KEY}` } });
+      assert.equal(r.status, 403, path);
+    }
+    const missing = await fetch(`${host.url}/api/plugins/mew-infra/kv/nope`, { headers: { authorization: `Bearer ${API_KEY}` } });
+    assert.equal(missing.status, 404);
   });
 });
 

@@ -80,7 +80,7 @@ impl Guest for Infra {
             None | Some(Value::String(_)) => {}
             Some(_) => return Err("admin_secret must be a string".into()),
         }
-        host::kv_set("config", &config);
+        host::kv_set("_config", &config);
         if host::kv_get(ONLINE).is_none() {
             host::kv_set(ONLINE, "[]");
         }
@@ -88,7 +88,7 @@ impl Guest for Infra {
     }
 
     fn connect(req: ConnectRequest) -> Result<(), Rejection> {
-        let cfg: Value = host::kv_get("config")
+        let cfg: Value = host::kv_get("_config")
             .and_then(|c| serde_json::from_str(&c).ok())
             .unwrap_or(Value::Null);
         let secret = cfg

@@ -41,7 +41,7 @@ fn refuse(message: &str) -> Rejection {
 }
 
 fn config_str(key: &str) -> Option<String> {
-    let cfg: Value = serde_json::from_str(&host::kv_get("config")?).ok()?;
+    let cfg: Value = serde_json::from_str(&host::kv_get("_config")?).ok()?;
     cfg.get(key)?.as_str().map(str::to_owned)
 }
 
@@ -58,7 +58,7 @@ fn cookie_token(headers: &[(String, String)]) -> Option<String> {
 }
 
 fn token_key(connection: u64) -> String {
-    format!("token:{connection}")
+    format!("_token:{connection}")
 }
 
 fn backend_rooms(token: &str) -> Vec<String> {
@@ -127,7 +127,7 @@ impl Guest for Mew {
     }
 
     fn init(config: String) -> Result<(), String> {
-        host::kv_set("config", &config);
+        host::kv_set("_config", &config);
         host::listen(PRESENCE);
         Ok(())
     }
