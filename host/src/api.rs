@@ -24,8 +24,8 @@ use crate::node::Node;
 pub fn router() -> Router<Arc<Node>> {
     Router::new()
         .route("/api/publish", post(publish))
-        .route("/api/rooms/join", post(rooms_join))
-        .route("/api/rooms/leave", post(rooms_leave))
+        .route("/api/rooms/join", post(rooms::<true>))
+        .route("/api/rooms/leave", post(rooms::<false>))
         .route("/api/plugins/{plugin}/kv/{key}", get(plugin_kv))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -248,12 +248,12 @@ fn parse_rooms(body: &[u8]) -> Result<RoomsBody, String> {
     Ok(b)
 }
 
-async fn rooms(
-    node: Arc<Node>,
-    peer: SocketAddr,
+/// `POST /api/rooms/join` (`JOIN`) and `/api/rooms/leave`.
+async fn rooms<const JOIN: bool>(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
-    join: bool,
 ) -> Response {
     if let Err(r) = authorize(&node, peer, &headers) {
         return r;
@@ -279,7 +279,7 @@ async fn rooms(
         instances += slots.len();
         for slot in slots {
             for room in &b.rooms {
-                if join {
+                if JOIN {
                     node.hub.join(conn, slot.clone(), room);
                 } else {
                     node.hub.leave(conn, &slot, room);
@@ -288,24 +288,6 @@ async fn rooms(
         }
     }
     Json(json!({ "connections": conns.len(), "instances": instances })).into_response()
-}
-
-async fn rooms_join(
-    State(node): State<Arc<Node>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    rooms(node, peer, headers, body, true).await
-}
-
-async fn rooms_leave(
-    State(node): State<Arc<Node>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    rooms(node, peer, headers, body, false).await
 }
 
 /// `GET /api/plugins/<plugin>/kv/<key>`: a value of a plugin's key-value

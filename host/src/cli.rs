@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, EnvOverrides, Overrides, PluginRuntimeConfig, RawConfig};
+use crate::config::{Config, EnvOverrides, Overrides, RawConfig};
 use crate::node::Node;
 use crate::plugin::{DetachedServices, HostServices, PluginEngine, EXPORT_NAME};
 
@@ -106,7 +106,7 @@ fn check(path: &Path, config: Option<&Path>) -> anyhow::Result<()> {
         None => "{}".to_owned(),
     };
     let limits = Config::for_plugins(".").plugin_runtime;
-    let engine = PluginEngine::new(&PluginRuntimeConfig { ..limits }, None)?;
+    let engine = PluginEngine::new(&limits, None)?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let invalid = |e: crate::plugin::engine::PluginError| {
         anyhow::anyhow!("{}: invalid plugin: {e}", path.display())

@@ -261,11 +261,6 @@ impl Hub {
         }
     }
 
-    /// Number of members of a room on this node.
-    pub fn room_size(&self, room: &str) -> usize {
-        self.shard(room).read().get(room).map_or(0, |m| m.len())
-    }
-
     /// Delivers an event to every member of a room (except one slot).
     /// Returns how many members it was queued for.
     pub fn deliver(&self, room: &str, event: &Arc<SharedEvent>, filter: &Filter) -> usize {

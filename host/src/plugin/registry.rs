@@ -75,10 +75,6 @@ impl Registry {
         }
     }
 
-    pub fn engine(&self) -> &Arc<PluginEngine> {
-        &self.engine
-    }
-
     /// The plugin serving a Misskey channel, and the channel's spec.
     pub fn channel(&self, name: &str) -> Option<(Arc<PluginSlot>, ChannelSpec)> {
         self.routes.read().channels.get(name).cloned()

@@ -20,7 +20,7 @@
 use chanhost_plugin::types::{
     ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload, Rejection,
 };
-use chanhost_plugin::{export, host, Guest};
+use chanhost_plugin::{export, host, log_info, Guest};
 use serde_json::Value;
 
 const RESERVED: [&str; 1] = ["sdk"];
@@ -128,10 +128,7 @@ impl Guest for Infra {
         host::kv_set(&conn_key(req.target.connection), service);
         if host::kv_incr(&format!("count:{service}"), 1) == 1 {
             set_online(service, true);
-            host::log(
-                chanhost_plugin::types::LogLevel::Info,
-                &format!("service {service} online"),
-            );
+            log_info(&format!("service {service} online"));
         }
         Ok(())
     }
@@ -147,10 +144,7 @@ impl Guest for Infra {
         if host::kv_incr(&format!("count:{service}"), -1) <= 0 {
             host::kv_delete(&format!("count:{service}"));
             set_online(&service, false);
-            host::log(
-                chanhost_plugin::types::LogLevel::Info,
-                &format!("service {service} offline"),
-            );
+            log_info(&format!("service {service} offline"));
         }
     }
 

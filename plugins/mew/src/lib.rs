@@ -25,7 +25,7 @@ use chanhost_plugin::http;
 use chanhost_plugin::types::{
     ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload, Rejection,
 };
-use chanhost_plugin::{export, host, json, Guest};
+use chanhost_plugin::{export, host, json, log_warn, Guest};
 use serde_json::{json as j, Value};
 
 const EVERYONE: &str = "mew:all";
@@ -79,17 +79,11 @@ fn backend_rooms(token: &str) -> Vec<String> {
             })
             .unwrap_or_default(),
         Ok(r) => {
-            host::log(
-                chanhost_plugin::types::LogLevel::Warn,
-                &format!("rooms_url answered {}", r.status),
-            );
+            log_warn(&format!("rooms_url answered {}", r.status));
             Vec::new()
         }
         Err(e) => {
-            host::log(
-                chanhost_plugin::types::LogLevel::Warn,
-                &format!("rooms_url: {e}"),
-            );
+            log_warn(&format!("rooms_url: {e}"));
             Vec::new()
         }
     }
@@ -171,10 +165,7 @@ impl Guest for Mew {
         let args: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
         let payload = args.get(0).cloned().unwrap_or(Value::Null);
         if let Err(e) = create_message(&target, &payload) {
-            host::log(
-                chanhost_plugin::types::LogLevel::Warn,
-                &format!("message/create failed: {e}"),
-            );
+            log_warn(&format!("message/create failed: {e}"));
             let err = j!({"message": "Failed to create message"}).to_string();
             host::send(&target, "error", &json(err));
         }

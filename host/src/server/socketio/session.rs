@@ -87,6 +87,8 @@ pub struct Session {
     /// Namespaces whose CONNECT is being decided: their events are held,
     /// tagged with the generation of that CONNECT.
     held: Mutex<HashMap<Arc<str>, Held>>,
+    /// Entries in `held`: the writer skips the lock while it is 0.
+    holding: std::sync::atomic::AtomicUsize,
     generation: std::sync::atomic::AtomicU64,
     /// Packets rendered for a poll but kept for the next one.
     carried: Mutex<Vec<EioOut>>,
@@ -161,6 +163,7 @@ impl Session {
             posting: tokio::sync::Mutex::new(()),
             pong_tx,
             held: Mutex::new(HashMap::new()),
+            holding: std::sync::atomic::AtomicUsize::new(0),
             generation: std::sync::atomic::AtomicU64::new(0),
             carried: Mutex::new(Vec::new()),
             connected_once: AtomicBool::new(false),
@@ -355,9 +358,14 @@ impl Session {
         node.close_instance(&self.conn, &nsp, DisconnectReason::Replaced, true);
         let key: Arc<str> = nsp.as_str().into();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        self.held
+        if self
+            .held
             .lock()
-            .insert(key.clone(), (generation, Vec::new()));
+            .insert(key.clone(), (generation, Vec::new()))
+            .is_none()
+        {
+            self.holding.fetch_add(1, Ordering::SeqCst);
+        }
         node.open_instance(&self.conn, &nsp, &plugin.name, &nsp);
         let req = ConnectRequest {
             target: InstanceRef {
@@ -414,7 +422,7 @@ impl Session {
             Outbound::Binary(b) => into.push(EioOut::Binary(b)),
             Outbound::Event { slot, event } => {
                 let nsp = slot.id();
-                {
+                if self.holding.load(Ordering::SeqCst) > 0 {
                     let mut held = self.held.lock();
                     if let Some((_, h)) = held.get_mut(nsp) {
                         h.push(Outbound::Event { slot, event });
@@ -445,7 +453,10 @@ impl Session {
                 let held = {
                     let mut map = self.held.lock();
                     match map.get(&slot) {
-                        Some((g, _)) if *g == generation => map.remove(&slot).map(|(_, h)| h),
+                        Some((g, _)) if *g == generation => {
+                            self.holding.fetch_sub(1, Ordering::SeqCst);
+                            map.remove(&slot).map(|(_, h)| h)
+                        }
                         _ => None,
                     }
                 }
