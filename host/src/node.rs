@@ -601,11 +601,23 @@ impl HostServices for Node {
         let Ok(conn) = self.served(plugin, connection) else {
             return;
         };
-        let owner: Arc<str> = plugin.into();
-        match remove {
-            None => conn.set_attribute(&owner, name, add),
-            Some(remove) => conn.update_attribute(&owner, name, add, &remove),
-        }
+        conn.set_attribute(&plugin.into(), name, add, remove.as_deref());
+    }
+
+    fn set_user_attribute(
+        &self,
+        plugin: &str,
+        user: &str,
+        name: &str,
+        add: Vec<String>,
+        remove: Option<Vec<String>>,
+    ) {
+        self.hub
+            .set_user_attribute(user, &plugin.into(), name, add, remove.as_deref());
+    }
+
+    fn has_user_attribute(&self, plugin: &str, user: &str, name: &str) -> bool {
+        self.hub.has_user_attribute(user, plugin, name)
     }
 
     fn listen(&self, plugin: &Arc<str>, room: &str) {

@@ -143,12 +143,50 @@ pub struct Filter {
     pub conditions: Arc<[Condition]>,
 }
 
+/// Attribute sets by plugin, then set name.
+pub type AttributeSets = HashMap<Arc<str>, HashMap<String, HashSet<String>>>;
+
+/// A user's attribute sets on this node, shared by all their connections.
+pub type UserAttributes = parking_lot::RwLock<AttributeSets>;
+
+/// Replaces (`remove` = None) or updates one named set of one plugin.
+pub(super) fn apply_attribute(
+    sets: &mut AttributeSets,
+    owner: &Arc<str>,
+    name: &str,
+    add: Vec<String>,
+    remove: Option<&[String]>,
+) {
+    let plugin_sets = sets.entry(owner.clone()).or_default();
+    match remove {
+        None if add.is_empty() => {
+            plugin_sets.remove(name);
+        }
+        None => {
+            plugin_sets.insert(name.to_owned(), add.into_iter().collect());
+        }
+        Some(remove) => {
+            let set = plugin_sets.entry(name.to_owned()).or_default();
+            set.extend(add);
+            for r in remove {
+                set.remove(r);
+            }
+            if set.is_empty() {
+                plugin_sets.remove(name);
+            }
+        }
+    }
+    if plugin_sets.is_empty() {
+        sets.remove(owner);
+    }
+}
+
 /// Mutable per-connection state.
 #[derive(Debug, Default)]
 pub struct ConnState {
     pub instances: HashMap<Arc<str>, InstanceState>,
     /// Attribute sets by plugin, then name, for filtered deliveries.
-    attributes: HashMap<Arc<str>, HashMap<String, HashSet<String>>>,
+    attributes: AttributeSets,
     memberships: HashSet<(Arc<str>, Slot)>,
     captures: HashMap<Arc<str>, u32>,
     capture_order: VecDeque<Arc<str>>,
@@ -185,6 +223,8 @@ pub struct ConnHandle {
     close: Mutex<Option<(u16, String)>>,
     close_notify: Notify,
     state: Mutex<ConnState>,
+    /// The attribute sets of the connection's user, once identified.
+    user_attributes: std::sync::OnceLock<Arc<UserAttributes>>,
 }
 
 impl ConnHandle {
@@ -205,6 +245,7 @@ impl ConnHandle {
             close: Mutex::new(None),
             close_notify: Notify::new(),
             state: Mutex::new(ConnState::default()),
+            user_attributes: std::sync::OnceLock::new(),
         });
         (h, rx)
     }
@@ -264,45 +305,36 @@ impl ConnHandle {
         f(&mut self.state.lock())
     }
 
-    /// Replaces a plugin's attribute set on this connection.
-    pub fn set_attribute(&self, owner: &Arc<str>, name: &str, values: Vec<String>) {
-        let mut st = self.state.lock();
-        let sets = st.attributes.entry(owner.clone()).or_default();
-        if values.is_empty() {
-            sets.remove(name);
-        } else {
-            sets.insert(name.to_owned(), values.into_iter().collect());
-        }
-    }
-
-    /// Adds and removes values of a plugin's attribute set.
-    pub fn update_attribute(
+    /// Replaces (`remove` = None) or updates a plugin's attribute set on
+    /// this connection.
+    pub fn set_attribute(
         &self,
         owner: &Arc<str>,
         name: &str,
         add: Vec<String>,
-        remove: &[String],
+        remove: Option<&[String]>,
     ) {
-        let mut st = self.state.lock();
-        let sets = st.attributes.entry(owner.clone()).or_default();
-        let set = sets.entry(name.to_owned()).or_default();
-        set.extend(add);
-        for r in remove {
-            set.remove(r);
-        }
-        if set.is_empty() {
-            sets.remove(name);
-        }
+        apply_attribute(&mut self.state.lock().attributes, owner, name, add, remove);
     }
 
-    /// Whether this connection passes every condition (a missing set is
-    /// empty). Runs once per member in a filtered fan-out: no allocation.
+    /// Links the connection to its user's shared attribute sets.
+    pub(super) fn attach_user_attributes(&self, attrs: Arc<UserAttributes>) {
+        let _ = self.user_attributes.set(attrs);
+    }
+
+    /// Whether this connection passes every condition. A set is looked up
+    /// on the connection first, then on its user; a missing set is empty.
+    /// Runs once per member in a filtered fan-out: no allocation.
     pub fn passes(&self, owner: &str, conditions: &[Condition]) -> bool {
         let st = self.state.lock();
-        let sets = st.attributes.get(owner);
+        let own = st.attributes.get(owner);
+        let user = self.user_attributes.get().map(|u| u.read());
+        let user_sets = user.as_ref().and_then(|u| u.get(owner));
         conditions.iter().all(|c| {
-            let hit = sets
-                .and_then(|s| s.get(c.attribute.as_str()))
+            let name = c.attribute.as_str();
+            let hit = own
+                .and_then(|s| s.get(name))
+                .or_else(|| user_sets.and_then(|s| s.get(name)))
                 .is_some_and(|set| c.keys.iter().any(|k| set.contains(k)));
             hit != c.exclude
         })

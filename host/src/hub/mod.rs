@@ -22,7 +22,7 @@ use parking_lot::RwLock;
 
 pub use conn::{
     CaptureChange, Condition, ConnHandle, ConnId, ConnState, Filter, Gate, InstanceState, Outbound,
-    Protocol, Slot, SLOW_CONSUMER_CLOSE,
+    Protocol, Slot, UserAttributes, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 
@@ -39,6 +39,15 @@ struct Member {
 }
 
 type MemberKey = (ConnId, Slot);
+
+/// A user with identified connections on this node.
+#[derive(Default)]
+struct UserEntry {
+    conns: Vec<ConnId>,
+    /// Attribute sets shared by all of the user's connections; dropped
+    /// with the last of them.
+    attributes: Arc<UserAttributes>,
+}
 type RoomMap = HashMap<Arc<str>, HashMap<MemberKey, Member>>;
 
 /// What unregistering a connection left to do.
@@ -70,7 +79,7 @@ pub struct Hub {
     rooms: Box<[RwLock<RoomMap>]>,
     hasher: std::collections::hash_map::RandomState,
     /// Identified connections by user id (presence on this node).
-    users: RwLock<HashMap<Arc<str>, Vec<ConnId>>>,
+    users: RwLock<HashMap<Arc<str>, UserEntry>>,
     /// Plugins listening to a room: room -> plugin names.
     listeners: RwLock<HashMap<Arc<str>, Vec<Arc<str>>>>,
     metrics: Arc<Metrics>,
@@ -98,16 +107,23 @@ impl Hub {
         let user = conn.identity().map(|i| i.user_id.clone());
         self.conns.write().insert(conn.id, conn.clone());
         self.metrics.connections.inc();
-        user.map_or(0, |u| self.add_user_conn(u, conn.id))
+        match user {
+            Some(u) => Self::add_user_conn(&mut self.users.write(), u, &conn),
+            None => 0,
+        }
     }
 
-    fn add_user_conn(&self, user: Arc<str>, id: ConnId) -> usize {
-        let mut users = self.users.write();
-        let v = users.entry(user).or_default();
-        if !v.contains(&id) {
-            v.push(id);
+    fn add_user_conn(
+        users: &mut HashMap<Arc<str>, UserEntry>,
+        user: Arc<str>,
+        conn: &ConnHandle,
+    ) -> usize {
+        let e = users.entry(user).or_default();
+        if !e.conns.contains(&conn.id) {
+            e.conns.push(conn.id);
         }
-        v.len()
+        conn.attach_user_attributes(e.attributes.clone());
+        e.conns.len()
     }
 
     /// Gives an anonymous connection its identity. Returns the number of
@@ -126,18 +142,14 @@ impl Hub {
         if conn.unregistered.load(Ordering::SeqCst) {
             return Err(IdentifyError::NoConnection);
         }
-        let v = users.entry(wanted).or_default();
-        if !v.contains(&id) {
-            v.push(id);
-        }
-        Ok(v.len())
+        Ok(Self::add_user_conn(&mut users, wanted, &conn))
     }
 
     /// Removes a connection of a user; the number left, or None if it was
     /// not listed.
     fn remove_user_conn(&self, user: &str, id: ConnId) -> Option<usize> {
         let mut users = self.users.write();
-        let v = users.get_mut(user)?;
+        let v = &mut users.get_mut(user)?.conns;
         let before = v.len();
         v.retain(|c| *c != id);
         if v.len() == before {
@@ -152,8 +164,41 @@ impl Hub {
 
     /// The open connections of a user on this node.
     pub fn user_conns(&self, user: &str) -> Vec<Arc<ConnHandle>> {
-        let ids = self.users.read().get(user).cloned().unwrap_or_default();
+        let ids = self
+            .users
+            .read()
+            .get(user)
+            .map(|e| e.conns.clone())
+            .unwrap_or_default();
         ids.into_iter().filter_map(|id| self.conn(id)).collect()
+    }
+
+    /// Replaces (`remove` = None) or updates an attribute set of `owner`
+    /// shared by every connection of `user` on this node. False if the user
+    /// has no connection here (there is nothing to attach the set to).
+    pub fn set_user_attribute(
+        &self,
+        user: &str,
+        owner: &Arc<str>,
+        name: &str,
+        add: Vec<String>,
+        remove: Option<&[String]>,
+    ) -> bool {
+        let Some(attrs) = self.users.read().get(user).map(|e| e.attributes.clone()) else {
+            return false;
+        };
+        conn::apply_attribute(&mut attrs.write(), owner, name, add, remove);
+        true
+    }
+
+    /// Whether `user` has a non-empty attribute set `name` of `owner` here.
+    pub fn has_user_attribute(&self, user: &str, owner: &str, name: &str) -> bool {
+        self.users.read().get(user).is_some_and(|e| {
+            e.attributes
+                .read()
+                .get(owner)
+                .is_some_and(|s| s.contains_key(name))
+        })
     }
 
     /// Users with at least one identified connection on this node.
@@ -496,13 +541,15 @@ mod tests {
             hub.join(&c, inst(&c, "x"), "tl");
             rxs.push((c, rx));
         }
-        rxs[0].0.set_attribute(&p, "muting", vec!["u9".into()]);
+        rxs[0]
+            .0
+            .set_attribute(&p, "muting", vec!["u9".into()], None);
         rxs[1]
             .0
-            .set_attribute(&p, "following", vec!["u9".into(), "u2".into()]);
+            .set_attribute(&p, "following", vec!["u9".into(), "u2".into()], None);
         rxs[2]
             .0
-            .set_attribute(&other, "following", vec!["u9".into()]);
+            .set_attribute(&other, "following", vec!["u9".into()], None);
         let ev = SharedEvent::new("note", "{}".into());
         let f = |conditions: Vec<Condition>| Filter {
             except: None,
@@ -533,7 +580,7 @@ mod tests {
         assert_eq!(counts, vec![0, 3, 1]);
         rxs[1]
             .0
-            .update_attribute(&p, "following", vec![], &["u9".into()]);
+            .set_attribute(&p, "following", vec![], Some(&["u9".into()]));
         assert!(!rxs[1].0.passes(
             &p,
             &[Condition {
@@ -542,6 +589,48 @@ mod tests {
                 exclude: false
             }]
         ));
+    }
+
+    #[test]
+    fn user_attribute_sets_are_shared_by_the_users_connections() {
+        let hub = hub();
+        let p: Arc<str> = "p".into();
+        let who = |u: &str| Identity {
+            user_id: u.into(),
+            claims: "{}".into(),
+        };
+        let mut conns = Vec::new();
+        for (id, user) in [(1, Some("alice")), (2, Some("alice")), (3, None)] {
+            let (c, rx) = ConnHandle::new(id, Protocol::Misskey, user.map(who), 8);
+            hub.register(c.clone());
+            conns.push((c, rx));
+        }
+        assert!(!hub.set_user_attribute("bob", &p, "muting", vec!["u9".into()], None));
+        assert!(hub.set_user_attribute("alice", &p, "muting", vec!["u9".into()], None));
+        assert!(hub.has_user_attribute("alice", "p", "muting"));
+        assert!(!hub.has_user_attribute("alice", "q", "muting"));
+        let muted = [Condition {
+            attribute: "muting".into(),
+            keys: vec!["u9".into()],
+            exclude: true,
+        }];
+        let pass: Vec<bool> = conns.iter().map(|(c, _)| c.passes("p", &muted)).collect();
+        assert_eq!(pass, vec![false, false, true]);
+        // A connection identified later shares the same sets.
+        hub.identify(3, who("alice")).unwrap();
+        assert!(!conns[2].0.passes("p", &muted));
+        // A connection's own set of the same name takes precedence.
+        conns[0]
+            .0
+            .set_attribute(&p, "muting", vec!["u8".into()], None);
+        assert!(conns[0].0.passes("p", &muted));
+        hub.set_user_attribute("alice", &p, "muting", vec![], Some(&["u9".into()]));
+        assert!(conns[1].0.passes("p", &muted));
+        assert!(!hub.has_user_attribute("alice", "p", "muting"));
+        for id in 1..=3 {
+            hub.unregister(id);
+        }
+        assert!(!hub.set_user_attribute("alice", &p, "muting", vec!["u9".into()], None));
     }
 
     #[test]

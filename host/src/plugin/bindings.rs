@@ -247,6 +247,24 @@ impl self::chanhost::plugin::host::Host for StoreState {
         self.with(|s| s.set_attribute(&self.name, connection, &name, add, Some(remove)))
     }
 
+    fn set_user_attribute(&mut self, user_id: String, name: String, values: Vec<String>) {
+        self.with(|s| s.set_user_attribute(&self.name, &user_id, &name, values, None))
+    }
+
+    fn update_user_attribute(
+        &mut self,
+        user_id: String,
+        name: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) {
+        self.with(|s| s.set_user_attribute(&self.name, &user_id, &name, add, Some(remove)))
+    }
+
+    fn has_user_attribute(&mut self, user_id: String, name: String) -> bool {
+        self.with(|s| s.has_user_attribute(&self.name, &user_id, &name))
+    }
+
     fn listen(&mut self, room: String) {
         if self.hook == Hook::Init {
             if !self.init_listens.contains(&room) {

@@ -147,6 +147,18 @@ pub trait HostServices: Send + Sync {
         add: Vec<String>,
         remove: Option<Vec<String>>,
     );
+    /// Replaces (`remove` = None) or updates an attribute set of `plugin`
+    /// shared by every connection of `user` on this node.
+    fn set_user_attribute(
+        &self,
+        plugin: &str,
+        user: &str,
+        name: &str,
+        add: Vec<String>,
+        remove: Option<Vec<String>>,
+    );
+    /// Whether `user` has a non-empty attribute set `name` of `plugin` here.
+    fn has_user_attribute(&self, plugin: &str, user: &str, name: &str) -> bool;
     fn listen(&self, plugin: &Arc<str>, room: &str);
     fn unlisten(&self, plugin: &str, room: &str);
     /// Replaces a plugin's listens (a new version's standing listens).
@@ -194,6 +206,18 @@ impl HostServices for DetachedServices {
     ) {
     }
     fn set_attribute(&self, _: &str, _: u64, _: &str, _: Vec<String>, _: Option<Vec<String>>) {}
+    fn set_user_attribute(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: Vec<String>,
+        _: Option<Vec<String>>,
+    ) {
+    }
+    fn has_user_attribute(&self, _: &str, _: &str, _: &str) -> bool {
+        false
+    }
     fn listen(&self, _: &Arc<str>, _: &str) {}
     fn unlisten(&self, _: &str, _: &str) {}
     fn set_listens(&self, _: &Arc<str>, _: &[String]) {}
