@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use crate::hub::{Filter, NoteAudience};
 use crate::node::Node;
 
 /// Routes of the API.
@@ -94,11 +95,34 @@ struct BusMessage<'a> {
     body: Option<&'a RawValue>,
 }
 
-/// The body of a `noteStream:<id>` bus message: `{id, body}`.
+/// The body of a `noteStream:<id>` bus message: `{id, body}`, and in
+/// current Misskey also the note's `userId`, `visibility` and
+/// `visibleUserIds`, which decide who may see the update.
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct NoteStreamBody<'a> {
     #[serde(borrow, default)]
     body: Option<&'a RawValue>,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    visibility: Option<String>,
+    #[serde(default)]
+    visible_user_ids: Option<Vec<String>>,
+}
+
+impl NoteStreamBody<'_> {
+    fn audience(&self) -> Option<NoteAudience> {
+        let author = self.user_id.as_deref()?;
+        match self.visibility.as_deref()? {
+            "followers" => Some(NoteAudience::new(author, None)),
+            "specified" => Some(NoteAudience::new(
+                author,
+                Some(self.visible_user_ids.clone().unwrap_or_default()),
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// A validated publish: room, event, data (JSON text).
@@ -107,6 +131,8 @@ struct PublishItem<'a> {
     room: String,
     event: String,
     data: &'a str,
+    /// Misskey note updates of non-public notes: who may see them.
+    audience: Option<NoteAudience>,
 }
 
 fn raw_or_null(v: Option<&RawValue>) -> &str {
@@ -134,6 +160,7 @@ fn normalize(i: usize, it: RawItem<'_>) -> Result<PublishItem<'_>, String> {
                 room,
                 event,
                 data: raw_or_null(it.data),
+                audience: None,
             })
         }
         (None, Some(channel)) => {
@@ -154,14 +181,17 @@ fn normalize(i: usize, it: RawItem<'_>) -> Result<PublishItem<'_>, String> {
                     room: channel,
                     event: "note".into(),
                     data: message.get(),
+                    audience: None,
                 });
             }
             let m: BusMessage<'_> = serde_json::from_str(message.get())
                 .map_err(|e| format!("item {i}: `message` must be {{\"type\", \"body\"}}: {e}"))?;
             let mut data = raw_or_null(m.body);
-            // Misskey wraps note stream events as {id, body}.
+            let mut audience = None;
+            // Misskey wraps note stream events as {id, body, ...}.
             if channel.starts_with("noteStream:") {
                 if let Ok(inner) = serde_json::from_str::<NoteStreamBody<'_>>(data) {
+                    audience = inner.audience();
                     data = raw_or_null(inner.body);
                 }
             }
@@ -169,6 +199,7 @@ fn normalize(i: usize, it: RawItem<'_>) -> Result<PublishItem<'_>, String> {
                 room: channel,
                 event: m.kind,
                 data,
+                audience,
             })
         }
         (Some(_), Some(_)) => Err(format!("item {i}: give `room` or `channel`, not both")),
@@ -212,10 +243,15 @@ async fn publish(
         Ok(items) => items,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    for it in &items {
-        node.publish(&it.room, &it.event, it.data.into());
+    let published = items.len();
+    for it in items {
+        let filter = Filter {
+            audience: it.audience.map(Arc::new),
+            ..Filter::default()
+        };
+        node.publish_filtered(&it.room, &it.event, it.data.into(), filter);
     }
-    Json(json!({ "published": items.len() })).into_response()
+    Json(json!({ "published": published })).into_response()
 }
 
 /// Body of `/api/rooms/join` and `/api/rooms/leave`.
@@ -395,6 +431,20 @@ mod tests {
                 ("broadcast", "emojiAdded", "null"),
             ]
         );
+        assert!(items.iter().all(|i| i.audience.is_none()));
+        let items = parse_publish(
+            br#"[{"channel":"noteStream:n2","message":{"type":"reacted","body":{"id":"n2","userId":"u1","visibility":"followers","visibleUserIds":[],"body":{"reaction":"+1"}}}},
+                 {"channel":"noteStream:n3","message":{"type":"deleted","body":{"id":"n3","userId":"u1","visibility":"specified","visibleUserIds":["u2"],"body":{}}}},
+                 {"channel":"noteStream:n4","message":{"type":"deleted","body":{"id":"n4","userId":"u1","visibility":"home","body":{}}}}]"#,
+        )
+        .unwrap();
+        assert_eq!(items[0].data, r#"{"reaction":"+1"}"#);
+        assert_eq!(items[0].audience, Some(NoteAudience::new("u1", None)));
+        assert_eq!(
+            items[1].audience,
+            Some(NoteAudience::new("u1", Some(vec!["u2".into()])))
+        );
+        assert_eq!(items[2].audience, None);
         assert!(parse_publish(br#"{"channel":"x"}"#)
             .unwrap_err()
             .contains("message"));

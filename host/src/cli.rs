@@ -68,6 +68,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let node = Node::new(config)?;
     node.load_plugins().await?;
     node.spawn_watcher()?;
+    crate::stats::spawn(Arc::downgrade(&node));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

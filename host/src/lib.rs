@@ -8,6 +8,7 @@
 //! - [`broker`]: how publishes reach every node (in-memory by default).
 //! - [`node`]: owns all of the above for one process.
 //! - [`server`]: HTTP and WebSocket sessions; [`api`]: publish and operations.
+//! - [`stats`]: machine figures for Misskey's `serverStats`.
 //! - [`auth`], [`config`], [`metrics`], [`cli`].
 
 pub mod api;
@@ -21,3 +22,4 @@ pub mod node;
 pub mod plugin;
 pub mod protocol;
 pub mod server;
+pub mod stats;

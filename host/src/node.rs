@@ -362,13 +362,18 @@ impl Node {
 
     /// Publishes an event to a room on every node. `data` must be JSON.
     pub fn publish(&self, room: &str, event: &str, data: Arc<str>) {
+        self.publish_filtered(room, event, data, Filter::default())
+    }
+
+    /// Publishes an event that only the members passing `filter` receive.
+    pub fn publish_filtered(&self, room: &str, event: &str, data: Arc<str>, filter: Filter) {
         self.metrics.publishes.inc();
         let p = Publication {
             room: room.into(),
             event: event.into(),
             data,
             attachments: Arc::from(Vec::new()),
-            filter: Filter::default(),
+            filter,
         };
         if let Err(e) = self.broker.publish(p) {
             tracing::error!("publish to {room} failed: {e}");
@@ -577,6 +582,7 @@ impl HostServices for Node {
             data: data.json.into(),
             attachments: data.attachments.into(),
             filter: Filter {
+                audience: None,
                 except: except.map(|e| (e.connection, e.id.into())),
                 owner: Some(plugin.into()),
                 conditions: conditions.into(),
@@ -618,6 +624,10 @@ impl HostServices for Node {
 
     fn has_user_attribute(&self, plugin: &str, user: &str, name: &str) -> bool {
         self.hub.has_user_attribute(user, plugin, name)
+    }
+
+    fn room_size(&self, room: &str) -> u32 {
+        u32::try_from(self.hub.room_size(room)).unwrap_or(u32::MAX)
     }
 
     fn listen(&self, plugin: &Arc<str>, room: &str) {

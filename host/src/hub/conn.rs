@@ -132,6 +132,46 @@ pub struct Condition {
     pub exclude: bool,
 }
 
+/// Who may see an update of a non-public Misskey note (`noteUpdated` to
+/// captures), as Misskey's connection checks it: the author; for a
+/// `specified` note, the users it names; for a `followers` note, users
+/// whose `rel` attribute set (from any plugin) holds `f:<author>`, the
+/// convention of the Misskey plugins for "follows the author".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoteAudience {
+    pub author: String,
+    /// `specified`: the visible user ids; `followers`: None.
+    pub visible_users: Option<Vec<String>>,
+    /// `f:<author>`.
+    follows_key: String,
+}
+
+/// The attribute set the Misskey plugins keep a user's relations in.
+pub const RELATIONS_SET: &str = "rel";
+
+impl NoteAudience {
+    pub fn new(author: &str, visible_users: Option<Vec<String>>) -> Self {
+        Self {
+            author: author.to_owned(),
+            visible_users,
+            follows_key: format!("f:{author}"),
+        }
+    }
+
+    fn admits(&self, conn: &ConnHandle) -> bool {
+        let Some(me) = conn.identity() else {
+            return false;
+        };
+        if *me.user_id == *self.author {
+            return true;
+        }
+        match &self.visible_users {
+            Some(users) => users.iter().any(|u| *u == *me.user_id),
+            None => conn.user_sets_contain(RELATIONS_SET, &self.follows_key),
+        }
+    }
+}
+
 /// Who among a room's members receives an event.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -141,6 +181,23 @@ pub struct Filter {
     pub owner: Option<Arc<str>>,
     /// All must hold.
     pub conditions: Arc<[Condition]>,
+    /// Only members allowed to see this non-public note.
+    pub audience: Option<Arc<NoteAudience>>,
+}
+
+impl Filter {
+    /// Whether a member passes the audience and the conditions (not `except`).
+    pub fn admits(&self, conn: &ConnHandle) -> bool {
+        if let Some(a) = &self.audience {
+            if !a.admits(conn) {
+                return false;
+            }
+        }
+        match &self.owner {
+            Some(owner) if !self.conditions.is_empty() => conn.passes(owner, &self.conditions),
+            _ => true,
+        }
+    }
 }
 
 /// Attribute sets by plugin, then set name.
@@ -320,6 +377,15 @@ impl ConnHandle {
     /// Links the connection to its user's shared attribute sets.
     pub(super) fn attach_user_attributes(&self, attrs: Arc<UserAttributes>) {
         let _ = self.user_attributes.set(attrs);
+    }
+
+    /// Whether the user's set `name` of any plugin contains `key`.
+    pub fn user_sets_contain(&self, name: &str, key: &str) -> bool {
+        self.user_attributes.get().is_some_and(|u| {
+            u.read()
+                .values()
+                .any(|sets| sets.get(name).is_some_and(|s| s.contains(key)))
+        })
     }
 
     /// Whether this connection passes every condition. A set is looked up

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use conn::{
-    CaptureChange, Condition, ConnHandle, ConnId, ConnState, Filter, Gate, InstanceState, Outbound,
-    Protocol, Slot, UserAttributes, SLOW_CONSUMER_CLOSE,
+    CaptureChange, Condition, ConnHandle, ConnId, ConnState, Filter, Gate, InstanceState,
+    NoteAudience, Outbound, Protocol, Slot, UserAttributes, RELATIONS_SET, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 
@@ -248,6 +248,17 @@ impl Hub {
         self.conns.read().len()
     }
 
+    /// Members of a room on this node (instances and captures).
+    pub fn room_size(&self, room: &str) -> usize {
+        self.shard(room).read().get(room).map_or(0, HashMap::len)
+    }
+
+    /// Whether a publish to `room` would reach anyone here: a member or a
+    /// listening plugin.
+    pub fn has_audience(&self, room: &str) -> bool {
+        self.room_size(room) > 0 || self.listeners.read().contains_key(room)
+    }
+
     /// Number of non-empty rooms.
     pub fn room_count(&self) -> usize {
         self.rooms.iter().map(|s| s.read().len()).sum()
@@ -313,10 +324,6 @@ impl Hub {
         let Some(members) = shard.get(room) else {
             return 0;
         };
-        let conditions = match &filter.owner {
-            Some(owner) if !filter.conditions.is_empty() => Some((owner, &*filter.conditions)),
-            _ => None,
-        };
         let mut n = 0;
         for ((conn_id, slot), m) in members {
             if let Some((ex_conn, ex_id)) = &filter.except {
@@ -324,10 +331,8 @@ impl Hub {
                     continue;
                 }
             }
-            if let Some((owner, conds)) = conditions {
-                if !m.conn.passes(owner, conds) {
-                    continue;
-                }
+            if !filter.admits(&m.conn) {
+                continue;
             }
             if m.conn.push(Outbound::Event {
                 slot: m.slot.clone(),
@@ -555,6 +560,7 @@ mod tests {
             except: None,
             owner: Some(p.clone()),
             conditions: conditions.into(),
+            audience: None,
         };
         let muted = Condition {
             attribute: "muting".into(),

@@ -265,6 +265,10 @@ impl self::chanhost::plugin::host::Host for StoreState {
         self.with(|s| s.has_user_attribute(&self.name, &user_id, &name))
     }
 
+    fn room_size(&mut self, room: String) -> u32 {
+        self.with(|s| s.room_size(&room))
+    }
+
     fn listen(&mut self, room: String) {
         if self.hook == Hook::Init {
             if !self.init_listens.contains(&room) {

@@ -159,6 +159,8 @@ pub trait HostServices: Send + Sync {
     );
     /// Whether `user` has a non-empty attribute set `name` of `plugin` here.
     fn has_user_attribute(&self, plugin: &str, user: &str, name: &str) -> bool;
+    /// Members of a room on this node.
+    fn room_size(&self, room: &str) -> u32;
     fn listen(&self, plugin: &Arc<str>, room: &str);
     fn unlisten(&self, plugin: &str, room: &str);
     /// Replaces a plugin's listens (a new version's standing listens).
@@ -217,6 +219,9 @@ impl HostServices for DetachedServices {
     }
     fn has_user_attribute(&self, _: &str, _: &str, _: &str) -> bool {
         false
+    }
+    fn room_size(&self, _: &str) -> u32 {
+        0
     }
     fn listen(&self, _: &Arc<str>, _: &str) {}
     fn unlisten(&self, _: &str, _: &str) {}
