@@ -45,7 +45,7 @@ user_claim = "id"
  * `apiKey`: the [api] key, or null for none.
  * Resolves once it listens. The caller must `await host.stop()`.
  */
-export async function startHost({ plugins = ['main', 'global-timeline', 'probe'], config = '', env = {}, apiKey = API_KEY } = {}) {
+export async function startHost({ plugins = ['misskey', 'probe'], config = '', env = {}, apiKey = API_KEY } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chanhost-test-'));
   const pluginsDir = path.join(dir, 'plugins');
   fs.mkdirSync(pluginsDir);

@@ -132,11 +132,11 @@ describe('misskey streaming', () => {
     const chans = streams.map((s, i) => s.useChannel('globalTimeline', { withRenotes: i % 2 === 0 }));
     for (const s of streams) await barrier(s);
     const got = chans.map((c) => collect(c, 'note'));
-    const before = (await host.metrics())['chanhost_plugin_calls_total{plugin="global-timeline",hook="event"}'];
+    const before = (await host.metrics())['chanhost_plugin_calls_total{plugin="misskey",hook="event"}'];
     const n = note();
     await host.publish({ room: 'notesStream', event: 'note', data: n });
     await until(() => got.every((g) => g.length === 1));
-    const after = (await host.metrics())['chanhost_plugin_calls_total{plugin="global-timeline",hook="event"}'];
+    const after = (await host.metrics())['chanhost_plugin_calls_total{plugin="misskey",hook="event"}'];
     assert.equal(after - before, 1);
   });
 
@@ -185,7 +185,7 @@ describe('misskey streaming', () => {
         await frame(ws, (f) => f.type === 'connected');
       }));
     }
-    const key = 'chanhost_plugin_calls_total{plugin="global-timeline",hook="event"}';
+    const key = 'chanhost_plugin_calls_total{plugin="misskey",hook="event"}';
     const before = (await host.metrics())[key];
     for (let i = 0; i < 3; i++) await host.publish({ room: 'notesStream', event: 'note', data: note() });
     await until(() => received === 3000, 20000, `3000 deliveries (got ${received})`);

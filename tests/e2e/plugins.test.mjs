@@ -80,7 +80,7 @@ describe('faulty plugins', () => {
   let host;
   before(async () => {
     host = await startHost({
-      plugins: ['global-timeline', 'probe', 'faulty'],
+      plugins: ['misskey', 'probe', 'faulty'],
       config: '[plugin_runtime]\ncall_timeout_ms = 1500\nmemory_mb = 16\n',
     });
   });
@@ -138,10 +138,10 @@ describe('plugin configuration and conflicts', () => {
   });
 
   test('a plugin whose init refuses its config is not loaded; check says why', async () => {
-    const host = await startHost({ plugins: ['probe', 'global-timeline'], config: '[plugins.probe]\nfail_init = true\n' });
+    const host = await startHost({ plugins: ['probe', 'misskey'], config: '[plugins.probe]\nfail_init = true\n' });
     try {
       const h = await (await fetch(`${host.url}/healthz`)).json();
-      assert.deepEqual(h.plugins, ['global-timeline']);
+      assert.deepEqual(h.plugins, ['misskey']);
       assert.match(host.stderr, /plugin not loaded: init refused the configuration: fail_init is set plugin="probe"/);
       const r = await runBin(['check', path.join(host.pluginsDir, 'probe.wasm'), '--config', host.configPath]);
       assert.equal(r.code, 1);

@@ -101,8 +101,12 @@ fn create_message(target: &Instance, data: &Value) -> Result<(), String> {
     body.remove("channelId");
     let url = format!("{}/channels/{channel}/messages", base.trim_end_matches('/'));
     let auth = format!("Bearer {token}");
-    let r = http::post_json(&url, &[("authorization", &auth)], &Value::Object(body).to_string())
-        .map_err(|e| e.to_string())?;
+    let r = http::post_json(
+        &url,
+        &[("authorization", &auth)],
+        &Value::Object(body).to_string(),
+    )
+    .map_err(|e| e.to_string())?;
     if r.ok() {
         Ok(())
     } else {

@@ -97,7 +97,9 @@ pub fn request(
     req.set_scheme(Some(&scheme)).map_err(bad)?;
     req.set_authority(Some(authority)).map_err(bad)?;
     req.set_path_with_query(Some(path)).map_err(bad)?;
-    let out_body = req.body().map_err(|_| Error::Http("request body taken".into()))?;
+    let out_body = req
+        .body()
+        .map_err(|_| Error::Http("request body taken".into()))?;
     let pending = outgoing_handler::handle(req, None).map_err(code)?;
     {
         let stream = out_body
@@ -132,7 +134,10 @@ pub fn request(
                 Ok(chunk) => body.extend_from_slice(&chunk),
                 Err(StreamError::Closed) => break,
                 Err(StreamError::LastOperationFailed(e)) => {
-                    return Err(Error::Http(format!("reading the body: {}", e.to_debug_string())))
+                    return Err(Error::Http(format!(
+                        "reading the body: {}",
+                        e.to_debug_string()
+                    )))
                 }
             }
         }

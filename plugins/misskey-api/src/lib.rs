@@ -1,0 +1,78 @@
+//! Calls to the Misskey API on a user's behalf (`POST /api/<endpoint>`
+//! with the user's token as `i`), through the host's `wasi:http`.
+
+use chanhost_plugin::http;
+use serde_json::{json, Value};
+
+/// Most pages read from a paginated endpoint (100 items each).
+const MAX_PAGES: usize = 100;
+
+/// The Misskey origin the plugin talks to.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    origin: String,
+}
+
+impl Backend {
+    pub fn new(origin: &str) -> Self {
+        Self {
+            origin: origin.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// `POST /api/<endpoint>`; the answer's JSON (null for 204), or why not.
+    pub fn call(
+        &self,
+        endpoint: &str,
+        token: Option<&str>,
+        mut body: Value,
+    ) -> Result<Value, String> {
+        if let (Some(t), Some(o)) = (token, body.as_object_mut()) {
+            o.insert("i".into(), Value::String(t.to_owned()));
+        }
+        let url = format!("{}/api/{endpoint}", self.origin);
+        let r = http::post_json(&url, &[], &body.to_string())
+            .map_err(|e| format!("{endpoint}: {e}"))?;
+        if !r.ok() {
+            let text = String::from_utf8_lossy(&r.body);
+            return Err(format!(
+                "{endpoint} answered {}: {}",
+                r.status,
+                text.chars().take(200).collect::<String>()
+            ));
+        }
+        if r.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&r.body)
+            .map_err(|e| format!("{endpoint}: the answer is not JSON: {e}"))
+    }
+
+    /// Every item of a paginated list endpoint (`limit` 100, `untilId`).
+    pub fn all(&self, endpoint: &str, token: &str, params: Value) -> Result<Vec<Value>, String> {
+        let mut out = Vec::new();
+        let mut until: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut body = params.clone();
+            body["limit"] = json!(100);
+            if let Some(u) = &until {
+                body["untilId"] = json!(u);
+            }
+            let page = match self.call(endpoint, Some(token), body)? {
+                Value::Array(a) => a,
+                other => return Err(format!("{endpoint}: expected an array, got {other}")),
+            };
+            let n = page.len();
+            until = page
+                .last()
+                .and_then(|v| v.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            out.extend(page);
+            if n < 100 || until.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

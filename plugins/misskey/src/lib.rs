@@ -1,0 +1,781 @@
+//! Misskey's note channels as one plugin: `main`, `homeTimeline`,
+//! `localTimeline`, `hybridTimeline`, `globalTimeline`, `userList`,
+//! `hashtag`, `roleTimeline`, `antenna` and `channel`, with Misskey's
+//! params, credential rules and filters.
+//!
+//! How it stays fast: every note from `notesStream` costs one call of this
+//! plugin, whatever the number of subscribers. Instances join bucket rooms
+//! named after their channel and params (`mk:gtl:u:r1f0`, ...); for each
+//! note the plugin decides which buckets may get it and broadcasts it there
+//! with conditions over the viewers' relations (`rel`, `mi`: user attribute
+//! sets loaded from the Misskey API, see [`relations`]), which the host
+//! evaluates natively per member. Where Misskey blanks parts of a note a
+//! viewer may not see, each form of the note goes to the viewers it suits.
+//!
+//! Configuration (`[plugins.misskey]`): `backend`, the Misskey origin whose
+//! API answers for users' relations, lists, antennas and roles (also listed
+//! in `allow_http`). Without it, signed-in viewers have no relations (no
+//! follows, mutes or blocks) and `userList`/`antenna` cannot be opened.
+
+mod note;
+mod relations;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+
+use chanhost_plugin::types::{
+    ChannelSpec, Condition, ConnectRequest, DisconnectReason, Instance, Manifest, Payload,
+    Rejection,
+};
+use chanhost_plugin::{export, host, json, log_warn, Guest};
+use serde_json::{json, Value};
+
+use misskey_api::Backend;
+use note::{any_of, key, none_of, str_of, sub, user_id, MUTED_INSTANCES, REL};
+
+const NOTES: &str = "notesStream";
+const INTERNAL: &str = "internal";
+
+/// What an instance subscribed to, for clean-up when it ends.
+#[derive(Clone)]
+enum Sub {
+    List(String),
+    Tag(String),
+    Other,
+}
+
+#[derive(Default)]
+struct State {
+    backend: Option<Backend>,
+    /// Open user lists and their members (kept in the key-value store too).
+    lists: BTreeMap<String, Vec<String>>,
+    /// Hashtag queries by their room key.
+    tags: BTreeMap<String, Vec<Vec<String>>>,
+    /// Roles with a timeline open, and whether they are explorable.
+    roles: BTreeMap<String, bool>,
+    subs: HashMap<(u64, String), Sub>,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+}
+
+fn with<R>(f: impl FnOnce(&mut State) -> R) -> R {
+    STATE.with(|s| f(&mut s.borrow_mut()))
+}
+
+fn load<T: serde::de::DeserializeOwned + Default>(k: &str) -> T {
+    host::kv_get(k)
+        .and_then(|v| serde_json::from_str(&v).ok())
+        .unwrap_or_default()
+}
+
+fn save<T: serde::Serialize>(k: &str, v: &T) {
+    host::kv_set(k, &serde_json::to_string(v).unwrap_or_default());
+}
+
+fn reject(message: impl Into<String>) -> Rejection {
+    Rejection {
+        message: message.into(),
+        data: None,
+    }
+}
+
+/// JavaScript `!!(value ?? default)`.
+fn flag(params: &Value, name: &str, default: bool) -> bool {
+    match params.get(name) {
+        None | Some(Value::Null) => default,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64().is_some_and(|f| f != 0.0 && !f.is_nan()),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    }
+}
+
+fn bit(b: bool) -> char {
+    if b {
+        '1'
+    } else {
+        '0'
+    }
+}
+
+fn viewer(signed_in: bool) -> char {
+    if signed_in {
+        'u'
+    } else {
+        'a'
+    }
+}
+
+/// A role policy of the user (from Misskey's `i` answer in the claims);
+/// allowed when unknown.
+fn policy(claims: &Value, name: &str) -> bool {
+    claims
+        .get("policies")
+        .and_then(|p| p.get(name))
+        .and_then(Value::as_bool)
+        .unwrap_or(true)
+}
+
+fn channel(name: &str, requires_user: bool, shared: bool) -> ChannelSpec {
+    ChannelSpec {
+        name: name.into(),
+        requires_user,
+        shared,
+    }
+}
+
+/// The forms of a note for one viewer kind: the text (None: as
+/// published) and the conditions picking its viewers.
+type Forms = Vec<(Option<String>, Vec<Condition>)>;
+
+/// A note on its way to the timelines, with its forms per viewer kind
+/// computed once.
+struct Outgoing<'a> {
+    note: &'a Value,
+    raw: &'a str,
+    forms: [Option<Forms>; 2],
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(note: &'a Value, raw: &'a str) -> Self {
+        Self {
+            note,
+            raw,
+            forms: [None, None],
+        }
+    }
+
+    /// Sends the note to a bucket room if anyone is in it: each form with
+    /// `conditions` plus the form's own.
+    fn deliver(&mut self, room: &str, signed_in: bool, conditions: Vec<Condition>) {
+        if host::room_size(room) == 0 {
+            return;
+        }
+        let note = self.note;
+        let forms = self.forms[usize::from(signed_in)].get_or_insert_with(|| {
+            note::variants(note, signed_in)
+                .into_iter()
+                .map(|v| (v.note.map(|n| n.to_string()), v.conditions))
+                .collect()
+        });
+        for (text, extra) in forms.iter() {
+            let mut all = conditions.clone();
+            all.extend(extra.iter().cloned());
+            let payload = json(text.as_deref().unwrap_or(self.raw));
+            host::broadcast_filtered(room, "note", &payload, None, &all);
+        }
+    }
+}
+
+/// Conditions for a signed-in viewer: the note is visible to them.
+fn visible(n: &Value, conds: &mut Vec<Condition>) {
+    if let Some(k) = note::visible_keys(n) {
+        conds.push(any_of(k));
+    }
+}
+
+/// Misskey's reply rule for viewers who do not want every reply: the reply
+/// is to them, by them, or to the author themself — or they follow the
+/// author with replies.
+fn relevant_reply(n: &Value, conds: &mut Vec<Condition>) {
+    let Some(reply) = sub(n, "reply") else { return };
+    let (a, r) = (user_id(n), user_id(reply));
+    if r == a {
+        return;
+    }
+    conds.push(any_of(vec![key("fr", a), key("me", r), key("me", a)]));
+    if note::visibility(reply) == "followers" {
+        conds.push(any_of(vec![key("f", r), key("me", r), key("me", a)]));
+    }
+}
+
+/// A followers-only note replied to must be visible to the viewer.
+fn followers_reply_visible(reply: &Value, conds: &mut Vec<Condition>) {
+    if note::visibility(reply) == "followers" {
+        let r = user_id(reply);
+        conds.push(any_of(vec![key("f", r), key("me", r)]));
+    }
+}
+
+fn signin_required(n: &Value) -> bool {
+    note::requires_signin(n)
+        || sub(n, "renote").is_some_and(note::requires_signin)
+        || sub(n, "reply").is_some_and(note::requires_signin)
+}
+
+fn route_note(state: &mut State, n: &Value, raw: &str) {
+    let mut out = Outgoing::new(n, raw);
+    let a = user_id(n);
+    let public = note::visibility(n) == "public";
+    let in_channel = str_of(n, "channelId");
+    let local = note::host(n).is_none();
+    let pure = note::is_pure_renote(n);
+    let files = note::has_files(n);
+    let signin = signin_required(n);
+    let muted = note::not_muted(n, None);
+    let renote_reply = sub(n, "renote").and_then(|r| sub(r, "reply"));
+    let viewers: &[bool] = if signin { &[true] } else { &[false, true] };
+
+    // globalTimeline and localTimeline: public notes outside channels.
+    if public && in_channel.is_none() {
+        for &u in viewers {
+            for r in [false, true] {
+                if pure && !r {
+                    continue;
+                }
+                for f in [false, true] {
+                    if f && !files {
+                        continue;
+                    }
+                    let base = if u { muted.clone() } else { vec![] };
+                    out.deliver(
+                        &format!("mk:gtl:{}:r{}f{}", viewer(u), bit(r), bit(f)),
+                        u,
+                        base.clone(),
+                    );
+                    if !local {
+                        continue;
+                    }
+                    for p in [false, true] {
+                        let mut c = base.clone();
+                        if u && !p {
+                            relevant_reply(n, &mut c);
+                        }
+                        out.deliver(
+                            &format!("mk:ltl:{}:r{}p{}f{}", viewer(u), bit(r), bit(p), bit(f)),
+                            u,
+                            c,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // homeTimeline and hybridTimeline (signed-in viewers).
+    for r in [false, true] {
+        if pure && !r {
+            continue;
+        }
+        for f in [false, true] {
+            if f && !files {
+                continue;
+            }
+            let mut base = Vec::new();
+            visible(n, &mut base);
+            if pure && r {
+                if let Some(rr) = renote_reply {
+                    followers_reply_visible(rr, &mut base);
+                }
+            }
+            base.extend(muted.iter().cloned());
+            let source = match in_channel {
+                Some(c) => Some(vec![key("fc", c)]),
+                None => Some(vec![key("me", a), key("f", a)]),
+            };
+            let mut home = base.clone();
+            home.extend(source.clone().map(any_of));
+            relevant_reply(n, &mut home);
+            out.deliver(&format!("mk:home:r{}f{}", bit(r), bit(f)), true, home);
+            for p in [false, true] {
+                let mut c = base.clone();
+                let open_local = in_channel.is_none() && local && public;
+                if !open_local {
+                    c.extend(source.clone().map(any_of));
+                }
+                match (p, sub(n, "reply")) {
+                    (true, Some(reply)) => followers_reply_visible(reply, &mut c),
+                    (false, Some(_)) => relevant_reply(n, &mut c),
+                    _ => {}
+                }
+                out.deliver(
+                    &format!("mk:htl:r{}p{}f{}", bit(r), bit(p), bit(f)),
+                    true,
+                    c,
+                );
+            }
+        }
+    }
+
+    // userList: notes of the list's members outside channels.
+    if in_channel.is_none() {
+        let mut gone = Vec::new();
+        for (id, members) in &state.lists {
+            if !members.iter().any(|m| m == a) {
+                continue;
+            }
+            let rooms: Vec<String> = list_rooms(id);
+            if rooms.iter().all(|r| host::room_size(r) == 0) {
+                gone.push(id.clone());
+                continue;
+            }
+            for r in [false, true] {
+                if pure && !r {
+                    continue;
+                }
+                for f in [false, true] {
+                    if f && !files {
+                        continue;
+                    }
+                    let mut c = Vec::new();
+                    visible(n, &mut c);
+                    if let Some(reply) = sub(n, "reply") {
+                        let ru = user_id(reply);
+                        if ru != a {
+                            c.push(any_of(vec![key("me", ru), key("me", a)]));
+                        }
+                    }
+                    c.extend(muted.iter().cloned());
+                    out.deliver(&format!("mk:list:{id}:r{}f{}", bit(r), bit(f)), true, c);
+                }
+            }
+        }
+        for id in gone {
+            state.lists.remove(&id);
+            save("_lists", &state.lists);
+        }
+    }
+
+    // hashtag: an OR of AND groups over the note's tags.
+    let tags = note::tags(n);
+    if !tags.is_empty() {
+        for (qkey, q) in &state.tags {
+            if !q.iter().any(|g| g.iter().all(|t| tags.contains(t))) {
+                continue;
+            }
+            for &u in viewers {
+                let mut c = Vec::new();
+                if u {
+                    visible(n, &mut c);
+                    c.extend(muted.iter().cloned());
+                } else if note::visible_keys(n).is_some() {
+                    continue;
+                }
+                out.deliver(&format!("mk:tag:{}:{qkey}", viewer(u)), u, c);
+            }
+        }
+    }
+
+    // channel: the channel's notes.
+    if let Some(cid) = in_channel {
+        let muted_here = note::not_muted(n, Some(cid));
+        for &u in viewers {
+            let mut c = Vec::new();
+            if u {
+                visible(n, &mut c);
+                c.extend(muted_here.iter().cloned());
+            } else if note::visible_keys(n).is_some() {
+                continue;
+            }
+            out.deliver(&format!("mk:channel:{cid}:{}", viewer(u)), u, c);
+        }
+    }
+}
+
+fn list_rooms(id: &str) -> Vec<String> {
+    ["r0f0", "r0f1", "r1f0", "r1f1"]
+        .iter()
+        .map(|b| format!("mk:list:{id}:{b}"))
+        .collect()
+}
+
+/// `mainStream:<user>`: notifications and mentions from muted users or
+/// instances are dropped, as Misskey's main channel does.
+fn route_main(user: &str, kind: &str, data: &Payload) {
+    let room = format!("mk:main:{user}");
+    if host::room_size(&room) == 0 {
+        host::unlisten(&format!("mainStream:{user}"));
+        return;
+    }
+    let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+    let mut conds = Vec::new();
+    match kind {
+        "notification" => {
+            if let Some(h) = body.get("user").and_then(|u| str_of(u, "host")) {
+                conds.push(none_of(MUTED_INSTANCES, vec![h.to_owned()]));
+            }
+            if let Some(u) = str_of(&body, "userId") {
+                conds.push(none_of(REL, vec![key("m", u)]));
+            }
+        }
+        "mention" => {
+            let hosts: Vec<String> = [Some(&body), sub(&body, "reply"), sub(&body, "renote")]
+                .into_iter()
+                .flatten()
+                .filter_map(note::host)
+                .map(str::to_owned)
+                .collect();
+            if !hosts.is_empty() {
+                conds.push(none_of(MUTED_INSTANCES, hosts));
+            }
+            conds.push(none_of(REL, vec![key("m", user_id(&body))]));
+        }
+        _ => {}
+    }
+    host::broadcast_filtered(&room, kind, data, None, &conds);
+}
+
+fn role_rooms(id: &str) -> [String; 2] {
+    [format!("mk:role:{id}:a"), format!("mk:role:{id}:u")]
+}
+
+/// `roleTimelineStream:<role>`: public notes of the role's members while
+/// the role is explorable; other events pass unchanged.
+fn route_role(state: &State, role: &str, kind: &str, data: &Payload) {
+    let rooms = role_rooms(role);
+    if rooms.iter().all(|r| host::room_size(r) == 0) {
+        host::unlisten(&format!("roleTimelineStream:{role}"));
+        return;
+    }
+    if kind != "note" {
+        for r in &rooms {
+            host::broadcast(r, kind, data, None);
+        }
+        return;
+    }
+    if !state.roles.get(role).copied().unwrap_or(true) {
+        return;
+    }
+    let Ok(n) = serde_json::from_str::<Value>(&data.json) else {
+        return;
+    };
+    if note::visibility(&n) != "public" {
+        return;
+    }
+    let mut out = Outgoing::new(&n, &data.json);
+    let signin = signin_required(&n);
+    if !signin {
+        out.deliver(&rooms[0], false, vec![]);
+    }
+    out.deliver(&rooms[1], true, note::not_muted(&n, None));
+}
+
+/// `antennaStream:<antenna>`: Misskey publishes the bare note record; it is
+/// packed for the antenna's owner through the API, then filtered.
+fn route_antenna(state: &State, antenna: &str, kind: &str, data: &Payload) {
+    let room = format!("mk:antenna:{antenna}");
+    let token_key = format!("_antenna:{antenna}");
+    if host::room_size(&room) == 0 {
+        host::unlisten(&format!("antennaStream:{antenna}"));
+        host::kv_delete(&token_key);
+        return;
+    }
+    if kind != "note" {
+        host::broadcast(&room, kind, data, None);
+        return;
+    }
+    let Ok(mut n) = serde_json::from_str::<Value>(&data.json) else {
+        return;
+    };
+    if n.get("user").is_none() {
+        let (Some(b), Some(token), Some(id)) =
+            (&state.backend, host::kv_get(&token_key), str_of(&n, "id"))
+        else {
+            return;
+        };
+        match b.call("notes/show", Some(&token), json!({ "noteId": id })) {
+            Ok(packed) => n = packed,
+            Err(e) => {
+                log_warn(&format!("antenna {antenna}: cannot pack note {id}: {e}"));
+                return;
+            }
+        }
+    }
+    let raw = n.to_string();
+    let mut c = Vec::new();
+    visible(&n, &mut c);
+    c.extend(note::not_muted(&n, None));
+    Outgoing::new(&n, &raw).deliver(&room, true, c);
+}
+
+/// Validates a hashtag query: a non-empty list of non-empty lists of strings.
+fn hashtag_query(params: &Value) -> Option<Vec<Vec<String>>> {
+    let groups = params.get("q")?.as_array()?;
+    groups
+        .iter()
+        .map(|g| {
+            let g = g.as_array().filter(|g| !g.is_empty())?;
+            g.iter()
+                .map(|t| t.as_str().map(str::to_lowercase))
+                .collect::<Option<Vec<String>>>()
+        })
+        .collect()
+}
+
+struct Misskey;
+
+impl Misskey {
+    fn open(req: &ConnectRequest) -> Result<Sub, Rejection> {
+        let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
+        let params = if params.is_object() {
+            params
+        } else {
+            json!({})
+        };
+        let me = req.identity.as_ref().map(|i| i.user_id.clone());
+        let claims: Value = req
+            .identity
+            .as_ref()
+            .and_then(|i| serde_json::from_str(&i.claims).ok())
+            .unwrap_or(Value::Null);
+        let backend = with(|s| s.backend.clone());
+        let credential = req.credential.as_deref();
+        if let Some(u) = &me {
+            relations::ensure(backend.as_ref(), u, credential, &claims).map_err(|e| {
+                log_warn(&format!("cannot load the relations of user {u}: {e}"));
+                reject(format!("the relations of user {u} are unavailable"))
+            })?;
+        }
+        let signed_in = me.is_some();
+        let v = viewer(signed_in);
+        let renotes = bit(flag(&params, "withRenotes", true));
+        let files = bit(flag(&params, "withFiles", false));
+        let replies = bit(flag(&params, "withReplies", false));
+        let user = || {
+            me.clone()
+                .ok_or_else(|| reject("this channel needs a signed-in user"))
+        };
+        let param = |name: &str| {
+            params
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| reject(format!("param `{name}` must be a string")))
+        };
+        let join = |room: String| host::join(&req.target, &room);
+        match req.channel.as_str() {
+            "main" => {
+                let u = user()?;
+                join(format!("mk:main:{u}"));
+                host::listen(&format!("mainStream:{u}"));
+            }
+            "homeTimeline" => {
+                user()?;
+                join(format!("mk:home:r{renotes}f{files}"));
+            }
+            "localTimeline" | "hybridTimeline" => {
+                if !policy(&claims, "ltlAvailable") {
+                    return Err(reject("the local timeline is disabled for this user"));
+                }
+                if req.channel == "localTimeline" {
+                    join(format!("mk:ltl:{v}:r{renotes}p{replies}f{files}"));
+                } else {
+                    user()?;
+                    join(format!("mk:htl:r{renotes}p{replies}f{files}"));
+                }
+            }
+            "globalTimeline" => {
+                if !policy(&claims, "gtlAvailable") {
+                    return Err(reject("the global timeline is disabled for this user"));
+                }
+                join(format!("mk:gtl:{v}:r{renotes}f{files}"));
+            }
+            "userList" => {
+                user()?;
+                let id = param("listId")?;
+                let (Some(b), Some(token)) = (&backend, credential) else {
+                    return Err(reject(
+                        "userList needs the Misskey backend and a Misskey token",
+                    ));
+                };
+                let list = b
+                    .call("users/lists/show", Some(token), json!({ "listId": id }))
+                    .map_err(|e| reject(format!("no such list: {e}")))?;
+                let members: Vec<String> = list
+                    .get("userIds")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect();
+                with(|s| {
+                    s.lists.insert(id.clone(), members);
+                    save("_lists", &s.lists);
+                });
+                join(format!("mk:list:{id}:r{renotes}f{files}"));
+                join(format!("userListStream:{id}"));
+                return Ok(Sub::List(id));
+            }
+            "hashtag" => {
+                let q = hashtag_query(&params)
+                    .ok_or_else(|| reject("param `q` must be a list of lists of tags"))?;
+                let qkey = serde_json::to_string(&q).unwrap_or_default();
+                with(|s| {
+                    if s.tags.insert(qkey.clone(), q).is_none() {
+                        save("_tags", &s.tags);
+                    }
+                });
+                join(format!("mk:tag:{v}:{qkey}"));
+                return Ok(Sub::Tag(qkey));
+            }
+            "roleTimeline" => {
+                let id = param("roleId")?;
+                if let Some(b) = &backend {
+                    let role = b
+                        .call("roles/show", None, json!({ "roleId": id }))
+                        .map_err(|e| reject(format!("no such role: {e}")))?;
+                    let explorable = role
+                        .get("isExplorable")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                    with(|s| {
+                        s.roles.insert(id.clone(), explorable);
+                        save("_roles", &s.roles);
+                    });
+                    if !explorable {
+                        return Err(reject("the role's timeline is not public"));
+                    }
+                }
+                join(format!("mk:role:{id}:{v}"));
+                host::listen(&format!("roleTimelineStream:{id}"));
+            }
+            "antenna" => {
+                user()?;
+                let id = param("antennaId")?;
+                let (Some(b), Some(token)) = (&backend, credential) else {
+                    return Err(reject(
+                        "antenna needs the Misskey backend and a Misskey token",
+                    ));
+                };
+                b.call("antennas/show", Some(token), json!({ "antennaId": id }))
+                    .map_err(|e| reject(format!("no such antenna: {e}")))?;
+                host::kv_set(&format!("_antenna:{id}"), token);
+                join(format!("mk:antenna:{id}"));
+                host::listen(&format!("antennaStream:{id}"));
+            }
+            "channel" => {
+                let id = param("channelId")?;
+                join(format!("mk:channel:{id}:{v}"));
+            }
+            other => return Err(reject(format!("unknown channel {other}"))),
+        }
+        Ok(Sub::Other)
+    }
+}
+
+impl Guest for Misskey {
+    fn describe() -> Manifest {
+        Manifest {
+            version: env!("CARGO_PKG_VERSION").into(),
+            channels: vec![
+                channel("main", true, true),
+                channel("homeTimeline", true, false),
+                channel("localTimeline", false, false),
+                channel("hybridTimeline", true, false),
+                channel("globalTimeline", false, false),
+                channel("userList", true, false),
+                channel("hashtag", false, false),
+                channel("roleTimeline", false, false),
+                channel("antenna", true, false),
+                channel("channel", false, false),
+            ],
+            namespaces: vec![],
+            frames: vec![],
+        }
+    }
+
+    fn init(config: String) -> Result<(), String> {
+        let config: Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
+        let backend = match config.get("backend") {
+            None => None,
+            Some(Value::String(s)) if s.starts_with("http://") || s.starts_with("https://") => {
+                Some(Backend::new(s))
+            }
+            Some(other) => return Err(format!("`backend` must be an http(s) origin, not {other}")),
+        };
+        with(|s| {
+            s.backend = backend;
+            s.lists = load("_lists");
+            s.tags = load("_tags");
+            s.roles = load("_roles");
+        });
+        host::listen(NOTES);
+        host::listen(INTERNAL);
+        Ok(())
+    }
+
+    fn connect(req: ConnectRequest) -> Result<(), Rejection> {
+        let sub = Self::open(&req)?;
+        with(|s| {
+            s.subs
+                .insert((req.target.connection, req.target.id.clone()), sub)
+        });
+        Ok(())
+    }
+
+    fn message(_target: Instance, _event: String, _data: Payload, _ack: Option<u64>) {}
+
+    fn disconnect(target: Instance, _reason: DisconnectReason) {
+        with(|s| match s.subs.remove(&(target.connection, target.id)) {
+            Some(Sub::List(id)) if list_rooms(&id).iter().all(|r| host::room_size(r) == 0) => {
+                s.lists.remove(&id);
+                save("_lists", &s.lists);
+            }
+            Some(Sub::Tag(q))
+                if ["a", "u"]
+                    .iter()
+                    .all(|v| host::room_size(&format!("mk:tag:{v}:{q}")) == 0) =>
+            {
+                s.tags.remove(&q);
+                save("_tags", &s.tags);
+            }
+            _ => {}
+        })
+    }
+
+    fn event(room: String, event: String, data: Payload) {
+        if room == NOTES {
+            if let Ok(n) = serde_json::from_str::<Value>(&data.json) {
+                with(|s| route_note(s, &n, &data.json));
+            }
+        } else if room == INTERNAL {
+            let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+            relations::on_internal(&event, &body);
+            with(|s| on_internal(s, &event, &body));
+        } else if let Some(user) = room.strip_prefix("mainStream:") {
+            route_main(user, &event, &data);
+        } else if let Some(role) = room.strip_prefix("roleTimelineStream:") {
+            with(|s| route_role(s, role, &event, &data));
+        } else if let Some(antenna) = room.strip_prefix("antennaStream:") {
+            with(|s| route_antenna(s, antenna, &event, &data));
+        }
+    }
+
+    fn frame(_connection: u64, _kind: String, _body: String) {}
+}
+
+/// `internal` events about lists and roles.
+fn on_internal(state: &mut State, kind: &str, body: &Value) {
+    match kind {
+        "userListMemberAdded" | "userListMemberRemoved" => {
+            let (Some(list), Some(member)) = (str_of(body, "userListId"), str_of(body, "memberId"))
+            else {
+                return;
+            };
+            if let Some(m) = state.lists.get_mut(list) {
+                m.retain(|x| x != member);
+                if kind == "userListMemberAdded" {
+                    m.push(member.to_owned());
+                }
+                save("_lists", &state.lists);
+            }
+        }
+        "roleUpdated" | "roleDeleted" => {
+            let Some(id) = str_of(body, "id") else { return };
+            if let Some(e) = state.roles.get_mut(id) {
+                *e = kind == "roleUpdated"
+                    && body
+                        .get("isExplorable")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                save("_roles", &state.roles);
+            }
+        }
+        _ => {}
+    }
+}
+
+export!(Misskey);

@@ -1,0 +1,156 @@
+//! A signed-in user's relations, read from the Misskey API once per user
+//! on this node and kept in the host as the user attribute sets `rel` and
+//! `mi` (see [`crate::note`] for the keys), shared by all the user's
+//! connections. Misskey's own `internal` events (`follow`, `mute`,
+//! `blockingCreated`, `followChannel`, `updateUserProfile`, ...) keep them
+//! current.
+//!
+//! What the API cannot tell — who blocks the user, which channels they
+//! mute — starts empty and is filled by those events alone.
+
+use chanhost_plugin::host;
+use serde_json::{json, Value};
+
+use crate::note::{key, str_of, MUTED_INSTANCES, REL};
+use misskey_api::Backend;
+
+/// The keys every signed-in viewer carries.
+fn base(user: &str) -> Vec<String> {
+    vec![key("me", user), "@user".into()]
+}
+
+fn ids_of<'a>(items: &'a [Value], field: &'a str) -> impl Iterator<Item = String> + 'a {
+    let field = field.to_owned();
+    items
+        .iter()
+        .filter_map(move |v| str_of(v, &field).map(str::to_owned))
+}
+
+/// Loads the user's relations unless the host already holds them.
+/// `me` is the user as Misskey's `i` answers it, when the connection's
+/// claims are that answer.
+pub fn ensure(
+    backend: Option<&Backend>,
+    user: &str,
+    credential: Option<&str>,
+    me: &Value,
+) -> Result<(), String> {
+    if host::has_user_attribute(user, REL) {
+        return Ok(());
+    }
+    let mut keys = base(user);
+    let mut muted_instances = Vec::new();
+    if let (Some(b), Some(token)) = (backend, credential) {
+        let fetched;
+        let me = if me.get("mutedInstances").is_some() {
+            me
+        } else {
+            fetched = b.call("i", Some(token), json!({}))?;
+            &fetched
+        };
+        muted_instances = me
+            .get("mutedInstances")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect();
+        for f in b.all("users/following", token, json!({ "userId": user }))? {
+            let Some(id) = str_of(&f, "followeeId") else {
+                continue;
+            };
+            let with_replies = f
+                .get("withReplies")
+                .or_else(|| f.get("followee").and_then(|u| u.get("withReplies")))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if with_replies {
+                keys.push(key("fr", id));
+            }
+            keys.push(key("f", id));
+        }
+        let mutes = b.all("mute/list", token, json!({}))?;
+        keys.extend(ids_of(&mutes, "muteeId").map(|u| key("m", &u)));
+        let renote_mutes = b.all("renote-mute/list", token, json!({}))?;
+        keys.extend(ids_of(&renote_mutes, "muteeId").map(|u| key("rm", &u)));
+        let channels = b.all("channels/followed", token, json!({}))?;
+        keys.extend(ids_of(&channels, "id").map(|c| key("fc", &c)));
+    }
+    host::set_user_attribute(user, REL, &keys);
+    host::set_user_attribute(user, MUTED_INSTANCES, &muted_instances);
+    Ok(())
+}
+
+fn update(user: Option<&str>, add: &[String], remove: &[String]) {
+    if let Some(u) = user {
+        host::update_user_attribute(u, REL, add, remove);
+    }
+}
+
+/// Applies one of Misskey's `internal` events to the users it concerns
+/// (users without a connection here are skipped by the host).
+pub fn on_internal(kind: &str, body: &Value) {
+    let s = |k: &str| str_of(body, k);
+    match kind {
+        "follow" => {
+            if let Some(f) = s("followeeId") {
+                update(s("followerId"), &[key("f", f)], &[]);
+            }
+        }
+        "unfollow" => {
+            if let Some(f) = s("followeeId") {
+                update(s("followerId"), &[], &[key("f", f), key("fr", f)]);
+            }
+        }
+        "mute" | "unmute" => {
+            if let Some(m) = s("muteeId") {
+                let k = [key("m", m)];
+                let (add, remove): (&[String], &[String]) =
+                    if kind == "mute" { (&k, &[]) } else { (&[], &k) };
+                update(s("muterId"), add, remove);
+            }
+        }
+        "blockingCreated" | "blockingDeleted" => {
+            if let Some(b) = s("blockerId") {
+                let k = [key("b", b)];
+                let (add, remove): (&[String], &[String]) = if kind == "blockingCreated" {
+                    (&k, &[])
+                } else {
+                    (&[], &k)
+                };
+                update(s("blockeeId"), add, remove);
+            }
+        }
+        "followChannel" | "unfollowChannel" | "muteChannel" | "unmuteChannel" => {
+            if let Some(c) = s("channelId") {
+                let prefix = if kind.ends_with("followChannel") {
+                    "fc"
+                } else {
+                    "mc"
+                };
+                let k = [key(prefix, c)];
+                let adding = !kind.starts_with("un");
+                let (add, remove): (&[String], &[String]) =
+                    if adding { (&k, &[]) } else { (&[], &k) };
+                update(s("userId"), add, remove);
+            }
+        }
+        "updateUserProfile" => {
+            if let (Some(u), Some(list)) = (
+                s("userId"),
+                body.get("mutedInstances").and_then(Value::as_array),
+            ) {
+                if host::has_user_attribute(u, REL) {
+                    let hosts: Vec<String> = list
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect();
+                    host::set_user_attribute(u, MUTED_INSTANCES, &hosts);
+                }
+            }
+        }
+        _ => {}
+    }
+}
