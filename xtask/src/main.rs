@@ -142,6 +142,12 @@ fn test(filter: &[String]) -> Result<()> {
     run(cargo().current_dir(&root).args(["build", "-p", "chanhost"]))?;
     if filter.is_empty() {
         run(cargo().current_dir(&root).args(["test", "--workspace"]))?;
+        // The plugins' own unit tests run natively (host imports are not
+        // called by them).
+        run(cargo()
+            .current_dir(root.join("plugins"))
+            .env("CARGO_TARGET_DIR", root.join("target/wasm"))
+            .args(["test", "--workspace"]))?;
     }
     let e2e = root.join("tests/e2e");
     npm_ci(&e2e)?;

@@ -1,11 +1,37 @@
 //! Calls to the Misskey API on a user's behalf (`POST /api/<endpoint>`
-//! with the user's token as `i`), through the host's `wasi:http`.
+//! with the user's token as `i`), through the host's `wasi:http`; shared
+//! by the Misskey plugins.
 
 use chanhost_plugin::http;
 use serde_json::{json, Value};
 
 /// Most pages read from a paginated endpoint (100 items each).
 const MAX_PAGES: usize = 100;
+
+/// Why a call failed.
+#[derive(Debug, Clone)]
+pub enum ApiError {
+    /// Misskey answered with an error status (unknown object, missing
+    /// permission, ...).
+    Refused { status: u16, message: String },
+    /// No usable answer (unreachable, timeout, not JSON).
+    Failed(String),
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiError::Refused { message, .. } | ApiError::Failed(message) => f.write_str(message),
+        }
+    }
+}
+
+impl ApiError {
+    /// The token lacks the endpoint's permission.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, ApiError::Refused { status: 403, .. })
+    }
+}
 
 /// The Misskey origin the plugin talks to.
 #[derive(Debug, Clone)]
@@ -21,35 +47,44 @@ impl Backend {
     }
 
     /// `POST /api/<endpoint>`; the answer's JSON (null for 204), or why not.
-    pub fn call(
+    pub fn call(&self, endpoint: &str, token: Option<&str>, body: Value) -> Result<Value, String> {
+        self.request(endpoint, token, body)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Like [`Backend::call`], telling a refusal by status apart.
+    pub fn request(
         &self,
         endpoint: &str,
         token: Option<&str>,
         mut body: Value,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, ApiError> {
         if let (Some(t), Some(o)) = (token, body.as_object_mut()) {
             o.insert("i".into(), Value::String(t.to_owned()));
         }
         let url = format!("{}/api/{endpoint}", self.origin);
         let r = http::post_json(&url, &[], &body.to_string())
-            .map_err(|e| format!("{endpoint}: {e}"))?;
+            .map_err(|e| ApiError::Failed(format!("{endpoint}: {e}")))?;
         if !r.ok() {
             let text = String::from_utf8_lossy(&r.body);
-            return Err(format!(
-                "{endpoint} answered {}: {}",
-                r.status,
-                text.chars().take(200).collect::<String>()
-            ));
+            return Err(ApiError::Refused {
+                status: r.status,
+                message: format!(
+                    "{endpoint} answered {}: {}",
+                    r.status,
+                    text.chars().take(200).collect::<String>()
+                ),
+            });
         }
         if r.body.is_empty() {
             return Ok(Value::Null);
         }
         serde_json::from_slice(&r.body)
-            .map_err(|e| format!("{endpoint}: the answer is not JSON: {e}"))
+            .map_err(|e| ApiError::Failed(format!("{endpoint}: the answer is not JSON: {e}")))
     }
 
     /// Every item of a paginated list endpoint (`limit` 100, `untilId`).
-    pub fn all(&self, endpoint: &str, token: &str, params: Value) -> Result<Vec<Value>, String> {
+    pub fn all(&self, endpoint: &str, token: &str, params: Value) -> Result<Vec<Value>, ApiError> {
         let mut out = Vec::new();
         let mut until: Option<String> = None;
         for _ in 0..MAX_PAGES {
@@ -58,9 +93,13 @@ impl Backend {
             if let Some(u) = &until {
                 body["untilId"] = json!(u);
             }
-            let page = match self.call(endpoint, Some(token), body)? {
+            let page = match self.request(endpoint, Some(token), body)? {
                 Value::Array(a) => a,
-                other => return Err(format!("{endpoint}: expected an array, got {other}")),
+                other => {
+                    return Err(ApiError::Failed(format!(
+                        "{endpoint}: expected an array, got {other}"
+                    )))
+                }
             };
             let n = page.len();
             until = page

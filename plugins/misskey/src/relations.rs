@@ -8,7 +8,7 @@
 //! What the API cannot tell — who blocks the user, which channels they
 //! mute — starts empty and is filled by those events alone.
 
-use chanhost_plugin::host;
+use chanhost_plugin::{host, log_info};
 use serde_json::{json, Value};
 
 use crate::note::{key, str_of, MUTED_INSTANCES, REL};
@@ -56,7 +56,10 @@ pub fn ensure(
             .filter_map(Value::as_str)
             .map(str::to_owned)
             .collect();
-        for f in b.all("users/following", token, json!({ "userId": user }))? {
+        let following = b
+            .all("users/following", token, json!({ "userId": user }))
+            .map_err(|e| e.to_string())?;
+        for f in following {
             let Some(id) = str_of(&f, "followeeId") else {
                 continue;
             };
@@ -70,12 +73,19 @@ pub fn ensure(
             }
             keys.push(key("f", id));
         }
-        let mutes = b.all("mute/list", token, json!({}))?;
-        keys.extend(ids_of(&mutes, "muteeId").map(|u| key("m", &u)));
-        let renote_mutes = b.all("renote-mute/list", token, json!({}))?;
-        keys.extend(ids_of(&renote_mutes, "muteeId").map(|u| key("rm", &u)));
-        let channels = b.all("channels/followed", token, json!({}))?;
-        keys.extend(ids_of(&channels, "id").map(|c| key("fc", &c)));
+        // An app token without the permission to read a list does without
+        // it (Misskey itself reads them from its database).
+        let list = |endpoint: &str| match b.all(endpoint, token, json!({})) {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_permission_denied() => {
+                log_info(&format!("user {user}: {e}; going on without it"));
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        keys.extend(ids_of(&list("mute/list")?, "muteeId").map(|u| key("m", &u)));
+        keys.extend(ids_of(&list("renote-mute/list")?, "muteeId").map(|u| key("rm", &u)));
+        keys.extend(ids_of(&list("channels/followed")?, "id").map(|c| key("fc", &c)));
     }
     host::set_user_attribute(user, REL, &keys);
     host::set_user_attribute(user, MUTED_INSTANCES, &muted_instances);
