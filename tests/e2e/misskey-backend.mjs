@@ -15,6 +15,7 @@ const KIND = {
   'users/lists/show': 'read:account',
   'antennas/show': 'read:account',
   'chat/history': 'read:chat',
+  'notifications/mark-all-as-read': 'write:notifications',
   'chat/messages/user-timeline': 'read:chat',
   'chat/messages/room-timeline': 'read:chat',
 };
@@ -65,6 +66,7 @@ export async function startBackend() {
       return { id: p.roleId, ...r };
     },
     'notes/show': (me, p) => db.notes[p.noteId] ?? [400, { error: { code: 'NO_SUCH_NOTE' } }],
+    'notifications/mark-all-as-read': () => null,
     'chat/history': () => [],
     'chat/messages/user-timeline': () => [],
     'chat/messages/room-timeline': (me, p) => {

@@ -188,6 +188,18 @@ describe('misskey channel catalog', () => {
     await host.publish(internal('updateUserProfile', { userId: 'm1', mutedInstances: ['muted.example'] }));
   });
 
+  test('the per-user stream of older Misskey versions keeps relations current too', async () => {
+    const s = host.stream('mk-many');
+    const home = s.useChannel('homeTimeline', {});
+    await barrier(s);
+    const user = (type, body) => ({ channel: 'user:m4', message: { type, body } });
+    await host.publish([user('follow', { id: 's3', username: 's3' }), user('unfollow', { id: 'f1' }), user('followChannel', { id: 'ch3' })]);
+    const notes = { followed: by('s3'), unfollowed: by('f1'), channel: by('s1', { channelId: 'ch3' }) };
+    const { ids } = await timeline(host, { home }, Object.values(notes), by('m4'));
+    assert.deepEqual(names(notes, ids.home), ['followed', 'channel']);
+    await host.publish(user('follow', { id: 'f1' }));
+  });
+
   test('userList: the list\'s members, kept current; only the owner may open it', async () => {
     const me = host.stream('mk-me');
     const list = me.useChannel('userList', { listId: 'l1' });
@@ -303,6 +315,19 @@ describe('misskey channel catalog', () => {
     const got = [];
     for (const ev of ['notification', 'mention', 'followed', 'meUpdated']) main.on(ev, (b) => got.push([ev, b.id]));
     const m = (type, body) => ({ channel: 'mainStream:m1', message: { type, body } });
+    // Notes Misskey publishes hidden are packed again for the user.
+    const full = by('f1', { id: 'hidden-note', text: 'for m1', visibility: 'followers' });
+    backend.db.notes[full.id] = full;
+    const notifications = collect(main, 'notification');
+    const mentions = collect(main, 'mention');
+    await host.publish([
+      m('notification', { id: 'n-hidden', userId: 'f1', user: { id: 'f1', host: null }, note: { ...full, text: null, isHidden: true } }),
+      m('mention', { ...full, text: null, isHidden: true }),
+    ]);
+    await until(() => notifications.length === 1 && mentions.length === 1);
+    assert.deepEqual(notifications[0].note, full);
+    assert.deepEqual(mentions[0], full);
+    got.length = 0;
     await host.publish([
       m('notification', { id: 'n-muted', userId: 'mu', user: { id: 'mu', host: null } }),
       m('notification', { id: 'n-instance', userId: 'r9', user: { id: 'r9', host: 'muted.example' } }),
@@ -315,6 +340,9 @@ describe('misskey channel catalog', () => {
     ]);
     await until(() => got.some(([e]) => e === 'meUpdated'));
     assert.deepEqual(got, [['notification', 'n-ok'], ['mention', 'mention-ok'], ['followed', 's1'], ['meUpdated', 'm1']]);
+    // readNotification marks every notification read through the API.
+    me.send('readNotification');
+    await until(() => backend.calls('notifications/mark-all-as-read').some((c) => c.params.i === 'mk-me'));
   });
 
   test('noteUpdated of followers-only and specified notes reaches only who may see them', async () => {

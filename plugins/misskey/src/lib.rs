@@ -381,15 +381,47 @@ fn list_rooms(id: &str) -> Vec<String> {
         .collect()
 }
 
+/// A note Misskey published hidden (`isHidden`), packed again for the
+/// user through the API, as Misskey's main channel does.
+fn repacked(backend: Option<&Backend>, user: &str, note: &Value) -> Option<Value> {
+    if note.get("isHidden").and_then(Value::as_bool) != Some(true) {
+        return None;
+    }
+    let (b, token, id) = (
+        backend?,
+        host::kv_get(&token_key(user))?,
+        str_of(note, "id")?,
+    );
+    b.call("notes/show", Some(&token), json!({ "noteId": id }))
+        .map_err(|e| log_warn(&format!("cannot repack note {id} for {user}: {e}")))
+        .ok()
+}
+
 /// `mainStream:<user>`: notifications and mentions from muted users or
-/// instances are dropped, as Misskey's main channel does.
-fn route_main(user: &str, kind: &str, data: &Payload) {
+/// instances are dropped and hidden notes packed for the user, as
+/// Misskey's main channel does.
+fn route_main(backend: Option<&Backend>, user: &str, kind: &str, data: &Payload) {
     let room = format!("mk:main:{user}");
     if host::room_size(&room) == 0 {
         host::unlisten(&format!("mainStream:{user}"));
+        host::kv_delete(&token_key(user));
         return;
     }
-    let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+    let mut body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+    let repack = match kind {
+        "notification" => body
+            .get("note")
+            .and_then(|n| repacked(backend, user, n))
+            .map(|n| {
+                body["note"] = n;
+            }),
+        "mention" => repacked(backend, user, &body).map(|n| body = n),
+        _ => None,
+    };
+    let data = match repack {
+        Some(()) => &json(body.to_string()),
+        None => data,
+    };
     let mut conds = Vec::new();
     match kind {
         "notification" => {
@@ -548,6 +580,9 @@ impl Misskey {
         match req.channel.as_str() {
             "main" => {
                 let u = user()?;
+                if let Some(t) = credential {
+                    host::kv_set(&token_key(&u), t);
+                }
                 join(format!("mk:main:{u}"));
                 host::listen(&format!("mainStream:{u}"));
             }
@@ -673,7 +708,7 @@ impl Guest for Misskey {
                 channel("channel", false, false),
             ],
             namespaces: vec![],
-            frames: vec![],
+            frames: vec!["readNotification".into()],
         }
     }
 
@@ -735,8 +770,12 @@ impl Guest for Misskey {
             let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
             relations::on_internal(&event, &body);
             with(|s| on_internal(s, &event, &body));
+        } else if let Some(user) = room.strip_prefix("user:") {
+            let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+            relations::on_user_event(user, &event, &body);
         } else if let Some(user) = room.strip_prefix("mainStream:") {
-            route_main(user, &event, &data);
+            let backend = with(|s| s.backend.clone());
+            route_main(backend.as_ref(), user, &event, &data);
         } else if let Some(role) = room.strip_prefix("roleTimelineStream:") {
             with(|s| route_role(s, role, &event, &data));
         } else if let Some(antenna) = room.strip_prefix("antennaStream:") {
@@ -744,7 +783,30 @@ impl Guest for Misskey {
         }
     }
 
-    fn frame(_connection: u64, _kind: String, _body: String) {}
+    /// `readNotification`: Misskey marks all the user's notifications read.
+    fn frame(connection: u64, kind: String, _body: String) {
+        if kind != "readNotification" {
+            return;
+        }
+        let Some(user) = host::connection_identity(connection) else {
+            return;
+        };
+        let (Some(b), Some(token)) = (
+            with(|s| s.backend.clone()),
+            host::kv_get(&token_key(&user.user_id)),
+        ) else {
+            return;
+        };
+        if let Err(e) = b.call("notifications/mark-all-as-read", Some(&token), json!({})) {
+            log_warn(&format!("readNotification of user {}: {e}", user.user_id));
+        }
+    }
+}
+
+/// Where a user's Misskey token is kept for calls made later on their
+/// behalf (a private key of the plugin's store).
+fn token_key(user: &str) -> String {
+    format!("_token:{user}")
 }
 
 /// `internal` events about lists and roles.

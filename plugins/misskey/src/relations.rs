@@ -1,9 +1,11 @@
 //! A signed-in user's relations, read from the Misskey API once per user
 //! on this node and kept in the host as the user attribute sets `rel` and
 //! `mi` (see [`crate::note`] for the keys), shared by all the user's
-//! connections. Misskey's own `internal` events (`follow`, `mute`,
-//! `blockingCreated`, `followChannel`, `updateUserProfile`, ...) keep them
-//! current.
+//! connections. Misskey's own events keep them current: the `internal`
+//! stream of current Misskey (`follow`, `mute`, `blockingCreated`,
+//! `followChannel`, `updateUserProfile`, ...), and the per-user
+//! `user:<id>` stream of older versions (`follow`, `unfollow`, `mute`,
+//! `unmute`, `followChannel`, `unfollowChannel`, `updateUserProfile`).
 //!
 //! What the API cannot tell — who blocks the user, which channels they
 //! mute — starts empty and is filled by those events alone.
@@ -89,7 +91,31 @@ pub fn ensure(
     }
     host::set_user_attribute(user, REL, &keys);
     host::set_user_attribute(user, MUTED_INSTANCES, &muted_instances);
+    host::listen(&format!("user:{user}"));
     Ok(())
+}
+
+/// An event of the `user:<id>` stream (Misskey before the `internal`
+/// stream): the body is the packed user, channel or profile concerned.
+pub fn on_user_event(user: &str, kind: &str, body: &Value) {
+    if !host::has_user_attribute(user, REL) {
+        // No connection of this user here any more.
+        host::unlisten(&format!("user:{user}"));
+        return;
+    }
+    let id = str_of(body, "id");
+    let internal = match (kind, id) {
+        ("follow" | "unfollow", Some(id)) => json!({ "followerId": user, "followeeId": id }),
+        ("mute" | "unmute", Some(id)) => json!({ "muterId": user, "muteeId": id }),
+        ("followChannel" | "unfollowChannel", Some(id)) => {
+            json!({ "userId": user, "channelId": id })
+        }
+        ("updateUserProfile", _) => {
+            json!({ "userId": user, "mutedInstances": body.get("mutedInstances").cloned().unwrap_or(Value::Null) })
+        }
+        _ => return,
+    };
+    on_internal(kind, &internal);
 }
 
 fn update(user: Option<&str>, add: &[String], remove: &[String]) {
