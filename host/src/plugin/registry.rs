@@ -50,7 +50,7 @@ pub struct Registry {
     loading: tokio::sync::Mutex<()>,
 }
 
-/// The plugin name of a file: its stem (`plugins/main.wasm` -> `main`).
+/// The plugin name of a file: its stem (`plugins/misskey.wasm` -> `misskey`).
 pub fn plugin_name(path: &Path) -> Option<String> {
     if path.extension()? != "wasm" {
         return None;
