@@ -3,6 +3,8 @@
 // the Misskey API endpoints the plugins call (misskey-backend.mjs).
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import {
   startHost, barrier, collect, until, rawStream, sendJson, frame, note,
 } from './helpers.mjs';
@@ -478,6 +480,32 @@ describe('misskey channel catalog', () => {
     assert.equal(await opens(host, 'mk-me', 'chatRoom', { roomId: 'nope' }), false, 'no such room');
     // An app token without read:mutes still opens timelines (its mutes unread).
     assert.equal(await opens(host, 'mk-app', 'homeTimeline'), true);
+  });
+
+  test('a hot reload of the plugin keeps every channel delivering, listens to per-user and per-role streams included', async () => {
+    const me = host.stream('mk-me');
+    const main = me.useChannel('main');
+    const role = me.useChannel('roleTimeline', { roleId: 'r3' });
+    const home = me.useChannel('homeTimeline', {});
+    await barrier(me);
+    const got = { main: collect(main, 'meUpdated'), role: collect(role, 'note'), home: collect(home, 'note') };
+    const reloads = async () => (await host.metrics())['chanhost_plugin_reloads_total{result="ok"}'];
+    const before = await reloads();
+    // The same component with one more custom section: a new file to load.
+    const file = path.join(host.pluginsDir, 'misskey.wasm');
+    const name = Buffer.from('chanhost-test');
+    const section = Buffer.concat([Buffer.from([0, name.length + 2, name.length]), name, Buffer.from([1])]);
+    const tmp = `${file}.tmp`;
+    fs.writeFileSync(tmp, Buffer.concat([fs.readFileSync(file), section]));
+    fs.renameSync(tmp, file);
+    await until(async () => (await reloads()) > before, 20000, 'the reload');
+    await host.publish([
+      { channel: 'mainStream:m1', message: { type: 'meUpdated', body: { id: 'm1' } } },
+      { channel: 'roleTimelineStream:r3', message: { type: 'note', body: by('s1') } },
+      { channel: 'internal', message: { type: 'follow', body: { followerId: 'm1', followeeId: 's6' } } },
+      { channel: 'notesStream', message: by('s6') },
+    ]);
+    await until(() => Object.values(got).every((g) => g.length === 1), 10000, 'deliveries after the reload');
   });
 
   test('a filtered room of 1,000 signed-in subscribers costs one plugin call per note', async () => {

@@ -21,7 +21,7 @@ mod note;
 mod relations;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chanhost_plugin::types::{
     ChannelSpec, Condition, ConnectRequest, DisconnectReason, Instance, Manifest, Payload,
@@ -54,6 +54,8 @@ struct State {
     /// Roles with a timeline open, and whether they are explorable.
     roles: BTreeMap<String, bool>,
     subs: HashMap<(u64, String), Sub>,
+    /// Rooms listened to beyond `notesStream` and `internal`.
+    listens: BTreeSet<String>,
 }
 
 thread_local! {
@@ -72,6 +74,28 @@ fn load<T: serde::de::DeserializeOwned + Default>(k: &str) -> T {
 
 fn save<T: serde::Serialize>(k: &str, v: &T) {
     host::kv_set(k, &serde_json::to_string(v).unwrap_or_default());
+}
+
+/// Listens to a room for as long as something here needs it. Such listens
+/// are kept in the store and renewed by `init`, so they survive a hot
+/// reload and a rebuild (which keep only the listens made in `init`).
+pub(crate) fn listen(room: &str) {
+    with(|s| {
+        if s.listens.insert(room.to_owned()) {
+            host::listen(room);
+            save("_listens", &s.listens);
+        }
+    })
+}
+
+/// Stops a listen made with [`listen`].
+pub(crate) fn unlisten(room: &str) {
+    with(|s| {
+        if s.listens.remove(room) {
+            save("_listens", &s.listens);
+        }
+    });
+    host::unlisten(room);
 }
 
 fn reject(message: impl Into<String>) -> Rejection {
@@ -403,7 +427,7 @@ fn repacked(backend: Option<&Backend>, user: &str, note: &Value) -> Option<Value
 fn route_main(backend: Option<&Backend>, user: &str, kind: &str, data: &Payload) {
     let room = format!("mk:main:{user}");
     if host::room_size(&room) == 0 {
-        host::unlisten(&format!("mainStream:{user}"));
+        unlisten(&format!("mainStream:{user}"));
         host::kv_delete(&token_key(user));
         return;
     }
@@ -455,10 +479,10 @@ fn role_rooms(id: &str) -> [String; 2] {
 
 /// `roleTimelineStream:<role>`: public notes of the role's members while
 /// the role is explorable; other events pass unchanged.
-fn route_role(state: &State, role: &str, kind: &str, data: &Payload) {
+fn route_role(explorable: bool, role: &str, kind: &str, data: &Payload) {
     let rooms = role_rooms(role);
     if rooms.iter().all(|r| host::room_size(r) == 0) {
-        host::unlisten(&format!("roleTimelineStream:{role}"));
+        unlisten(&format!("roleTimelineStream:{role}"));
         return;
     }
     if kind != "note" {
@@ -467,7 +491,7 @@ fn route_role(state: &State, role: &str, kind: &str, data: &Payload) {
         }
         return;
     }
-    if !state.roles.get(role).copied().unwrap_or(true) {
+    if !explorable {
         return;
     }
     let Ok(n) = serde_json::from_str::<Value>(&data.json) else {
@@ -486,11 +510,11 @@ fn route_role(state: &State, role: &str, kind: &str, data: &Payload) {
 
 /// `antennaStream:<antenna>`: Misskey publishes the bare note record; it is
 /// packed for the antenna's owner through the API, then filtered.
-fn route_antenna(state: &State, antenna: &str, kind: &str, data: &Payload) {
+fn route_antenna(backend: Option<&Backend>, antenna: &str, kind: &str, data: &Payload) {
     let room = format!("mk:antenna:{antenna}");
     let token_key = format!("_antenna:{antenna}");
     if host::room_size(&room) == 0 {
-        host::unlisten(&format!("antennaStream:{antenna}"));
+        unlisten(&format!("antennaStream:{antenna}"));
         host::kv_delete(&token_key);
         return;
     }
@@ -503,7 +527,7 @@ fn route_antenna(state: &State, antenna: &str, kind: &str, data: &Payload) {
     };
     if n.get("user").is_none() {
         let (Some(b), Some(token), Some(id)) =
-            (&state.backend, host::kv_get(&token_key), str_of(&n, "id"))
+            (backend, host::kv_get(&token_key), str_of(&n, "id"))
         else {
             return;
         };
@@ -584,7 +608,7 @@ impl Misskey {
                     host::kv_set(&token_key(&u), t);
                 }
                 join(format!("mk:main:{u}"));
-                host::listen(&format!("mainStream:{u}"));
+                listen(&format!("mainStream:{u}"));
             }
             "homeTimeline" => {
                 user()?;
@@ -665,7 +689,7 @@ impl Misskey {
                     }
                 }
                 join(format!("mk:role:{id}:{v}"));
-                host::listen(&format!("roleTimelineStream:{id}"));
+                listen(&format!("roleTimelineStream:{id}"));
             }
             "antenna" => {
                 user()?;
@@ -679,7 +703,7 @@ impl Misskey {
                     .map_err(|e| reject(format!("no such antenna: {e}")))?;
                 host::kv_set(&format!("_antenna:{id}"), token);
                 join(format!("mk:antenna:{id}"));
-                host::listen(&format!("antennaStream:{id}"));
+                listen(&format!("antennaStream:{id}"));
             }
             "channel" => {
                 let id = param("channelId")?;
@@ -726,6 +750,10 @@ impl Guest for Misskey {
             s.lists = load("_lists");
             s.tags = load("_tags");
             s.roles = load("_roles");
+            s.listens = load("_listens");
+            for room in &s.listens {
+                host::listen(room);
+            }
         });
         host::listen(NOTES);
         host::listen(INTERNAL);
@@ -777,9 +805,11 @@ impl Guest for Misskey {
             let backend = with(|s| s.backend.clone());
             route_main(backend.as_ref(), user, &event, &data);
         } else if let Some(role) = room.strip_prefix("roleTimelineStream:") {
-            with(|s| route_role(s, role, &event, &data));
+            let explorable = with(|s| s.roles.get(role).copied().unwrap_or(true));
+            route_role(explorable, role, &event, &data);
         } else if let Some(antenna) = room.strip_prefix("antennaStream:") {
-            with(|s| route_antenna(s, antenna, &event, &data));
+            let backend = with(|s| s.backend.clone());
+            route_antenna(backend.as_ref(), antenna, &event, &data);
         }
     }
 

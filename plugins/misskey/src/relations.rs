@@ -91,7 +91,7 @@ pub fn ensure(
     }
     host::set_user_attribute(user, REL, &keys);
     host::set_user_attribute(user, MUTED_INSTANCES, &muted_instances);
-    host::listen(&format!("user:{user}"));
+    crate::listen(&format!("user:{user}"));
     Ok(())
 }
 
@@ -100,7 +100,7 @@ pub fn ensure(
 pub fn on_user_event(user: &str, kind: &str, body: &Value) {
     if !host::has_user_attribute(user, REL) {
         // No connection of this user here any more.
-        host::unlisten(&format!("user:{user}"));
+        crate::unlisten(&format!("user:{user}"));
         return;
     }
     let id = str_of(body, "id");
