@@ -39,6 +39,7 @@ export async function startBackend() {
     notes: {}, // noteId -> packed note
     rooms: {}, // roomId -> { ownerId, members: [] }
     calls: [],
+    delays: {}, // endpoint -> ms to wait before answering
     host: null, // the chanhost under test, for endpoints that publish back
   };
   const rel = (id) => db.relations[id] ?? { following: [], mutes: [], renoteMutes: [], channels: [] };
@@ -96,6 +97,7 @@ export async function startBackend() {
       let p;
       try { p = JSON.parse(body || '{}'); } catch { send(400, { error: { code: 'INVALID_JSON' } }); return; }
       db.calls.push({ endpoint, params: p });
+      if (db.delays[endpoint]) await new Promise((r) => setTimeout(r, db.delays[endpoint]));
       const handler = handlers[endpoint];
       if (!handler) { send(404, { error: { code: 'NO_SUCH_ENDPOINT' } }); return; }
       const token = db.tokens[p.i];

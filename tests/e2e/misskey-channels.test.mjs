@@ -57,6 +57,7 @@ describe('misskey channel catalog', () => {
       'mk-app': { user: user('m1', { mutedInstances: ['muted.example'] }), permissions: ['read:account'] },
       'mk-noltl': { user: user('m3', { policies: { ltlAvailable: false, gtlAvailable: true } }) },
       'mk-many': { user: user('m4') },
+      'mk-slow': { user: user('m5') },
     };
     const bulk = Array.from({ length: 150 }, (_, i) => ({ id: `bulk${i}` }));
     db.relations = {
@@ -480,6 +481,18 @@ describe('misskey channel catalog', () => {
     assert.equal(await opens(host, 'mk-me', 'chatRoom', { roomId: 'nope' }), false, 'no such room');
     // An app token without read:mutes still opens timelines (its mutes unread).
     assert.equal(await opens(host, 'mk-app', 'homeTimeline'), true);
+  });
+
+  test('waiting on a slow backend does not count against the plugin\'s call time limit', async () => {
+    const key = 'chanhost_plugin_errors_total{plugin="misskey",hook="connect"}';
+    const before = (await host.metrics())[key];
+    backend.db.delays['users/following'] = 600; // the call limit is 200 ms
+    try {
+      assert.equal(await opens(host, 'mk-slow', 'homeTimeline'), true);
+    } finally {
+      delete backend.db.delays['users/following'];
+    }
+    assert.equal((await host.metrics())[key], before);
   });
 
   test('a hot reload of the plugin keeps every channel delivering, listens to per-user and per-role streams included', async () => {

@@ -66,6 +66,8 @@ pub struct StoreState {
     pub(super) hook: Hook,
     /// Listens recorded during `init`; applied when the instance goes live.
     pub(super) init_listens: Vec<String>,
+    /// The current call's CPU-time budget.
+    pub(super) budget: super::engine::CallBudget,
 }
 
 impl StoreState {
@@ -88,6 +90,7 @@ impl StoreState {
             services,
             hook: Hook::Describe,
             init_listens: Vec::new(),
+            budget: Default::default(),
         }
     }
 

@@ -127,13 +127,9 @@ impl PluginEngine {
     }
 
     /// Deadline of a normal call, in ticks.
-    pub fn call_ticks(&self) -> u64 {
-        ticks(self.limits.call_timeout)
-    }
-
-    /// Deadline of `describe` + `init`, in ticks.
-    pub fn init_ticks(&self) -> u64 {
-        ticks(self.limits.init_timeout)
+    /// Arms a store for one call within the call time limit.
+    pub fn arm_call(&self, store: &mut Store<StoreState>) {
+        arm(store, self.limits.call_timeout)
     }
 
     fn cache_path(&self, bytes: &[u8]) -> Option<PathBuf> {
@@ -222,6 +218,15 @@ impl PluginEngine {
             StoreState::new(name, services, limits, policy),
         );
         store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_callback(|ctx| {
+            let b = ctx.data().budget;
+            let used = thread_cpu().saturating_sub(b.cpu_start);
+            if used < b.limit {
+                Ok(wasmtime::UpdateDeadline::Continue(ticks(b.limit - used)))
+            } else {
+                Err(wasmtime::Trap::Interrupt.into())
+            }
+        });
         store
     }
 
@@ -234,7 +239,7 @@ impl PluginEngine {
         config: &str,
     ) -> Result<Started, PluginError> {
         let mut store = self.new_store(name, services, config);
-        store.set_epoch_deadline(self.init_ticks());
+        arm(&mut store, self.limits.init_timeout);
         let guest = pre
             .instantiate(&mut store)
             .map_err(|e| PluginError::Start(describe_error(&e)))?;
@@ -262,6 +267,44 @@ pub struct Started {
     pub manifest: Manifest,
     /// Rooms the instance listened to during `init`.
     pub listens: Vec<String>,
+}
+
+/// A call's time limit, counted in CPU time of the plugin's thread: time
+/// the guest spends waiting in a host call (an HTTP response, ...) does not
+/// count, time it spends computing does.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CallBudget {
+    cpu_start: Duration,
+    limit: Duration,
+}
+
+/// CPU time used by the calling thread so far (wall-clock time where the
+/// platform cannot tell).
+fn thread_cpu() -> Duration {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        }
+    }
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed()
+}
+
+/// Starts a call's budget: the epoch deadline fires after `limit` of wall
+/// time, and the deadline callback lets the call go on while the thread's
+/// CPU time stays under `limit`.
+pub(super) fn arm(store: &mut Store<StoreState>, limit: Duration) {
+    store.data_mut().budget = CallBudget {
+        cpu_start: thread_cpu(),
+        limit,
+    };
+    store.set_epoch_deadline(ticks(limit));
 }
 
 fn ticks(d: Duration) -> u64 {

@@ -356,9 +356,8 @@ impl Runner {
     ) -> Result<R, CallError> {
         self.ensure_live()?;
         self.metrics.calls[PluginMetrics::idx(hook)].fetch_add(1, Ordering::Relaxed);
-        let ticks = self.engine.call_ticks();
         let live = self.live.as_mut().expect("ensured above");
-        live.store.set_epoch_deadline(ticks);
+        self.engine.arm_call(&mut live.store);
         match f(&live.guest, &mut live.store) {
             Ok(r) => {
                 self.failures = 0;
