@@ -629,7 +629,9 @@ rooms_url = "http://backend:8080/rooms"
             .replace("# allow_http", "allow_http")
             .replace("# admin_secret", "admin_secret")
             .replace("# secret", "secret")
-            .replace("# user_claim", "user_claim");
+            .replace("# user_claim", "user_claim")
+            .replace("# url", "url")
+            .replace("# backend", "backend");
         let raw = RawConfig::parse(&text, &path).unwrap();
         let c = Config::from_raw(
             raw,
@@ -640,6 +642,8 @@ rooms_url = "http://backend:8080/rooms"
         .unwrap();
         assert!(c.plugin_table_json("mew").contains("rooms_url"));
         assert!(c.plugin_table_json("mew-infra").contains("admin_secret"));
+        assert!(c.plugin_table_json("misskey").contains("backend"));
+        assert!(c.backend_auth.is_some());
     }
 
     #[test]
