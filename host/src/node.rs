@@ -365,6 +365,19 @@ impl Node {
         self.publish_filtered(room, event, data, Filter::default())
     }
 
+    /// Delivers an event to this node's members and listeners of a room,
+    /// without the broker (figures that describe this node only).
+    pub fn deliver_local_event(&self, room: &str, event: &str, data: Arc<str>) {
+        self.metrics.publishes.inc();
+        self.deliver_local(&Publication {
+            room: room.into(),
+            event: event.into(),
+            data,
+            attachments: Arc::from(Vec::new()),
+            filter: Filter::default(),
+        });
+    }
+
     /// Publishes an event that only the members passing `filter` receive.
     pub fn publish_filtered(&self, room: &str, event: &str, data: Arc<str>, filter: Filter) {
         self.metrics.publishes.inc();

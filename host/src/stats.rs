@@ -69,12 +69,26 @@ fn parse_mem(meminfo: &str) -> (u64, u64) {
     (total.saturating_sub(available), field("Active"))
 }
 
-/// Received and sent bytes over every interface but loopback.
-fn parse_net(dev: &str) -> (u64, u64) {
+/// The interface of the default route (`/proc/net/route`), as Misskey
+/// measures its default interface.
+fn default_interface(route: &str) -> Option<&str> {
+    route.lines().skip(1).find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (iface, dest) = (f.next()?, f.next()?);
+        (dest == "00000000").then_some(iface)
+    })
+}
+
+/// Received and sent bytes of the default interface, or of every interface
+/// but loopback when there is no default route.
+fn parse_net(dev: &str, default: Option<&str>) -> (u64, u64) {
     dev.lines()
         .skip(2)
         .filter_map(|l| l.split_once(':'))
-        .filter(|(name, _)| name.trim() != "lo")
+        .filter(|(name, _)| match default {
+            Some(d) => name.trim() == d,
+            None => name.trim() != "lo",
+        })
         .map(|(_, rest)| {
             let v: Vec<u64> = rest
                 .split_whitespace()
@@ -96,10 +110,17 @@ fn parse_disks(stats: &str) -> (u64, u64) {
         .filter_map(|l| {
             let v: Vec<&str> = l.split_whitespace().collect();
             let name = *v.get(2)?;
-            let scsi_like = ["sd", "vd", "xvd"].iter().any(|p| name.starts_with(p));
+            let scsi_like = ["sd", "vd", "xvd", "hd"]
+                .iter()
+                .any(|p| name.starts_with(p));
             let partition = (scsi_like && name.ends_with(|c: char| c.is_ascii_digit()))
-                || (name.starts_with("nvme") && name.contains('p'));
-            let whole = !name.starts_with("loop") && !name.starts_with("ram") && !partition;
+                || ((name.starts_with("nvme") || name.starts_with("mmcblk")) && name.contains('p'));
+            // Virtual devices (device mapper, RAID, loop, RAM, optical)
+            // would count the same I/O twice or none at all.
+            let virtual_dev = ["loop", "ram", "zram", "dm-", "md", "sr"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            let whole = !virtual_dev && !partition;
             whole.then(|| {
                 (
                     v.get(3).and_then(|x| x.parse().ok()).unwrap_or(0u64),
@@ -112,7 +133,8 @@ fn parse_disks(stats: &str) -> (u64, u64) {
 
 fn sample() -> (Counters, (u64, u64)) {
     let (cpu_busy, cpu_total) = parse_cpu(&read("/proc/stat"));
-    let (rx, tx) = parse_net(&read("/proc/net/dev"));
+    let route = read("/proc/net/route");
+    let (rx, tx) = parse_net(&read("/proc/net/dev"), default_interface(&route));
     let (reads, writes) = parse_disks(&read("/proc/diskstats"));
     let c = Counters {
         cpu_busy,
@@ -164,17 +186,17 @@ pub fn spawn(node: Weak<Node>) {
                 _ = stop.cancelled() => break,
             }
             let Some(n) = node.upgrade() else { break };
-            if !n.hub.has_audience(STATS_ROOM) {
+            let Ok((now, mem)) = tokio::task::spawn_blocking(sample).await else {
                 continue;
-            }
-            let (now, mem) = tokio::task::spawn_blocking(sample)
-                .await
-                .unwrap_or_default();
+            };
             let secs = at.elapsed().as_secs_f64();
             at = Instant::now();
             let body = stats_json(&prev, &now, mem, secs);
             prev = now;
-            n.publish(STATS_ROOM, "stats", body.to_string().into());
+            // This machine's figures go to this node's audience only.
+            if n.hub.has_audience(STATS_ROOM) {
+                n.deliver_local_event(STATS_ROOM, "stats", body.to_string().into());
+            }
         }
     });
 }
@@ -193,9 +215,13 @@ mod tests {
             parse_mem("MemTotal:       1000 kB\nMemFree: 1 kB\nMemAvailable:    400 kB\nActive:  300 kB\n"),
             (600 * 1024, 300 * 1024)
         );
-        let dev = "Inter-|   Receive\n face |bytes\n    lo: 999 1 0 0 0 0 0 0 999 1 0 0 0 0 0 0\n  eth0: 100 1 0 0 0 0 0 0 200 2 0 0 0 0 0 0\n";
-        assert_eq!(parse_net(dev), (100, 200));
-        let disks = "   8       0 sda 10 0 0 0 20 0 0 0 0 0 0\n   8       1 sda1 5 0 0 0 5 0 0 0 0 0 0\n   7       0 loop0 9 0 0 0 9 0 0 0 0 0 0\n 259 0 nvme0n1 1 0 0 0 2 0 0 0 0 0 0\n 259 1 nvme0n1p1 1 0 0 0 2 0 0 0 0 0 0\n";
+        let dev = "Inter-|   Receive\n face |bytes\n    lo: 999 1 0 0 0 0 0 0 999 1 0 0 0 0 0 0\n  eth0: 100 1 0 0 0 0 0 0 200 2 0 0 0 0 0 0\n  br0: 5 1 0 0 0 0 0 0 7 2 0 0 0 0 0 0\n";
+        assert_eq!(parse_net(dev, None), (105, 207));
+        let route =
+            "Iface\tDestination\tGateway\nbr0\t0000A8C0\t00000000\neth0\t00000000\t0100A8C0\n";
+        assert_eq!(default_interface(route), Some("eth0"));
+        assert_eq!(parse_net(dev, default_interface(route)), (100, 200));
+        let disks = "   8       0 sda 10 0 0 0 20 0 0 0 0 0 0\n   8       1 sda1 5 0 0 0 5 0 0 0 0 0 0\n   7       0 loop0 9 0 0 0 9 0 0 0 0 0 0\n 259 0 nvme0n1 1 0 0 0 2 0 0 0 0 0 0\n 259 1 nvme0n1p1 1 0 0 0 2 0 0 0 0 0 0\n 253 0 dm-0 4 0 0 0 4 0 0 0 0 0 0\n";
         assert_eq!(parse_disks(disks), (11, 22));
     }
 

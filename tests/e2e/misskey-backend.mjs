@@ -15,6 +15,8 @@ const KIND = {
   'users/lists/show': 'read:account',
   'antennas/show': 'read:account',
   'chat/history': 'read:chat',
+  'chat/rooms/show': 'read:chat',
+  'chat/rooms/members': 'read:chat',
   'notifications/mark-all-as-read': 'write:notifications',
   'chat/messages/user-timeline': 'read:chat',
   'chat/messages/room-timeline': 'read:chat',
@@ -38,6 +40,8 @@ export async function startBackend() {
     roles: {}, // roleId -> { isPublic, isExplorable }
     notes: {}, // noteId -> packed note
     rooms: {}, // roomId -> { ownerId, members: [] }
+    basePolicies: {}, // the default role policies (`meta`)
+    withReplies: {}, // "<follower>:<followee>" -> the follow's withReplies
     calls: [],
     delays: {}, // endpoint -> ms to wait before answering
     host: null, // the chanhost under test, for endpoints that publish back
@@ -45,6 +49,10 @@ export async function startBackend() {
   const rel = (id) => db.relations[id] ?? { following: [], mutes: [], renoteMutes: [], channels: [] };
   const handlers = {
     i: (me) => me,
+    meta: () => ({ policies: db.basePolicies }),
+    'users/show': (me, p) => ({ id: p.userId, withReplies: !!db.withReplies[`${me.id}:${p.userId}`] }),
+    'chat/rooms/show': (me, p) => (db.rooms[p.roomId] ? { id: p.roomId, ownerId: db.rooms[p.roomId].ownerId } : [400, { error: { code: 'NO_SUCH_ROOM' } }]),
+    'chat/rooms/members': (me, p) => page((db.rooms[p.roomId]?.members ?? []).map((u, n) => ({ id: `mb${n}`, userId: u, user: { id: u } })), p),
     'users/following': (me, p) => page(rel(p.userId).following.map((f, n) => ({
       id: `fw${String(n).padStart(6, '0')}`, followerId: p.userId, followeeId: f.id, followee: { id: f.id, withReplies: !!f.withReplies },
     })), p),
@@ -101,7 +109,7 @@ export async function startBackend() {
       const handler = handlers[endpoint];
       if (!handler) { send(404, { error: { code: 'NO_SUCH_ENDPOINT' } }); return; }
       const token = db.tokens[p.i];
-      const needsUser = endpoint !== 'roles/show' && endpoint !== 'users/following' && endpoint !== 'notes/show';
+      const needsUser = !['roles/show', 'users/following', 'notes/show', 'meta', 'users/show'].includes(endpoint);
       if (needsUser && !token) { send(401, { error: { code: 'CREDENTIAL_REQUIRED' } }); return; }
       const kind = KIND[endpoint];
       if (token?.permissions && kind && !token.permissions.includes(kind)) { send(403, { error: { code: 'PERMISSION_DENIED' } }); return; }

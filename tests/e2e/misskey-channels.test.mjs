@@ -68,6 +68,9 @@ describe('misskey channel catalog', () => {
     db.antennas = { a1: { userId: 'm1' }, a2: { userId: 'm2' } };
     db.roles = { r1: { isPublic: true, isExplorable: true }, r2: { isPublic: true, isExplorable: false }, r3: { isPublic: true, isExplorable: true } };
     db.rooms = { room1: { ownerId: 'm2', members: ['m1'] }, room2: { ownerId: 'm2', members: [] } };
+    // Visitors may not see the global timeline on this instance.
+    db.basePolicies = { ltlAvailable: true, gtlAvailable: false };
+    db.withReplies = { 'm1:s7': true };
     host = await startHost({ plugins: ['misskey', 'misskey-streams', 'probe'], config: backend.config() });
     db.host = host;
   });
@@ -151,6 +154,9 @@ describe('misskey channel catalog', () => {
     assert.equal(await opens(host, 'mk-noltl', 'localTimeline'), false);
     assert.equal(await opens(host, 'mk-noltl', 'hybridTimeline'), false);
     assert.equal(await opens(host, 'mk-noltl', 'globalTimeline'), true);
+    // Visitors get the instance's default policies.
+    assert.equal(await opens(host, null, 'globalTimeline'), false);
+    assert.equal(await opens(host, null, 'localTimeline'), true);
   });
 
   test('relations follow Misskey\'s internal events: follow, mute, blocks, muted instances, followed channels', async () => {
@@ -169,6 +175,7 @@ describe('misskey channel catalog', () => {
     ]);
     const notes = {
       newlyFollowed: by('s7'),
+      replyByNewFolloweeWithReplies: by('s7', { replyId: 'r', reply: by('s1') }),
       newlyMuted: by('s8'),
       blocker: by('bl'),
       mutedInstance: by('r1', {}, 'muted.example'),
@@ -177,9 +184,9 @@ describe('misskey channel catalog', () => {
       unfollowed: by('f1'),
     };
     const { ids } = await timeline(host, chans, Object.values(notes), by('m1'));
-    assert.deepEqual(names(notes, ids.home), ['newlyFollowed', 'newChannel']);
-    assert.deepEqual(names(notes, ids.gtl), ['newlyFollowed', 'unfollowed']);
-    assert.deepEqual(names(notes, ids.otherGtl), ['newlyFollowed', 'newlyMuted', 'blocker', 'mutedInstance', 'replyToMuted', 'unfollowed']);
+    assert.deepEqual(names(notes, ids.home), ['newlyFollowed', 'replyByNewFolloweeWithReplies', 'newChannel']);
+    assert.deepEqual(names(notes, ids.gtl), ['newlyFollowed', 'replyByNewFolloweeWithReplies', 'unfollowed']);
+    assert.deepEqual(names(notes, ids.otherGtl), ['newlyFollowed', 'replyByNewFolloweeWithReplies', 'newlyMuted', 'blocker', 'mutedInstance', 'replyToMuted', 'unfollowed']);
     await host.publish([
       internal('blockingDeleted', { blockerId: 'bl', blockeeId: 'm1' }),
       internal('updateUserProfile', { userId: 'm1', mutedInstances: [] }),
@@ -471,13 +478,14 @@ describe('misskey channel catalog', () => {
     assert.deepEqual(msgs.user, [{ id: 'dm1' }]);
     withM2.send('read', { id: 'dm1' });
     room.send('read', { id: 'rm1' });
-    // Opening the room checked it once; `read` calls the room timeline again.
-    await until(() => backend.calls('chat/messages/user-timeline').length === 1 && backend.calls('chat/messages/room-timeline').length === 2);
+    // Opening the room did not mark it read; `read` does.
+    await until(() => backend.calls('chat/messages/user-timeline').length === 1 && backend.calls('chat/messages/room-timeline').length === 1);
     assert.deepEqual(backend.calls('chat/messages/user-timeline')[0].params, { userId: 'm2', limit: 1, i: 'mk-me' });
     assert.equal(await opens(host, 'mk-me', 'chatUser', { otherId: 'm1' }), false, 'oneself');
     assert.equal(await opens(host, 'mk-app', 'chatUser', { otherId: 'm2' }), false, 'a token without read:chat');
     assert.equal(await opens(host, 'mk-other', 'chatRoom', { roomId: 'room2' }), true, 'the owner');
     assert.equal(await opens(host, 'mk-me', 'chatRoom', { roomId: 'room2' }), false, 'not a member');
+    assert.equal(await opens(host, 'mk-mod', 'chatRoom', { roomId: 'room2' }), true, 'a moderator');
     assert.equal(await opens(host, 'mk-me', 'chatRoom', { roomId: 'nope' }), false, 'no such room');
     // An app token without read:mutes still opens timelines (its mutes unread).
     assert.equal(await opens(host, 'mk-app', 'homeTimeline'), true);

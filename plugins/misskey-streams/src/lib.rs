@@ -28,7 +28,7 @@
 //! origin, also in `allow_http`) and `reversi_endpoint`.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use chanhost_plugin::types::{
     ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, Payload, Rejection,
@@ -50,8 +50,9 @@ const REVERSI_KEYS: [&str; 6] = [
     "timeLimitForEachTurn",
 ];
 
-/// What an open instance needs to answer its messages.
-#[derive(Clone)]
+/// What an open instance needs to answer its messages; kept in the store
+/// (`_open:<connection>:<id>`) so it outlives a reload or a rebuild.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 enum Open {
     ServerStats,
     QueueStats,
@@ -67,7 +68,10 @@ struct State {
     reversi_endpoint: Option<String>,
     server_log: VecDeque<String>,
     queue_log: VecDeque<String>,
-    open: HashMap<(u64, String), Open>,
+}
+
+fn open_key(target: &Instance) -> String {
+    format!("_open:{}:{}", target.connection, target.id)
 }
 
 thread_local! {
@@ -105,11 +109,23 @@ fn push_log(log: &mut VecDeque<String>, sample: String) {
 }
 
 /// `statsLog`: the newest `length` samples (all when absent), newest first.
-fn log_reply(log: &VecDeque<String>, length: Option<usize>) -> String {
-    let n = length.unwrap_or(LOG_LEN).min(log.len());
+fn log_reply(log: &VecDeque<String>, length: Option<f64>) -> String {
+    // JavaScript's `log.slice(0, length)`: truncated, negative counts from
+    // the end, absent or NaN-free infinity means all.
+    let len = log.len() as f64;
+    let end = match length {
+        None => len,
+        Some(l) if l.is_nan() => 0.0,
+        Some(l) if l < 0.0 => (len + l.trunc()).max(0.0),
+        Some(l) => l.trunc().min(len),
+    };
     format!(
         "[{}]",
-        log.iter().take(n).cloned().collect::<Vec<_>>().join(",")
+        log.iter()
+            .take(end as usize)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",")
     )
 }
 
@@ -136,6 +152,50 @@ fn valid_reversi(kind: &str, body: &Value) -> bool {
         }
         "cancel" | "claimTimeIsUp" => true,
         _ => false,
+    }
+}
+
+/// Whether the connection's claims (Misskey's `i` answer) say moderator.
+fn moderator(req: &ConnectRequest) -> bool {
+    let claims: Value = req
+        .identity
+        .as_ref()
+        .and_then(|i| serde_json::from_str(&i.claims).ok())
+        .unwrap_or(Value::Null);
+    let flag = |k: &str| claims.get(k).and_then(Value::as_bool).unwrap_or(false);
+    flag("isModerator") || flag("isAdmin")
+}
+
+/// Misskey's `hasPermissionToViewRoomTimeline`, without side effects: the
+/// room exists (`chat/rooms/show`, which needs `read:chat`) and the user
+/// owns it, is a member (`chat/rooms/members`) or is a moderator.
+fn chat_room_member(
+    b: &Backend,
+    token: &str,
+    room: &str,
+    me: &str,
+    moderator: bool,
+) -> Result<(), Rejection> {
+    let shown = b
+        .call("chat/rooms/show", Some(token), json!({ "roomId": room }))
+        .map_err(reject)?;
+    if moderator || shown.get("ownerId").and_then(Value::as_str) == Some(me) {
+        return Ok(());
+    }
+    let members = b
+        .all("chat/rooms/members", token, json!({ "roomId": room }))
+        .map_err(|e| reject(e.to_string()))?;
+    let member = members.iter().any(|m| {
+        m.get("userId").and_then(Value::as_str) == Some(me)
+            || m.get("user")
+                .and_then(|u| u.get("id"))
+                .and_then(Value::as_str)
+                == Some(me)
+    });
+    if member {
+        Ok(())
+    } else {
+        Err(reject("not a member of this chat room"))
     }
 }
 
@@ -173,13 +233,7 @@ impl Streams {
             }
             "admin" => {
                 let u = user()?;
-                let claims: Value = req
-                    .identity
-                    .as_ref()
-                    .and_then(|i| serde_json::from_str(&i.claims).ok())
-                    .unwrap_or(Value::Null);
-                let flag = |k: &str| claims.get(k).and_then(Value::as_bool).unwrap_or(false);
-                if !(flag("isModerator") || flag("isAdmin")) {
+                if !moderator(req) {
                     return Err(reject("the admin channel is for moderators"));
                 }
                 join(format!("adminStream:{u}"));
@@ -213,17 +267,14 @@ impl Streams {
                 Open::ChatUser { other }
             }
             "chatRoom" => {
-                user()?;
+                let u = user()?;
                 let room = param("roomId")?;
-                if backend.is_none() || credential.is_none() {
+                let (Some(b), Some(token)) = (&backend, credential) else {
                     return Err(reject(
                         "chatRoom needs the Misskey backend to check membership",
                     ));
-                }
-                chat_check(
-                    "chat/messages/room-timeline",
-                    json!({ "roomId": room, "limit": 1 }),
-                )?;
+                };
+                chat_room_member(b, token, &room, &u, moderator(req))?;
                 join(format!("chatRoomStream:{room}"));
                 Open::ChatRoom { room }
             }
@@ -298,25 +349,23 @@ impl Guest for Streams {
 
     fn connect(req: ConnectRequest) -> Result<(), Rejection> {
         let open = Self::open(&req)?;
-        with(|s| {
-            s.open
-                .insert((req.target.connection, req.target.id.clone()), open)
-        });
+        if !matches!(open, Open::Other) {
+            let text = serde_json::to_string(&open).unwrap_or_default();
+            host::kv_set(&open_key(&req.target), &text);
+        }
         Ok(())
     }
 
     fn message(target: Instance, event: String, data: Payload, _ack: Option<u64>) {
-        let Some(open) = with(|s| s.open.get(&(target.connection, target.id.clone())).cloned())
+        let Some(open) =
+            host::kv_get(&open_key(&target)).and_then(|t| serde_json::from_str::<Open>(&t).ok())
         else {
             return;
         };
         let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
         match (open, event.as_str()) {
             (Open::ServerStats, "requestLog") if body.is_object() => {
-                let length = body
-                    .get("length")
-                    .and_then(Value::as_u64)
-                    .map(|n| n as usize);
+                let length = body.get("length").and_then(Value::as_f64);
                 let log = with(|s| log_reply(&s.server_log, length));
                 host::send(&target, "statsLog", &json(log));
             }
@@ -327,7 +376,7 @@ impl Guest for Streams {
                 ) else {
                     return;
                 };
-                let log = with(|s| log_reply(&s.queue_log, Some(length.max(0.0) as usize)));
+                let log = with(|s| log_reply(&s.queue_log, Some(length)));
                 host::send(&target, "statsLog", &json(log));
             }
             (Open::ReversiGame { game }, kind) => {
@@ -365,7 +414,7 @@ impl Guest for Streams {
 
     fn disconnect(target: Instance, _reason: DisconnectReason) {
         host::kv_delete(&token_key(&target));
-        with(|s| s.open.remove(&(target.connection, target.id)));
+        host::kv_delete(&open_key(&target));
     }
 
     fn event(room: String, event: String, data: Payload) {

@@ -41,6 +41,9 @@ const INTERNAL: &str = "internal";
 enum Sub {
     List(String),
     Tag(String),
+    Main(String),
+    Role(String),
+    Antenna(String),
     Other,
 }
 
@@ -53,7 +56,11 @@ struct State {
     tags: BTreeMap<String, Vec<Vec<String>>>,
     /// Roles with a timeline open, and whether they are explorable.
     roles: BTreeMap<String, bool>,
-    subs: HashMap<(u64, String), Sub>,
+    /// Open instances: what they subscribed to and their user.
+    subs: HashMap<(u64, String), (Sub, Option<String>)>,
+    /// The default role policies (Misskey's `meta`), for viewers whose
+    /// claims carry none.
+    base_policies: Option<Value>,
     /// Rooms listened to beyond `notesStream` and `internal`.
     listens: BTreeSet<String>,
 }
@@ -132,11 +139,30 @@ fn viewer(signed_in: bool) -> char {
     }
 }
 
-/// A role policy of the user (from Misskey's `i` answer in the claims);
-/// allowed when unknown.
-fn policy(claims: &Value, name: &str) -> bool {
-    claims
-        .get("policies")
+/// A role policy of the viewer: from Misskey's `i` answer in the claims,
+/// else the instance's default policies (Misskey's `meta`, read once and
+/// kept current by `policiesUpdated`); allowed when neither is known.
+fn policy(backend: Option<&Backend>, claims: &Value, name: &str) -> bool {
+    let own = claims.get("policies").and_then(|p| p.get(name));
+    if let Some(v) = own.and_then(Value::as_bool) {
+        return v;
+    }
+    let mut base = with(|s| s.base_policies.clone());
+    if base.is_none() {
+        if let Some(b) = backend {
+            match b.call("meta", None, json!({ "detail": true })) {
+                Ok(meta) => {
+                    base = meta.get("policies").cloned();
+                    with(|s| s.base_policies.clone_from(&base));
+                    if let Some(p) = &base {
+                        save("_policies", p);
+                    }
+                }
+                Err(e) => log_warn(&format!("cannot read the default policies: {e}")),
+            }
+        }
+    }
+    base.as_ref()
         .and_then(|p| p.get(name))
         .and_then(Value::as_bool)
         .unwrap_or(true)
@@ -202,15 +228,17 @@ fn visible(n: &Value, conds: &mut Vec<Condition>) {
 
 /// Misskey's reply rule for viewers who do not want every reply: the reply
 /// is to them, by them, or to the author themself — or they follow the
-/// author with replies.
-fn relevant_reply(n: &Value, conds: &mut Vec<Condition>) {
+/// author with replies (home and hybrid timelines then also require a
+/// followers-only replied-to note to be visible to them; the local timeline
+/// does not).
+fn relevant_reply(n: &Value, conds: &mut Vec<Condition>, check_followers: bool) {
     let Some(reply) = sub(n, "reply") else { return };
     let (a, r) = (user_id(n), user_id(reply));
     if r == a {
         return;
     }
     conds.push(any_of(vec![key("fr", a), key("me", r), key("me", a)]));
-    if note::visibility(reply) == "followers" {
+    if check_followers && note::visibility(reply) == "followers" {
         conds.push(any_of(vec![key("f", r), key("me", r), key("me", a)]));
     }
 }
@@ -265,7 +293,7 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
                     for p in [false, true] {
                         let mut c = base.clone();
                         if u && !p {
-                            relevant_reply(n, &mut c);
+                            relevant_reply(n, &mut c, false);
                         }
                         out.deliver(
                             &format!("mk:ltl:{}:r{}p{}f{}", viewer(u), bit(r), bit(p), bit(f)),
@@ -301,7 +329,7 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
             };
             let mut home = base.clone();
             home.extend(source.clone().map(any_of));
-            relevant_reply(n, &mut home);
+            relevant_reply(n, &mut home, true);
             out.deliver(&format!("mk:home:r{}f{}", bit(r), bit(f)), true, home);
             for p in [false, true] {
                 let mut c = base.clone();
@@ -311,7 +339,7 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
                 }
                 match (p, sub(n, "reply")) {
                     (true, Some(reply)) => followers_reply_visible(reply, &mut c),
-                    (false, Some(_)) => relevant_reply(n, &mut c),
+                    (false, Some(_)) => relevant_reply(n, &mut c, true),
                     _ => {}
                 }
                 out.deliver(
@@ -365,8 +393,13 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
     // hashtag: an OR of AND groups over the note's tags.
     let tags = note::tags(n);
     if !tags.is_empty() {
+        let mut gone = Vec::new();
         for (qkey, q) in &state.tags {
             if !q.iter().any(|g| g.iter().all(|t| tags.contains(t))) {
+                continue;
+            }
+            if tag_rooms(qkey).iter().all(|r| host::room_size(r) == 0) {
+                gone.push(qkey.clone());
                 continue;
             }
             for &u in viewers {
@@ -379,6 +412,10 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
                 }
                 out.deliver(&format!("mk:tag:{}:{qkey}", viewer(u)), u, c);
             }
+        }
+        for q in gone {
+            state.tags.remove(&q);
+            save("_tags", &state.tags);
         }
     }
 
@@ -396,6 +433,10 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
             out.deliver(&format!("mk:channel:{cid}:{}", viewer(u)), u, c);
         }
     }
+}
+
+fn tag_rooms(qkey: &str) -> [String; 2] {
+    [format!("mk:tag:a:{qkey}"), format!("mk:tag:u:{qkey}")]
 }
 
 fn list_rooms(id: &str) -> Vec<String> {
@@ -428,7 +469,6 @@ fn route_main(backend: Option<&Backend>, user: &str, kind: &str, data: &Payload)
     let room = format!("mk:main:{user}");
     if host::room_size(&room) == 0 {
         unlisten(&format!("mainStream:{user}"));
-        host::kv_delete(&token_key(user));
         return;
     }
     let mut body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
@@ -546,6 +586,12 @@ fn route_antenna(backend: Option<&Backend>, antenna: &str, kind: &str, data: &Pa
     Outgoing::new(&n, &raw).deliver(&room, true, c);
 }
 
+/// Misskey's `normalizeForSearch`: NFKC, then lower case.
+fn normalize_tag(tag: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    tag.nfkc().collect::<String>().to_lowercase()
+}
+
 /// Validates a hashtag query: a non-empty list of non-empty lists of strings.
 fn hashtag_query(params: &Value) -> Option<Vec<Vec<String>>> {
     let groups = params.get("q")?.as_array()?;
@@ -554,7 +600,7 @@ fn hashtag_query(params: &Value) -> Option<Vec<Vec<String>>> {
         .map(|g| {
             let g = g.as_array().filter(|g| !g.is_empty())?;
             g.iter()
-                .map(|t| t.as_str().map(str::to_lowercase))
+                .map(|t| t.as_str().map(normalize_tag))
                 .collect::<Option<Vec<String>>>()
         })
         .collect()
@@ -604,18 +650,16 @@ impl Misskey {
         match req.channel.as_str() {
             "main" => {
                 let u = user()?;
-                if let Some(t) = credential {
-                    host::kv_set(&token_key(&u), t);
-                }
                 join(format!("mk:main:{u}"));
                 listen(&format!("mainStream:{u}"));
+                return Ok(Sub::Main(u));
             }
             "homeTimeline" => {
                 user()?;
                 join(format!("mk:home:r{renotes}f{files}"));
             }
             "localTimeline" | "hybridTimeline" => {
-                if !policy(&claims, "ltlAvailable") {
+                if !policy(backend.as_ref(), &claims, "ltlAvailable") {
                     return Err(reject("the local timeline is disabled for this user"));
                 }
                 if req.channel == "localTimeline" {
@@ -626,7 +670,7 @@ impl Misskey {
                 }
             }
             "globalTimeline" => {
-                if !policy(&claims, "gtlAvailable") {
+                if !policy(backend.as_ref(), &claims, "gtlAvailable") {
                     return Err(reject("the global timeline is disabled for this user"));
                 }
                 join(format!("mk:gtl:{v}:r{renotes}f{files}"));
@@ -690,6 +734,7 @@ impl Misskey {
                 }
                 join(format!("mk:role:{id}:{v}"));
                 listen(&format!("roleTimelineStream:{id}"));
+                return Ok(Sub::Role(id));
             }
             "antenna" => {
                 user()?;
@@ -704,6 +749,7 @@ impl Misskey {
                 host::kv_set(&format!("_antenna:{id}"), token);
                 join(format!("mk:antenna:{id}"));
                 listen(&format!("antennaStream:{id}"));
+                return Ok(Sub::Antenna(id));
             }
             "channel" => {
                 let id = param("channelId")?;
@@ -751,6 +797,7 @@ impl Guest for Misskey {
             s.tags = load("_tags");
             s.roles = load("_roles");
             s.listens = load("_listens");
+            s.base_policies = host::kv_get("_policies").and_then(|p| serde_json::from_str(&p).ok());
             for room in &s.listens {
                 host::listen(room);
             }
@@ -762,31 +809,54 @@ impl Guest for Misskey {
 
     fn connect(req: ConnectRequest) -> Result<(), Rejection> {
         let sub = Self::open(&req)?;
+        let user = req.identity.as_ref().map(|i| i.user_id.clone());
+        if let (Some(u), Some(t)) = (&user, &req.credential) {
+            // For calls made later on the user's behalf.
+            host::kv_set(&token_key(u), t);
+        }
         with(|s| {
             s.subs
-                .insert((req.target.connection, req.target.id.clone()), sub)
+                .insert((req.target.connection, req.target.id.clone()), (sub, user))
         });
         Ok(())
     }
 
     fn message(_target: Instance, _event: String, _data: Payload, _ack: Option<u64>) {}
 
+    /// Lets go of what nobody here needs any more: list and hashtag queries,
+    /// listens, kept tokens.
     fn disconnect(target: Instance, _reason: DisconnectReason) {
-        with(|s| match s.subs.remove(&(target.connection, target.id)) {
-            Some(Sub::List(id)) if list_rooms(&id).iter().all(|r| host::room_size(r) == 0) => {
+        let Some((sub, user)) = with(|s| s.subs.remove(&(target.connection, target.id))) else {
+            return;
+        };
+        let empty = |rooms: &[String]| rooms.iter().all(|r| host::room_size(r) == 0);
+        match sub {
+            Sub::List(id) if empty(&list_rooms(&id)) => with(|s| {
                 s.lists.remove(&id);
                 save("_lists", &s.lists);
-            }
-            Some(Sub::Tag(q))
-                if ["a", "u"]
-                    .iter()
-                    .all(|v| host::room_size(&format!("mk:tag:{v}:{q}")) == 0) =>
-            {
+            }),
+            Sub::Tag(q) if empty(&tag_rooms(&q)) => with(|s| {
                 s.tags.remove(&q);
                 save("_tags", &s.tags);
+            }),
+            Sub::Main(u) if empty(&[format!("mk:main:{u}")]) => {
+                unlisten(&format!("mainStream:{u}"))
+            }
+            Sub::Role(id) if empty(&role_rooms(&id)) => {
+                unlisten(&format!("roleTimelineStream:{id}"))
+            }
+            Sub::Antenna(id) if empty(&[format!("mk:antenna:{id}")]) => {
+                unlisten(&format!("antennaStream:{id}"));
+                host::kv_delete(&format!("_antenna:{id}"));
             }
             _ => {}
-        })
+        }
+        if let Some(u) = user {
+            if !host::has_user_attribute(&u, REL) {
+                unlisten(&format!("user:{u}"));
+                host::kv_delete(&token_key(&u));
+            }
+        }
     }
 
     fn event(room: String, event: String, data: Payload) {
@@ -796,7 +866,8 @@ impl Guest for Misskey {
             }
         } else if room == INTERNAL {
             let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
-            relations::on_internal(&event, &body);
+            let backend = with(|s| s.backend.clone());
+            relations::on_internal(backend.as_ref(), &event, &body);
             with(|s| on_internal(s, &event, &body));
         } else if let Some(user) = room.strip_prefix("user:") {
             let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
@@ -835,7 +906,7 @@ impl Guest for Misskey {
 
 /// Where a user's Misskey token is kept for calls made later on their
 /// behalf (a private key of the plugin's store).
-fn token_key(user: &str) -> String {
+pub(crate) fn token_key(user: &str) -> String {
     format!("_token:{user}")
 }
 
@@ -854,6 +925,10 @@ fn on_internal(state: &mut State, kind: &str, body: &Value) {
                 }
                 save("_lists", &state.lists);
             }
+        }
+        "policiesUpdated" if body.is_object() => {
+            state.base_policies = Some(body.clone());
+            save("_policies", body);
         }
         "roleUpdated" | "roleDeleted" => {
             let Some(id) = str_of(body, "id") else { return };

@@ -115,7 +115,7 @@ pub fn on_user_event(user: &str, kind: &str, body: &Value) {
         }
         _ => return,
     };
-    on_internal(kind, &internal);
+    on_internal(None, kind, &internal);
 }
 
 fn update(user: Option<&str>, add: &[String], remove: &[String]) {
@@ -126,13 +126,32 @@ fn update(user: Option<&str>, add: &[String], remove: &[String]) {
 
 /// Applies one of Misskey's `internal` events to the users it concerns
 /// (users without a connection here are skipped by the host).
-pub fn on_internal(kind: &str, body: &Value) {
+///
+/// A follow does not say whether it includes replies; for a follower with a
+/// connection here, the followee is looked up with the follower's token
+/// (`users/show`, whose `withReplies` is the follower's setting).
+pub fn on_internal(backend: Option<&Backend>, kind: &str, body: &Value) {
     let s = |k: &str| str_of(body, k);
     match kind {
         "follow" => {
-            if let Some(f) = s("followeeId") {
-                update(s("followerId"), &[key("f", f)], &[]);
+            let (Some(follower), Some(f)) = (s("followerId"), s("followeeId")) else {
+                return;
+            };
+            if !host::has_user_attribute(follower, REL) {
+                return;
             }
+            let mut add = vec![key("f", f)];
+            let token = host::kv_get(&crate::token_key(follower));
+            if let (Some(b), Some(t)) = (backend, token) {
+                match b.call("users/show", Some(&t), json!({ "userId": f })) {
+                    Ok(u) if u.get("withReplies").and_then(Value::as_bool) == Some(true) => {
+                        add.push(key("fr", f));
+                    }
+                    Ok(_) => {}
+                    Err(e) => log_info(&format!("follow of {f} by {follower}: {e}")),
+                }
+            }
+            update(Some(follower), &add, &[]);
         }
         "unfollow" => {
             if let Some(f) = s("followeeId") {
