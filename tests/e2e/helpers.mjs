@@ -17,12 +17,13 @@ export const BIN = process.env.CHANHOST_BIN ?? path.join(ROOT, 'target/debug/cha
 export const API_KEY = 'test-api-key';
 export const JWT_SECRET = 'test-jwt-secret';
 
-/** Path of a built plugin: `plugins/<name>.wasm` or `target/test-plugins/<name>.wasm`. */
+/** Path of a built plugin: `plugins/<name>.wasm`, `target/test-plugins/<name>.wasm` or `target/example-plugins/<name>.wasm`. */
 export function pluginPath(name) {
-  for (const p of [path.join(ROOT, 'plugins', `${name}.wasm`), path.join(ROOT, 'target/test-plugins', `${name}.wasm`)]) {
+  for (const dir of ['plugins', 'target/test-plugins', 'target/example-plugins']) {
+    const p = path.join(ROOT, dir, `${name}.wasm`);
     if (fs.existsSync(p)) return p;
   }
-  throw new Error(`plugin ${name} is not built (run cargo xtask plugins)`);
+  throw new Error(`plugin ${name} is not built (run cargo xtask plugins, or cargo xtask examples)`);
 }
 
 /** Copies a plugin into a folder under a name, atomically (write + rename). */
@@ -30,6 +31,22 @@ export function installPlugin(dir, name, as = name) {
   const tmp = path.join(dir, `.${as}.tmp`);
   fs.copyFileSync(pluginPath(name), tmp);
   fs.renameSync(tmp, path.join(dir, `${as}.wasm`));
+}
+
+/**
+ * Replaces an installed plugin with the same component plus one custom
+ * section: a new file (new hash) that behaves the same, as a hot reload.
+ */
+export function touchPlugin(dir, name, tag = `${Date.now()}`) {
+  const file = path.join(dir, `${name}.wasm`);
+  const label = Buffer.from('chanhost-test');
+  const payload = Buffer.from(tag);
+  const body = Buffer.concat([Buffer.from([label.length]), label, payload]);
+  if (body.length > 127) throw new Error('tag too long');
+  const section = Buffer.concat([Buffer.from([0, body.length]), body]);
+  const tmp = `${file}.tmp`;
+  fs.writeFileSync(tmp, Buffer.concat([fs.readFileSync(file), section]));
+  fs.renameSync(tmp, file);
 }
 
 const AUTH_CONFIG = `

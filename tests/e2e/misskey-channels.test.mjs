@@ -3,10 +3,8 @@
 // the Misskey API endpoints the plugins call (misskey-backend.mjs).
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import path from 'node:path';
 import {
-  startHost, barrier, collect, until, rawStream, sendJson, frame, note,
+  startHost, barrier, collect, until, rawStream, sendJson, frame, note, touchPlugin,
 } from './helpers.mjs';
 import { startBackend } from './misskey-backend.mjs';
 
@@ -512,13 +510,7 @@ describe('misskey channel catalog', () => {
     const got = { main: collect(main, 'meUpdated'), role: collect(role, 'note'), home: collect(home, 'note') };
     const reloads = async () => (await host.metrics())['chanhost_plugin_reloads_total{result="ok"}'];
     const before = await reloads();
-    // The same component with one more custom section: a new file to load.
-    const file = path.join(host.pluginsDir, 'misskey.wasm');
-    const name = Buffer.from('chanhost-test');
-    const section = Buffer.concat([Buffer.from([0, name.length + 2, name.length]), name, Buffer.from([1])]);
-    const tmp = `${file}.tmp`;
-    fs.writeFileSync(tmp, Buffer.concat([fs.readFileSync(file), section]));
-    fs.renameSync(tmp, file);
+    touchPlugin(host.pluginsDir, 'misskey');
     await until(async () => (await reloads()) > before, 20000, 'the reload');
     await host.publish([
       { channel: 'mainStream:m1', message: { type: 'meUpdated', body: { id: 'm1' } } },

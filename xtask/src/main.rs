@@ -2,11 +2,15 @@
 //!
 //! - `plugins`: builds `plugins/*` into `plugins/<name>.wasm` and the
 //!   test-only plugins `tests/plugins/*` into `target/test-plugins/<name>.wasm`.
+//! - `examples`: builds the example plugins in Rust, JavaScript, Python
+//!   and C into `target/example-plugins/` (see [`examples`]).
 //! - `run`: builds the plugins and runs the host (release) with
 //!   `examples/chanhost.toml`.
 //! - `test`: everything the test suite needs, then every test: the
 //!   wasm target, the plugins, the host, `cargo test`, the npm packages of
 //!   the end-to-end tests (from the lockfile), and the end-to-end tests.
+
+mod examples;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -191,8 +195,9 @@ fn main() -> Result<()> {
         Some("plugins") => plugins(),
         Some("test") => test(&args[1..]),
         Some("run") => run_host(),
+        Some("examples") => examples::examples().map(|_| ()),
         _ => {
-            eprintln!("usage: cargo xtask <plugins|test [E2E FILES...]|run>");
+            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run>");
             std::process::exit(2);
         }
     }
