@@ -1,4 +1,5 @@
-//! The command line: `chanhost serve` and `chanhost check`.
+//! The command line: `chanhost serve`, `chanhost check` and
+//! `chanhost new-plugin`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +42,17 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Write the skeleton of a new plugin (with its build command in a README).
+    NewPlugin {
+        /// The plugin's language.
+        #[arg(long, value_enum)]
+        lang: crate::scaffold::Lang,
+        /// The plugin's name (also its Misskey channel and Socket.IO namespace).
+        name: String,
+        /// Where to write it (default: ./NAME).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Runs a parsed command line.
@@ -60,6 +72,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(serve(config))
         }
         Command::Check { plugin, config } => check(&plugin, config.as_deref()),
+        Command::NewPlugin { lang, name, dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            crate::scaffold::new_plugin(lang, &name, &dir)?;
+            println!("wrote {} ({lang:?} plugin `{name}`)", dir.display());
+            println!("build it with, in {}:", dir.display());
+            println!("  {}", crate::scaffold::build_command(lang, &name));
+            println!("then copy {name}.wasm into the host's plugins folder (see README.md there)");
+            Ok(())
+        }
     }
 }
 
@@ -126,6 +147,10 @@ fn check(path: &Path, config: Option<&Path>) -> anyhow::Result<()> {
     let m = &started.manifest;
     println!("{}: valid chanhost plugin `{name}`", path.display());
     println!("  implements: {EXPORT_NAME}");
+    println!(
+        "  WIT: chanhost:plugin@{} (world `plugin`)",
+        EXPORT_NAME.rsplit_once('@').map_or("?", |(_, v)| v)
+    );
     println!(
         "  version: {}",
         if m.version.is_empty() {

@@ -9,7 +9,7 @@
 //! - [`node`]: owns all of the above for one process.
 //! - [`server`]: HTTP and WebSocket sessions; [`api`]: publish and operations.
 //! - [`stats`]: machine figures for Misskey's `serverStats`.
-//! - [`auth`], [`config`], [`metrics`], [`cli`].
+//! - [`auth`], [`config`], [`metrics`], [`cli`]; [`scaffold`] writes new plugins.
 
 pub mod api;
 pub mod auth;
@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod node;
 pub mod plugin;
 pub mod protocol;
+pub mod scaffold;
 pub mod server;
 pub mod stats;

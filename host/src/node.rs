@@ -439,6 +439,13 @@ impl Node {
             "Plugins loaded.",
             plugins.len() as u64,
         );
+        write_metric(
+            &mut out,
+            "chanhost_plugin_loads_in_progress",
+            "gauge",
+            "Plugin files being compiled and started (off the event loop).",
+            self.plugins.compiling(),
+        );
         let by_hook = |errors: bool| -> Vec<(String, u64)> {
             plugins
                 .iter()

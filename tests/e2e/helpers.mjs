@@ -26,10 +26,11 @@ export function pluginPath(name) {
   throw new Error(`plugin ${name} is not built (run cargo xtask plugins, or cargo xtask examples)`);
 }
 
-/** Copies a plugin into a folder under a name, atomically (write + rename). */
-export function installPlugin(dir, name, as = name) {
+/** Copies a plugin (a name, or a path to a .wasm file) into a folder under
+ * a name, atomically (write + rename). */
+export function installPlugin(dir, name, as = name.endsWith('.wasm') ? path.basename(name, '.wasm') : name) {
   const tmp = path.join(dir, `.${as}.tmp`);
-  fs.copyFileSync(pluginPath(name), tmp);
+  fs.copyFileSync(name.endsWith('.wasm') ? name : pluginPath(name), tmp);
   fs.renameSync(tmp, path.join(dir, `${as}.wasm`));
 }
 

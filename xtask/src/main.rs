@@ -7,8 +7,9 @@
 //! - `run`: builds the plugins and runs the host (release) with
 //!   `examples/chanhost.toml`.
 //! - `test`: everything the test suite needs, then every test: the
-//!   wasm target, the plugins, the host, `cargo test`, the npm packages of
-//!   the end-to-end tests (from the lockfile), and the end-to-end tests.
+//!   wasm target, the plugins, the host, `cargo test`, the example plugins
+//!   with their toolchains, the npm packages of the end-to-end tests (from
+//!   the lockfile), and the end-to-end tests.
 
 mod examples;
 
@@ -153,6 +154,9 @@ fn test(filter: &[String]) -> Result<()> {
             .env("CARGO_TARGET_DIR", root.join("target/wasm"))
             .args(["test", "--workspace"]))?;
     }
+    // The example plugins in every language (their toolchains too: the
+    // end-to-end tests build `chanhost new-plugin` skeletons with them).
+    examples::examples()?;
     let e2e = root.join("tests/e2e");
     npm_ci(&e2e)?;
     let mut node = Command::new("node");

@@ -180,11 +180,28 @@ impl PluginEngine {
 
     /// Links a compiled component against the host imports.
     pub fn link(&self, component: &Component) -> Result<GuestPre, PluginError> {
-        let exports: Vec<String> = component
-            .component_type()
+        let ty = component.component_type();
+        let exports: Vec<String> = ty
             .exports(&self.engine)
-            .map(|(name, _)| name.to_owned())
+            .map(|(n, _)| n.to_owned())
             .collect();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        // Built against another version of the contract?
+        let ours = EXPORT_NAME.rsplit_once('@').map_or("", |(_, v)| v);
+        let other = exports
+            .iter()
+            .chain(&imports)
+            .filter_map(|n| n.strip_prefix("chanhost:plugin/"))
+            .filter_map(|n| n.split_once('@').map(|(_, v)| v))
+            .find(|v| *v != ours);
+        if let Some(v) = other {
+            return Err(PluginError::Link(format!(
+                "built against chanhost:plugin@{v}, but this host implements chanhost:plugin@{ours}; rebuild it against this host's wit/plugin.wit (`chanhost new-plugin` writes a copy)"
+            )));
+        }
         if !exports.iter().any(|e| e == EXPORT_NAME) {
             let found = if exports.is_empty() {
                 "nothing".to_owned()

@@ -48,6 +48,17 @@ pub struct Registry {
     routes: RwLock<Routes>,
     /// Serialises loads and removals.
     loading: tokio::sync::Mutex<()>,
+    /// Components being compiled and started right now.
+    compiling: std::sync::atomic::AtomicU64,
+}
+
+/// Decrements a counter when dropped.
+struct CountDown<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for CountDown<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The plugin name of a file: its stem (`plugins/misskey.wasm` -> `misskey`).
@@ -72,6 +83,7 @@ impl Registry {
             plugins: RwLock::new(HashMap::new()),
             routes: RwLock::new(Routes::default()),
             loading: tokio::sync::Mutex::new(()),
+            compiling: Default::default(),
         }
     }
 
@@ -107,6 +119,12 @@ impl Registry {
         v
     }
 
+    /// How many plugin files are being compiled and started now (off the
+    /// async runtime; deliveries go on meanwhile).
+    pub fn compiling(&self) -> u64 {
+        self.compiling.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Every running plugin.
     pub fn all(&self) -> Vec<Arc<PluginSlot>> {
         self.plugins.read().values().cloned().collect()
@@ -137,6 +155,9 @@ impl Registry {
         let engine = self.engine.clone();
         let services = self.services.clone();
         let (n, c) = (name.clone(), config.clone());
+        self.compiling
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _done = CountDown(&self.compiling);
         let (pre, started) = tokio::task::spawn_blocking(move || {
             let (component, source) = engine.compile_traced(&bytes)?;
             tracing::debug!(plugin = &*n, ?source, "plugin code ready");
