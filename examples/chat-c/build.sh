@@ -6,7 +6,7 @@
 #
 # Needs on PATH: wit-bindgen (`cargo install wit-bindgen-cli --version 0.46.0`),
 # python3 with ziglang (`pip install ziglang==0.17.1`), and jco from
-# examples/node_modules (`npm ci` in examples/).
+# examples/node_modules (`npm install` in examples/).
 #
 # usage: sh chat-c/build.sh OUT.wasm   (from examples/)
 set -eu

@@ -439,6 +439,17 @@ impl Node {
             "Plugins loaded.",
             plugins.len() as u64,
         );
+        let (compiled, cached) = self.plugins.code_loads();
+        write_family(
+            &mut out,
+            "chanhost_plugin_code_loads_total",
+            "counter",
+            "Plugin code made ready, compiled or read from the on-disk cache.",
+            &[
+                ("source=\"compiled\"".to_owned(), compiled),
+                ("source=\"cache\"".to_owned(), cached),
+            ],
+        );
         write_metric(
             &mut out,
             "chanhost_plugin_loads_in_progress",

@@ -83,6 +83,25 @@ describe('plugin authoring', () => {
     }
   });
 
+  test('a restart with an unchanged JavaScript or Python component reads its compiled code from the cache', async () => {
+    const cacheDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chanhost-cache-'));
+    try {
+      const loads = async (plugins) => {
+        const host = await startHost({ plugins, cacheDir });
+        try {
+          const m = await host.metrics();
+          return [m['chanhost_plugin_code_loads_total{source="compiled"}'], m['chanhost_plugin_code_loads_total{source="cache"}']];
+        } finally {
+          await host.stop();
+        }
+      };
+      assert.deepEqual(await loads(['chat-js', 'chat-python']), [2, 0]);
+      assert.deepEqual(await loads(['chat-js', 'chat-python']), [0, 2]);
+    } finally {
+      fs.rmSync(cacheDir, { recursive: true, force: true });
+    }
+  });
+
   for (const lang of LANGS) {
     test(`new-plugin --lang ${lang}: the skeleton builds with its README command and serves both protocols`, async () => {
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chanhost-new-'));

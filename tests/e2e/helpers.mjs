@@ -63,12 +63,11 @@ user_claim = "id"
  * `apiKey`: the [api] key, or null for none.
  * Resolves once it listens. The caller must `await host.stop()`.
  */
-export async function startHost({ plugins = ['misskey', 'probe'], config = '', env = {}, apiKey = API_KEY } = {}) {
+export async function startHost({ plugins = ['misskey', 'probe'], config = '', env = {}, apiKey = API_KEY, cacheDir = path.join(ROOT, 'target/test-cache') } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chanhost-test-'));
   const pluginsDir = path.join(dir, 'plugins');
   fs.mkdirSync(pluginsDir);
   for (const p of plugins) installPlugin(pluginsDir, p);
-  const cacheDir = path.join(ROOT, 'target/test-cache');
   const configPath = path.join(dir, 'chanhost.toml');
   const api = apiKey ? `[api]\nkey = "${apiKey}"\n` : '';
   fs.writeFileSync(configPath, `listen = "127.0.0.1:0"\ncache_dir = ${JSON.stringify(cacheDir)}\n${api}${AUTH_CONFIG}\n${config}\n`);

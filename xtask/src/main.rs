@@ -4,6 +4,8 @@
 //!   test-only plugins `tests/plugins/*` into `target/test-plugins/<name>.wasm`.
 //! - `examples`: builds the example plugins in Rust, JavaScript, Python
 //!   and C into `target/example-plugins/` (see [`examples`]).
+//! - `bench`: chanhost against the Node socket.io server and socketioxide
+//!   (see [`bench`]); writes `BENCHMARKS.md`.
 //! - `run`: builds the plugins and runs the host (release) with
 //!   `examples/chanhost.toml`.
 //! - `test`: everything the test suite needs, then every test: the
@@ -11,6 +13,7 @@
 //!   with their toolchains, the npm packages of the end-to-end tests (from
 //!   the lockfile), and the end-to-end tests.
 
+mod bench;
 mod examples;
 
 use std::path::{Path, PathBuf};
@@ -134,9 +137,22 @@ fn npm_ci(dir: &Path) -> Result<()> {
         _ => false,
     };
     if !fresh {
-        run(Command::new("npm")
+        // `npm ci` refuses a lockfile without entries for other platforms'
+        // optional packages, which npm leaves out when the registry (or its
+        // mirror) does not list them; `npm install` then still installs
+        // exactly what the lockfile pins, without rewriting it.
+        let ci = Command::new("npm")
             .current_dir(dir)
-            .args(["ci", "--no-audit", "--no-fund"]))?;
+            .args(["ci", "--no-audit", "--no-fund"])
+            .status()?;
+        if !ci.success() {
+            run(Command::new("npm").current_dir(dir).args([
+                "install",
+                "--no-save",
+                "--no-audit",
+                "--no-fund",
+            ]))?;
+        }
     }
     Ok(())
 }
@@ -200,8 +216,9 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("run") => run_host(),
         Some("examples") => examples::examples().map(|_| ()),
+        Some("bench") => bench::bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run>");
+            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run|bench [--quick] [--repeat N]>");
             std::process::exit(2);
         }
     }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
-use super::engine::{PluginEngine, PluginError};
+use super::engine::{CodeSource, PluginEngine, PluginError};
 use super::runtime::{PluginSlot, Version};
 use super::{ChannelSpec, HostServices, Manifest};
 
@@ -50,6 +50,8 @@ pub struct Registry {
     loading: tokio::sync::Mutex<()>,
     /// Components being compiled and started right now.
     compiling: std::sync::atomic::AtomicU64,
+    /// Plugin code loaded: [compiled, from the on-disk cache].
+    code_loads: Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
 
 /// Decrements a counter when dropped.
@@ -84,6 +86,7 @@ impl Registry {
             routes: RwLock::new(Routes::default()),
             loading: tokio::sync::Mutex::new(()),
             compiling: Default::default(),
+            code_loads: Default::default(),
         }
     }
 
@@ -125,6 +128,15 @@ impl Registry {
         self.compiling.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Plugin code loaded so far: (compiled, read from the cache).
+    pub fn code_loads(&self) -> (u64, u64) {
+        let l = self.code_loads.as_ref();
+        (
+            l[0].load(std::sync::atomic::Ordering::Relaxed),
+            l[1].load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// Every running plugin.
     pub fn all(&self) -> Vec<Arc<PluginSlot>> {
         self.plugins.read().values().cloned().collect()
@@ -155,12 +167,15 @@ impl Registry {
         let engine = self.engine.clone();
         let services = self.services.clone();
         let (n, c) = (name.clone(), config.clone());
+        let code_loads = self.code_loads.clone();
         self.compiling
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _done = CountDown(&self.compiling);
         let (pre, started) = tokio::task::spawn_blocking(move || {
             let (component, source) = engine.compile_traced(&bytes)?;
             tracing::debug!(plugin = &*n, ?source, "plugin code ready");
+            let i = usize::from(source == CodeSource::Cache);
+            code_loads[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let pre = engine.link(&component)?;
             let started = engine.start(&pre, n, services, &c)?;
             Ok::<_, PluginError>((pre, started))

@@ -1,0 +1,24 @@
+// The Node socket.io peer of the benchmarks: the same broadcast server as
+// chanhost's `bench` plugin. WebSocket transport only, no per-message
+// deflate, the HTTP request object dropped to save memory (as the
+// socket.io docs advise for many connections).
+// usage: node server.mjs PORT
+import { createServer } from 'node:http';
+import { Server } from 'socket.io';
+
+const port = Number(process.argv[2] ?? 3001);
+const http = createServer();
+const io = new Server(http, { transports: ['websocket'], perMessageDeflate: false, serveClient: false });
+
+io.engine.on('connection', (raw) => { raw.request = null; });
+io.use((socket, next) => {
+  const room = socket.handshake.auth?.room;
+  if (typeof room === 'string') socket.join(room);
+  next();
+});
+io.on('connection', (socket) => {
+  socket.on('publish', (msg) => {
+    if (msg && typeof msg.room === 'string') io.to(msg.room).emit('message', msg.data);
+  });
+});
+http.listen(port, '127.0.0.1', () => console.log(`listening on 127.0.0.1:${port}`));

@@ -1,0 +1,374 @@
+//! `chanhost-bench`: a load generator for chanhost and the servers users
+//! compare it with. It opens many WebSocket client connections in one
+//! process (small buffers, one task each), speaking the Misskey streaming
+//! framing or Socket.IO v5 over an Engine.IO v4 WebSocket, and prints one
+//! JSON line of figures per run.
+//!
+//! The servers under test behave as one "broadcast server":
+//! - Socket.IO: namespace `/`; a client whose CONNECT auth has `room` is in
+//!   that room; an event `publish {room, data}` is broadcast to the room as
+//!   `message data`.
+//! - Misskey (chanhost only): channel `bench`, params `{room}`; a channel
+//!   message `publish {room, data}` is broadcast to the room as `message`.
+//!
+//! Scenarios:
+//! - `connect`: opens N idle connections (subscribed to a room), reports
+//!   connections per second and, given the server's pid, its resident memory
+//!   per connection (`/proc/<pid>/smaps_rollup`).
+//! - `fanout`: M subscribers in one room, one publisher sending at a fixed
+//!   rate (open loop) a payload carrying its send time; reports delivered
+//!   frames per second, latency percentiles (HdrHistogram) and drops.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Proto {
+    Misskey,
+    Socketio,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "chanhost-bench")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, clap::Args, Clone)]
+struct Target {
+    /// Server origin, e.g. ws://127.0.0.1:3000
+    #[arg(long)]
+    url: String,
+    #[arg(long, value_enum)]
+    proto: Proto,
+    /// The server's process id, for its memory figures.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Hold N idle connections.
+    Connect {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        n: usize,
+        /// Seconds to wait after connecting before measuring memory.
+        #[arg(long, default_value_t = 2)]
+        settle: u64,
+    },
+    /// Broadcast to a room of M members.
+    Fanout {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        members: usize,
+        /// Payload size in bytes (padding included).
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Publishes per second.
+        #[arg(long)]
+        rate: f64,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Resident memory of a process in KiB (`Rss` of `smaps_rollup`).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Small buffers: many connections in one process.
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+/// Opens one connection and subscribes it to `room` (None: a publisher).
+async fn open(t: &Target, room: Option<&str>) -> Result<Ws> {
+    let url = match t.proto {
+        Proto::Misskey => format!("{}/streaming", t.url),
+        Proto::Socketio => format!("{}/socket.io/?EIO=4&transport=websocket", t.url),
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&url, Some(ws_config()), true)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    match t.proto {
+        Proto::Misskey => {
+            let params = match room {
+                Some(r) => serde_json::json!({ "room": r }),
+                None => serde_json::json!({}),
+            };
+            let connect = serde_json::json!({"type": "connect", "body": {"channel": "bench", "id": "b", "params": params, "pong": true}});
+            ws.send(Message::text(connect.to_string())).await?;
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if t.contains("\"connected\"") => break,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => bail!("closed before connected"),
+                }
+            }
+        }
+        Proto::Socketio => {
+            // Engine.IO open packet, then the namespace CONNECT.
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.starts_with('0') => {}
+                other => bail!("expected the Engine.IO open packet, got {other:?}"),
+            }
+            let auth = match room {
+                Some(r) => serde_json::json!({ "room": r }),
+                None => serde_json::json!({}),
+            };
+            ws.send(Message::text(format!("40{auth}"))).await?;
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if t.starts_with("40") => break,
+                    Some(Ok(Message::Text(t))) if t.starts_with("44") => bail!("refused: {t}"),
+                    Some(Ok(Message::Text(t))) if t.as_str() == "2" => {
+                        ws.send(Message::text("3")).await?
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => bail!("closed before CONNECT"),
+                }
+            }
+        }
+    }
+    Ok(ws)
+}
+
+/// Opens `n` connections, `concurrency` at a time.
+async fn open_many(t: &Target, n: usize, room: &str) -> Result<(Vec<Ws>, Duration)> {
+    let sem = Arc::new(Semaphore::new(t.concurrency));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (t, room, sem) = (t.clone(), room.to_owned(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            open(&t, Some(&room)).await
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for task in tasks {
+        out.push(task.await??);
+    }
+    Ok((out, start.elapsed()))
+}
+
+/// Keeps a subscriber alive: answers pings, hands each message's latency to
+/// `on_message`, until `stop`.
+async fn drive(
+    mut ws: Ws,
+    proto: Proto,
+    stop: Arc<AtomicBool>,
+    mut on_message: impl FnMut(u64) + Send,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let next = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
+        let frame = match next {
+            Err(_) => continue,
+            Ok(Some(Ok(f))) => f,
+            Ok(_) => break,
+        };
+        let Message::Text(text) = frame else { continue };
+        if proto == Proto::Socketio && text.as_str() == "2" {
+            let _ = ws.send(Message::text("3")).await;
+            continue;
+        }
+        if let Some(i) = text.find("\"t\":") {
+            let digits: String = text[i + 4..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if let Ok(sent) = digits.parse::<u64>() {
+                on_message(now_ns().saturating_sub(sent));
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+}
+
+async fn connect_scenario(t: Target, n: usize, settle: u64) -> Result<serde_json::Value> {
+    let before = t.pid.and_then(rss_kib);
+    let (conns, took) = open_many(&t, n, "idle").await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for ws in conns {
+        tasks.push(tokio::spawn(drive(ws, t.proto, stop.clone(), |_| {})));
+    }
+    tokio::time::sleep(Duration::from_secs(settle)).await;
+    let after = t.pid.and_then(rss_kib);
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let per_conn = match (before, after) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / n as f64),
+        _ => None,
+    };
+    Ok(serde_json::json!({
+        "scenario": "connect",
+        "proto": format!("{:?}", t.proto).to_lowercase(),
+        "n": n,
+        "secs": took.as_secs_f64(),
+        "per_sec": n as f64 / took.as_secs_f64(),
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_conn": per_conn,
+    }))
+}
+
+async fn fanout_scenario(
+    t: Target,
+    members: usize,
+    payload: usize,
+    rate: f64,
+    secs: u64,
+) -> Result<serde_json::Value> {
+    let room = "fan";
+    let (conns, _) = open_many(&t, members, room).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let shards: Arc<Vec<std::sync::Mutex<Histogram<u64>>>> = Arc::new(
+        (0..16)
+            .map(|_| {
+                std::sync::Mutex::new(
+                    Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+                )
+            })
+            .collect(),
+    );
+    let mut tasks = Vec::new();
+    for (i, ws) in conns.into_iter().enumerate() {
+        let (received, shards) = (received.clone(), shards.clone());
+        tasks.push(tokio::spawn(drive(ws, t.proto, stop.clone(), move |ns| {
+            received.fetch_add(1, Ordering::Relaxed);
+            let us = (ns / 1000).clamp(1, 120_000_000);
+            if let Ok(mut h) = shards[i % shards.len()].lock() {
+                let _ = h.record(us);
+            }
+        })));
+    }
+    // Let every subscription settle before the first publish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut publisher = open(&t, None).await?;
+    let pad = "x".repeat(payload.saturating_sub(40));
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut next = start;
+    while start.elapsed() < Duration::from_secs(secs) {
+        let data = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
+        let frame = match t.proto {
+            Proto::Misskey => format!(
+                r#"{{"type":"ch","body":{{"id":"b","type":"publish","body":{{"room":"{room}","data":{data}}}}}}}"#
+            ),
+            Proto::Socketio => format!(r#"42["publish",{{"room":"{room}","data":{data}}}]"#),
+        };
+        publisher.send(Message::text(frame)).await?;
+        sent += 1;
+        next += interval;
+        // Open loop: the schedule does not wait for deliveries.
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let publishing = start.elapsed();
+    // Drain: wait until deliveries stop arriving (bounded).
+    let expected = sent * members as u64;
+    let mut last = received.load(Ordering::Relaxed);
+    for _ in 0..50 {
+        if last >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = received.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let total = received.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let _ = publisher.close(None).await;
+    for task in tasks {
+        let _ = task.await;
+    }
+    let mut h = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+    for s in shards.iter() {
+        if let Ok(s) = s.lock() {
+            h.add(&*s).ok();
+        }
+    }
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok(serde_json::json!({
+        "scenario": "fanout",
+        "proto": format!("{:?}", t.proto).to_lowercase(),
+        "members": members,
+        "payload": payload,
+        "rate": rate,
+        "sent": sent,
+        "expected": expected,
+        "received": total,
+        "drops": expected.saturating_sub(total),
+        "frames_per_sec": total as f64 / publishing.as_secs_f64(),
+        "p50_ms": ms(0.5),
+        "p99_ms": ms(0.99),
+        "p999_ms": ms(0.999),
+        "max_ms": h.max() as f64 / 1000.0,
+        "server_rss_kib": t.pid.and_then(rss_kib),
+    }))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Connect { target, n, settle } => connect_scenario(target, n, settle).await,
+            Cmd::Fanout {
+                target,
+                members,
+                payload,
+                rate,
+                secs,
+            } => fanout_scenario(target, members, payload, rate, secs).await,
+        }
+    })?;
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! The broadcast server of the benchmarks (`tests/bench`), as a plugin:
+//! Socket.IO namespace `/` (CONNECT auth `{room}`) and Misskey channel
+//! `bench` (params `{room}`) join that room; a message `publish {room,
+//! data}` is broadcast to the room as `message data`. The Node socket.io
+//! and socketioxide peers implement the same contract.
+
+use chanhost_plugin::types::{
+    ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload,
+    Rejection,
+};
+use chanhost_plugin::{export, host, json, Guest};
+use serde_json::Value;
+
+struct Bench;
+
+impl Guest for Bench {
+    fn describe() -> Manifest {
+        Manifest {
+            version: "bench-1".into(),
+            channels: vec![ChannelSpec {
+                name: "bench".into(),
+                requires_user: false,
+                shared: false,
+            }],
+            namespaces: vec![NamespaceSpec { name: "/".into() }],
+            frames: vec![],
+        }
+    }
+
+    fn init(_config: String) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn connect(req: ConnectRequest) -> Result<(), Rejection> {
+        let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
+        if let Some(room) = params.get("room").and_then(Value::as_str) {
+            host::join(&req.target, room);
+        }
+        Ok(())
+    }
+
+    fn message(_target: Instance, event: String, data: Payload, _ack: Option<u64>) {
+        if event != "publish" {
+            return;
+        }
+        let v: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+        let body = match &v {
+            Value::Array(args) => args.first().unwrap_or(&Value::Null),
+            other => other,
+        };
+        if let (Some(room), Some(d)) = (body.get("room").and_then(Value::as_str), body.get("data")) {
+            host::broadcast(room, "message", &json(d.to_string()), None);
+        }
+    }
+
+    fn disconnect(_target: Instance, _reason: DisconnectReason) {}
+
+    fn event(_room: String, _event: String, _data: Payload) {}
+
+    fn frame(_connection: u64, _kind: String, _body: String) {}
+}
+
+export!(Bench);

@@ -1,0 +1,505 @@
+//! `cargo xtask bench [--quick] [--repeat N]`: chanhost side by side with the
+//! Node `socket.io` server and `socketioxide`, on this machine, in one run;
+//! writes `BENCHMARKS.md` and `bench-latency.svg`.
+//!
+//! Each server runs pinned to one core (`taskset -c 0`) and the load
+//! generator (`tests/bench`) to the other (`taskset -c 1`); the servers take
+//! turns in alternating order; every figure is the median of the repeats.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{cargo, npm_ci, root, run};
+
+/// A server under test.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Server {
+    /// chanhost, clients speaking Misskey.
+    ChanhostMisskey,
+    /// chanhost, clients speaking Socket.IO.
+    ChanhostSocketio,
+    Node,
+    Socketioxide,
+}
+
+impl Server {
+    const ALL: [Server; 4] = [
+        Server::ChanhostMisskey,
+        Server::ChanhostSocketio,
+        Server::Node,
+        Server::Socketioxide,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Server::ChanhostMisskey => "chanhost (Misskey)",
+            Server::ChanhostSocketio => "chanhost (Socket.IO)",
+            Server::Node => "Node socket.io 4.8",
+            Server::Socketioxide => "socketioxide 0.18",
+        }
+    }
+
+    fn proto(self) -> &'static str {
+        match self {
+            Server::ChanhostMisskey => "misskey",
+            _ => "socketio",
+        }
+    }
+}
+
+struct Running {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn taskset(core: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", core]).arg(program);
+    c
+}
+
+/// Starts a server on core 0 and waits for its "listening on" line.
+fn start(server: Server, plugins: &Path) -> Result<Running> {
+    let root = root();
+    let port = free_port()?;
+    let mut cmd = match server {
+        Server::ChanhostMisskey | Server::ChanhostSocketio => {
+            let mut c = taskset("0", root.join("target/release/chanhost"));
+            c.args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--plugins",
+            ])
+            .arg(plugins)
+            .env("CHANHOST_LOG", "warn");
+            c
+        }
+        Server::Node => {
+            let mut c = taskset("0", "node");
+            c.arg(root.join("tests/bench/peers/node/server.mjs"))
+                .arg(port.to_string());
+            c
+        }
+        Server::Socketioxide => {
+            let mut c = taskset(
+                "0",
+                root.join("target/bench-peers/release/bench-socketioxide"),
+            );
+            c.arg(port.to_string());
+            c
+        }
+    };
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", server.label()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("listening on") => break,
+            Some(Ok(_)) => continue,
+            _ => bail!("{} exited before listening", server.label()),
+        }
+    }
+    if Instant::now() > deadline {
+        bail!("{} took too long to start", server.label());
+    }
+    // Keep draining its stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Running { child, port })
+}
+
+/// Runs the load generator on core 1; its JSON line.
+fn generate(server: Server, running: &Running, args: &[String]) -> Result<Value> {
+    let out = taskset("1", root().join("target/release/chanhost-bench"))
+        .args(args)
+        .args([
+            "--url",
+            &format!("ws://127.0.0.1:{}", running.port),
+            "--proto",
+            server.proto(),
+            "--pid",
+            &running.child.id().to_string(),
+        ])
+        .output()
+        .context("running chanhost-bench")?;
+    if !out.status.success() {
+        bail!(
+            "chanhost-bench {args:?} against {} failed: {}",
+            server.label(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("bad output {text}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// One scenario's parameters.
+#[derive(Clone)]
+struct Case {
+    name: String,
+    args: Vec<String>,
+}
+
+fn build() -> Result<PathBuf> {
+    let root = root();
+    crate::plugins()?;
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "chanhost",
+        "-p",
+        "chanhost-bench",
+    ]))?;
+    npm_ci(&root.join("tests/bench/peers/node"))?;
+    run(cargo()
+        .current_dir(root.join("tests/bench/peers/socketioxide"))
+        .env("CARGO_TARGET_DIR", root.join("target/bench-peers"))
+        .args(["build", "--release"]))?;
+    let plugins = root.join("target/bench-plugins");
+    std::fs::create_dir_all(&plugins)?;
+    std::fs::copy(
+        root.join("target/test-plugins/bench.wasm"),
+        plugins.join("bench.wasm"),
+    )?;
+    Ok(plugins)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or("?".into(), |kb| format!("{:.0} GiB", kb as f64 / 1048576.0));
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, {mem} RAM, Linux; Node {node}; loopback only")
+}
+
+/// Results: case name -> server -> figures of each repeat.
+type Results = Vec<(String, Vec<(Server, Vec<Value>)>)>;
+
+pub fn bench(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let repeat: usize = args
+        .iter()
+        .position(|a| a == "--repeat")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if quick { 1 } else { 3 });
+    let plugins = build()?;
+    let sizes_connect: &[usize] = if quick {
+        &[1000, 5000]
+    } else {
+        &[1000, 5000, 10000, 19000]
+    };
+    let sizes_fanout: &[usize] = if quick {
+        &[100, 1000]
+    } else {
+        &[100, 1000, 10000]
+    };
+    let payloads: &[usize] = if quick { &[100] } else { &[100, 1024] };
+    let mut cases = Vec::new();
+    for &n in sizes_connect {
+        cases.push(Case {
+            name: format!("connect {n}"),
+            args: vec!["connect".into(), "--n".into(), n.to_string()],
+        });
+    }
+    for &m in sizes_fanout {
+        for &p in payloads {
+            // About 60k frames/s offered, whatever the room size.
+            let rate = (60_000.0 / m as f64).max(1.0);
+            cases.push(Case {
+                name: format!("fanout {m} x {p} B"),
+                args: vec![
+                    "fanout".into(),
+                    "--members".into(),
+                    m.to_string(),
+                    "--payload".into(),
+                    p.to_string(),
+                    "--rate".into(),
+                    rate.to_string(),
+                    "--secs".into(),
+                    if quick { "5" } else { "10" }.into(),
+                ],
+            });
+        }
+    }
+    let mut results: Results = cases
+        .iter()
+        .map(|c| {
+            (
+                c.name.clone(),
+                Server::ALL.iter().map(|s| (*s, Vec::new())).collect(),
+            )
+        })
+        .collect();
+    for r in 0..repeat {
+        for (ci, case) in cases.iter().enumerate() {
+            let mut order = Server::ALL.to_vec();
+            if (r + ci) % 2 == 1 {
+                order.reverse();
+            }
+            for server in order {
+                eprintln!("bench: {} / {} (run {})", case.name, server.label(), r + 1);
+                let running = start(server, &plugins)?;
+                let v = match generate(server, &running, &case.args) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!("bench: {e:#}");
+                        serde_json::json!({ "error": format!("{e:#}") })
+                    }
+                };
+                drop(running);
+                let slot = &mut results[ci].1;
+                if let Some((_, runs)) = slot.iter_mut().find(|(s, _)| *s == server) {
+                    runs.push(v);
+                }
+            }
+        }
+    }
+    let report = render(&results, repeat, quick);
+    std::fs::write(root().join("BENCHMARKS.md"), report)?;
+    std::fs::write(root().join("bench-latency.svg"), plot(&results))?;
+    eprintln!("wrote BENCHMARKS.md and bench-latency.svg");
+    Ok(())
+}
+
+fn fig(runs: &[Value], key: &str) -> f64 {
+    median(runs.iter().filter_map(|v| v.get(key)?.as_f64()).collect())
+}
+
+fn fmt(x: f64, digits: usize) -> String {
+    if x.is_nan() {
+        "—".into()
+    } else {
+        format!("{x:.digits$}")
+    }
+}
+
+fn render(results: &Results, repeat: usize, quick: bool) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Generated by `cargo xtask bench{}` — do not edit by hand.\n",
+        if quick { " --quick" } else { "" }
+    );
+    let _ = writeln!(s, "- Machine: {}.", machine());
+    let _ = writeln!(
+        s,
+        "- Method: each server pinned to core 0 (`taskset -c 0`), the load generator \
+         (`tests/bench`, Rust, tokio, small buffers) to core 1; servers take turns in \
+         alternating order; every figure is the median of {repeat} run(s). All servers \
+         run the same broadcast contract (`tests/plugins/bench` for chanhost, \
+         `tests/bench/peers/` for the others): WebSocket transport, no compression.\n\
+         - Connect: N idle clients subscribed to a room; connections/s while opening \
+         256 at a time; server memory per connection = growth of the server's RSS \
+         (`/proc/<pid>/smaps_rollup`) divided by N (includes the runtime's own growth).\n\
+         - Fan-out: M subscribers in one room, one publisher sending through the \
+         server at a fixed rate (open loop, ~60k offered frames/s); latency from a \
+         timestamp inside each payload to its arrival; drops = offered − delivered.\n"
+    );
+    let _ = writeln!(s, "## Idle connections\n");
+    let _ = writeln!(
+        s,
+        "| N | server | connections/s | KiB per connection | vs chanhost (Socket.IO) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for (name, by) in results.iter().filter(|(n, _)| n.starts_with("connect")) {
+        let n = name.trim_start_matches("connect ");
+        let base = by
+            .iter()
+            .find(|(s, _)| *s == Server::ChanhostSocketio)
+            .map_or(f64::NAN, |(_, r)| fig(r, "kib_per_conn"));
+        for (server, runs) in by {
+            let kib = fig(runs, "kib_per_conn");
+            let _ = writeln!(
+                s,
+                "| {n} | {} | {} | {} | {} |",
+                server.label(),
+                fmt(fig(runs, "per_sec"), 0),
+                fmt(kib, 1),
+                fmt(kib / base, 2)
+            );
+        }
+    }
+    let _ = writeln!(s, "\n## Broadcast fan-out\n");
+    let _ = writeln!(
+        s,
+        "| room × payload | server | delivered frames/s | p50 ms | p99 ms | p99.9 ms | drops | p99 vs chanhost (Socket.IO) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for (name, by) in results.iter().filter(|(n, _)| n.starts_with("fanout")) {
+        let n = name.trim_start_matches("fanout ");
+        let base = by
+            .iter()
+            .find(|(s, _)| *s == Server::ChanhostSocketio)
+            .map_or(f64::NAN, |(_, r)| fig(r, "p99_ms"));
+        for (server, runs) in by {
+            let p99 = fig(runs, "p99_ms");
+            let _ = writeln!(
+                s,
+                "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+                server.label(),
+                fmt(fig(runs, "frames_per_sec"), 0),
+                fmt(fig(runs, "p50_ms"), 2),
+                fmt(p99, 2),
+                fmt(fig(runs, "p999_ms"), 2),
+                fmt(fig(runs, "drops"), 0),
+                fmt(p99 / base, 2)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n![fan-out p99 latency against room size](bench-latency.svg)\n"
+    );
+    let errors: Vec<String> = results
+        .iter()
+        .flat_map(|(name, by)| {
+            by.iter().flat_map(move |(server, runs)| {
+                runs.iter().filter_map(move |v| {
+                    v.get("error")
+                        .and_then(Value::as_str)
+                        .map(|e| format!("- {name} / {}: {e}", server.label()))
+                })
+            })
+        })
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(s, "## Failed runs\n\n{}\n", errors.join("\n"));
+    }
+    s
+}
+
+/// An SVG line chart: p99 latency (100 B payload) against room size.
+fn plot(results: &Results) -> String {
+    let series: Vec<(Server, Vec<(f64, f64)>)> = Server::ALL
+        .iter()
+        .map(|&srv| {
+            let pts = results
+                .iter()
+                .filter(|(n, _)| n.starts_with("fanout") && n.ends_with(" x 100 B"))
+                .filter_map(|(n, by)| {
+                    let m: f64 = n.split_whitespace().nth(1)?.parse().ok()?;
+                    let runs = &by.iter().find(|(s, _)| *s == srv)?.1;
+                    let p = fig(runs, "p99_ms");
+                    p.is_finite().then_some((m, p))
+                })
+                .collect();
+            (srv, pts)
+        })
+        .collect();
+    let (w, h, l, b) = (640.0, 360.0, 60.0, 40.0);
+    let max_y = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+        .fold(1.0_f64, f64::max)
+        * 1.1;
+    let xs = [100.0_f64, 1000.0, 10000.0];
+    let x = |m: f64| l + (m.log10() - 2.0) / 2.0 * (w - l - 20.0);
+    let y = |v: f64| h - b - v / max_y * (h - b - 20.0);
+    let colors = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e"];
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="14" text-anchor="middle">Broadcast p99 latency (ms) against room size, 100 B payload</text>
+<line x1="{l}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{l}" y1="20" x2="{l}" y2="{}" stroke="black"/>
+"#,
+        w / 2.0,
+        h - b,
+        w - 20.0,
+        h - b,
+        h - b
+    );
+    for m in xs {
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{m}</text>"#,
+            x(m),
+            h - b + 16.0
+        );
+    }
+    for i in 0..=4 {
+        let v = max_y * i as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{v:.0}</text>"#,
+            l - 6.0,
+            y(v) + 4.0
+        );
+    }
+    for (i, (srv, pts)) in series.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|(m, v)| format!("{:.1},{:.1}", x(*m), y(*v)))
+            .collect();
+        if !path.is_empty() {
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+                path.join(" ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" fill="{c}">{}</text>"#,
+            l + 10.0,
+            30.0 + 14.0 * i as f64,
+            srv.label()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
