@@ -227,7 +227,63 @@ fn machine() -> String {
 /// Results: case name -> server -> figures of each repeat.
 type Results = Vec<(String, Vec<(Server, Vec<Value>)>)>;
 
+/// Where the figures of the last run are kept (`--report` renders them again).
+fn results_path() -> PathBuf {
+    root().join("target/bench/results.json")
+}
+
+fn save(results: &Results, repeat: usize, quick: bool) -> Result<()> {
+    let json: Vec<Value> = results
+        .iter()
+        .map(|(name, by)| {
+            serde_json::json!({
+                "case": name,
+                "runs": by.iter().map(|(s, runs)| serde_json::json!({"server": format!("{s:?}"), "runs": runs})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let path = results_path();
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let doc = serde_json::json!({"repeat": repeat, "quick": quick, "cases": json});
+    std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+    Ok(())
+}
+
+fn load() -> Result<(Results, usize, bool)> {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(results_path())
+            .context("no saved results: run `cargo xtask bench` first")?,
+    )?;
+    let server = |name: &str| Server::ALL.into_iter().find(|s| format!("{s:?}") == name);
+    let mut results = Results::new();
+    for case in doc["cases"].as_array().into_iter().flatten() {
+        let mut by = Vec::new();
+        for r in case["runs"].as_array().into_iter().flatten() {
+            if let Some(s) = r["server"].as_str().and_then(server) {
+                by.push((s, r["runs"].as_array().cloned().unwrap_or_default()));
+            }
+        }
+        results.push((case["case"].as_str().unwrap_or_default().to_owned(), by));
+    }
+    Ok((
+        results,
+        doc["repeat"].as_u64().unwrap_or(1) as usize,
+        doc["quick"].as_bool().unwrap_or(false),
+    ))
+}
+
+fn write_report(results: &Results, repeat: usize, quick: bool) -> Result<()> {
+    std::fs::write(root().join("BENCHMARKS.md"), render(results, repeat, quick))?;
+    std::fs::write(root().join("bench-latency.svg"), plot(results))?;
+    eprintln!("wrote BENCHMARKS.md and bench-latency.svg");
+    Ok(())
+}
+
 pub fn bench(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--report") {
+        let (results, repeat, quick) = load()?;
+        return write_report(&results, repeat, quick);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let repeat: usize = args
         .iter()
@@ -307,11 +363,8 @@ pub fn bench(args: &[String]) -> Result<()> {
             }
         }
     }
-    let report = render(&results, repeat, quick);
-    std::fs::write(root().join("BENCHMARKS.md"), report)?;
-    std::fs::write(root().join("bench-latency.svg"), plot(&results))?;
-    eprintln!("wrote BENCHMARKS.md and bench-latency.svg");
-    Ok(())
+    save(&results, repeat, quick)?;
+    write_report(&results, repeat, quick)
 }
 
 fn fig(runs: &[Value], key: &str) -> f64 {
@@ -404,6 +457,10 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
         s,
         "\n![fan-out p99 latency against room size](bench-latency.svg)\n"
     );
+    budget(&mut s, results);
+    if let Ok(notes) = std::fs::read_to_string(root().join("tests/bench/analysis.md")) {
+        let _ = writeln!(s, "{notes}");
+    }
     let errors: Vec<String> = results
         .iter()
         .flat_map(|(name, by)| {
@@ -420,6 +477,88 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
         let _ = writeln!(s, "## Failed runs\n\n{}\n", errors.join("\n"));
     }
     s
+}
+
+/// The performance budget of DESIGN.md against chanhost's figures.
+fn budget(s: &mut String, results: &Results) {
+    let of = |case: &str, server: Server, key: &str| -> f64 {
+        results
+            .iter()
+            .find(|(n, _)| n == case)
+            .and_then(|(_, by)| by.iter().find(|(s, _)| *s == server))
+            .map_or(f64::NAN, |(_, runs)| fig(runs, key))
+    };
+    // The largest connect run each protocol completed.
+    let largest = |server: Server| -> (String, f64) {
+        results
+            .iter()
+            .filter(|(n, _)| n.starts_with("connect"))
+            .rev()
+            .find_map(|(n, _)| {
+                let v = of(n, server, "kib_per_conn");
+                v.is_finite()
+                    .then(|| (n.trim_start_matches("connect ").to_owned(), v))
+            })
+            .unwrap_or(("—".into(), f64::NAN))
+    };
+    // The 10,000-member room at the offered 60k frames/s: all delivered?
+    let rate_10k = of(
+        "fanout 10000 x 100 B",
+        Server::ChanhostSocketio,
+        "frames_per_sec",
+    );
+    let drops_10k = of("fanout 10000 x 100 B", Server::ChanhostSocketio, "drops");
+    let held = of("connect 19000", Server::ChanhostSocketio, "n");
+    let p99_10k = of("fanout 10000 x 100 B", Server::ChanhostSocketio, "p99_ms");
+    let verdict = |ok: bool, measured: bool| match (measured, ok) {
+        (false, _) => "not measured",
+        (true, true) => "met",
+        (true, false) => "missed",
+    };
+    let (mn, mk) = largest(Server::ChanhostMisskey);
+    let (sn, sk) = largest(Server::ChanhostSocketio);
+    let _ = writeln!(s, "## chanhost against the budget (DESIGN.md)\n");
+    let _ = writeln!(s, "| target | chanhost | verdict |");
+    let _ = writeln!(s, "|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| idle Misskey connection ≤ 8 KiB | {} KiB ({mn} connections) | {} |",
+        fmt(mk, 1),
+        verdict(mk <= 8.0, mk.is_finite())
+    );
+    let _ = writeln!(
+        s,
+        "| idle Socket.IO connection ≤ 10 KiB | {} KiB ({sn} connections) | {} |",
+        fmt(sk, 1),
+        verdict(sk <= 10.0, sk.is_finite())
+    );
+    let _ = writeln!(
+        s,
+        "| 19,000 connections held | {} | {} |",
+        if held.is_finite() {
+            "19,000 held"
+        } else {
+            "—"
+        },
+        verdict(held >= 19000.0, held.is_finite())
+    );
+    let _ = writeln!(
+        s,
+        "| 10,000-member room: p99 ≤ 150 ms | {} ms | {} |",
+        fmt(p99_10k, 1),
+        verdict(p99_10k <= 150.0, p99_10k.is_finite())
+    );
+    let _ = writeln!(
+        s,
+        "| sustain 60,000 delivered frames/s | {} frames/s, {} dropped (10,000-member room, 60,000 offered) | {} |",
+        fmt(rate_10k, 0),
+        fmt(drops_10k, 0),
+        verdict(rate_10k >= 59_400.0 && drops_10k == 0.0, rate_10k.is_finite())
+    );
+    let _ = writeln!(
+        s,
+        "| plugin dispatch ≤ 2 µs over native | — | not measured |\n"
+    );
 }
 
 /// An SVG line chart: p99 latency (100 B payload) against room size.
