@@ -165,7 +165,8 @@ pub struct SocketIoConfig {
 /// Limits of the plugin runtime.
 #[derive(Debug, Clone)]
 pub struct PluginRuntimeConfig {
-    /// Wall-clock budget of one plugin call.
+    /// Time budget of one plugin call; each HTTP request the call makes
+    /// extends it by that request's own limit.
     pub call_timeout: Duration,
     /// Budget of `describe` + `init` on a new instance (large guests start slowly).
     pub init_timeout: Duration,

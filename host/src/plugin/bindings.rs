@@ -94,6 +94,18 @@ impl StoreState {
         }
     }
 
+    /// HTTP requests sent during the current call, and the time one may take.
+    pub(super) fn http_requests(&self) -> (u32, std::time::Duration) {
+        (
+            self.http_policy.requests,
+            self.http_policy.request_allowance(),
+        )
+    }
+
+    pub(super) fn reset_http_requests(&mut self) {
+        self.http_policy.requests = 0;
+    }
+
     fn with<R: Default>(&self, f: impl FnOnce(&dyn HostServices) -> R) -> R {
         match self.services.upgrade() {
             Some(s) => f(&*s),

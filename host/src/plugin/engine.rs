@@ -235,11 +235,12 @@ impl PluginEngine {
             StoreState::new(name, services, limits, policy),
         );
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_callback(|ctx| {
-            let b = ctx.data().budget;
-            let used = thread_cpu().saturating_sub(b.cpu_start);
-            if used < b.limit {
-                Ok(wasmtime::UpdateDeadline::Continue(ticks(b.limit - used)))
+        store.epoch_deadline_callback(|mut ctx| {
+            let data = ctx.data_mut();
+            let (requests, allowance) = data.http_requests();
+            if requests > data.budget.extended {
+                data.budget.extended += 1;
+                Ok(wasmtime::UpdateDeadline::Continue(ticks(allowance)))
             } else {
                 Err(wasmtime::Trap::Interrupt.into())
             }
@@ -286,41 +287,20 @@ pub struct Started {
     pub listens: Vec<String>,
 }
 
-/// A call's time limit, counted in CPU time of the plugin's thread: time
-/// the guest spends waiting in a host call (an HTTP response, ...) does not
-/// count, time it spends computing does.
+/// A call's time limit: `limit` of wall-clock time, extended once for each
+/// HTTP request the plugin sends during the call by that request's own
+/// limit, so waiting for a backend is not counted as the plugin's computing.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CallBudget {
-    cpu_start: Duration,
-    limit: Duration,
+    /// Requests already granted an extension.
+    extended: u32,
 }
 
-/// CPU time used by the calling thread so far (wall-clock time where the
-/// platform cannot tell).
-fn thread_cpu() -> Duration {
-    #[cfg(unix)]
-    {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec.
-        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
-            return Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
-        }
-    }
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed()
-}
-
-/// Starts a call's budget: the epoch deadline fires after `limit` of wall
-/// time, and the deadline callback lets the call go on while the thread's
-/// CPU time stays under `limit`.
+/// Starts a call's budget.
 pub(super) fn arm(store: &mut Store<StoreState>, limit: Duration) {
-    store.data_mut().budget = CallBudget {
-        cpu_start: thread_cpu(),
-        limit,
-    };
+    let data = store.data_mut();
+    data.budget = CallBudget::default();
+    data.reset_http_requests();
     store.set_epoch_deadline(ticks(limit));
 }
 

@@ -15,6 +15,10 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 pub struct HttpPolicy {
     origins: Arc<[String]>,
     timeout: Duration,
+    /// Requests sent during the current plugin call (the call's time limit
+    /// is extended once per request: waiting for a response is not the
+    /// plugin's computing).
+    pub(super) requests: u32,
 }
 
 /// `scheme://host[:port]` of a URI, lower-cased, default ports dropped.
@@ -48,7 +52,13 @@ impl HttpPolicy {
         Self {
             origins: origins.into(),
             timeout,
+            requests: 0,
         }
+    }
+
+    /// The longest a request may take (connect, first byte, then the body).
+    pub fn request_allowance(&self) -> Duration {
+        self.timeout * 3
     }
 
     /// Whether a request URI may be sent.
@@ -81,6 +91,7 @@ impl WasiHttpHooks for HttpPolicy {
             tracing::warn!(uri = %request.uri(), "plugin HTTP request to an origin not in allow_http; denied");
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
+        self.requests += 1;
         let cap = |d: Option<Duration>| Some(d.map_or(self.timeout, |d| d.min(self.timeout)));
         let options = RequestOptions {
             connect_timeout: cap(options.and_then(|o| o.connect_timeout)),

@@ -1,0 +1,89 @@
+//! What a plugin call costs over a native handler doing the same work:
+//! a client message of ~200 bytes of JSON (`publish {room, data}`) parsed
+//! and turned into one broadcast, by the `bench` test plugin
+//! (`target/test-plugins/bench.wasm`, built by `cargo xtask plugins`) and by
+//! the same logic in Rust. Host effects go to `DetachedServices` (dropped),
+//! so both sides measure the dispatch, not the fan-out.
+//!
+//! `cargo bench -p chanhost --bench dispatch`; `cargo xtask bench` runs it
+//! and reports the difference.
+
+use std::sync::Arc;
+
+use chanhost::config::Config;
+use chanhost::plugin::{DetachedServices, HostServices, InstanceRef, Payload, PluginEngine};
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+
+/// ~200 bytes, as a Socket.IO client sends it (the argument array).
+fn message() -> String {
+    let data = format!(r#"{{"t":1732233445566778899,"p":"{}"}}"#, "x".repeat(140));
+    format!(r#"[{{"room":"fan","data":{data}}}]"#)
+}
+
+/// The plugin's logic, natively.
+fn native(services: &dyn HostServices, json: &str) {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or(serde_json::Value::Null);
+    let body = match &v {
+        serde_json::Value::Array(a) => a.first().unwrap_or(&serde_json::Value::Null),
+        other => other,
+    };
+    if let (Some(room), Some(d)) = (body.get("room").and_then(|r| r.as_str()), body.get("data")) {
+        services.broadcast(
+            "bench",
+            room,
+            "message",
+            Payload::json(d.to_string()),
+            None,
+            Vec::new(),
+            false,
+        );
+    }
+}
+
+fn dispatch(c: &mut Criterion) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let wasm = root.join("target/test-plugins/bench.wasm");
+    let Ok(bytes) = std::fs::read(&wasm) else {
+        eprintln!(
+            "{} is missing: run `cargo xtask plugins` first",
+            wasm.display()
+        );
+        return;
+    };
+    let limits = Config::for_plugins(".").plugin_runtime;
+    let engine = PluginEngine::new(&limits, None).expect("engine");
+    let component = engine.compile(&bytes).expect("compile");
+    let pre = engine.link(&component).expect("link");
+    let services: Arc<dyn HostServices> = Arc::new(DetachedServices::default());
+    let mut started = engine
+        .start(&pre, "bench".into(), Arc::downgrade(&services), "{}")
+        .expect("start");
+    let json = message();
+    let target = InstanceRef {
+        connection: 1,
+        id: "/".into(),
+    };
+    let mut group = c.benchmark_group("dispatch");
+    group.bench_function("plugin", |b| {
+        b.iter(|| {
+            engine.arm_call(&mut started.store);
+            started
+                .guest
+                .message(
+                    &mut started.store,
+                    target.clone(),
+                    "publish",
+                    Payload::json(black_box(json.as_str())),
+                    None,
+                )
+                .expect("call")
+        })
+    });
+    group.bench_function("native", |b| {
+        b.iter(|| native(&*services, black_box(&json)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, dispatch);
+criterion_main!(benches);
