@@ -3,6 +3,7 @@
 //! by the Misskey plugins.
 
 use chanhost_plugin::http;
+use chanhost_plugin::types::ChannelSpec;
 use serde_json::{json, Value};
 
 /// Most pages read from a paginated endpoint (100 items each).
@@ -114,4 +115,34 @@ impl Backend {
         }
         Ok(out)
     }
+}
+
+/// The `backend` origin of a plugin's config table, if set.
+pub fn backend_from_config(config: &Value) -> Result<Option<Backend>, String> {
+    match config.get("backend") {
+        None => Ok(None),
+        Some(Value::String(s)) if s.starts_with("http://") || s.starts_with("https://") => {
+            Ok(Some(Backend::new(s)))
+        }
+        Some(other) => Err(format!("`backend` must be an http(s) origin, not {other}")),
+    }
+}
+
+/// A Misskey channel of a plugin's manifest.
+pub fn channel(name: &str, requires_user: bool, shared: bool) -> ChannelSpec {
+    ChannelSpec {
+        name: name.into(),
+        requires_user,
+        shared,
+    }
+}
+
+/// The strings of a JSON array (others skipped; empty when absent).
+pub fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect()
 }

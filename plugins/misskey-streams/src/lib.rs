@@ -31,12 +31,12 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 
 use chanhost_plugin::types::{
-    ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, Payload, Rejection,
+    ConnectRequest, DisconnectReason, Instance, Manifest, Payload, Rejection,
 };
 use chanhost_plugin::{export, host, json, log_warn, Guest};
 use serde_json::{json, Value};
 
-use misskey_api::Backend;
+use misskey_api::{channel, Backend};
 
 const HOST_STATS: &str = "chanhost:stats";
 const QUEUE_STATS: &str = "queueStats";
@@ -86,14 +86,6 @@ fn reject(message: impl Into<String>) -> Rejection {
     Rejection {
         message: message.into(),
         data: None,
-    }
-}
-
-fn channel(name: &str, requires_user: bool, shared: bool) -> ChannelSpec {
-    ChannelSpec {
-        name: name.into(),
-        requires_user,
-        shared,
     }
 }
 
@@ -322,13 +314,7 @@ impl Guest for Streams {
 
     fn init(config: String) -> Result<(), String> {
         let config: Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
-        let backend = match config.get("backend") {
-            None => None,
-            Some(Value::String(s)) if s.starts_with("http://") || s.starts_with("https://") => {
-                Some(Backend::new(s))
-            }
-            Some(other) => return Err(format!("`backend` must be an http(s) origin, not {other}")),
-        };
+        let backend = misskey_api::backend_from_config(&config)?;
         let reversi_endpoint = match config.get("reversi_endpoint") {
             None => None,
             Some(Value::String(s)) if !s.is_empty() => Some(s.trim_start_matches('/').to_owned()),

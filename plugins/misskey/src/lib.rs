@@ -24,13 +24,12 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chanhost_plugin::types::{
-    ChannelSpec, Condition, ConnectRequest, DisconnectReason, Instance, Manifest, Payload,
-    Rejection,
+    Condition, ConnectRequest, DisconnectReason, Instance, Manifest, Payload, Rejection,
 };
 use chanhost_plugin::{export, host, json, log_warn, Guest};
 use serde_json::{json, Value};
 
-use misskey_api::Backend;
+use misskey_api::{channel, Backend};
 use note::{any_of, key, none_of, str_of, sub, user_id, MUTED_INSTANCES, REL};
 
 const NOTES: &str = "notesStream";
@@ -168,14 +167,6 @@ fn policy(backend: Option<&Backend>, claims: &Value, name: &str) -> bool {
         .unwrap_or(true)
 }
 
-fn channel(name: &str, requires_user: bool, shared: bool) -> ChannelSpec {
-    ChannelSpec {
-        name: name.into(),
-        requires_user,
-        shared,
-    }
-}
-
 /// The forms of a note for one viewer kind: the text (None: as
 /// published) and the conditions picking its viewers.
 type Forms = Vec<(Option<String>, Vec<Condition>)>;
@@ -251,6 +242,15 @@ fn followers_reply_visible(reply: &Value, conds: &mut Vec<Condition>) {
     }
 }
 
+/// The (withRenotes, withFiles) buckets a note may go to: a pure renote
+/// only where renotes are wanted, a note without files only where files
+/// are not required.
+fn buckets(pure: bool, files: bool) -> impl Iterator<Item = (bool, bool)> {
+    [(false, false), (false, true), (true, false), (true, true)]
+        .into_iter()
+        .filter(move |&(r, f)| (r || !pure) && (!f || files))
+}
+
 fn signin_required(n: &Value) -> bool {
     note::requires_signin(n)
         || sub(n, "renote").is_some_and(note::requires_signin)
@@ -273,81 +273,65 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
     // globalTimeline and localTimeline: public notes outside channels.
     if public && in_channel.is_none() {
         for &u in viewers {
-            for r in [false, true] {
-                if pure && !r {
+            for (r, f) in buckets(pure, files) {
+                let base = if u { muted.clone() } else { vec![] };
+                out.deliver(
+                    &format!("mk:gtl:{}:r{}f{}", viewer(u), bit(r), bit(f)),
+                    u,
+                    base.clone(),
+                );
+                if !local {
                     continue;
                 }
-                for f in [false, true] {
-                    if f && !files {
-                        continue;
+                for p in [false, true] {
+                    let mut c = base.clone();
+                    if u && !p {
+                        relevant_reply(n, &mut c, false);
                     }
-                    let base = if u { muted.clone() } else { vec![] };
                     out.deliver(
-                        &format!("mk:gtl:{}:r{}f{}", viewer(u), bit(r), bit(f)),
+                        &format!("mk:ltl:{}:r{}p{}f{}", viewer(u), bit(r), bit(p), bit(f)),
                         u,
-                        base.clone(),
+                        c,
                     );
-                    if !local {
-                        continue;
-                    }
-                    for p in [false, true] {
-                        let mut c = base.clone();
-                        if u && !p {
-                            relevant_reply(n, &mut c, false);
-                        }
-                        out.deliver(
-                            &format!("mk:ltl:{}:r{}p{}f{}", viewer(u), bit(r), bit(p), bit(f)),
-                            u,
-                            c,
-                        );
-                    }
                 }
             }
         }
     }
 
     // homeTimeline and hybridTimeline (signed-in viewers).
-    for r in [false, true] {
-        if pure && !r {
-            continue;
+    for (r, f) in buckets(pure, files) {
+        let mut base = Vec::new();
+        visible(n, &mut base);
+        if pure && r {
+            if let Some(rr) = renote_reply {
+                followers_reply_visible(rr, &mut base);
+            }
         }
-        for f in [false, true] {
-            if f && !files {
-                continue;
+        base.extend(muted.iter().cloned());
+        let source = match in_channel {
+            Some(c) => Some(vec![key("fc", c)]),
+            None => Some(vec![key("me", a), key("f", a)]),
+        };
+        let mut home = base.clone();
+        home.extend(source.clone().map(any_of));
+        relevant_reply(n, &mut home, true);
+        out.deliver(&format!("mk:home:r{}f{}", bit(r), bit(f)), true, home);
+        for p in [false, true] {
+            let mut c = base.clone();
+            let open_local = in_channel.is_none() && local && public;
+            if !open_local {
+                c.extend(source.clone().map(any_of));
             }
-            let mut base = Vec::new();
-            visible(n, &mut base);
-            if pure && r {
-                if let Some(rr) = renote_reply {
-                    followers_reply_visible(rr, &mut base);
-                }
+            match (p, sub(n, "reply")) {
+                (true, Some(reply)) => followers_reply_visible(reply, &mut c),
+                (false, Some(_)) => relevant_reply(n, &mut c, true),
+                _ => {}
             }
-            base.extend(muted.iter().cloned());
-            let source = match in_channel {
-                Some(c) => Some(vec![key("fc", c)]),
-                None => Some(vec![key("me", a), key("f", a)]),
-            };
-            let mut home = base.clone();
-            home.extend(source.clone().map(any_of));
-            relevant_reply(n, &mut home, true);
-            out.deliver(&format!("mk:home:r{}f{}", bit(r), bit(f)), true, home);
-            for p in [false, true] {
-                let mut c = base.clone();
-                let open_local = in_channel.is_none() && local && public;
-                if !open_local {
-                    c.extend(source.clone().map(any_of));
-                }
-                match (p, sub(n, "reply")) {
-                    (true, Some(reply)) => followers_reply_visible(reply, &mut c),
-                    (false, Some(_)) => relevant_reply(n, &mut c, true),
-                    _ => {}
-                }
-                out.deliver(
-                    &format!("mk:htl:r{}p{}f{}", bit(r), bit(p), bit(f)),
-                    true,
-                    c,
-                );
-            }
+            out.deliver(
+                &format!("mk:htl:r{}p{}f{}", bit(r), bit(p), bit(f)),
+                true,
+                c,
+            );
         }
     }
 
@@ -363,25 +347,17 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
                 gone.push(id.clone());
                 continue;
             }
-            for r in [false, true] {
-                if pure && !r {
-                    continue;
-                }
-                for f in [false, true] {
-                    if f && !files {
-                        continue;
+            for (r, f) in buckets(pure, files) {
+                let mut c = Vec::new();
+                visible(n, &mut c);
+                if let Some(reply) = sub(n, "reply") {
+                    let ru = user_id(reply);
+                    if ru != a {
+                        c.push(any_of(vec![key("me", ru), key("me", a)]));
                     }
-                    let mut c = Vec::new();
-                    visible(n, &mut c);
-                    if let Some(reply) = sub(n, "reply") {
-                        let ru = user_id(reply);
-                        if ru != a {
-                            c.push(any_of(vec![key("me", ru), key("me", a)]));
-                        }
-                    }
-                    c.extend(muted.iter().cloned());
-                    out.deliver(&format!("mk:list:{id}:r{}f{}", bit(r), bit(f)), true, c);
                 }
+                c.extend(muted.iter().cloned());
+                out.deliver(&format!("mk:list:{id}:r{}f{}", bit(r), bit(f)), true, c);
             }
         }
         for id in gone {
@@ -686,14 +662,7 @@ impl Misskey {
                 let list = b
                     .call("users/lists/show", Some(token), json!({ "listId": id }))
                     .map_err(|e| reject(format!("no such list: {e}")))?;
-                let members: Vec<String> = list
-                    .get("userIds")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect();
+                let members = misskey_api::strings(list.get("userIds"));
                 with(|s| {
                     s.lists.insert(id.clone(), members);
                     save("_lists", &s.lists);
@@ -784,13 +753,7 @@ impl Guest for Misskey {
 
     fn init(config: String) -> Result<(), String> {
         let config: Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
-        let backend = match config.get("backend") {
-            None => None,
-            Some(Value::String(s)) if s.starts_with("http://") || s.starts_with("https://") => {
-                Some(Backend::new(s))
-            }
-            Some(other) => return Err(format!("`backend` must be an http(s) origin, not {other}")),
-        };
+        let backend = misskey_api::backend_from_config(&config)?;
         with(|s| {
             s.backend = backend;
             s.lists = load("_lists");
@@ -946,3 +909,23 @@ fn on_internal(state: &mut State, kind: &str, body: &Value) {
 }
 
 export!(Misskey);
+
+#[cfg(test)]
+mod tests {
+    use super::buckets;
+
+    #[test]
+    fn buckets_follow_renotes_and_files() {
+        let all: Vec<_> = buckets(false, true).collect();
+        assert_eq!(all.len(), 4);
+        assert_eq!(
+            buckets(true, false).collect::<Vec<_>>(),
+            vec![(true, false)],
+            "a pure renote without files: only withRenotes, not withFiles"
+        );
+        assert_eq!(
+            buckets(false, false).collect::<Vec<_>>(),
+            vec![(false, false), (true, false)]
+        );
+    }
+}

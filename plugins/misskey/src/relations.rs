@@ -50,14 +50,7 @@ pub fn ensure(
             fetched = b.call("i", Some(token), json!({}))?;
             &fetched
         };
-        muted_instances = me
-            .get("mutedInstances")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect();
+        muted_instances = misskey_api::strings(me.get("mutedInstances"));
         let following = b
             .all("users/following", token, json!({ "userId": user }))
             .map_err(|e| e.to_string())?;
