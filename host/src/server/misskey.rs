@@ -76,7 +76,7 @@ pub async fn handler(
     let query = super::query_list(&uri, &["i"]);
     let credential: Option<Arc<str>> = token.map(Into::into);
     let max = node.config.misskey.max_frame_bytes;
-    ws.read_buffer_size(4096)
+    ws.read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(max)
         .max_frame_size(max)

@@ -147,7 +147,7 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
                 Err(_) => return eio_error(HttpError::BadRequest, &cors),
             };
             let ws = ws
-                .read_buffer_size(4096)
+                .read_buffer_size(1024)
                 .write_buffer_size(0)
                 .max_message_size(cfg.max_payload)
                 .max_frame_size(cfg.max_payload);
