@@ -45,6 +45,11 @@ fn files(lang: Lang) -> &'static [(&'static str, &'static str)] {
         ],
         Lang::Js => &[
             ("package.json", include_str!("../templates/js/package.json")),
+            // Pins every transitive package, so builds do not drift.
+            (
+                "package-lock.json",
+                include_str!("../templates/js/package-lock.json"),
+            ),
             ("{{name}}.js", include_str!("../templates/js/plugin.js")),
             ("README.md", include_str!("../templates/js/README.md")),
         ],
@@ -154,6 +159,8 @@ mod tests {
         }
         new_plugin(Lang::Js, "hi", &dir.join("js")).unwrap();
         assert!(dir.join("js/hi.js").exists());
+        let lock = std::fs::read_to_string(dir.join("js/package-lock.json")).unwrap();
+        assert!(lock.contains(r#""name": "hi""#) && !lock.contains("{{"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
