@@ -299,6 +299,7 @@ impl Node {
         notify_plugin: bool,
     ) -> Option<InstanceState> {
         let inst = conn.with_state(|s| s.instances.remove(id))?;
+        inst.slot.close();
         self.metrics.instances.dec();
         self.hub.leave_all(conn, &inst.slot);
         if notify_plugin {

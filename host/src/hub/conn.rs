@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -38,6 +38,9 @@ struct SlotInner {
     kind: SlotKind,
     id: Arc<str>,
     quoted: Arc<str>,
+    /// Cleared when the instance ends: events still on their way to it are
+    /// dropped without looking the instance up.
+    open: AtomicBool,
 }
 
 /// What receives events on a connection: a channel instance (by its id) or
@@ -52,6 +55,7 @@ impl Slot {
             kind,
             id: id.into(),
             quoted: json_string(id).into(),
+            open: AtomicBool::new(true),
         }))
     }
     /// A channel instance slot.
@@ -71,6 +75,14 @@ impl Slot {
     }
     pub fn is_capture(&self) -> bool {
         self.0.kind == SlotKind::Capture
+    }
+    /// Whether the instance (or capture) still receives events.
+    pub fn is_open(&self) -> bool {
+        self.0.open.load(Ordering::Acquire)
+    }
+    /// Marks the instance ended.
+    pub fn close(&self) {
+        self.0.open.store(false, Ordering::Release);
     }
 }
 
@@ -268,13 +280,27 @@ pub struct CaptureChange {
     pub evicted: Option<Arc<str>>,
 }
 
+/// A connection's outbound buffer is over its bound (slow consumer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("send buffer full (slow consumer)")]
+pub struct QueueFull;
+
+/// Writes a connection's outbound items straight to its transport, framed
+/// for its protocol, on the thread that produces them (the fan-out path
+/// of WebSocket connections) instead of through the queue.
+pub trait DirectOut: Send + Sync {
+    fn send(&self, out: Outbound) -> Result<(), QueueFull>;
+}
+
 /// A registered connection.
-#[derive(Debug)]
 pub struct ConnHandle {
     pub id: ConnId,
     pub protocol: Protocol,
     identity: std::sync::OnceLock<Identity>,
-    tx: mpsc::Sender<Outbound>,
+    /// The queue, for transports written by their session task.
+    tx: Option<mpsc::Sender<Outbound>>,
+    /// Direct writes, once the transport takes them; checked first.
+    direct: parking_lot::RwLock<Option<Arc<dyn DirectOut>>>,
     /// Set when the hub unregisters the connection; late joins undo themselves.
     pub(super) unregistered: AtomicBool,
     close: Mutex<Option<(u16, String)>>,
@@ -282,6 +308,16 @@ pub struct ConnHandle {
     state: Mutex<ConnState>,
     /// The attribute sets of the connection's user, once identified.
     user_attributes: std::sync::OnceLock<Arc<UserAttributes>>,
+}
+
+impl std::fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHandle")
+            .field("id", &self.id)
+            .field("protocol", &self.protocol)
+            .field("identity", &self.identity.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnHandle {
@@ -293,18 +329,53 @@ impl ConnHandle {
         queue: usize,
     ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(queue);
-        let h = Arc::new(Self {
+        (Self::build(id, protocol, identity, Some(tx), None), rx)
+    }
+
+    /// A new handle whose items are written directly by `out`, without a
+    /// queue.
+    pub fn new_direct(
+        id: ConnId,
+        protocol: Protocol,
+        identity: Option<Identity>,
+        out: Arc<dyn DirectOut>,
+    ) -> Arc<Self> {
+        Self::build(id, protocol, identity, None, Some(out))
+    }
+
+    fn build(
+        id: ConnId,
+        protocol: Protocol,
+        identity: Option<Identity>,
+        tx: Option<mpsc::Sender<Outbound>>,
+        direct: Option<Arc<dyn DirectOut>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             id,
             protocol,
             identity: identity.map(std::sync::OnceLock::from).unwrap_or_default(),
             tx,
+            direct: parking_lot::RwLock::new(direct),
             unregistered: AtomicBool::new(false),
             close: Mutex::new(None),
             close_notify: Notify::new(),
             state: Mutex::new(ConnState::default()),
             user_attributes: std::sync::OnceLock::new(),
-        });
-        (h, rx)
+        })
+    }
+
+    /// Switches a queued connection to direct writes. `drain` gets the
+    /// writer first, to write what the queue still holds: pushes wait
+    /// meanwhile, so nothing overtakes a queued item.
+    pub fn go_direct(&self, out: Arc<dyn DirectOut>, drain: impl FnOnce(&dyn DirectOut)) {
+        let mut d = self.direct.write();
+        drain(&*out);
+        *d = Some(out);
+    }
+
+    /// Stops direct writes (the transport ended); later items are dropped.
+    pub fn end_direct(&self) {
+        self.direct.write().take();
     }
 
     /// Who the connection belongs to, if known.
@@ -322,7 +393,21 @@ impl ConnHandle {
     /// Queues a frame without waiting. A full queue means a slow consumer:
     /// the connection is asked to close and the frame is dropped.
     pub fn push(&self, out: Outbound) -> bool {
-        match self.tx.try_send(out) {
+        let direct = self.direct.read();
+        if let Some(d) = &*direct {
+            return match d.send(out) {
+                Ok(()) => true,
+                Err(QueueFull) => {
+                    drop(direct);
+                    self.request_close(SLOW_CONSUMER_CLOSE, "send queue full (slow consumer)");
+                    false
+                }
+            };
+        }
+        // Held across the send: a switch to direct writes drains the queue
+        // and must not miss an item pushed meanwhile.
+        let Some(tx) = &self.tx else { return false };
+        match tx.try_send(out) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.request_close(SLOW_CONSUMER_CLOSE, "send queue full (slow consumer)");
@@ -434,7 +519,7 @@ impl ConnHandle {
 
     /// Whether the hub has forgotten this connection.
     pub fn is_unregistered(&self) -> bool {
-        self.unregistered.load(std::sync::atomic::Ordering::SeqCst)
+        self.unregistered.load(Ordering::SeqCst)
     }
 
     pub(super) fn remove_membership(&self, room: &Arc<str>, slot: &Slot) -> bool {
@@ -463,7 +548,11 @@ impl ConnHandle {
         let mut st = self.state.lock();
         let taken = Taken {
             memberships: st.memberships.drain().collect(),
-            instances: st.instances.drain().collect(),
+            instances: st
+                .instances
+                .drain()
+                .inspect(|(_, i)| i.slot.close())
+                .collect(),
             captures: st.captures.len(),
         };
         st.captures.clear();

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use conn::{
-    CaptureChange, Condition, ConnHandle, ConnId, ConnState, Filter, Gate, InstanceState,
-    NoteAudience, Outbound, Protocol, Slot, UserAttributes, RELATIONS_SET, SLOW_CONSUMER_CLOSE,
+    CaptureChange, Condition, ConnHandle, ConnId, ConnState, DirectOut, Filter, Gate,
+    InstanceState, NoteAudience, Outbound, Protocol, QueueFull, Slot, UserAttributes,
+    RELATIONS_SET, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 

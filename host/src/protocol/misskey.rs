@@ -220,7 +220,7 @@ pub enum Addressing {
 }
 
 impl Addressing {
-    fn head(self) -> &'static str {
+    pub fn head(self) -> &'static str {
         match self {
             Addressing::Channel => r#"{"type":"channel","body":{"id":"#,
             Addressing::NoteUpdated => r#"{"type":"noteUpdated","body":{"id":"#,

@@ -1,7 +1,9 @@
 //! Misskey streaming sessions on `GET /streaming`: authentication before
 //! the upgrade, then one task per connection that reads client frames,
-//! writes queued frames (coalesced into one flush), pings every
-//! `ping_interval` and drops peers silent for `idle_timeout`.
+//! flushes what the socket did not take at once, pings every
+//! `ping_interval` and drops peers silent for `idle_timeout`. Frames to the
+//! client are written directly on the thread that produces them
+//! ([`MisskeyOut`] over the connection's [`Wire`]).
 //!
 //! The session owns the socket only; instances, captures and rooms live in
 //! the hub, so a plugin reload does not touch them.
@@ -9,23 +11,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use futures_util::SinkExt;
-use tokio::sync::mpsc;
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
 use super::header_list;
+use super::ws::{CloseCode, CloseFrame, Message, Socket, Upgrade, Wire, WsError, OP_PING, OP_TEXT};
 use crate::auth::AuthError;
-use crate::hub::{ConnHandle, Outbound, Protocol};
+use crate::hub::{ConnHandle, DirectOut, Outbound, Protocol, QueueFull};
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
 use crate::protocol::misskey::{self, Addressing, ClientFrame};
-
-/// Most frames written per flush.
-const COALESCE: usize = 64;
 
 /// The credential of a request: `?i=` first, then `Authorization: Bearer`.
 fn token_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
@@ -48,7 +47,7 @@ fn token_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 /// `GET /streaming`.
 pub async fn handler(
     State(node): State<Arc<Node>>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
@@ -76,14 +75,14 @@ pub async fn handler(
     let query = super::query_list(&uri, &["i"]);
     let credential: Option<Arc<str>> = token.map(Into::into);
     let max = node.config.misskey.max_frame_bytes;
-    ws.read_buffer_size(1024)
-        .write_buffer_size(0)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
+    ws.limits(max, node.config.send_queue).on_upgrade(
+        move |socket, wire| async move {
             let id = node.next_conn_id();
-            let (conn, rx) =
-                ConnHandle::new(id, Protocol::Misskey, identity, node.config.send_queue);
+            let out = Arc::new(MisskeyOut {
+                wire: wire.clone(),
+                metrics: node.metrics.clone(),
+            });
+            let conn = ConnHandle::new_direct(id, Protocol::Misskey, identity, out);
             node.open_conn(conn.clone());
             let session = Session {
                 node: node.clone(),
@@ -92,9 +91,54 @@ pub async fn handler(
                 query,
                 credential,
             };
-            session.run(socket, rx).await;
+            session.run(socket, &wire).await;
+            session.conn.end_direct();
             node.close_conn(id);
-        })
+        },
+        || {},
+    )
+}
+
+/// Frames items for a Misskey connection and writes them to its wire.
+struct MisskeyOut {
+    wire: Arc<Wire>,
+    metrics: Arc<Metrics>,
+}
+
+impl DirectOut for MisskeyOut {
+    fn send(&self, out: Outbound) -> Result<(), QueueFull> {
+        let r = match &out {
+            Outbound::Text(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
+            // Not used on Misskey streams.
+            Outbound::Binary(_) | Outbound::Gate(_) => return Ok(()),
+            Outbound::Event { slot, event } => {
+                let addressing = if slot.is_capture() {
+                    Addressing::NoteUpdated
+                } else {
+                    // Its instance ended while the event was on its way.
+                    if !slot.is_open() {
+                        return Ok(());
+                    }
+                    Addressing::Channel
+                };
+                self.wire.send(
+                    OP_TEXT,
+                    &[
+                        addressing.head().as_bytes(),
+                        slot.quoted().as_bytes(),
+                        event.misskey_tail().as_bytes(),
+                    ],
+                )
+            }
+        };
+        match r {
+            Ok(()) => {
+                self.metrics.frames_sent.inc();
+                Ok(())
+            }
+            Err(_) => Err(QueueFull),
+        }
+    }
 }
 
 struct Session {
@@ -114,26 +158,30 @@ enum End {
 }
 
 impl Session {
-    async fn run(&self, mut socket: WebSocket, mut rx: mpsc::Receiver<Outbound>) {
+    async fn run(&self, mut socket: Socket, wire: &Wire) {
         let cfg = &self.node.config.misskey;
         let mut ping =
             tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
         let mut last_seen = Instant::now();
+        // Created once: re-creating these per wake-up costs more than the
+        // frame it wakes for.
+        let shutdown = self.node.shutdown.cancelled();
+        let closed = self.conn.closed();
+        tokio::pin!(shutdown, closed);
         let end = loop {
             tokio::select! {
                 biased;
-                _ = self.node.shutdown.cancelled() => break End::Close(1001, "server shutting down".into()),
-                (code, reason) = self.conn.closed() => {
+                _ = &mut shutdown => break End::Close(1001, "server shutting down".into()),
+                (code, reason) = &mut closed => {
                     self.count_close(code);
                     break End::Close(code, reason);
                 }
-                msg = socket.recv() => match msg {
+                msg = socket.next() => match msg {
                     None => break End::Gone,
+                    Some(Err(WsError::Capacity(_))) => {
+                        break End::Close(1009, "frame too large".into());
+                    }
                     Some(Err(e)) => {
-                        let e = e.to_string();
-                        if e.contains("Message too long") || e.contains("Space limit") {
-                            break End::Close(1009, "frame too large".into());
-                        }
                         tracing::debug!(conn = self.conn.id, "streaming read error: {e}");
                         break End::Gone;
                     }
@@ -142,24 +190,23 @@ impl Session {
                         match m {
                             Message::Text(t) => self.on_text(&t).await,
                             Message::Close(_) => break End::Gone,
-                            Message::Binary(_) | Message::Ping(_) | Message::Pong(_) => {}
+                            _ => {}
                         }
                     }
                 },
-                out = rx.recv() => {
-                    let Some(out) = out else { break End::Gone };
-                    // A peer that stops reading blocks the write; a close
-                    // request (its queue overflowed) or shutdown cuts it short.
+                _ = wire.wants_flush() => {
+                    // The socket did not take everything at once. A peer that
+                    // takes nothing for the idle timeout is gone; a close
+                    // request (its buffer overflowed) or shutdown cuts it short.
                     tokio::select! {
-                        // A peer that takes no frame for the idle timeout is gone.
-                        r = tokio::time::timeout(cfg.idle_timeout, self.write(&mut socket, out, &mut rx)) => {
+                        r = tokio::time::timeout(cfg.idle_timeout, wire.flush()) => {
                             if !matches!(r, Ok(Ok(()))) { break End::Gone }
                         }
-                        (code, _) = self.conn.closed() => {
+                        (code, _) = &mut closed => {
                             self.count_close(code);
                             break End::Gone;
                         }
-                        _ = self.node.shutdown.cancelled() => break End::Gone,
+                        _ = &mut shutdown => break End::Gone,
                     }
                 }
                 _ = ping.tick() => {
@@ -167,7 +214,7 @@ impl Session {
                         tracing::debug!(conn = self.conn.id, "peer silent too long; dropping");
                         break End::Close(1001, "idle timeout".into());
                     }
-                    if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    if wire.send(OP_PING, &[]).is_err() || wire.is_closed() {
                         break End::Gone;
                     }
                 }
@@ -175,13 +222,13 @@ impl Session {
         };
         if let End::Close(code, reason) = end {
             let frame = CloseFrame {
-                code,
-                reason: Utf8Bytes::from(reason),
+                code: CloseCode::from(code),
+                reason: reason.into(),
             };
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                socket.send(Message::Close(Some(frame))),
-            )
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                socket.send(Message::Close(Some(frame))).await.ok()?;
+                wire.flush().await.ok()
+            })
             .await;
         }
     }
@@ -189,53 +236,6 @@ impl Session {
     fn count_close(&self, code: u16) {
         if code == crate::hub::SLOW_CONSUMER_CLOSE {
             self.node.metrics.slow_consumer_closes.inc();
-        }
-    }
-
-    /// Writes one queued frame and whatever else is ready, then flushes once.
-    async fn write(
-        &self,
-        socket: &mut WebSocket,
-        first: Outbound,
-        rx: &mut mpsc::Receiver<Outbound>,
-    ) -> Result<(), axum::Error> {
-        let mut n = 0u64;
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            if let Some(text) = self.frame(out) {
-                socket.feed(Message::Text(text.into())).await?;
-                n += 1;
-            }
-            if n < COALESCE as u64 {
-                next = rx.try_recv().ok();
-            }
-        }
-        socket.flush().await?;
-        self.node.metrics.frames_sent.add(n);
-        Ok(())
-    }
-
-    /// Frames a queued item for this connection; `None` if its instance
-    /// ended while it was queued.
-    fn frame(&self, out: Outbound) -> Option<String> {
-        match out {
-            Outbound::Text(t) => Some(t),
-            Outbound::Binary(_) | Outbound::Gate(_) => None,
-            Outbound::Event { slot, event } => {
-                let addressing = if slot.is_capture() {
-                    Addressing::NoteUpdated
-                } else {
-                    if !self.conn.has_instance(slot.id()) {
-                        return None;
-                    }
-                    Addressing::Channel
-                };
-                Some(misskey::splice_event(
-                    addressing,
-                    slot.quoted(),
-                    event.misskey_tail(),
-                ))
-            }
         }
     }
 

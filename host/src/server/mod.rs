@@ -3,6 +3,7 @@
 
 pub mod misskey;
 pub mod socketio;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,18 +47,67 @@ pub fn router(node: Arc<Node>) -> Router {
 
 /// Serves until `node.shutdown` is cancelled, then closes every client with
 /// 1001 and waits (up to `drain`) for the sessions to end.
+///
+/// HTTP/1.1 connections are served by hyper directly (not `axum::serve`),
+/// so an upgraded connection hands back its `TcpStream` (see [`ws`]).
 pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> std::io::Result<()> {
-    let app = router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(node.clone());
     let token = node.shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await?;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off a little
+                    // instead of spinning; the open connections are unharmed.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = token.cancelled() => break,
+        };
+        tokio::spawn(serve_connection(app.clone(), tcp, peer, token.clone()));
+    }
     let deadline = tokio::time::Instant::now() + drain;
     while node.hub.conn_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     node.plugins.stop_all();
     Ok(())
+}
+
+/// One HTTP/1.1 connection, with upgrades; finishes its request in flight
+/// on shutdown.
+async fn serve_connection(
+    app: Router,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    token: tokio_util::sync::CancellationToken,
+) {
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            let mut app = app.clone();
+            async move { tower_service::Service::call(&mut app, req).await }
+        });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::trace!("http connection ended: {e}");
+            }
+        }
+        _ = token.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -3,7 +3,10 @@
 //! refusals (socketio/engine.io-protocol, socketio/socket.io-protocol).
 //!
 //! Sessions live in [`SioServer`]; each is one hub connection whose
-//! namespaces are channel instances served by plugins.
+//! namespaces are channel instances served by plugins. Polling sessions
+//! are written from their queue; once a session is on WebSocket, items are
+//! framed and written directly on the thread that produces them
+//! ([`SioOut`] over the connection's [`Wire`]).
 
 mod session;
 
@@ -12,19 +15,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use self::session::{EioOut, Session, Transport};
-use crate::hub::Outbound;
+use super::ws::{
+    CloseCode, CloseFrame, Message, Socket, Upgrade, Wire, WsError, OP_BINARY, OP_TEXT,
+};
+use crate::hub::{DirectOut, Outbound, QueueFull, SLOW_CONSUMER_CLOSE};
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::protocol::engineio::{self, HttpError, Packet};
+use crate::protocol::socketio as sio;
 
 /// Most queued items written per poll response or WebSocket flush.
 const DRAIN: usize = 256;
@@ -142,29 +150,28 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
             if !allowed {
                 return eio_error(HttpError::Forbidden, &cors);
             }
-            let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            let ws = match Upgrade::from_parts(&mut parts) {
                 Ok(ws) => ws,
                 Err(_) => return eio_error(HttpError::BadRequest, &cors),
             };
-            let ws = ws
-                .read_buffer_size(1024)
-                .write_buffer_size(0)
-                .max_message_size(cfg.max_payload)
-                .max_frame_size(cfg.max_payload);
+            let ws = ws.limits(cfg.max_payload, server.node.config.send_queue);
             match sid {
                 None => {
                     let headers = super::header_list(&parts.headers);
                     let query = super::query_list(&parts.uri, &[]);
-                    ws.on_upgrade(move |socket| async move {
-                        let session = Session::start(&server, headers, query, Transport::WebSocket);
-                        let mut socket = socket;
-                        let open = session.open_packet(&[]);
-                        if socket.send(Message::Text(open.into())).await.is_err() {
-                            session.close("handshake write failed");
-                            return;
-                        }
-                        run_websocket(session, socket).await;
-                    })
+                    ws.on_upgrade(
+                        move |socket, wire| async move {
+                            let session =
+                                Session::start(&server, headers, query, Transport::WebSocket);
+                            let open = session.open_packet(&[]);
+                            if wire.send(OP_TEXT, &[open.as_bytes()]).is_err() || wire.is_closed() {
+                                session.close("handshake write failed");
+                                return;
+                            }
+                            run_websocket(session, socket, wire).await;
+                        },
+                        || {},
+                    )
                 }
                 Some(sid) => {
                     let Some(session) = server.sessions.lock().get(sid.as_str()).cloned() else {
@@ -175,10 +182,12 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
                         return eio_error(HttpError::BadRequest, &cors);
                     }
                     let failed = session.clone();
-                    ws.on_failed_upgrade(move |_| {
-                        failed.switch_transport(Transport::Upgrading, Transport::Polling);
-                    })
-                    .on_upgrade(move |socket| upgrade(session, socket))
+                    ws.on_upgrade(
+                        move |socket, wire| upgrade(session, socket, wire),
+                        move || {
+                            failed.switch_transport(Transport::Upgrading, Transport::Polling);
+                        },
+                    )
                 }
             }
         }
@@ -315,17 +324,18 @@ async fn post(session: &Arc<Session>, body: Body) -> Response {
 
 /// The polling-to-WebSocket upgrade: `2probe` / `3probe`, a noop to the
 /// pending poll, then `5`; on any failure the session stays on polling.
-async fn upgrade(session: Arc<Session>, mut socket: WebSocket) {
+async fn upgrade(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire>) {
     let timeout = session.node.config.socketio.upgrade_timeout;
     let probed = tokio::time::timeout(timeout, async {
         loop {
-            match socket.recv().await {
+            match socket.next().await {
                 Some(Ok(Message::Text(t))) => match Packet::decode_from_client(&t) {
                     Ok(Packet::Ping(d)) if d == "probe" => {
-                        socket
-                            .send(Message::Text(Packet::Pong(d).encode().into()))
-                            .await
+                        wire.send(OP_TEXT, &[Packet::Pong(d).encode().as_bytes()])
                             .ok()?;
+                        if wire.is_closed() {
+                            return None;
+                        }
                         session.conn.push(Outbound::Text(Packet::Noop.encode()));
                     }
                     Ok(Packet::Upgrade) => return Some(()),
@@ -345,55 +355,164 @@ async fn upgrade(session: Arc<Session>, mut socket: WebSocket) {
     if !session.switch_transport(Transport::Upgrading, Transport::WebSocket) {
         return;
     }
-    run_websocket(session, socket).await;
+    run_websocket(session, socket, wire).await;
+}
+
+/// Frames items for a Socket.IO session on WebSocket and writes them to its
+/// wire, on the thread that produces them.
+struct SioOut {
+    session: std::sync::Weak<Session>,
+    wire: Arc<Wire>,
+    metrics: Arc<Metrics>,
+    /// Cancelled when the Engine.IO close packet comes through: the
+    /// session task ends the session (not here: this runs inside the hub's
+    /// fan-out, which must not re-enter the hub).
+    ended: CancellationToken,
+}
+
+impl SioOut {
+    fn write(&self, o: EioOut) -> Result<(), QueueFull> {
+        let r = match &o {
+            // The Engine.IO close packet is not written: the WebSocket close
+            // frame after what is pending ends the session, so the client
+            // handles every DISCONNECT before it.
+            EioOut::Text(t) if *t == Packet::Close.encode() => {
+                self.ended.cancel();
+                return Ok(());
+            }
+            EioOut::Text(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
+            EioOut::Binary(b) => self.wire.send(OP_BINARY, &[b]),
+        };
+        r.map_err(|_| QueueFull)?;
+        self.metrics.frames_sent.inc();
+        Ok(())
+    }
+}
+
+impl DirectOut for SioOut {
+    fn send(&self, out: Outbound) -> Result<(), QueueFull> {
+        let Some(session) = self.session.upgrade() else {
+            return Ok(());
+        };
+        match out {
+            // The fan-out path: framed from its shared parts, no copy.
+            Outbound::Event { slot, event } if !session.holds_events() => {
+                if !slot.is_open() {
+                    return Ok(());
+                }
+                let nsp = slot.id();
+                let args = event.socketio_args().as_bytes();
+                let sent = match (event.attachments.len(), nsp) {
+                    (0, "/") => self.wire.send(OP_TEXT, &[b"42", args]),
+                    (0, _) => self
+                        .wire
+                        .send(OP_TEXT, &[b"42", nsp.as_bytes(), b",", args]),
+                    (n, _) => {
+                        let head = sio::event_header(nsp, n);
+                        self.wire.send(OP_TEXT, &[b"4", head.as_bytes(), args])
+                    }
+                };
+                sent.map_err(|_| QueueFull)?;
+                self.metrics.frames_sent.inc();
+                for a in event.attachments.iter() {
+                    self.write(EioOut::Binary(a.clone()))?;
+                }
+                Ok(())
+            }
+            other => {
+                let mut rendered = Vec::new();
+                session.render(other, &mut rendered);
+                rendered.into_iter().try_for_each(|o| self.write(o))
+            }
+        }
+    }
 }
 
 /// Serves a session over a WebSocket until either side ends it.
-async fn run_websocket(session: Arc<Session>, mut socket: WebSocket) {
+async fn run_websocket(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire>) {
     // Waits for a poll in flight (after an upgrade) to hand the queue over.
     let mut rx = session.rx.lock().await;
     let node = session.node.clone();
-    let mut close_code = 1000;
-    for o in session.take_carry() {
-        let m = match o {
-            EioOut::Text(t) if t == Packet::Close.encode() => {
-                session.close("server closed the session");
-                Message::Close(None)
-            }
-            EioOut::Text(t) => Message::Text(t.into()),
-            EioOut::Binary(b) => Message::Binary(b.into()),
-        };
-        if socket.send(m).await.is_err() {
-            session.close("transport error");
-            return;
+    let out = Arc::new(SioOut {
+        session: Arc::downgrade(&session),
+        wire: wire.clone(),
+        metrics: node.metrics.clone(),
+        ended: CancellationToken::new(),
+    });
+    let ended = out.ended.clone();
+    // What a poll left behind and what is queued goes first, then every
+    // item is written directly.
+    session.conn.go_direct(out.clone(), |direct| {
+        let carried = session.take_carry().into_iter();
+        if carried.map(|o| out.write(o)).any(|r| r.is_err()) {
+            session
+                .conn
+                .request_close(SLOW_CONSUMER_CLOSE, "send queue full");
         }
+        while let Ok(item) = rx.try_recv() {
+            if direct.send(item).is_err() {
+                session
+                    .conn
+                    .request_close(SLOW_CONSUMER_CLOSE, "send queue full");
+            }
+        }
+    });
+    drop(rx);
+    let close_code = serve_websocket(&session, &mut socket, &wire, &ended).await;
+    session.conn.end_direct();
+    if let Some(code) = close_code {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: "".into(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            socket.send(Message::Close(Some(frame))).await.ok()?;
+            wire.flush().await.ok()
+        })
+        .await;
     }
+}
+
+/// The read loop of a WebSocket session; the close code to send, if any.
+async fn serve_websocket(
+    session: &Arc<Session>,
+    socket: &mut Socket,
+    wire: &Wire,
+    ended: &CancellationToken,
+) -> Option<u16> {
+    let node = &session.node;
+    let closed = session.closed.cancelled();
+    let shutdown = node.shutdown.cancelled();
+    let ended = ended.cancelled();
+    tokio::pin!(closed, shutdown, ended);
     loop {
         tokio::select! {
             biased;
-            _ = session.closed.cancelled() => break,
-            _ = node.shutdown.cancelled() => {
+            _ = &mut closed => return Some(1000),
+            _ = &mut shutdown => {
                 session.close("server shutting down");
-                close_code = 1001;
-                break;
+                return Some(1001);
             }
-            msg = socket.recv() => {
+            _ = &mut ended => {
+                session.close("server closed the session");
+                return Some(1000);
+            }
+            msg = socket.next() => {
                 let packet = match msg {
                     Some(Ok(Message::Text(t))) => Packet::decode_from_client(&t),
                     Some(Ok(Message::Binary(b))) => Ok(Packet::Binary(b.to_vec())),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Close(_))) | None => {
                         session.close("transport close");
-                        return;
+                        return None;
                     }
-                    Some(Err(e)) => {
-                        let too_big = e.to_string().contains("too long") || e.to_string().contains("Space limit");
-                        session.close(if too_big { "message over maxPayload" } else { "transport error" });
-                        if too_big {
-                            close_code = 1009;
-                            break;
-                        }
-                        return;
+                    Some(Ok(_)) => continue,
+                    Some(Err(WsError::Capacity(_))) => {
+                        session.close("message over maxPayload");
+                        return Some(1009);
+                    }
+                    Some(Err(_)) => {
+                        session.close("transport error");
+                        return None;
                     }
                 };
                 let result = match packet {
@@ -402,57 +521,20 @@ async fn run_websocket(session: Arc<Session>, mut socket: WebSocket) {
                 };
                 if let Err(e) = result {
                     session.close(&e);
-                    break;
+                    return Some(1000);
                 }
             }
-            item = rx.recv() => {
-                let Some(item) = item else { break };
-                let mut out = Vec::new();
-                session.render(item, &mut out);
-                while out.len() < DRAIN {
-                    match rx.try_recv() {
-                        Ok(item) => session.render(item, &mut out),
-                        Err(_) => break,
-                    }
-                }
-                // The Engine.IO close packet is not written: the WebSocket
-                // close frame after the flush ends the session, so the
-                // client handles every DISCONNECT before it.
-                let close = Packet::Close.encode();
-                let closing = out.iter().any(|o| matches!(o, EioOut::Text(t) if *t == close));
-                out.retain(|o| !matches!(o, EioOut::Text(t) if *t == close));
-                let n = out.len() as u64;
-                let write = async {
-                    for o in out {
-                        let m = match o {
-                            EioOut::Text(t) => Message::Text(t.into()),
-                            EioOut::Binary(b) => Message::Binary(b.into()),
-                        };
-                        socket.feed(m).await?;
-                    }
-                    socket.flush().await
-                };
+            _ = wire.wants_flush() => {
                 tokio::select! {
-                    r = write => if r.is_err() { session.close("transport error"); return; },
-                    _ = session.closed.cancelled() => return,
-                }
-                node.metrics.frames_sent.add(n);
-                if closing {
-                    session.close("server closed the session");
-                    break;
+                    r = wire.flush() => if r.is_err() {
+                        session.close("transport error");
+                        return None;
+                    },
+                    _ = &mut closed => return None,
                 }
             }
         }
     }
-    let frame = CloseFrame {
-        code: close_code,
-        reason: "".into(),
-    };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        socket.send(Message::Close(Some(frame))),
-    )
-    .await;
 }
 
 #[cfg(test)]

@@ -83,7 +83,8 @@ pub struct Session {
     inbound: tokio::sync::Mutex<Option<PendingBinary>>,
     /// Held by a polling POST in progress (a second one is refused).
     pub posting: tokio::sync::Mutex<()>,
-    pong_tx: mpsc::Sender<()>,
+    /// Signalled by each PONG; the heartbeat waits on it.
+    pong: tokio::sync::Notify,
     /// Namespaces whose CONNECT is being decided: their events are held,
     /// tagged with the generation of that CONNECT.
     held: Mutex<HashMap<Arc<str>, Held>>,
@@ -148,7 +149,6 @@ impl Session {
             node.config.send_queue,
         );
         node.open_conn(conn.clone());
-        let (pong_tx, pong_rx) = mpsc::channel(1);
         let session = Arc::new(Session {
             sid: random_id().into(),
             node,
@@ -161,7 +161,7 @@ impl Session {
             closed: CancellationToken::new(),
             inbound: tokio::sync::Mutex::new(None),
             posting: tokio::sync::Mutex::new(()),
-            pong_tx,
+            pong: tokio::sync::Notify::new(),
             held: Mutex::new(HashMap::new()),
             holding: std::sync::atomic::AtomicUsize::new(0),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -172,7 +172,7 @@ impl Session {
             .sessions
             .lock()
             .insert(session.sid.clone(), session.clone());
-        tokio::spawn(heartbeat(session.clone(), pong_rx));
+        tokio::spawn(heartbeat(session.clone()));
         session
     }
 
@@ -261,7 +261,7 @@ impl Session {
         }
         match packet {
             Packet::Pong(_) => {
-                let _ = self.pong_tx.try_send(());
+                self.pong.notify_one();
             }
             Packet::Ping(data) => {
                 self.conn.push(Outbound::Text(Packet::Pong(data).encode()));
@@ -413,6 +413,12 @@ impl Session {
         })));
     }
 
+    /// Whether events of some namespace are held (its CONNECT is being
+    /// decided): events then go through [`Session::render`].
+    pub fn holds_events(&self) -> bool {
+        self.holding.load(Ordering::SeqCst) > 0
+    }
+
     /// Renders a queued item into Engine.IO packets, holding back events of
     /// namespaces still connecting. Returns nothing for an item held or
     /// addressed to a socket that is gone.
@@ -429,7 +435,7 @@ impl Session {
                         return;
                     }
                 }
-                if !self.conn.has_instance(nsp) {
+                if !slot.is_open() {
                     return;
                 }
                 into.push(EioOut::Text(format!(
@@ -473,7 +479,7 @@ impl Session {
 
 /// The session's one timer task: pings, pong deadlines, the connect
 /// timeout, close requests and shutdown.
-async fn heartbeat(session: Arc<Session>, mut pongs: mpsc::Receiver<()>) {
+async fn heartbeat(session: Arc<Session>) {
     let node = session.node.clone();
     let cfg = &node.config.socketio;
     let connect_deadline = tokio::time::sleep(cfg.connect_timeout);
@@ -492,11 +498,12 @@ async fn heartbeat(session: Arc<Session>, mut pongs: mpsc::Receiver<()>) {
                     session.close("ping timeout");
                     return;
                 }
-                while pongs.try_recv().is_ok() {}
+                // A PONG nobody asked for does not answer this ping.
+                let _ = futures_util::FutureExt::now_or_never(session.pong.notified());
                 session.conn.push(Outbound::Text(Packet::Ping(String::new()).encode()));
                 waiting_pong = true;
             }
-            Some(()) = pongs.recv(), if waiting_pong => waiting_pong = false,
+            _ = session.pong.notified(), if waiting_pong => waiting_pong = false,
             _ = &mut connect_deadline, if connect_pending => {
                 connect_pending = false;
                 if !session.connected_once.load(Ordering::SeqCst) {

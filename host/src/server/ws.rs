@@ -1,0 +1,537 @@
+//! The WebSocket transport of both protocols: the HTTP/1.1 upgrade
+//! ([`Upgrade`]) and a socket whose frames to the client can be written
+//! from any thread ([`Wire`]) while the session task reads.
+//!
+//! Fan-out is the hot path: a room event reaches each member by framing it
+//! and writing it to that member's socket right away, on the thread that
+//! delivers the event — no queue, no task wake-up, one system call per
+//! frame. Only what the kernel does not take at once is kept, in the
+//! wire's pending buffer, and written by the session task when the socket
+//! becomes writable; frames arriving meanwhile are appended behind it, so
+//! order is kept. The pending buffer is bounded in frames: a peer that
+//! stops reading overflows it and is closed as a slow consumer.
+//!
+//! Reading (frame parsing, unmasking, fragments, control frames, size
+//! limits) is tungstenite's, over [`WireIo`]; what tungstenite writes itself
+//! (pongs, the close frame) goes through the same pending buffer, in order.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+pub use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+pub use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// The read side of an upgraded connection (tungstenite over the wire).
+pub type Socket = WebSocketStream<WireIo>;
+
+/// WebSocket opcodes the host writes itself.
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_PING: u8 = 0x9;
+
+/// Why a request could not be upgraded (the status of each refusal is the
+/// one the WebSocket RFC suggests).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UpgradeError {
+    #[error("WebSocket upgrades must use GET")]
+    MethodNotGet,
+    #[error("the Connection header does not include `upgrade`")]
+    ConnectionHeader,
+    #[error("the Upgrade header is not `websocket`")]
+    UpgradeHeader,
+    #[error("Sec-WebSocket-Version must be 13")]
+    Version,
+    #[error("Sec-WebSocket-Key is missing")]
+    KeyMissing,
+    #[error("this connection cannot be upgraded")]
+    NotUpgradable,
+}
+
+impl UpgradeError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpgradeError::MethodNotGet => StatusCode::METHOD_NOT_ALLOWED,
+            UpgradeError::NotUpgradable => StatusCode::UPGRADE_REQUIRED,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for UpgradeError {
+    fn into_response(self) -> Response {
+        (self.status(), self.to_string()).into_response()
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// The `Sec-WebSocket-Accept` value for a key (RFC 6455 §4.2.2).
+pub fn accept_key(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// A validated upgrade request.
+pub struct Upgrade {
+    key: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    config: WebSocketConfig,
+    /// Most frames kept for a peer that does not read fast enough.
+    pending_frames: usize,
+}
+
+impl Upgrade {
+    /// Checks the handshake headers and takes the connection's upgrade.
+    pub fn from_parts(parts: &mut Parts) -> Result<Self, UpgradeError> {
+        if parts.method != Method::GET {
+            return Err(UpgradeError::MethodNotGet);
+        }
+        if !header_has_token(&parts.headers, header::CONNECTION, "upgrade") {
+            return Err(UpgradeError::ConnectionHeader);
+        }
+        if !header_has_token(&parts.headers, header::UPGRADE, "websocket") {
+            return Err(UpgradeError::UpgradeHeader);
+        }
+        if parts
+            .headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return Err(UpgradeError::Version);
+        }
+        let key = parts
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .ok_or(UpgradeError::KeyMissing)?
+            .clone();
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(UpgradeError::NotUpgradable)?;
+        Ok(Self {
+            key,
+            on_upgrade,
+            config: WebSocketConfig::default(),
+            pending_frames: 1024,
+        })
+    }
+
+    /// Small read buffer (it grows for larger frames), no write buffer (the
+    /// wire keeps what the kernel does not take), frame and message limits.
+    pub fn limits(mut self, max_message: usize, pending_frames: usize) -> Self {
+        self.config = WebSocketConfig::default()
+            .read_buffer_size(1024)
+            .write_buffer_size(0)
+            .max_write_buffer_size(usize::MAX)
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
+        self.pending_frames = pending_frames;
+        self
+    }
+
+    /// The `101 Switching Protocols` response; once the client has it,
+    /// `callback` runs with the socket and its wire. `failed` runs instead
+    /// if the connection never upgrades.
+    pub fn on_upgrade<C, Fut>(self, callback: C, failed: impl FnOnce() + Send + 'static) -> Response
+    where
+        C: FnOnce(Socket, Arc<Wire>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Upgrade {
+            key,
+            on_upgrade,
+            config,
+            pending_frames,
+        } = self;
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!("websocket upgrade failed: {e}");
+                    failed();
+                    return;
+                }
+            };
+            let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(p) => p,
+                Err(_) => {
+                    tracing::error!("websocket upgrade: not a TCP connection");
+                    failed();
+                    return;
+                }
+            };
+            // Bytes the client sent after its request, copied: the buffer
+            // they sit in is hyper's whole read buffer, not kept per session.
+            let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+            let early = read_buf.to_vec();
+            drop(read_buf);
+            let wire = Arc::new(Wire::new(io.into_inner(), pending_frames));
+            let socket = WebSocketStream::from_partially_read(
+                WireIo(wire.clone()),
+                early,
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            callback(socket, wire.clone()).await;
+            wire.close();
+        });
+        let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+        let h = r.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(v) = HeaderValue::from_str(&accept_key(key.as_bytes())) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        r
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Upgrade {
+    type Rejection = UpgradeError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Upgrade::from_parts(parts)
+    }
+}
+
+/// The pending buffer is over its bound: the peer does not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("send buffer full (slow consumer)")]
+pub struct Overflow;
+
+#[derive(Default)]
+struct Pending {
+    /// Bytes the kernel did not take yet, in order.
+    buf: Vec<u8>,
+    /// Frames appended since the buffer was last empty.
+    frames: usize,
+    /// The socket failed or the session ended: writes are dropped.
+    closed: bool,
+}
+
+/// The write side of a WebSocket connection, shareable across threads.
+pub struct Wire {
+    stream: TcpStream,
+    pending: Mutex<Pending>,
+    /// Tells the session task there is something to flush (or the wire
+    /// closed).
+    flush_wanted: Notify,
+    limit: usize,
+}
+
+/// Encodes a server frame header (final fragment, unmasked).
+fn frame_header(opcode: u8, len: usize, out: &mut [u8; 10]) -> usize {
+    out[0] = 0x80 | opcode;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if len <= 0xFFFF {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+impl Wire {
+    pub fn new(stream: TcpStream, limit: usize) -> Self {
+        let _ = stream.set_nodelay(true);
+        Self {
+            stream,
+            pending: Mutex::new(Pending::default()),
+            flush_wanted: Notify::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Writes one frame whose payload is the concatenation of `parts`: now
+    /// if the socket takes it, else behind what is pending. Writes to a
+    /// closed wire are dropped silently (the session is ending).
+    pub fn send(&self, opcode: u8, parts: &[&[u8]]) -> Result<(), Overflow> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut head = [0u8; 10];
+        let hl = frame_header(opcode, len, &mut head);
+        let mut p = self.pending.lock();
+        if p.closed {
+            return Ok(());
+        }
+        if !p.buf.is_empty() {
+            if p.frames >= self.limit {
+                return Err(Overflow);
+            }
+            p.frames += 1;
+            p.buf.extend_from_slice(&head[..hl]);
+            for part in parts {
+                p.buf.extend_from_slice(part);
+            }
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); 6];
+        slices[0] = IoSlice::new(&head[..hl]);
+        let mut n = 1;
+        let mut fits = true;
+        for part in parts.iter().filter(|p| !p.is_empty()) {
+            if n == slices.len() {
+                fits = false;
+                break;
+            }
+            slices[n] = IoSlice::new(part);
+            n += 1;
+        }
+        let written = if fits {
+            self.try_send(&slices[..n])
+        } else {
+            // More parts than slices (never in practice): all of it pends.
+            Ok(0)
+        };
+        let skip = match written {
+            Ok(w) if w == hl + len => return Ok(()),
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => {
+                tracing::trace!("websocket write failed: {e}");
+                p.closed = true;
+                drop(p);
+                self.flush_wanted.notify_one();
+                return Ok(());
+            }
+        };
+        // Keep the unwritten rest, in order.
+        let mut offset = 0;
+        for s in std::iter::once(&head[..hl]).chain(parts.iter().copied()) {
+            let end = offset + s.len();
+            if end > skip {
+                p.buf.extend_from_slice(&s[skip.saturating_sub(offset)..]);
+            }
+            offset = end;
+        }
+        p.frames = 1;
+        drop(p);
+        self.flush_wanted.notify_one();
+        Ok(())
+    }
+
+    /// One non-blocking `sendmsg` (cheaper than `writev`, which takes the
+    /// file position lock); `WouldBlock` clears the socket's readiness.
+    fn try_send(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.stream.try_io(tokio::io::Interest::WRITABLE, || {
+            socket2::SockRef::from(&self.stream).send_vectored(slices)
+        })
+    }
+
+    /// Appends bytes already framed (tungstenite's own writes).
+    fn send_raw(&self, data: &[u8]) -> io::Result<()> {
+        let mut p = self.pending.lock();
+        if p.closed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        if p.buf.is_empty() {
+            match self.try_send(&[IoSlice::new(data)]) {
+                Ok(n) if n == data.len() => return Ok(()),
+                Ok(n) => p.buf.extend_from_slice(&data[n..]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => p.buf.extend_from_slice(data),
+                Err(e) => {
+                    p.closed = true;
+                    return Err(e);
+                }
+            }
+        } else {
+            p.buf.extend_from_slice(data);
+        }
+        p.frames += 1;
+        drop(p);
+        self.flush_wanted.notify_one();
+        Ok(())
+    }
+
+    /// Resolves when there is something to flush, or the wire closed.
+    pub async fn wants_flush(&self) {
+        self.flush_wanted.notified().await
+    }
+
+    /// Writes what is pending, waiting for the socket as needed. Fails once
+    /// the socket does.
+    pub async fn flush(&self) -> io::Result<()> {
+        loop {
+            {
+                let mut p = self.pending.lock();
+                if p.closed {
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                }
+                if p.buf.is_empty() {
+                    return Ok(());
+                }
+                match self.try_send(&[IoSlice::new(&p.buf)]) {
+                    Ok(n) => {
+                        p.buf.drain(..n);
+                        if p.buf.is_empty() {
+                            // Freed: most connections never pend again.
+                            p.frames = 0;
+                            p.buf = Vec::new();
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        p.closed = true;
+                        return Err(e);
+                    }
+                }
+            }
+            self.stream.writable().await?;
+        }
+    }
+
+    /// Whether the socket failed or the session ended.
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().closed
+    }
+
+    /// Ends the wire: later writes are dropped, the pending bytes freed and
+    /// the connection shut down.
+    pub fn close(&self) {
+        let mut p = self.pending.lock();
+        p.closed = true;
+        p.buf = Vec::new();
+        drop(p);
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Both);
+        self.flush_wanted.notify_one();
+    }
+}
+
+/// The wire as tungstenite's byte stream: reads from the socket, writes
+/// through the pending buffer.
+pub struct WireIo(Arc<Wire>);
+
+impl AsyncRead for WireIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.0.stream.poll_read_ready(cx))?;
+            let dst = buf.initialize_unfilled();
+            match self.0.stream.try_read(dst) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for WireIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(self.0.send_raw(data).map(|()| data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // What the kernel did not take is the session's to flush.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_of_the_rfc_example() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn frame_headers_by_length() {
+        let mut h = [0u8; 10];
+        assert_eq!(frame_header(OP_TEXT, 5, &mut h), 2);
+        assert_eq!(&h[..2], &[0x81, 5]);
+        assert_eq!(frame_header(OP_BINARY, 300, &mut h), 4);
+        assert_eq!(&h[..4], &[0x82, 126, 1, 44]);
+        assert_eq!(frame_header(OP_TEXT, 70_000, &mut h), 10);
+        assert_eq!(&h[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+
+    #[tokio::test]
+    async fn frames_wait_behind_pending_bytes_and_overflow_past_the_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let wire = Wire::new(server, 4);
+        // The client does not read: fill the socket buffers until frames pend.
+        let big = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        while wire.pending.lock().buf.is_empty() {
+            wire.send(OP_BINARY, &[&big]).unwrap();
+            sent += 1;
+        }
+        for _ in 0..3 {
+            wire.send(OP_TEXT, &[b"later"]).unwrap();
+        }
+        assert_eq!(wire.send(OP_TEXT, &[b"too many"]), Err(Overflow));
+        // The client reads everything: every frame arrives whole, in order.
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut client = client;
+            let mut all = Vec::new();
+            let want = sent * (big.len() + 10) + 3 * 7;
+            while all.len() < want {
+                let mut chunk = vec![0u8; 65536];
+                let n = client.read(&mut chunk).await.unwrap();
+                assert!(n > 0);
+                all.extend_from_slice(&chunk[..n]);
+            }
+            all
+        });
+        wire.flush().await.unwrap();
+        let all = reader.await.unwrap();
+        assert!(all.ends_with(b"\x81\x05later\x81\x05later\x81\x05later"));
+        assert_eq!(&all[..2], &[0x82, 127]);
+        wire.close();
+        assert!(wire.is_closed());
+        assert_eq!(wire.send(OP_TEXT, &[b"dropped"]), Ok(()));
+    }
+}
