@@ -110,8 +110,8 @@ describe('socket.io-client', () => {
       test('a plugin can close the whole connection', async () => {
         const s = connect(host, '/', { transports });
         const c = s.io.socket('/custom');
-        await once(s, 'connect');
-        await once(c, 'connect');
+        // Both replies may arrive in one read: listen for both first.
+        await Promise.all([once(s, 'connect'), once(c, 'connect')]);
         const gone = [once(s, 'disconnect'), once(c, 'disconnect')];
         s.emit('close-me');
         const [[r1], [r2]] = await Promise.all(gone);

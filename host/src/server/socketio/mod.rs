@@ -161,8 +161,13 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
                     let query = super::query_list(&parts.uri, &[]);
                     ws.on_upgrade(
                         move |socket, wire| async move {
-                            let session =
-                                Session::start(&server, headers, query, Transport::WebSocket);
+                            let session = Session::start(
+                                &server,
+                                headers,
+                                query,
+                                Transport::WebSocket,
+                                Some(wire.clone()),
+                            );
                             let open = session.open_packet(&[]);
                             if wire.send(OP_TEXT, &[open.as_bytes()]).is_err() || wire.is_closed() {
                                 session.close("handshake write failed");
@@ -196,7 +201,7 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
                 None if parts.method == Method::GET => {
                     let headers = super::header_list(&parts.headers);
                     let query = super::query_list(&parts.uri, &[]);
-                    let session = Session::start(&server, headers, query, Transport::Polling);
+                    let session = Session::start(&server, headers, query, Transport::Polling, None);
                     text(
                         StatusCode::OK,
                         "text/plain; charset=UTF-8",
@@ -226,9 +231,13 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
 
 /// A long-polling GET: waits for queued packets and returns them.
 async fn poll(session: &Arc<Session>) -> Response {
-    let Ok(mut rx) = session.rx.try_lock() else {
+    let Ok(mut queue) = session.rx.try_lock() else {
         // A second concurrent GET: the reference server closes the session.
         session.close("overlapping polling requests");
+        return eio_error(HttpError::BadRequest, &[]);
+    };
+    let Some(rx) = queue.as_mut() else {
+        // The session moved to WebSocket.
         return eio_error(HttpError::BadRequest, &[]);
     };
     // A close packet goes out alone, after whatever preceded it: clients
@@ -268,7 +277,7 @@ async fn poll(session: &Arc<Session>) -> Response {
             out.truncate(1);
         }
     }
-    drop(rx);
+    drop(queue);
     let closing = matches!(out.as_slice(), [EioOut::Text(t)] if *t == close);
     session.node.metrics.frames_sent.add(out.len() as u64);
     let body = engineio::encode_payload(out.into_iter().map(EioOut::into_polling));
@@ -360,7 +369,7 @@ async fn upgrade(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire>) {
 
 /// Frames items for a Socket.IO session on WebSocket and writes them to its
 /// wire, on the thread that produces them.
-struct SioOut {
+pub struct SioOut {
     session: std::sync::Weak<Session>,
     wire: Arc<Wire>,
     metrics: Arc<Metrics>,
@@ -371,6 +380,15 @@ struct SioOut {
 }
 
 impl SioOut {
+    fn new(session: std::sync::Weak<Session>, wire: Arc<Wire>, node: &Node) -> Self {
+        Self {
+            session,
+            wire,
+            metrics: node.metrics.clone(),
+            ended: CancellationToken::new(),
+        }
+    }
+
     fn write(&self, o: EioOut) -> Result<(), QueueFull> {
         let r = match &o {
             // The Engine.IO close packet is not written: the WebSocket close
@@ -430,34 +448,39 @@ impl DirectOut for SioOut {
 
 /// Serves a session over a WebSocket until either side ends it.
 async fn run_websocket(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire>) {
-    // Waits for a poll in flight (after an upgrade) to hand the queue over.
-    let mut rx = session.rx.lock().await;
-    let node = session.node.clone();
-    let out = Arc::new(SioOut {
-        session: Arc::downgrade(&session),
-        wire: wire.clone(),
-        metrics: node.metrics.clone(),
-        ended: CancellationToken::new(),
-    });
+    let out = match session.ws_out.get() {
+        Some(out) => out.clone(),
+        None => {
+            // Waits for a poll in flight (after an upgrade) to hand the
+            // queue over.
+            let mut queue = session.rx.lock().await;
+            let out = Arc::new(SioOut::new(
+                Arc::downgrade(&session),
+                wire.clone(),
+                &session.node,
+            ));
+            // What a poll left behind and what is queued goes first, then
+            // every item is written directly.
+            session.conn.go_direct(out.clone(), |direct| {
+                let carried = session.take_carry().into_iter();
+                let mut full = carried.map(|o| out.write(o)).any(|r| r.is_err());
+                if let Some(rx) = queue.as_mut() {
+                    while let Ok(item) = rx.try_recv() {
+                        full |= direct.send(item).is_err();
+                    }
+                }
+                if full {
+                    session
+                        .conn
+                        .request_close(SLOW_CONSUMER_CLOSE, "send queue full");
+                }
+            });
+            *queue = None;
+            let _ = session.ws_out.set(out.clone());
+            out
+        }
+    };
     let ended = out.ended.clone();
-    // What a poll left behind and what is queued goes first, then every
-    // item is written directly.
-    session.conn.go_direct(out.clone(), |direct| {
-        let carried = session.take_carry().into_iter();
-        if carried.map(|o| out.write(o)).any(|r| r.is_err()) {
-            session
-                .conn
-                .request_close(SLOW_CONSUMER_CLOSE, "send queue full");
-        }
-        while let Ok(item) = rx.try_recv() {
-            if direct.send(item).is_err() {
-                session
-                    .conn
-                    .request_close(SLOW_CONSUMER_CLOSE, "send queue full");
-            }
-        }
-    });
-    drop(rx);
     let close_code = serve_websocket(&session, &mut socket, &wire, &ended).await;
     session.conn.end_direct();
     if let Some(code) = close_code {

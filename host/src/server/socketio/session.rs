@@ -74,8 +74,11 @@ pub struct Session {
     pub conn: Arc<ConnHandle>,
     headers: Arc<[(String, String)]>,
     query: Arc<[(String, String)]>,
-    /// The outbound queue; the current transport holds the lock while draining.
-    pub rx: tokio::sync::Mutex<mpsc::Receiver<Outbound>>,
+    /// The outbound queue of a polling session; the current transport holds
+    /// the lock while draining. None once the session writes directly.
+    pub rx: tokio::sync::Mutex<Option<mpsc::Receiver<Outbound>>>,
+    /// The direct writer, once the session is on WebSocket.
+    pub ws_out: std::sync::OnceLock<Arc<super::SioOut>>,
     transport: AtomicU8,
     /// Cancelled when the session ends.
     pub closed: CancellationToken,
@@ -134,22 +137,71 @@ fn random_id() -> String {
 
 impl Session {
     /// Creates a session, registers its connection and starts its timers.
+    /// A session opened on WebSocket (`wire`) writes directly from the
+    /// start and has no queue.
     pub fn start(
         server: &Arc<SioServer>,
         headers: Arc<[(String, String)]>,
         query: Arc<[(String, String)]>,
         transport: Transport,
+        wire: Option<Arc<super::Wire>>,
     ) -> Arc<Session> {
         let node = server.node.clone();
         let id = node.next_conn_id();
-        let (conn, rx) = ConnHandle::new(
-            id,
-            crate::hub::Protocol::SocketIo,
-            None,
-            node.config.send_queue,
-        );
-        node.open_conn(conn.clone());
-        let session = Arc::new(Session {
+        let session = Arc::new_cyclic(|me| {
+            let (conn, rx, ws_out) = match wire {
+                Some(wire) => {
+                    let out = Arc::new(super::SioOut::new(me.clone(), wire, &node));
+                    let conn = ConnHandle::new_direct(
+                        id,
+                        crate::hub::Protocol::SocketIo,
+                        None,
+                        out.clone(),
+                    );
+                    (conn, None, std::sync::OnceLock::from(out))
+                }
+                None => {
+                    let (conn, rx) = ConnHandle::new(
+                        id,
+                        crate::hub::Protocol::SocketIo,
+                        None,
+                        node.config.send_queue,
+                    );
+                    (conn, Some(rx), std::sync::OnceLock::new())
+                }
+            };
+            Self::new(
+                server,
+                node.clone(),
+                conn,
+                headers,
+                query,
+                rx,
+                ws_out,
+                transport,
+            )
+        });
+        node.open_conn(session.conn.clone());
+        server
+            .sessions
+            .lock()
+            .insert(session.sid.clone(), session.clone());
+        tokio::spawn(heartbeat(session.clone()));
+        session
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        server: &Arc<SioServer>,
+        node: Arc<Node>,
+        conn: Arc<ConnHandle>,
+        headers: Arc<[(String, String)]>,
+        query: Arc<[(String, String)]>,
+        rx: Option<mpsc::Receiver<Outbound>>,
+        ws_out: std::sync::OnceLock<Arc<super::SioOut>>,
+        transport: Transport,
+    ) -> Session {
+        Session {
             sid: random_id().into(),
             node,
             server: Arc::downgrade(server),
@@ -157,6 +209,7 @@ impl Session {
             headers,
             query,
             rx: tokio::sync::Mutex::new(rx),
+            ws_out,
             transport: AtomicU8::new(transport as u8),
             closed: CancellationToken::new(),
             inbound: tokio::sync::Mutex::new(None),
@@ -167,13 +220,7 @@ impl Session {
             generation: std::sync::atomic::AtomicU64::new(0),
             carried: Mutex::new(Vec::new()),
             connected_once: AtomicBool::new(false),
-        });
-        server
-            .sessions
-            .lock()
-            .insert(session.sid.clone(), session.clone());
-        tokio::spawn(heartbeat(session.clone()));
-        session
+        }
     }
 
     /// The open packet's text.
