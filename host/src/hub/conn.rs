@@ -292,6 +292,81 @@ pub trait DirectOut: Send + Sync {
     fn send(&self, out: Outbound) -> Result<(), QueueFull>;
 }
 
+/// A write deferred to the end of the current [`WriteBatch`].
+pub trait Deferred: Send + Sync {
+    /// Writes what was kept back.
+    fn release(&self);
+}
+
+/// The open batch of a thread: its number and the writers to release.
+type OpenBatch = (u64, Vec<Arc<dyn Deferred>>);
+
+thread_local! {
+    static BATCH: std::cell::RefCell<Option<OpenBatch>> = const { std::cell::RefCell::new(None) };
+    static BATCH_SEQ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// While alive, a connection that is sent a second frame on this thread is
+/// kept back and written when the batch drops: a busy subscriber of a
+/// plugin handling a queue of messages gets them in one system call
+/// instead of one each. A connection's first frame is written at once, so
+/// a fan-out (one frame to each of many connections) costs no copy. Nested
+/// batches join the outermost.
+pub struct WriteBatch {
+    outermost: bool,
+}
+
+impl WriteBatch {
+    pub fn begin() -> Self {
+        let outermost = BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.is_none() {
+                let seq = BATCH_SEQ.with(|s| {
+                    s.set(s.get() + 1);
+                    s.get()
+                });
+                *b = Some((seq, Vec::new()));
+                true
+            } else {
+                false
+            }
+        });
+        Self { outermost }
+    }
+
+    /// The number of the batch open on this thread (never 0), if any.
+    pub fn current() -> Option<u64> {
+        BATCH.with(|b| b.borrow().as_ref().map(|(seq, _)| *seq))
+    }
+
+    /// Registers a writer to release at the end of the batch; false (and
+    /// nothing registered) when no batch is open.
+    pub fn defer(w: Arc<dyn Deferred>) -> bool {
+        BATCH.with(|b| match b.borrow_mut().as_mut() {
+            Some((_, list)) => {
+                list.push(w);
+                true
+            }
+            None => false,
+        })
+    }
+}
+
+impl Drop for WriteBatch {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        let list = BATCH
+            .with(|b| b.borrow_mut().take())
+            .map(|(_, list)| list)
+            .unwrap_or_default();
+        for w in list {
+            w.release();
+        }
+    }
+}
+
 /// A registered connection.
 pub struct ConnHandle {
     pub id: ConnId,

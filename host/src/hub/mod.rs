@@ -21,8 +21,8 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use conn::{
-    CaptureChange, Condition, ConnHandle, ConnId, ConnState, DirectOut, Filter, Gate,
-    InstanceState, NoteAudience, Outbound, Protocol, QueueFull, Slot, UserAttributes,
+    CaptureChange, Condition, ConnHandle, ConnId, ConnState, Deferred, DirectOut, Filter, Gate,
+    InstanceState, NoteAudience, Outbound, Protocol, QueueFull, Slot, UserAttributes, WriteBatch,
     RELATIONS_SET, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;

@@ -21,7 +21,10 @@ use super::engine::{describe_error, PluginEngine, Started};
 use super::{
     ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, Rejection,
 };
-use crate::hub::SharedEvent;
+use crate::hub::{SharedEvent, WriteBatch};
+
+/// Most jobs run as one write batch.
+const BATCH: usize = 64;
 
 /// Why a call did not complete.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -252,7 +255,29 @@ fn backoff(failures: u32) -> Duration {
 
 impl Runner {
     fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        while let Some(job) = rx.blocking_recv() {
+        while let Some(first) = rx.blocking_recv() {
+            if !self.handle(first) {
+                return;
+            }
+            // More jobs waiting: a busy plugin. They run as one write batch,
+            // so frames they send to one connection go out in one write. (A
+            // lone job writes at once: a fan-out is spread over many
+            // connections anyway.)
+            let mut batch = None;
+            for _ in 1..BATCH {
+                let Ok(job) = rx.try_recv() else { break };
+                batch.get_or_insert_with(WriteBatch::begin);
+                if !self.handle(job) {
+                    return;
+                }
+            }
+        }
+        tracing::debug!(plugin = &*self.name, "plugin thread stopped");
+    }
+
+    /// Runs one job; false on `Stop`.
+    fn handle(&mut self, job: Job) -> bool {
+        {
             self.depth.fetch_sub(1, Ordering::Relaxed);
             match job {
                 Job::Connect(req, reply) => {
@@ -285,10 +310,13 @@ impl Runner {
                     self.retry_at = None;
                     let _ = done.send(());
                 }
-                Job::Stop => break,
+                Job::Stop => {
+                    tracing::debug!(plugin = &*self.name, "plugin thread stopped");
+                    return false;
+                }
             }
         }
-        tracing::debug!(plugin = &*self.name, "plugin thread stopped");
+        true
     }
 
     /// Rebuilds the instance if it was dropped after a failure.

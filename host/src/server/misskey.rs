@@ -158,7 +158,7 @@ enum End {
 }
 
 impl Session {
-    async fn run(&self, mut socket: Socket, wire: &Wire) {
+    async fn run(&self, mut socket: Socket, wire: &Arc<Wire>) {
         let cfg = &self.node.config.misskey;
         let mut ping =
             tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);

@@ -32,6 +32,8 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::hub::{Deferred, WriteBatch};
+
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 pub use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 pub use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -232,6 +234,10 @@ struct Pending {
     frames: usize,
     /// The socket failed or the session ended: writes are dropped.
     closed: bool,
+    /// Registered with the thread's write batch, to be written at its end.
+    deferred: bool,
+    /// The last write batch that wrote to this wire.
+    batch: u64,
 }
 
 /// The write side of a WebSocket connection, shareable across threads.
@@ -275,7 +281,7 @@ impl Wire {
     /// Writes one frame whose payload is the concatenation of `parts`: now
     /// if the socket takes it, else behind what is pending. Writes to a
     /// closed wire are dropped silently (the session is ending).
-    pub fn send(&self, opcode: u8, parts: &[&[u8]]) -> Result<(), Overflow> {
+    pub fn send(self: &Arc<Self>, opcode: u8, parts: &[&[u8]]) -> Result<(), Overflow> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut head = [0u8; 10];
         let hl = frame_header(opcode, len, &mut head);
@@ -293,6 +299,21 @@ impl Wire {
                 p.buf.extend_from_slice(part);
             }
             return Ok(());
+        }
+        if let Some(batch) = WriteBatch::current() {
+            if p.batch == batch {
+                // A second frame in this batch: kept, with whatever follows,
+                // for one write at the end of the batch.
+                for s in std::iter::once(&head[..hl]).chain(parts.iter().copied()) {
+                    p.buf.extend_from_slice(s);
+                }
+                p.frames = 1;
+                p.deferred = true;
+                drop(p);
+                WriteBatch::defer(self.clone());
+                return Ok(());
+            }
+            p.batch = batch;
         }
         let mut slices = [IoSlice::new(&[]); 6];
         slices[0] = IoSlice::new(&head[..hl]);
@@ -427,6 +448,31 @@ impl Wire {
     }
 }
 
+impl Deferred for Wire {
+    fn release(&self) {
+        let mut p = self.pending.lock();
+        p.deferred = false;
+        if p.closed || p.buf.is_empty() {
+            return;
+        }
+        match self.try_send(&[IoSlice::new(&p.buf)]) {
+            Ok(n) if n == p.buf.len() => {
+                p.frames = 0;
+                p.buf = Vec::new();
+                return;
+            }
+            Ok(n) => {
+                p.buf.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => p.closed = true,
+        }
+        // The rest (or the failure) is the session's.
+        drop(p);
+        self.flush_wanted.notify_one();
+    }
+}
+
 /// The wire as tungstenite's byte stream: reads from the socket, writes
 /// through the pending buffer.
 pub struct WireIo(Arc<Wire>);
@@ -494,13 +540,41 @@ mod tests {
         assert_eq!(&h[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
     }
 
+    async fn pair() -> (TcpStream, Arc<Wire>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, Arc::new(Wire::new(server, 16)))
+    }
+
+    #[tokio::test]
+    async fn a_batch_writes_a_connection_s_first_frame_at_once_and_the_rest_at_its_end() {
+        let (client, wire) = pair().await;
+        {
+            let _batch = WriteBatch::begin();
+            wire.send(OP_TEXT, &[b"a"]).unwrap();
+            wire.send(OP_TEXT, &[b"b"]).unwrap();
+            wire.send(OP_TEXT, &[b"c"]).unwrap();
+            // Only the first went out; the others wait for the batch.
+            assert_eq!(wire.pending.lock().buf, b"\x81\x01b\x81\x01c");
+        }
+        assert!(wire.pending.lock().buf.is_empty());
+        let mut got = [0u8; 9];
+        tokio::io::AsyncReadExt::read_exact(&mut { client }, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"\x81\x01a\x81\x01b\x81\x01c");
+    }
+
     #[tokio::test]
     async fn frames_wait_behind_pending_bytes_and_overflow_past_the_limit() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let wire = Wire::new(server, 4);
+        let wire = Arc::new(Wire::new(server, 4));
         // The client does not read: fill the socket buffers until frames pend.
         let big = vec![b'x'; 64 * 1024];
         let mut sent = 0;

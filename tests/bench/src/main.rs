@@ -91,6 +91,24 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         secs: u64,
     },
+    /// Upstream throughput: publishers send as fast as the server takes
+    /// messages (a bounded number in flight); one subscriber counts them.
+    Upstream {
+        #[command(flatten)]
+        target: Target,
+        /// Publishing connections.
+        #[arg(long, default_value_t = 8)]
+        senders: usize,
+        /// Messages in flight (sent, not yet delivered), all senders together.
+        #[arg(long, default_value_t = 512)]
+        window: u64,
+        /// Payload size in bytes (padding included).
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
+        /// Seconds of measuring (after one of warm-up).
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
 }
 
 fn now_ns() -> u64 {
@@ -293,13 +311,9 @@ async fn fanout_scenario(
     let mut next = start;
     while start.elapsed() < Duration::from_secs(secs) {
         let data = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
-        let frame = match t.proto {
-            Proto::Misskey => format!(
-                r#"{{"type":"ch","body":{{"id":"b","type":"publish","body":{{"room":"{room}","data":{data}}}}}}}"#
-            ),
-            Proto::Socketio => format!(r#"42["publish",{{"room":"{room}","data":{data}}}]"#),
-        };
-        publisher.send(Message::text(frame)).await?;
+        publisher
+            .send(Message::text(publish_frame(t.proto, room, &data)))
+            .await?;
         sent += 1;
         next += interval;
         // Open loop: the schedule does not wait for deliveries.
@@ -352,6 +366,92 @@ async fn fanout_scenario(
     }))
 }
 
+/// One publish frame of the bench contract.
+fn publish_frame(proto: Proto, room: &str, data: &str) -> String {
+    match proto {
+        Proto::Misskey => format!(
+            r#"{{"type":"ch","body":{{"id":"b","type":"publish","body":{{"room":"{room}","data":{data}}}}}}}"#
+        ),
+        Proto::Socketio => format!(r#"42["publish",{{"room":"{room}","data":{data}}}]"#),
+    }
+}
+
+async fn upstream_scenario(
+    t: Target,
+    senders: usize,
+    window: u64,
+    payload: usize,
+    secs: u64,
+) -> Result<serde_json::Value> {
+    let room = "up";
+    let subscriber = open(&t, Some(room)).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let sub = {
+        let received = received.clone();
+        tokio::spawn(drive(subscriber, t.proto, stop.clone(), move |_| {
+            received.fetch_add(1, Ordering::Relaxed);
+        }))
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pad = "x".repeat(payload.saturating_sub(40));
+    let mut tasks = Vec::new();
+    for _ in 0..senders {
+        let mut ws = open(&t, None).await?;
+        let (stop, sent, received, pad, proto) = (
+            stop.clone(),
+            sent.clone(),
+            received.clone(),
+            pad.clone(),
+            t.proto,
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                // Closed loop: no more than `window` messages in flight.
+                if sent.load(Ordering::Relaxed) >= received.load(Ordering::Relaxed) + window {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    continue;
+                }
+                let data = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
+                if ws
+                    .feed(Message::text(publish_frame(proto, room, &data)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                // Flush in small batches: the server sees several messages
+                // per read, as from a busy client.
+                if sent.load(Ordering::Relaxed) % 8 == 0 && ws.flush().await.is_err() {
+                    break;
+                }
+            }
+            let _ = ws.flush().await;
+            let _ = ws.close(None).await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (r0, start) = (received.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (r1, took) = (received.load(Ordering::Relaxed), start.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let _ = sub.await;
+    Ok(serde_json::json!({
+        "scenario": "upstream",
+        "proto": format!("{:?}", t.proto).to_lowercase(),
+        "senders": senders,
+        "window": window,
+        "payload": payload,
+        "messages_per_sec": (r1 - r0) as f64 / took.as_secs_f64(),
+        "server_rss_kib": t.pid.and_then(rss_kib),
+    }))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -367,6 +467,13 @@ fn main() -> Result<()> {
                 rate,
                 secs,
             } => fanout_scenario(target, members, payload, rate, secs).await,
+            Cmd::Upstream {
+                target,
+                senders,
+                window,
+                payload,
+                secs,
+            } => upstream_scenario(target, senders, window, payload, secs).await,
         }
     })?;
     println!("{out}");

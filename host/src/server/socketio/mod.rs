@@ -500,7 +500,7 @@ async fn run_websocket(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire
 async fn serve_websocket(
     session: &Arc<Session>,
     socket: &mut Socket,
-    wire: &Wire,
+    wire: &Arc<Wire>,
     ended: &CancellationToken,
 ) -> Option<u16> {
     let node = &session.node;
