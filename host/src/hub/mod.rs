@@ -319,30 +319,37 @@ impl Hub {
     }
 
     /// Delivers an event to every member of a room (except one slot).
-    /// Returns how many members it was queued for.
+    /// Returns how many members it was written or queued for.
+    ///
+    /// The recipients are picked under the shard's lock and written to
+    /// after it is released: writes are system calls, and joins and leaves
+    /// on the shard must not wait for a large room's fan-out.
     pub fn deliver(&self, room: &str, event: &Arc<SharedEvent>, filter: &Filter) -> usize {
-        let shard = self.shard(room).read();
-        let Some(members) = shard.get(room) else {
-            return 0;
+        let recipients: Vec<(Arc<ConnHandle>, Slot)> = {
+            let shard = self.shard(room).read();
+            let Some(members) = shard.get(room) else {
+                return 0;
+            };
+            members
+                .iter()
+                .filter(|((conn_id, slot), m)| {
+                    let excepted = filter.except.as_ref().is_some_and(|(ex_conn, ex_id)| {
+                        conn_id == ex_conn && slot.id() == &**ex_id
+                    });
+                    !excepted && filter.admits(&m.conn)
+                })
+                .map(|(_, m)| (m.conn.clone(), m.slot.clone()))
+                .collect()
         };
-        let mut n = 0;
-        for ((conn_id, slot), m) in members {
-            if let Some((ex_conn, ex_id)) = &filter.except {
-                if conn_id == ex_conn && slot.id() == &**ex_id {
-                    continue;
-                }
-            }
-            if !filter.admits(&m.conn) {
-                continue;
-            }
-            if m.conn.push(Outbound::Event {
-                slot: m.slot.clone(),
-                event: event.clone(),
-            }) {
-                n += 1;
-            }
-        }
-        n
+        recipients
+            .into_iter()
+            .filter(|(conn, slot)| {
+                conn.push(Outbound::Event {
+                    slot: slot.clone(),
+                    event: event.clone(),
+                })
+            })
+            .count()
     }
 
     /// Captures a note on a connection (Misskey `subNote`): ref-counted;
