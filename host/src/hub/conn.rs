@@ -566,11 +566,6 @@ impl ConnHandle {
         })
     }
 
-    /// Whether an instance with this id is open.
-    pub fn has_instance(&self, id: &str) -> bool {
-        self.state.lock().instances.contains_key(id)
-    }
-
     /// The instance with this id, if open.
     pub fn instance(&self, id: &str) -> Option<InstanceState> {
         self.state.lock().instances.get(id).cloned()

@@ -277,43 +277,41 @@ impl Runner {
 
     /// Runs one job; false on `Stop`.
     fn handle(&mut self, job: Job) -> bool {
-        {
-            self.depth.fetch_sub(1, Ordering::Relaxed);
-            match job {
-                Job::Connect(req, reply) => {
-                    let r = self.call(Hook::Connect, |g, s| g.connect(s, req));
-                    let _ = reply.send(r);
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        match job {
+            Job::Connect(req, reply) => {
+                let r = self.call(Hook::Connect, |g, s| g.connect(s, req));
+                let _ = reply.send(r);
+            }
+            Job::Message(t, ev, data, ack) => {
+                let _ = self.call(Hook::Message, |g, s| g.message(s, t, &ev, data, ack));
+            }
+            Job::Disconnect(t, reason) => {
+                let _ = self.call(Hook::Disconnect, |g, s| g.disconnect(s, t, reason));
+            }
+            Job::Event(room, ev) => {
+                let data = Payload::json(&*ev.data);
+                let _ = self.call(Hook::Event, |g, s| g.event(s, &room, &ev.event, data));
+            }
+            Job::Frame(conn, kind, body) => {
+                let _ = self.call(Hook::Frame, |g, s| g.frame(s, conn, &kind, &body));
+            }
+            Job::Swap(version, started, done) => {
+                if let Some(s) = self.services.upgrade() {
+                    s.set_listens(&self.name, &started.listens);
                 }
-                Job::Message(t, ev, data, ack) => {
-                    let _ = self.call(Hook::Message, |g, s| g.message(s, t, &ev, data, ack));
-                }
-                Job::Disconnect(t, reason) => {
-                    let _ = self.call(Hook::Disconnect, |g, s| g.disconnect(s, t, reason));
-                }
-                Job::Event(room, ev) => {
-                    let data = Payload::json(&*ev.data);
-                    let _ = self.call(Hook::Event, |g, s| g.event(s, &room, &ev.event, data));
-                }
-                Job::Frame(conn, kind, body) => {
-                    let _ = self.call(Hook::Frame, |g, s| g.frame(s, conn, &kind, &body));
-                }
-                Job::Swap(version, started, done) => {
-                    if let Some(s) = self.services.upgrade() {
-                        s.set_listens(&self.name, &started.listens);
-                    }
-                    self.version = *version;
-                    self.live = Some(Live {
-                        store: started.store,
-                        guest: started.guest,
-                    });
-                    self.failures = 0;
-                    self.retry_at = None;
-                    let _ = done.send(());
-                }
-                Job::Stop => {
-                    tracing::debug!(plugin = &*self.name, "plugin thread stopped");
-                    return false;
-                }
+                self.version = *version;
+                self.live = Some(Live {
+                    store: started.store,
+                    guest: started.guest,
+                });
+                self.failures = 0;
+                self.retry_at = None;
+                let _ = done.send(());
+            }
+            Job::Stop => {
+                tracing::debug!(plugin = &*self.name, "plugin thread stopped");
+                return false;
             }
         }
         true

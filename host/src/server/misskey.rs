@@ -131,13 +131,9 @@ impl DirectOut for MisskeyOut {
                 )
             }
         };
-        match r {
-            Ok(()) => {
-                self.metrics.frames_sent.inc();
-                Ok(())
-            }
-            Err(_) => Err(QueueFull),
-        }
+        r?;
+        self.metrics.frames_sent.inc();
+        Ok(())
     }
 }
 

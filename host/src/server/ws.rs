@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::hub::{Deferred, WriteBatch};
+use crate::hub::{Deferred, QueueFull, WriteBatch};
 
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 pub use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -221,11 +221,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Upgrade {
     }
 }
 
-/// The pending buffer is over its bound: the peer does not read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("send buffer full (slow consumer)")]
-pub struct Overflow;
-
 #[derive(Default)]
 struct Pending {
     /// Bytes the kernel did not take yet, in order.
@@ -248,6 +243,34 @@ pub struct Wire {
     /// closed).
     flush_wanted: Notify,
     limit: usize,
+}
+
+/// The frame's pieces as slices for one vectored write (empty parts
+/// skipped); None if there are more than `slices` holds.
+fn gather<'a>(
+    head: &'a [u8],
+    parts: &[&'a [u8]],
+    slices: &'a mut [IoSlice<'a>; 6],
+) -> Option<&'a [IoSlice<'a>]> {
+    slices[0] = IoSlice::new(head);
+    let mut n = 1;
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        *slices.get_mut(n)? = IoSlice::new(part);
+        n += 1;
+    }
+    Some(&slices[..n])
+}
+
+/// Appends the pieces to `buf`, less their first `skip` bytes (written).
+fn keep(buf: &mut Vec<u8>, pieces: &[IoSlice<'_>], mut skip: usize) {
+    for s in pieces {
+        if skip >= s.len() {
+            skip -= s.len();
+            continue;
+        }
+        buf.extend_from_slice(&s[skip..]);
+        skip = 0;
+    }
 }
 
 /// Encodes a server frame header (final fragment, unmasked).
@@ -281,32 +304,32 @@ impl Wire {
     /// Writes one frame whose payload is the concatenation of `parts`: now
     /// if the socket takes it, else behind what is pending. Writes to a
     /// closed wire are dropped silently (the session is ending).
-    pub fn send(self: &Arc<Self>, opcode: u8, parts: &[&[u8]]) -> Result<(), Overflow> {
+    pub fn send(self: &Arc<Self>, opcode: u8, parts: &[&[u8]]) -> Result<(), QueueFull> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut head = [0u8; 10];
         let hl = frame_header(opcode, len, &mut head);
+        let mut slices = [IoSlice::new(&[]); 6];
+        let Some(pieces) = gather(&head[..hl], parts, &mut slices) else {
+            // More parts than slices (not done by the host): kept whole.
+            return self.keep_all(&head[..hl], parts);
+        };
         let mut p = self.pending.lock();
         if p.closed {
             return Ok(());
         }
         if !p.buf.is_empty() {
             if p.frames >= self.limit {
-                return Err(Overflow);
+                return Err(QueueFull);
             }
             p.frames += 1;
-            p.buf.extend_from_slice(&head[..hl]);
-            for part in parts {
-                p.buf.extend_from_slice(part);
-            }
+            keep(&mut p.buf, pieces, 0);
             return Ok(());
         }
         if let Some(batch) = WriteBatch::current() {
             if p.batch == batch {
                 // A second frame in this batch: kept, with whatever follows,
                 // for one write at the end of the batch.
-                for s in std::iter::once(&head[..hl]).chain(parts.iter().copied()) {
-                    p.buf.extend_from_slice(s);
-                }
+                keep(&mut p.buf, pieces, 0);
                 p.frames = 1;
                 p.deferred = true;
                 drop(p);
@@ -315,25 +338,7 @@ impl Wire {
             }
             p.batch = batch;
         }
-        let mut slices = [IoSlice::new(&[]); 6];
-        slices[0] = IoSlice::new(&head[..hl]);
-        let mut n = 1;
-        let mut fits = true;
-        for part in parts.iter().filter(|p| !p.is_empty()) {
-            if n == slices.len() {
-                fits = false;
-                break;
-            }
-            slices[n] = IoSlice::new(part);
-            n += 1;
-        }
-        let written = if fits {
-            self.try_send(&slices[..n])
-        } else {
-            // More parts than slices (never in practice): all of it pends.
-            Ok(0)
-        };
-        let skip = match written {
+        let skip = match self.try_send(pieces) {
             Ok(w) if w == hl + len => return Ok(()),
             Ok(w) => w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -345,19 +350,18 @@ impl Wire {
                 return Ok(());
             }
         };
-        // Keep the unwritten rest, in order.
-        let mut offset = 0;
-        for s in std::iter::once(&head[..hl]).chain(parts.iter().copied()) {
-            let end = offset + s.len();
-            if end > skip {
-                p.buf.extend_from_slice(&s[skip.saturating_sub(offset)..]);
-            }
-            offset = end;
-        }
+        keep(&mut p.buf, pieces, skip);
         p.frames = 1;
         drop(p);
         self.flush_wanted.notify_one();
         Ok(())
+    }
+
+    /// The slow path of a frame with too many parts for one vectored write.
+    fn keep_all(self: &Arc<Self>, head: &[u8], parts: &[&[u8]]) -> Result<(), QueueFull> {
+        let mut whole = head.to_vec();
+        parts.iter().for_each(|p| whole.extend_from_slice(p));
+        self.send_raw(&whole).map_err(|_| QueueFull)
     }
 
     /// One non-blocking `sendmsg` (cheaper than `writev`, which takes the
@@ -540,18 +544,19 @@ mod tests {
         assert_eq!(&h[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
     }
 
-    async fn pair() -> (TcpStream, Arc<Wire>) {
+    /// A client socket and the server's wire to it.
+    async fn pair(limit: usize) -> (TcpStream, Arc<Wire>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (client, Arc::new(Wire::new(server, 16)))
+        (client, Arc::new(Wire::new(server, limit)))
     }
 
     #[tokio::test]
     async fn a_batch_writes_a_connection_s_first_frame_at_once_and_the_rest_at_its_end() {
-        let (client, wire) = pair().await;
+        let (client, wire) = pair(16).await;
         {
             let _batch = WriteBatch::begin();
             wire.send(OP_TEXT, &[b"a"]).unwrap();
@@ -570,11 +575,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_wait_behind_pending_bytes_and_overflow_past_the_limit() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = TcpStream::connect(addr).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let wire = Arc::new(Wire::new(server, 4));
+        let (client, wire) = pair(4).await;
         // The client does not read: fill the socket buffers until frames pend.
         let big = vec![b'x'; 64 * 1024];
         let mut sent = 0;
@@ -585,7 +586,7 @@ mod tests {
         for _ in 0..3 {
             wire.send(OP_TEXT, &[b"later"]).unwrap();
         }
-        assert_eq!(wire.send(OP_TEXT, &[b"too many"]), Err(Overflow));
+        assert_eq!(wire.send(OP_TEXT, &[b"too many"]), Err(QueueFull));
         // The client reads everything: every frame arrives whole, in order.
         let reader = tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
@@ -601,7 +602,11 @@ mod tests {
             all
         });
         wire.flush().await.unwrap();
-        let all = reader.await.unwrap();
+        // Lost bytes would leave the reader waiting: a bounded wait fails instead.
+        let all = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("every byte arrives")
+            .unwrap();
         assert!(all.ends_with(b"\x81\x05later\x81\x05later\x81\x05later"));
         assert_eq!(&all[..2], &[0x82, 127]);
         wire.close();

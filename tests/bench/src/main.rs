@@ -310,7 +310,7 @@ async fn fanout_scenario(
     let mut sent = 0u64;
     let mut next = start;
     while start.elapsed() < Duration::from_secs(secs) {
-        let data = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
+        let data = stamped(&pad);
         publisher
             .send(Message::text(publish_frame(t.proto, room, &data)))
             .await?;
@@ -366,6 +366,11 @@ async fn fanout_scenario(
     }))
 }
 
+/// A payload carrying its send time (`t`, ns) and padding.
+fn stamped(pad: &str) -> String {
+    format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns())
+}
+
 /// One publish frame of the bench contract.
 fn publish_frame(proto: Proto, room: &str, data: &str) -> String {
     match proto {
@@ -413,7 +418,7 @@ async fn upstream_scenario(
                     tokio::time::sleep(Duration::from_micros(200)).await;
                     continue;
                 }
-                let data = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
+                let data = stamped(&pad);
                 if ws
                     .feed(Message::text(publish_frame(proto, room, &data)))
                     .await

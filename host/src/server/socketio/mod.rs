@@ -377,6 +377,8 @@ pub struct SioOut {
     /// session task ends the session (not here: this runs inside the hub's
     /// fan-out, which must not re-enter the hub).
     ended: CancellationToken,
+    /// The Engine.IO close packet's text, to recognise it.
+    close_packet: String,
 }
 
 impl SioOut {
@@ -386,6 +388,7 @@ impl SioOut {
             wire,
             metrics: node.metrics.clone(),
             ended: CancellationToken::new(),
+            close_packet: Packet::Close.encode(),
         }
     }
 
@@ -394,14 +397,14 @@ impl SioOut {
             // The Engine.IO close packet is not written: the WebSocket close
             // frame after what is pending ends the session, so the client
             // handles every DISCONNECT before it.
-            EioOut::Text(t) if *t == Packet::Close.encode() => {
+            EioOut::Text(t) if *t == self.close_packet => {
                 self.ended.cancel();
                 return Ok(());
             }
             EioOut::Text(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
             EioOut::Binary(b) => self.wire.send(OP_BINARY, &[b]),
         };
-        r.map_err(|_| QueueFull)?;
+        r?;
         self.metrics.frames_sent.inc();
         Ok(())
     }
@@ -430,10 +433,11 @@ impl DirectOut for SioOut {
                         self.wire.send(OP_TEXT, &[b"4", head.as_bytes(), args])
                     }
                 };
-                sent.map_err(|_| QueueFull)?;
+                sent?;
                 self.metrics.frames_sent.inc();
                 for a in event.attachments.iter() {
-                    self.write(EioOut::Binary(a.clone()))?;
+                    self.wire.send(OP_BINARY, &[a])?;
+                    self.metrics.frames_sent.inc();
                 }
                 Ok(())
             }
