@@ -1,5 +1,6 @@
-//! Socket.IO: any text decodes or errors, never panics; a decoded binary
-//! packet's placeholders always name exactly its attachments.
+//! Socket.IO: any text decodes or errors, never panics; a decoded event's
+//! arguments are a JSON array; a decoded binary packet's placeholders always
+//! name exactly its attachments.
 #![no_main]
 
 use chanhost_fuzz::socketio::{count_placeholders, decode};
@@ -8,7 +9,16 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
     if let Ok(p) = decode(s) {
-        let n = p.data.as_ref().map_or(0, count_placeholders);
+        let n = match (&p.data, &p.event) {
+            (_, Some(ev)) => {
+                let args: serde_json::Value =
+                    serde_json::from_str(&ev.args).expect("event arguments are JSON");
+                assert!(args.is_array());
+                count_placeholders(&args)
+            }
+            (Some(data), None) => count_placeholders(data),
+            (None, None) => 0,
+        };
         assert_eq!(n, p.attachments);
     }
 });

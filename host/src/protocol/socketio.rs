@@ -7,7 +7,14 @@
 //! type, reserved event names) and, for binary packets, that placeholders
 //! `{"_placeholder":true,"num":N}` name exactly the attachments announced
 //! (see CVE-2022-2421 and CVE-2023-32695 for what goes wrong otherwise).
+//!
+//! An `EVENT` is decoded into its name and the rest of its argument array as
+//! JSON text ([`Event`]), the form a plugin receives. Plain events are
+//! validated and split without building a JSON tree; events with
+//! attachments, or whose text could hold a placeholder, take the tree path
+//! so their placeholders are checked.
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Most binary attachments accepted in one packet.
@@ -60,9 +67,21 @@ pub struct Packet {
     pub kind: PacketType,
     pub nsp: String,
     pub id: Option<u64>,
+    /// The JSON of packets other than events (`CONNECT` auth, acks, ...).
     pub data: Option<Value>,
+    /// What an `EVENT` or `BINARY_EVENT` carries.
+    pub event: Option<Event>,
     /// Binary attachments announced by the header.
     pub attachments: usize,
+}
+
+/// An event's name and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The first element of the argument array (a number becomes its text).
+    pub name: String,
+    /// The elements after the name, as a JSON array (`[]` when none).
+    pub args: String,
 }
 
 /// Why a string is not a valid Socket.IO packet.
@@ -128,20 +147,85 @@ pub fn decode(s: &str) -> Result<Packet, DecodeError> {
         id = Some(s[start..i].parse::<u64>().map_err(|_| DecodeError::AckId)?);
     }
     let rest = &s[i..];
+    if kind == PacketType::Event && !rest.contains("placeholder") && !rest.contains("\\u") {
+        return Ok(Packet {
+            kind,
+            nsp,
+            id,
+            data: None,
+            event: Some(split_event(rest)?),
+            attachments,
+        });
+    }
     let data = if rest.is_empty() {
         None
     } else {
         Some(serde_json::from_str::<Value>(rest).map_err(|_| DecodeError::Json)?)
     };
-    let packet = Packet {
+    let mut packet = Packet {
         kind,
         nsp,
         id,
         data,
+        event: None,
         attachments,
     };
     validate(&packet)?;
+    if matches!(kind, PacketType::Event | PacketType::BinaryEvent) {
+        if let Some(Value::Array(mut args)) = packet.data.take() {
+            let name = event_name(args.remove(0))?;
+            packet.event = Some(Event {
+                name,
+                args: Value::Array(args).to_string(),
+            });
+        }
+    }
     Ok(packet)
+}
+
+/// The name of an event from the first element of its array.
+fn event_name(v: Value) -> Result<String, DecodeError> {
+    let name = match v {
+        Value::String(s) => s,
+        Value::Number(n) => n.to_string(),
+        _ => return Err(DecodeError::Payload),
+    };
+    if RESERVED_EVENTS.contains(&name.as_str()) {
+        return Err(DecodeError::Reserved);
+    }
+    Ok(name)
+}
+
+/// Splits a plain event's argument array (`rest`, which must hold no
+/// placeholder) into its name and the JSON text of the other elements,
+/// validating the JSON without building a tree.
+fn split_event(rest: &str) -> Result<Event, DecodeError> {
+    if rest.is_empty() {
+        return Err(DecodeError::Payload);
+    }
+    let items: Vec<&RawValue> = match serde_json::from_str(rest) {
+        Ok(items) => items,
+        // Valid JSON of another shape is the wrong payload, not bad JSON.
+        Err(e) if e.is_data() => return Err(DecodeError::Payload),
+        Err(_) => return Err(DecodeError::Json),
+    };
+    let (first, others) = items.split_first().ok_or(DecodeError::Payload)?;
+    let name = event_name(serde_json::from_str(first.get()).map_err(|_| DecodeError::Json)?)?;
+    let args = match (others.first(), others.last()) {
+        (Some(a), Some(b)) => {
+            // The elements are slices of `rest`: keep the text between the
+            // second element's start and the last one's end as it is.
+            let start = a.get().as_ptr() as usize - rest.as_ptr() as usize;
+            let end = b.get().as_ptr() as usize - rest.as_ptr() as usize + b.get().len();
+            let mut args = String::with_capacity(end - start + 2);
+            args.push('[');
+            args.push_str(&rest[start..end]);
+            args.push(']');
+            args
+        }
+        _ => "[]".to_owned(),
+    };
+    Ok(Event { name, args })
 }
 
 fn validate(p: &Packet) -> Result<(), DecodeError> {
@@ -150,13 +234,7 @@ fn validate(p: &Packet) -> Result<(), DecodeError> {
         (PacketType::Connect, Some(Value::Object(_))) => {}
         (PacketType::Disconnect, None) => {}
         (PacketType::ConnectError, Some(Value::String(_) | Value::Object(_))) => {}
-        (PacketType::Event | PacketType::BinaryEvent, Some(Value::Array(a))) => match a.first() {
-            Some(Value::String(name)) if RESERVED_EVENTS.contains(&name.as_str()) => {
-                return Err(DecodeError::Reserved)
-            }
-            Some(Value::String(_) | Value::Number(_)) => {}
-            _ => return Err(DecodeError::Payload),
-        },
+        (PacketType::Event | PacketType::BinaryEvent, Some(Value::Array(a))) if !a.is_empty() => {}
         (PacketType::Ack | PacketType::BinaryAck, Some(Value::Array(_))) => {}
         _ => return Err(DecodeError::Payload),
     }
@@ -324,6 +402,43 @@ mod tests {
             (PacketType::BinaryAck, Some(15), 1)
         );
         assert_eq!(decode("1/admin,").unwrap().kind, PacketType::Disconnect);
+    }
+
+    #[test]
+    fn events_split_into_name_and_arguments() {
+        let ev = |s: &str| decode(s).unwrap().event.unwrap();
+        assert_eq!(
+            ev(r#"2["foo","bar",{"a":[1,2]}]"#),
+            Event {
+                name: "foo".into(),
+                args: r#"["bar",{"a":[1,2]}]"#.into()
+            }
+        );
+        assert_eq!(ev(r#"2/c,7[ "x" , 1 ,  null ]"#).args, "[1 ,  null]");
+        assert_eq!(ev(r#"2["only"]"#).args, "[]");
+        assert_eq!(ev(r#"2[42,true]"#).name, "42");
+        // The tree path (an escape in the text) gives the same split.
+        let e = ev(r#"2["caf\u00e9",{"k":"\u0041"}]"#);
+        assert_eq!(
+            (e.name.as_str(), e.args.as_str()),
+            ("café", r#"[{"k":"A"}]"#)
+        );
+        let e = ev(r#"51-["up",{"_placeholder":true,"num":0}]"#);
+        assert_eq!(
+            (e.name.as_str(), e.args.as_str()),
+            ("up", r#"[{"_placeholder":true,"num":0}]"#)
+        );
+        // Either path refuses the same packets.
+        for bad in [
+            r#"2["connect"]"#,
+            r#"2["\u0063onnect"]"#,
+            r#"2[null]"#,
+            "2[[1]]",
+        ] {
+            assert!(decode(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(decode(r#"2["a",]"#), Err(DecodeError::Json));
+        assert_eq!(decode(r#"2{"a":1}"#), Err(DecodeError::Payload));
     }
 
     #[test]

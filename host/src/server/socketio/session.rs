@@ -360,23 +360,19 @@ impl Session {
                     .conn
                     .instance(&p.nsp)
                     .ok_or_else(|| ProtocolError::NotConnected(p.nsp.clone()))?;
-                let Some(Value::Array(mut args)) = p.data else {
-                    return Ok(()); // validated by the decoder
-                };
-                let name = match args.remove(0) {
-                    Value::String(s) => s,
-                    other => other.to_string(),
+                let Some(event) = p.event else {
+                    return Ok(()); // the decoder fills it for events
                 };
                 if let Some(plugin) = self.node.plugins.plugin(&inst.plugin) {
                     let payload = Payload {
-                        json: Value::Array(args).to_string(),
+                        json: event.args,
                         attachments,
                     };
                     let target = InstanceRef {
                         connection: self.conn.id,
                         id: p.nsp,
                     };
-                    plugin.message(target, name, payload, p.id);
+                    plugin.message(target, event.name, payload, p.id);
                 }
                 Ok(())
             }

@@ -4,12 +4,29 @@
 //! data}` is broadcast to the room as `message data`. The Node socket.io
 //! and socketioxide peers implement the same contract.
 
+use std::collections::BTreeMap;
+
 use chanhost_plugin::types::{
     ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload,
     Rejection,
 };
 use chanhost_plugin::{export, host, json, Guest};
+use serde_json::value::RawValue;
 use serde_json::Value;
+
+/// `{room, data}` of a `publish`: the payload itself (Misskey) or its first
+/// argument (Socket.IO). `data` stays JSON text, passed on as it came; the
+/// native handler of `host/benches/dispatch.rs` does the same.
+fn publish(payload: &str) -> Option<(String, &str)> {
+    let mut body = payload;
+    if payload.trim_start().starts_with('[') {
+        let args: Vec<&RawValue> = serde_json::from_str(payload).ok()?;
+        body = args.first()?.get();
+    }
+    let fields: BTreeMap<&str, &RawValue> = serde_json::from_str(body).ok()?;
+    let room: String = serde_json::from_str(fields.get("room")?.get()).ok()?;
+    Some((room, fields.get("data")?.get()))
+}
 
 struct Bench;
 
@@ -43,13 +60,8 @@ impl Guest for Bench {
         if event != "publish" {
             return;
         }
-        let v: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
-        let body = match &v {
-            Value::Array(args) => args.first().unwrap_or(&Value::Null),
-            other => other,
-        };
-        if let (Some(room), Some(d)) = (body.get("room").and_then(Value::as_str), body.get("data")) {
-            host::broadcast(room, "message", &json(d.to_string()), None);
+        if let Some((room, data)) = publish(&data.json) {
+            host::broadcast(&room, "message", &json(data), None);
         }
     }
 

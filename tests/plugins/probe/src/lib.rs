@@ -48,7 +48,11 @@ fn spec(name: &str, requires_user: bool, shared: bool) -> ChannelSpec {
 
 fn strings(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -112,9 +116,15 @@ impl Guest for Probe {
                 reply("left", j!({"room": str_of(&body, "room")}));
             }
             "broadcast" => {
-                let except = (body.get("exceptSelf") == Some(&Value::Bool(true))).then(|| target.clone());
+                let except =
+                    (body.get("exceptSelf") == Some(&Value::Bool(true))).then(|| target.clone());
                 let data = body.get("data").cloned().unwrap_or(Value::Null).to_string();
-                host::broadcast(str_of(&body, "room"), str_of(&body, "event"), &json(data), except.as_ref());
+                host::broadcast(
+                    str_of(&body, "room"),
+                    str_of(&body, "event"),
+                    &json(data),
+                    except.as_ref(),
+                );
             }
             "whoami" => {
                 let who = match host::connection_identity(target.connection) {
@@ -162,7 +172,13 @@ impl Guest for Probe {
                     })
                     .unwrap_or_default();
                 let data = body.get("data").cloned().unwrap_or(Value::Null).to_string();
-                host::broadcast_filtered(str_of(&body, "room"), str_of(&body, "event"), &json(data), None, &conditions);
+                host::broadcast_filtered(
+                    str_of(&body, "room"),
+                    str_of(&body, "event"),
+                    &json(data),
+                    None,
+                    &conditions,
+                );
             }
             "poke" => {
                 let conn = body.get("connection").and_then(Value::as_u64).unwrap_or(0);

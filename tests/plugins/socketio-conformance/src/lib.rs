@@ -106,7 +106,8 @@ impl Guest for Conformance {
                 let room = b.get("room").and_then(Value::as_str).unwrap_or("");
                 let ev = b.get("event").and_then(Value::as_str).unwrap_or("");
                 let payload = b.get("data").cloned().unwrap_or(Value::Null).to_string();
-                let except = (b.get("exceptSelf") == Some(&Value::Bool(true))).then(|| target.clone());
+                let except =
+                    (b.get("exceptSelf") == Some(&Value::Bool(true))).then(|| target.clone());
                 host::broadcast(room, ev, &json(payload), except.as_ref());
             }
             _ => {}
