@@ -338,7 +338,7 @@ impl Wire {
             }
             p.batch = batch;
         }
-        let skip = match self.try_send(pieces) {
+        let skip = match self.send_now(pieces) {
             Ok(w) if w == hl + len => return Ok(()),
             Ok(w) => w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -365,7 +365,16 @@ impl Wire {
     }
 
     /// One non-blocking `sendmsg` (cheaper than `writev`, which takes the
-    /// file position lock); `WouldBlock` clears the socket's readiness.
+    /// file position lock), straight to the socket: for writes while nothing
+    /// is pending, when the socket is almost always writable. A `WouldBlock`
+    /// here leaves tokio's readiness as it was; the flush that follows
+    /// clears it through [`Wire::try_send`] before it waits.
+    fn send_now(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        socket2::SockRef::from(&self.stream).send_vectored(slices)
+    }
+
+    /// [`Wire::send_now`] through tokio's readiness: `WouldBlock` clears it,
+    /// so waiting for `writable` waits for the kernel.
     fn try_send(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
         self.stream.try_io(tokio::io::Interest::WRITABLE, || {
             socket2::SockRef::from(&self.stream).send_vectored(slices)
@@ -379,7 +388,7 @@ impl Wire {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         if p.buf.is_empty() {
-            match self.try_send(&[IoSlice::new(data)]) {
+            match self.send_now(&[IoSlice::new(data)]) {
                 Ok(n) if n == data.len() => return Ok(()),
                 Ok(n) => p.buf.extend_from_slice(&data[n..]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => p.buf.extend_from_slice(data),
@@ -459,7 +468,7 @@ impl Deferred for Wire {
         if p.closed || p.buf.is_empty() {
             return;
         }
-        match self.try_send(&[IoSlice::new(&p.buf)]) {
+        match self.send_now(&[IoSlice::new(&p.buf)]) {
             Ok(n) if n == p.buf.len() => {
                 p.frames = 0;
                 p.buf = Vec::new();

@@ -19,7 +19,7 @@
 //!   rate (open loop) a payload carrying its send time; reports delivered
 //!   frames per second, latency percentiles (HdrHistogram) and drops.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -212,15 +213,20 @@ async fn open_many(t: &Target, n: usize, room: &str) -> Result<(Vec<Ws>, Duratio
 async fn drive(
     mut ws: Ws,
     proto: Proto,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     mut on_message: impl FnMut(u64) + Send,
 ) {
-    while !stop.load(Ordering::Relaxed) {
-        let next = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
-        let frame = match next {
-            Err(_) => continue,
-            Ok(Some(Ok(f))) => f,
-            Ok(_) => break,
+    // Waited on once for the whole loop: no timer or waiter per message.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            next = ws.next() => match next {
+                Some(Ok(f)) => f,
+                _ => break,
+            },
         };
         let Message::Text(text) = frame else { continue };
         if proto == Proto::Socketio && text.as_str() == "2" {
@@ -228,11 +234,9 @@ async fn drive(
             continue;
         }
         if let Some(i) = text.find("\"t\":") {
-            let digits: String = text[i + 4..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            if let Ok(sent) = digits.parse::<u64>() {
+            let digits = &text[i + 4..];
+            let n = digits.bytes().take_while(u8::is_ascii_digit).count();
+            if let Ok(sent) = digits[..n].parse::<u64>() {
                 on_message(now_ns().saturating_sub(sent));
             }
         }
@@ -243,14 +247,14 @@ async fn drive(
 async fn connect_scenario(t: Target, n: usize, settle: u64) -> Result<serde_json::Value> {
     let before = t.pid.and_then(rss_kib);
     let (conns, took) = open_many(&t, n, "idle").await?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for ws in conns {
         tasks.push(tokio::spawn(drive(ws, t.proto, stop.clone(), |_| {})));
     }
     tokio::time::sleep(Duration::from_secs(settle)).await;
     let after = t.pid.and_then(rss_kib);
-    stop.store(true, Ordering::Relaxed);
+    stop.cancel();
     for task in tasks {
         let _ = task.await;
     }
@@ -279,7 +283,7 @@ async fn fanout_scenario(
 ) -> Result<serde_json::Value> {
     let room = "fan";
     let (conns, _) = open_many(&t, members, room).await?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
     let shards: Arc<Vec<std::sync::Mutex<Histogram<u64>>>> = Arc::new(
         (0..16)
@@ -335,7 +339,7 @@ async fn fanout_scenario(
         last = now;
     }
     let total = received.load(Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
+    stop.cancel();
     let _ = publisher.close(None).await;
     for task in tasks {
         let _ = task.await;
@@ -390,7 +394,7 @@ async fn upstream_scenario(
 ) -> Result<serde_json::Value> {
     let room = "up";
     let subscriber = open(&t, Some(room)).await?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let sub = {
@@ -412,7 +416,7 @@ async fn upstream_scenario(
             t.proto,
         );
         tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.is_cancelled() {
                 // Closed loop: no more than `window` messages in flight.
                 if sent.load(Ordering::Relaxed) >= received.load(Ordering::Relaxed) + window {
                     tokio::time::sleep(Duration::from_micros(200)).await;
@@ -441,7 +445,7 @@ async fn upstream_scenario(
     let (r0, start) = (received.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let (r1, took) = (received.load(Ordering::Relaxed), start.elapsed());
-    stop.store(true, Ordering::Relaxed);
+    stop.cancel();
     for task in tasks {
         let _ = task.await;
     }
