@@ -85,8 +85,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listen = config.listen;
-    let node = Node::new(config)?;
+    serve_node(Node::new(config)?).await
+}
+
+/// Serves a node until SIGINT or SIGTERM, as `chanhost serve` does: loads
+/// the plugins folder and watches it, listens on the configured address.
+/// For programs that embed the host (after registering native plugins on
+/// `node.plugins`).
+pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
+    let listen = node.config.listen;
     node.load_plugins().await?;
     node.spawn_watcher()?;
     crate::stats::spawn(Arc::downgrade(&node));

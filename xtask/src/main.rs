@@ -160,7 +160,9 @@ fn npm_ci(dir: &Path) -> Result<()> {
 fn test(filter: &[String]) -> Result<()> {
     let root = root();
     plugins()?;
-    run(cargo().current_dir(&root).args(["build", "-p", "chanhost"]))?;
+    run(cargo()
+        .current_dir(&root)
+        .args(["build", "-p", "chanhost", "-p", "chanhost-bench"]))?;
     if filter.is_empty() {
         run(cargo().current_dir(&root).args(["test", "--workspace"]))?;
         // The plugins' own unit tests run natively (host imports are not

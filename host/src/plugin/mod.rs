@@ -19,6 +19,7 @@ mod bindings;
 pub mod engine;
 pub mod http;
 pub mod kv;
+pub mod native;
 pub mod registry;
 pub mod runtime;
 pub mod watcher;

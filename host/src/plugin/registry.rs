@@ -5,8 +5,11 @@
 //! instance (`describe` + `init`) beside the running version, checks that
 //! it claims nothing another plugin serves, then swaps it in and updates the
 //! routes in one step. Any failure leaves the running version serving.
+//!
+//! Native plugins ([`Registry::add_native`]) are registered once by the
+//! program that embeds the host; files neither replace nor remove them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
@@ -14,6 +17,7 @@ use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
 use super::engine::{CodeSource, PluginEngine, PluginError};
+use super::native::NativePlugin;
 use super::runtime::{PluginSlot, Version};
 use super::{ChannelSpec, HostServices, Manifest};
 
@@ -45,6 +49,8 @@ pub struct Registry {
     services: Weak<dyn HostServices>,
     tables: HashMap<String, String>,
     plugins: RwLock<HashMap<Arc<str>, Arc<PluginSlot>>>,
+    /// Names of the native plugins among `plugins`.
+    native: RwLock<HashSet<Arc<str>>>,
     routes: RwLock<Routes>,
     /// Serialises loads and removals.
     loading: tokio::sync::Mutex<()>,
@@ -83,6 +89,7 @@ impl Registry {
             services,
             tables,
             plugins: RwLock::new(HashMap::new()),
+            native: RwLock::new(HashSet::new()),
             routes: RwLock::new(Routes::default()),
             loading: tokio::sync::Mutex::new(()),
             compiling: Default::default(),
@@ -147,6 +154,11 @@ impl Registry {
         let name = plugin_name(path)
             .ok_or_else(|| PluginError::Link(format!("{} is not a .wasm file", path.display())))?;
         let _guard = self.loading.lock().await;
+        if self.is_native(&name) {
+            return Err(PluginError::Conflict(format!(
+                "`{name}` is the name of a native plugin of this host"
+            )));
+        }
         let bytes = tokio::fs::read(path)
             .await
             .map_err(|source| PluginError::Read {
@@ -291,10 +303,50 @@ impl Registry {
         }
     }
 
+    /// Registers a native plugin under `name`, with what its `describe`
+    /// returns; refused if the name is taken or it claims a channel,
+    /// namespace or frame type another plugin serves.
+    pub async fn add_native(
+        &self,
+        name: &str,
+        plugin: Box<dyn NativePlugin>,
+    ) -> Result<Arc<Manifest>, PluginError> {
+        let _guard = self.loading.lock().await;
+        if self.plugin(name).is_some() {
+            return Err(PluginError::Conflict(format!(
+                "a plugin named `{name}` is already loaded"
+            )));
+        }
+        let manifest = Arc::new(plugin.describe());
+        self.check_conflicts(name, &manifest)?;
+        let name: Arc<str> = name.into();
+        let slot = PluginSlot::spawn_native(
+            name.clone(),
+            self.services.clone(),
+            plugin,
+            manifest.clone(),
+            self.engine.limits().queue,
+        )
+        .map_err(|e| PluginError::Start(format!("cannot start plugin thread: {e}")))?;
+        self.native.write().insert(name.clone());
+        self.plugins.write().insert(name, slot.clone());
+        self.set_routes(&slot, None, &manifest);
+        Ok(manifest)
+    }
+
+    /// Whether `name` is a native plugin.
+    pub fn is_native(&self, name: &str) -> bool {
+        self.native.read().contains(name)
+    }
+
     /// Removes a plugin: its routes go first, then its thread stops after
-    /// the calls already queued. Returns the channels it served.
+    /// the calls already queued. Returns the channels it served. Native
+    /// plugins are not removed (None).
     pub async fn remove(&self, name: &str) -> Option<Arc<Manifest>> {
         let _guard = self.loading.lock().await;
+        if self.is_native(name) {
+            return None;
+        }
         let slot = self.plugins.write().remove(name)?;
         let manifest = slot.manifest();
         remove_routes(&mut self.routes.write(), name, &manifest);
@@ -343,5 +395,160 @@ fn remove_routes(routes: &mut Routes, name: &str, manifest: &Manifest) {
                 routes.frames.remove(f);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::plugin::native::{NativeHost, NativePlugin};
+    use crate::plugin::{
+        ConnectRequest, DetachedServices, InstanceRef, Payload, Protocol, Rejection,
+    };
+
+    /// Records the messages it gets; panics on `boom`; refuses `deny`.
+    struct Echo {
+        channel: &'static str,
+        seen: Arc<Mutex<Vec<String>>>,
+        done: std::sync::mpsc::Sender<()>,
+    }
+
+    impl NativePlugin for Echo {
+        fn describe(&self) -> Manifest {
+            Manifest {
+                version: "echo-1".into(),
+                channels: vec![ChannelSpec {
+                    name: self.channel.into(),
+                    requires_user: false,
+                    shared: false,
+                }],
+                namespaces: vec![format!("/{}", self.channel)],
+                frames: vec![],
+            }
+        }
+        fn connect(&mut self, _: &NativeHost<'_>, req: ConnectRequest) -> Result<(), Rejection> {
+            match req.params.as_str() {
+                "deny" => Err(Rejection {
+                    message: "denied".into(),
+                    data: None,
+                }),
+                _ => Ok(()),
+            }
+        }
+        fn message(
+            &mut self,
+            host: &NativeHost<'_>,
+            _: InstanceRef,
+            event: &str,
+            _: Payload,
+            _: Option<u64>,
+        ) {
+            assert_ne!(event, "boom", "boom");
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("{}:{event}", host.plugin));
+            let _ = self.done.send(());
+        }
+    }
+
+    fn registry(services: &Arc<dyn HostServices>) -> Registry {
+        let limits = Config::for_plugins(".").plugin_runtime;
+        let engine = PluginEngine::new(&limits, None).expect("engine");
+        Registry::new(engine, Arc::downgrade(services), HashMap::new())
+    }
+
+    fn request(params: &str) -> ConnectRequest {
+        ConnectRequest {
+            target: InstanceRef {
+                connection: 1,
+                id: "a".into(),
+            },
+            protocol: Protocol::Misskey,
+            channel: "echo".into(),
+            params: params.into(),
+            identity: None,
+            headers: Arc::from([]),
+            query: Arc::from([]),
+            credential: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_native_plugin_serves_its_routes_and_survives_a_panic() {
+        let services: Arc<dyn HostServices> = Arc::new(DetachedServices::default());
+        let reg = registry(&services);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (done, wait) = std::sync::mpsc::channel();
+        let echo = Echo {
+            channel: "echo",
+            seen: seen.clone(),
+            done,
+        };
+        let manifest = reg.add_native("echo", Box::new(echo)).await.unwrap();
+        assert_eq!(manifest.version, "echo-1");
+        assert!(reg.is_native("echo"));
+        let (slot, spec) = reg.channel("echo").expect("channel routed");
+        assert_eq!((&*slot.name, spec.name.as_str()), ("echo", "echo"));
+        assert!(reg.namespace("/echo").is_some());
+
+        assert_eq!(slot.connect(request("{}")).await, Ok(Ok(())));
+        let refused = slot.connect(request("deny")).await.unwrap().unwrap_err();
+        assert_eq!(refused.message, "denied");
+
+        let target = InstanceRef {
+            connection: 1,
+            id: "a".into(),
+        };
+        slot.message(target.clone(), "boom".into(), Payload::json("1"), None);
+        slot.message(target, "after".into(), Payload::json("1"), None);
+        wait.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the call after the panic ran");
+        assert_eq!(*seen.lock().unwrap(), vec!["echo:after".to_owned()]);
+        let message = slot.metrics.by_hook().find(|(h, ..)| *h == "message");
+        assert_eq!(
+            message.map(|(_, calls, errors)| (calls, errors)),
+            Some((2, 1))
+        );
+        reg.stop_all();
+    }
+
+    #[tokio::test]
+    async fn native_plugins_keep_their_names_and_routes() {
+        let services: Arc<dyn HostServices> = Arc::new(DetachedServices::default());
+        let reg = registry(&services);
+        let echo = |channel| {
+            Box::new(Echo {
+                channel,
+                seen: Default::default(),
+                done: std::sync::mpsc::channel().0,
+            })
+        };
+        reg.add_native("echo", echo("echo")).await.unwrap();
+        // Same name, or another name claiming the same channel: refused.
+        assert!(matches!(
+            reg.add_native("echo", echo("other")).await,
+            Err(PluginError::Conflict(_))
+        ));
+        assert!(matches!(
+            reg.add_native("twin", echo("echo")).await,
+            Err(PluginError::Conflict(_))
+        ));
+        assert!(reg.plugin("twin").is_none());
+        // A file of the same name is refused before it is read.
+        let dir = std::env::temp_dir().join(format!("chanhost-native-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("echo.wasm");
+        std::fs::write(&file, b"not read").unwrap();
+        let err = reg.load_file(&file).await.unwrap_err();
+        assert!(err.to_string().contains("native plugin"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // The folder does not remove it.
+        assert!(reg.remove("echo").await.is_none());
+        assert!(reg.channel("echo").is_some());
+        reg.stop_all();
     }
 }

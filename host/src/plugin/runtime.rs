@@ -8,6 +8,9 @@
 //! `describe` and `init` again. Repeated failures back off exponentially
 //! (100 ms up to 30 s); while backing off, calls fail fast. A new version
 //! (hot reload) is started elsewhere and swapped in between two calls.
+//!
+//! A native plugin ([`NativePlugin`]) runs behind the same slot, queue and
+//! thread; a panic in one of its hooks fails that call alone.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -18,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::bindings::{Guest, GuestPre, Hook, StoreState};
 use super::engine::{describe_error, PluginEngine, Started};
+use super::native::{NativeHost, NativePlugin};
 use super::{
     ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, Rejection,
 };
@@ -123,18 +127,13 @@ impl PluginSlot {
         version: Version,
         started: Started,
     ) -> std::io::Result<Arc<Self>> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let depth = Arc::new(AtomicUsize::new(0));
-        let metrics = Arc::new(PluginMetrics::default());
-        let slot = Arc::new(PluginSlot {
-            name: name.clone(),
-            tx,
-            depth: depth.clone(),
-            bound: engine.limits().queue,
-            manifest: RwLock::new(version.manifest.clone()),
-            hash: RwLock::new(version.hash),
-            metrics: metrics.clone(),
-        });
+        let (slot, rx) = Self::new(
+            name.clone(),
+            engine.limits().queue,
+            version.manifest.clone(),
+            version.hash,
+        );
+        let (depth, metrics) = (slot.depth.clone(), slot.metrics.clone());
         if let Some(s) = services.upgrade() {
             s.set_listens(&name, &started.listens);
         }
@@ -154,8 +153,50 @@ impl PluginSlot {
         };
         std::thread::Builder::new()
             .name(format!("plugin-{}", runner.name))
-            .spawn(move || runner.run(rx))?;
+            .spawn(move || run_jobs(rx, |job| runner.handle(job)))?;
         Ok(slot)
+    }
+
+    /// Starts the thread of a native plugin whose manifest is `manifest`
+    /// (its `describe`); `queue` bounds its droppable calls.
+    pub fn spawn_native(
+        name: Arc<str>,
+        services: Weak<dyn HostServices>,
+        plugin: Box<dyn NativePlugin>,
+        manifest: Arc<Manifest>,
+        queue: usize,
+    ) -> std::io::Result<Arc<Self>> {
+        let (slot, rx) = Self::new(name.clone(), queue, manifest, [0; 32]);
+        let mut runner = NativeRunner {
+            name,
+            plugin,
+            services,
+            metrics: slot.metrics.clone(),
+            depth: slot.depth.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("plugin-{}", runner.name))
+            .spawn(move || run_jobs(rx, |job| runner.handle(job)))?;
+        Ok(slot)
+    }
+
+    fn new(
+        name: Arc<str>,
+        bound: usize,
+        manifest: Arc<Manifest>,
+        hash: [u8; 32],
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let slot = Arc::new(PluginSlot {
+            name,
+            tx,
+            depth: Arc::new(AtomicUsize::new(0)),
+            bound,
+            manifest: RwLock::new(manifest),
+            hash: RwLock::new(hash),
+            metrics: Arc::new(PluginMetrics::default()),
+        });
+        (slot, rx)
     }
 
     /// What the current version serves.
@@ -253,28 +294,29 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(ms.min(30_000))
 }
 
-impl Runner {
-    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        while let Some(first) = rx.blocking_recv() {
-            if !self.handle(first) {
+/// A plugin thread's loop: runs jobs until `Stop` (`handle` returns false)
+/// or until the slot is gone.
+fn run_jobs(mut rx: mpsc::UnboundedReceiver<Job>, mut handle: impl FnMut(Job) -> bool) {
+    while let Some(first) = rx.blocking_recv() {
+        if !handle(first) {
+            return;
+        }
+        // More jobs waiting: a busy plugin. They run as one write batch, so
+        // frames they send to one connection go out in one write. (A lone
+        // job writes at once: a fan-out is spread over many connections
+        // anyway.)
+        let mut batch = None;
+        for _ in 1..BATCH {
+            let Ok(job) = rx.try_recv() else { break };
+            batch.get_or_insert_with(WriteBatch::begin);
+            if !handle(job) {
                 return;
             }
-            // More jobs waiting: a busy plugin. They run as one write batch,
-            // so frames they send to one connection go out in one write. (A
-            // lone job writes at once: a fan-out is spread over many
-            // connections anyway.)
-            let mut batch = None;
-            for _ in 1..BATCH {
-                let Ok(job) = rx.try_recv() else { break };
-                batch.get_or_insert_with(WriteBatch::begin);
-                if !self.handle(job) {
-                    return;
-                }
-            }
         }
-        tracing::debug!(plugin = &*self.name, "plugin thread stopped");
     }
+}
 
+impl Runner {
     /// Runs one job; false on `Stop`.
     fn handle(&mut self, job: Job) -> bool {
         self.depth.fetch_sub(1, Ordering::Relaxed);
@@ -396,6 +438,79 @@ impl Runner {
                 Err(CallError::Failed(cause))
             }
         }
+    }
+}
+
+/// The thread side of a native plugin.
+struct NativeRunner {
+    name: Arc<str>,
+    plugin: Box<dyn NativePlugin>,
+    services: Weak<dyn HostServices>,
+    metrics: Arc<PluginMetrics>,
+    depth: Arc<AtomicUsize>,
+}
+
+impl NativeRunner {
+    /// Runs one job; false on `Stop`.
+    fn handle(&mut self, job: Job) -> bool {
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        match job {
+            Job::Connect(req, reply) => {
+                let r = self.call(Hook::Connect, |p, h| p.connect(h, req));
+                let _ = reply.send(r);
+            }
+            Job::Message(t, ev, data, ack) => {
+                let _ = self.call(Hook::Message, |p, h| p.message(h, t, &ev, data, ack));
+            }
+            Job::Disconnect(t, reason) => {
+                let _ = self.call(Hook::Disconnect, |p, h| p.disconnect(h, t, reason));
+            }
+            Job::Event(room, ev) => {
+                let _ = self.call(Hook::Event, |p, h| p.event(h, &room, &ev.event, &ev.data));
+            }
+            Job::Frame(conn, kind, body) => {
+                let _ = self.call(Hook::Frame, |p, h| p.frame(h, conn, &kind, &body));
+            }
+            // The registry never replaces a native plugin; dropping the
+            // reply tells a caller the swap did not happen.
+            Job::Swap(..) => {}
+            Job::Stop => {
+                tracing::debug!(plugin = &*self.name, "plugin thread stopped");
+                return false;
+            }
+        }
+        true
+    }
+
+    fn call<R>(
+        &mut self,
+        hook: Hook,
+        f: impl FnOnce(&mut dyn NativePlugin, &NativeHost<'_>) -> R,
+    ) -> Result<R, CallError> {
+        let services = self.services.upgrade().ok_or(CallError::Gone)?;
+        let i = PluginMetrics::idx(hook);
+        self.metrics.calls[i].fetch_add(1, Ordering::Relaxed);
+        let host = NativeHost {
+            plugin: &self.name,
+            services: &*services,
+        };
+        let plugin = &mut *self.plugin;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(plugin, &host))).map_err(
+            |panic| {
+                let cause = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".to_owned());
+                self.metrics.errors[i].fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    plugin = &*self.name,
+                    hook = hook.name(),
+                    "native plugin call panicked: {cause}"
+                );
+                CallError::Failed(cause)
+            },
+        )
     }
 }
 

@@ -18,6 +18,13 @@
 //! - `fanout`: M subscribers in one room, one publisher sending at a fixed
 //!   rate (open loop) a payload carrying its send time; reports delivered
 //!   frames per second, latency percentiles (HdrHistogram) and drops.
+//! - `upstream`: publishers send as fast as the server takes messages; one
+//!   subscriber counts what is delivered; reports messages per second.
+//! - `serve-native`: not a load, a server: chanhost embedded with the
+//!   broadcast contract as a native plugin ([`native`]), the baseline the
+//!   upstream scenario measures the WebAssembly plugin against.
+
+mod native;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -92,6 +99,13 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         secs: u64,
     },
+    /// Serve the benchmarks' broadcast contract from a native plugin of an
+    /// embedded host (the baseline of the upstream scenario).
+    ServeNative {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: String,
+    },
     /// Upstream throughput: publishers send as fast as the server takes
     /// messages (a bounded number in flight); one subscriber counts them.
     Upstream {
@@ -100,8 +114,9 @@ enum Cmd {
         /// Publishing connections.
         #[arg(long, default_value_t = 8)]
         senders: usize,
-        /// Messages in flight (sent, not yet delivered), all senders together.
-        #[arg(long, default_value_t = 512)]
+        /// Messages in flight (sent, not yet delivered), all senders together:
+        /// enough to keep the servers measured busy.
+        #[arg(long, default_value_t = 2048)]
         window: u64,
         /// Payload size in bytes (padding included).
         #[arg(long, default_value_t = 200)]
@@ -128,11 +143,13 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-fn ws_config() -> WebSocketConfig {
-    // Small buffers: many connections in one process.
+/// Small buffers: many connections in one process. A publisher (`room`
+/// None) keeps what it feeds until it flushes, so a batch of messages goes
+/// out in one write.
+fn ws_config(room: Option<&str>) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(if room.is_some() { 0 } else { 16 * 1024 })
 }
 
 /// Opens one connection and subscribes it to `room` (None: a publisher).
@@ -141,9 +158,10 @@ async fn open(t: &Target, room: Option<&str>) -> Result<Ws> {
         Proto::Misskey => format!("{}/streaming", t.url),
         Proto::Socketio => format!("{}/socket.io/?EIO=4&transport=websocket", t.url),
     };
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&url, Some(ws_config()), true)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(&url, Some(ws_config(room)), true)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
     match t.proto {
         Proto::Misskey => {
             let params = match room {
@@ -483,8 +501,14 @@ fn main() -> Result<()> {
                 payload,
                 secs,
             } => upstream_scenario(target, senders, window, payload, secs).await,
+            Cmd::ServeNative { listen } => native::serve(listen)
+                .await
+                .map(|()| serde_json::Value::Null),
         }
     })?;
+    if out.is_null() {
+        return Ok(());
+    }
     println!("{out}");
     Ok(())
 }

@@ -1,0 +1,96 @@
+//! The broadcast server of the benchmarks as a native plugin of an
+//! embedded host (`chanhost-bench serve-native`): the same contract and the
+//! same logic as the `bench` WebAssembly plugin (tests/plugins/bench), so
+//! the upstream scenario measures what running the plugin as WebAssembly
+//! costs end to end.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use chanhost::config::{Config, EnvOverrides, Overrides};
+use chanhost::node::Node;
+use chanhost::plugin::native::{NativeHost, NativePlugin};
+use chanhost::plugin::{ChannelSpec, ConnectRequest, InstanceRef, Manifest, Payload, Rejection};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// `{room, data}` of a `publish`: the payload itself (Misskey) or its first
+/// argument (Socket.IO); `data` stays JSON text, passed on as it came.
+fn publish(payload: &str) -> Option<(String, &str)> {
+    let mut body = payload;
+    if payload.trim_start().starts_with('[') {
+        let args: Vec<&RawValue> = serde_json::from_str(payload).ok()?;
+        body = args.first()?.get();
+    }
+    let fields: BTreeMap<&str, &RawValue> = serde_json::from_str(body).ok()?;
+    let room: String = serde_json::from_str(fields.get("room")?.get()).ok()?;
+    Some((room, fields.get("data")?.get()))
+}
+
+struct Bench;
+
+impl NativePlugin for Bench {
+    fn describe(&self) -> Manifest {
+        Manifest {
+            version: "bench-native-1".into(),
+            channels: vec![ChannelSpec {
+                name: "bench".into(),
+                requires_user: false,
+                shared: false,
+            }],
+            namespaces: vec!["/".into()],
+            frames: vec![],
+        }
+    }
+
+    fn connect(&mut self, host: &NativeHost<'_>, req: ConnectRequest) -> Result<(), Rejection> {
+        let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
+        if let Some(room) = params.get("room").and_then(Value::as_str) {
+            host.services.join(host.plugin, req.target, room);
+        }
+        Ok(())
+    }
+
+    fn message(
+        &mut self,
+        host: &NativeHost<'_>,
+        _target: InstanceRef,
+        event: &str,
+        data: Payload,
+        _ack: Option<u64>,
+    ) {
+        if event != "publish" {
+            return;
+        }
+        if let Some((room, data)) = publish(&data.json) {
+            host.services.broadcast(
+                host.plugin,
+                &room,
+                "message",
+                Payload::json(data),
+                None,
+                Vec::new(),
+                false,
+            );
+        }
+    }
+}
+
+/// Serves the native `bench` plugin on `listen` (an empty plugins folder of
+/// its own) until SIGINT or SIGTERM.
+pub async fn serve(listen: String) -> Result<()> {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("chanhost-bench-native-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let flags = Overrides {
+        listen: Some(listen),
+        plugins: Some(dir.clone()),
+    };
+    let config = Config::load(None, &flags, &EnvOverrides::default())?;
+    let node = Node::new(config)?;
+    node.plugins.add_native("bench", Box::new(Bench)).await?;
+    let served = chanhost::cli::serve_node(node).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    served
+}
