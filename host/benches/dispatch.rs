@@ -4,7 +4,8 @@
 //! by the `bench` test plugin
 //! (`target/test-plugins/bench.wasm`, built by `cargo xtask plugins`) and by
 //! the same logic in Rust. Host effects go to `DetachedServices` (dropped),
-//! so both sides measure the dispatch, not the fan-out.
+//! so both sides measure the dispatch, not the fan-out. `plugin-noop` is the
+//! bare call: the same arguments, an event the plugin ignores.
 //!
 //! `cargo bench -p chanhost --bench dispatch`; `cargo xtask bench` runs it
 //! and reports the difference.
@@ -84,6 +85,21 @@ fn dispatch(c: &mut Criterion) {
                     &mut started.store,
                     target.clone(),
                     "publish",
+                    Payload::json(black_box(json.as_str())),
+                    None,
+                )
+                .expect("call")
+        })
+    });
+    group.bench_function("plugin-noop", |b| {
+        b.iter(|| {
+            engine.arm_call(&mut started.store);
+            started
+                .guest
+                .message(
+                    &mut started.store,
+                    target.clone(),
+                    "noop",
                     Payload::json(black_box(json.as_str())),
                     None,
                 )

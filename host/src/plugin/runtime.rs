@@ -80,13 +80,15 @@ impl PluginMetrics {
 
 type ConnectReply = oneshot::Sender<Result<Result<(), Rejection>, CallError>>;
 
+/// A call for the plugin's thread. The rare, large ones are boxed: every
+/// job is moved through the queue.
 enum Job {
-    Connect(ConnectRequest, ConnectReply),
+    Connect(Box<ConnectRequest>, ConnectReply),
     Message(InstanceRef, String, Payload, Option<u64>),
     Disconnect(InstanceRef, DisconnectReason),
     Event(Arc<str>, Arc<SharedEvent>),
     Frame(u64, String, String),
-    Swap(Box<Version>, Started, oneshot::Sender<()>),
+    Swap(Box<(Version, Started)>, oneshot::Sender<()>),
     Stop,
 }
 
@@ -226,7 +228,7 @@ impl PluginSlot {
     /// Asks the plugin whether a client may open an instance.
     pub async fn connect(&self, req: ConnectRequest) -> Result<Result<(), Rejection>, CallError> {
         let (tx, rx) = oneshot::channel();
-        if !self.submit(Job::Connect(req, tx)) {
+        if !self.submit(Job::Connect(Box::new(req), tx)) {
             return Err(CallError::Gone);
         }
         rx.await.unwrap_or(Err(CallError::Gone))
@@ -257,7 +259,7 @@ impl PluginSlot {
         let manifest = version.manifest.clone();
         let hash = version.hash;
         let (tx, rx) = oneshot::channel();
-        if !self.submit(Job::Swap(Box::new(version), started, tx)) {
+        if !self.submit(Job::Swap(Box::new((version, started)), tx)) {
             return Err(CallError::Gone);
         }
         rx.await.map_err(|_| CallError::Gone)?;
@@ -322,7 +324,7 @@ impl Runner {
         self.depth.fetch_sub(1, Ordering::Relaxed);
         match job {
             Job::Connect(req, reply) => {
-                let r = self.call(Hook::Connect, |g, s| g.connect(s, req));
+                let r = self.call(Hook::Connect, |g, s| g.connect(s, *req));
                 let _ = reply.send(r);
             }
             Job::Message(t, ev, data, ack) => {
@@ -338,11 +340,12 @@ impl Runner {
             Job::Frame(conn, kind, body) => {
                 let _ = self.call(Hook::Frame, |g, s| g.frame(s, conn, &kind, &body));
             }
-            Job::Swap(version, started, done) => {
+            Job::Swap(swap, done) => {
+                let (version, started) = *swap;
                 if let Some(s) = self.services.upgrade() {
                     s.set_listens(&self.name, &started.listens);
                 }
-                self.version = *version;
+                self.version = version;
                 self.live = Some(Live {
                     store: started.store,
                     guest: started.guest,
@@ -456,7 +459,7 @@ impl NativeRunner {
         self.depth.fetch_sub(1, Ordering::Relaxed);
         match job {
             Job::Connect(req, reply) => {
-                let r = self.call(Hook::Connect, |p, h| p.connect(h, req));
+                let r = self.call(Hook::Connect, |p, h| p.connect(h, *req));
                 let _ = reply.send(r);
             }
             Job::Message(t, ev, data, ack) => {
