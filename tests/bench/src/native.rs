@@ -77,20 +77,18 @@ impl NativePlugin for Bench {
     }
 }
 
-/// Serves the native `bench` plugin on `listen` (an empty plugins folder of
-/// its own) until SIGINT or SIGTERM.
+/// Serves the native `bench` plugin on `listen` until SIGINT or SIGTERM.
+/// Its plugins folder is an empty one of its own under the temporary
+/// directory, shared by every `serve-native` and never written to.
 pub async fn serve(listen: String) -> Result<()> {
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("chanhost-bench-native-{}", std::process::id()));
+    let dir: PathBuf = std::env::temp_dir().join("chanhost-bench-native");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let flags = Overrides {
         listen: Some(listen),
-        plugins: Some(dir.clone()),
+        plugins: Some(dir),
     };
     let config = Config::load(None, &flags, &EnvOverrides::default())?;
     let node = Node::new(config)?;
     node.plugins.add_native("bench", Box::new(Bench)).await?;
-    let served = chanhost::cli::serve_node(node).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    served
+    chanhost::cli::serve_node(node).await
 }
