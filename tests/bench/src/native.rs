@@ -4,7 +4,6 @@
 //! the upstream scenario measures what running the plugin as WebAssembly
 //! costs end to end.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -12,21 +11,12 @@ use chanhost::config::{Config, EnvOverrides, Overrides};
 use chanhost::node::Node;
 use chanhost::plugin::native::{NativeHost, NativePlugin};
 use chanhost::plugin::{ChannelSpec, ConnectRequest, InstanceRef, Manifest, Payload, Rejection};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
-/// `{room, data}` of a `publish`: the payload itself (Misskey) or its first
-/// argument (Socket.IO); `data` stays JSON text, passed on as it came.
-fn publish(payload: &str) -> Option<(String, &str)> {
-    let mut body = payload;
-    if payload.trim_start().starts_with('[') {
-        let args: Vec<&RawValue> = serde_json::from_str(payload).ok()?;
-        body = args.first()?.get();
-    }
-    let fields: BTreeMap<&str, &RawValue> = serde_json::from_str(body).ok()?;
-    let room: String = serde_json::from_str(fields.get("room")?.get()).ok()?;
-    Some((room, fields.get("data")?.get()))
-}
+#[path = "../../plugins/bench/src/publish.rs"]
+mod publish;
+
+use publish::publish;
 
 struct Bench;
 

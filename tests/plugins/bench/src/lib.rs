@@ -4,29 +4,16 @@
 //! data}` is broadcast to the room as `message data`. The Node socket.io
 //! and socketioxide peers implement the same contract.
 
-use std::collections::BTreeMap;
-
 use chanhost_plugin::types::{
     ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload,
     Rejection,
 };
 use chanhost_plugin::{export, host, json, Guest};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
-/// `{room, data}` of a `publish`: the payload itself (Misskey) or its first
-/// argument (Socket.IO). `data` stays JSON text, passed on as it came; the
-/// native handler of `host/benches/dispatch.rs` does the same.
-fn publish(payload: &str) -> Option<(String, &str)> {
-    let mut body = payload;
-    if payload.trim_start().starts_with('[') {
-        let args: Vec<&RawValue> = serde_json::from_str(payload).ok()?;
-        body = args.first()?.get();
-    }
-    let fields: BTreeMap<&str, &RawValue> = serde_json::from_str(body).ok()?;
-    let room: String = serde_json::from_str(fields.get("room")?.get()).ok()?;
-    Some((room, fields.get("data")?.get()))
-}
+mod publish;
+
+use publish::publish;
 
 struct Bench;
 
