@@ -428,15 +428,19 @@ mod tests {
             (e.name.as_str(), e.args.as_str()),
             ("up", r#"[{"_placeholder":true,"num":0}]"#)
         );
-        // Either path refuses the same packets.
-        for bad in [
-            r#"2["connect"]"#,
-            r#"2["\u0063onnect"]"#,
-            r#"2[null]"#,
-            "2[[1]]",
+        // Either path refuses the same packets with the same error (an
+        // escaped argument sends the text down the tree path).
+        for (plain, why) in [
+            (r#"2["connect"]"#, DecodeError::Reserved),
+            (r#"2[null]"#, DecodeError::Payload),
+            ("2[[1]]", DecodeError::Payload),
+            (r#"2[{"a":1},2]"#, DecodeError::Payload),
         ] {
-            assert!(decode(bad).is_err(), "{bad:?} accepted");
+            assert_eq!(decode(plain), Err(why.clone()), "{plain}");
+            let tree = format!("{},\"\\u0041\"]", plain.strip_suffix(']').unwrap());
+            assert_eq!(decode(&tree), Err(why), "{tree}");
         }
+        assert_eq!(decode(r#"2["\u0063onnect"]"#), Err(DecodeError::Reserved));
         assert_eq!(decode(r#"2["a",]"#), Err(DecodeError::Json));
         assert_eq!(decode(r#"2{"a":1}"#), Err(DecodeError::Payload));
     }
