@@ -82,3 +82,35 @@ pub async fn serve(listen: String) -> Result<()> {
     node.plugins.add_native("bench", Box::new(Bench)).await?;
     chanhost::cli::serve_node(node).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::publish;
+
+    #[test]
+    fn reads_room_and_passes_data_as_text() {
+        let misskey = r#"{"data":{"t":1,"p":"x"},"room":"fan","extra":[1,{"a":2}]}"#;
+        let (room, data) = publish(misskey).expect("object form");
+        assert_eq!((&*room, data), ("fan", r#"{"t":1,"p":"x"}"#));
+
+        let socketio = r#" [{"room":"r\u00e9","data":[1, 2]}, "ignored", {"more":true}]"#;
+        let (room, data) = publish(socketio).expect("argument array");
+        assert_eq!((&*room, data), ("ré", "[1, 2]"));
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_publish() {
+        for bad in [
+            "",
+            "[]",
+            r#"{"room":"fan"}"#,
+            r#"{"data":1}"#,
+            r#"{"room":7,"data":1}"#,
+            r#"[{"room":"fan"}]"#,
+            r#"{"room":"fan","data":1"#,
+            r#"[{"room":"fan","data":1},"#,
+        ] {
+            assert!(publish(bad).is_none(), "{bad:?} was read as a publish");
+        }
+    }
+}
