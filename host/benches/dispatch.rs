@@ -6,6 +6,9 @@
 //! the same logic in Rust. Host effects go to `DetachedServices` (dropped),
 //! so both sides measure the dispatch, not the fan-out. `plugin-noop` is the
 //! bare call: the same arguments, an event the plugin ignores.
+//! `plugin-forward` / `native-forward` broadcast the payload as it came,
+//! without reading it: what a call and one host call back cost with no work
+//! in between.
 //!
 //! `cargo bench -p chanhost --bench dispatch`; `cargo xtask bench` runs it
 //! and reports the difference.
@@ -30,16 +33,21 @@ fn message() -> String {
 /// The plugin's logic, natively.
 fn native(services: &dyn HostServices, json: &str) {
     if let Some((room, data)) = publish(json) {
-        services.broadcast(
-            "bench",
-            &room,
-            "message",
-            Payload::json(data),
-            None,
-            Vec::new(),
-            false,
-        );
+        broadcast(services, &room, data);
     }
+}
+
+/// The broadcast both native handlers end in.
+fn broadcast(services: &dyn HostServices, room: &str, data: &str) {
+    services.broadcast(
+        "bench",
+        room,
+        "message",
+        Payload::json(data),
+        None,
+        Vec::new(),
+        false,
+    );
 }
 
 fn dispatch(c: &mut Criterion) {
@@ -67,7 +75,11 @@ fn dispatch(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("dispatch");
     // `publish` does the work; an event the plugin ignores is the bare call.
-    for (name, event) in [("plugin", "publish"), ("plugin-noop", "noop")] {
+    for (name, event) in [
+        ("plugin", "publish"),
+        ("plugin-noop", "noop"),
+        ("plugin-forward", "forward"),
+    ] {
         group.bench_function(name, |b| {
             b.iter(|| {
                 engine.arm_call(&mut started.store);
@@ -86,6 +98,9 @@ fn dispatch(c: &mut Criterion) {
     }
     group.bench_function("native", |b| {
         b.iter(|| native(&*services, black_box(&json)))
+    });
+    group.bench_function("native-forward", |b| {
+        b.iter(|| broadcast(&*services, "fan", black_box(&json)))
     });
     group.finish();
 }

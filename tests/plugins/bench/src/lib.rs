@@ -44,11 +44,16 @@ impl Guest for Bench {
     }
 
     fn message(_target: Instance, event: String, data: Payload, _ack: Option<u64>) {
-        if event != "publish" {
-            return;
-        }
-        if let Some((room, data)) = publish(&data.json) {
-            host::broadcast(&room, "message", &json(data), None);
+        match event.as_str() {
+            "publish" => {
+                if let Some((room, data)) = publish(&data.json) {
+                    host::broadcast(&room, "message", &json(data), None);
+                }
+            }
+            // Not part of the contract: the dispatch benchmark's floor, one
+            // broadcast of the payload as it came, without reading it.
+            "forward" => host::broadcast("fan", "message", &data, None),
+            _ => {}
         }
     }
 
