@@ -465,7 +465,10 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
          (`/proc/<pid>/smaps_rollup`) divided by N (includes the runtime's own growth).\n\
          - Fan-out: M subscribers in one room, one publisher sending through the \
          server at a fixed rate (open loop, ~60k offered frames/s); latency from a \
-         timestamp inside each payload to its arrival; drops = offered − delivered.\n\
+         timestamp inside each payload to its arrival, over 10 s of publishing \
+         after 2 s of warm-up (delivered and counted for drops, not in the \
+         latencies: the first bursts after 10,000 connections open run slower than a \
+         settled room's); drops = offered − delivered.\n\
          - Upstream: 8 publishers send ~200-byte `publish` messages as fast as the \
          server takes them (at most 2,048 in flight, flushed 8 at a time), one \
          subscriber counts what it receives; messages/s over 10 s after 1 s of \

@@ -95,9 +95,16 @@ enum Cmd {
         /// Publishes per second.
         #[arg(long)]
         rate: f64,
-        /// Seconds of publishing.
+        /// Seconds of publishing that are measured.
         #[arg(long, default_value_t = 10)]
         secs: u64,
+        /// Seconds of publishing before that, delivered (and counted for
+        /// drops) but not in the latencies: the first bursts after a
+        /// connect storm run slower than those of a room that has been
+        /// connected for a while (10,000 members here: ~135–180 ms for the
+        /// first 1.5 s, then ~85–125 ms).
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
     },
     /// Serve the benchmarks' broadcast contract from a native plugin of an
     /// embedded host (the baseline of the upstream scenario).
@@ -227,12 +234,12 @@ async fn open_many(t: &Target, n: usize, room: &str) -> Result<(Vec<Ws>, Duratio
 }
 
 /// Keeps a subscriber alive: answers pings, hands each message's latency to
-/// `on_message`, until `stop`.
+/// `on_message` (its send time and its latency, in ns), until `stop`.
 async fn drive(
     mut ws: Ws,
     proto: Proto,
     stop: CancellationToken,
-    mut on_message: impl FnMut(u64) + Send,
+    mut on_message: impl FnMut(u64, u64) + Send,
 ) {
     // Waited on once for the whole loop: no timer or waiter per message.
     let stopped = stop.cancelled();
@@ -255,7 +262,7 @@ async fn drive(
             let digits = &text[i + 4..];
             let n = digits.bytes().take_while(u8::is_ascii_digit).count();
             if let Ok(sent) = digits[..n].parse::<u64>() {
-                on_message(now_ns().saturating_sub(sent));
+                on_message(sent, now_ns().saturating_sub(sent));
             }
         }
     }
@@ -268,7 +275,7 @@ async fn connect_scenario(t: Target, n: usize, settle: u64) -> Result<serde_json
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for ws in conns {
-        tasks.push(tokio::spawn(drive(ws, t.proto, stop.clone(), |_| {})));
+        tasks.push(tokio::spawn(drive(ws, t.proto, stop.clone(), |_, _| {})));
     }
     tokio::time::sleep(Duration::from_secs(settle)).await;
     let after = t.pid.and_then(rss_kib);
@@ -298,6 +305,7 @@ async fn fanout_scenario(
     payload: usize,
     rate: f64,
     secs: u64,
+    warmup: u64,
 ) -> Result<serde_json::Value> {
     let room = "fan";
     let (conns, _) = open_many(&t, members, room).await?;
@@ -312,16 +320,28 @@ async fn fanout_scenario(
             })
             .collect(),
     );
+    // Publishes sent before this time (ns) are delivered but not measured;
+    // set when publishing starts.
+    let measure_from = Arc::new(AtomicU64::new(u64::MAX));
     let mut tasks = Vec::new();
     for (i, ws) in conns.into_iter().enumerate() {
         let (received, shards) = (received.clone(), shards.clone());
-        tasks.push(tokio::spawn(drive(ws, t.proto, stop.clone(), move |ns| {
-            received.fetch_add(1, Ordering::Relaxed);
-            let us = (ns / 1000).clamp(1, 120_000_000);
-            if let Ok(mut h) = shards[i % shards.len()].lock() {
-                let _ = h.record(us);
-            }
-        })));
+        let measure_from = measure_from.clone();
+        tasks.push(tokio::spawn(drive(
+            ws,
+            t.proto,
+            stop.clone(),
+            move |sent, ns| {
+                received.fetch_add(1, Ordering::Relaxed);
+                if sent < measure_from.load(Ordering::Relaxed) {
+                    return;
+                }
+                let us = (ns / 1000).clamp(1, 120_000_000);
+                if let Ok(mut h) = shards[i % shards.len()].lock() {
+                    let _ = h.record(us);
+                }
+            },
+        )));
     }
     // Let every subscription settle before the first publish.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -329,9 +349,10 @@ async fn fanout_scenario(
     let pad = "x".repeat(payload.saturating_sub(40));
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
+    measure_from.store(now_ns() + warmup * 1_000_000_000, Ordering::Relaxed);
     let mut sent = 0u64;
     let mut next = start;
-    while start.elapsed() < Duration::from_secs(secs) {
+    while start.elapsed() < Duration::from_secs(warmup + secs) {
         let data = stamped(&pad);
         publisher
             .send(Message::text(publish_frame(t.proto, room, &data)))
@@ -380,6 +401,8 @@ async fn fanout_scenario(
         "received": total,
         "drops": expected.saturating_sub(total),
         "frames_per_sec": total as f64 / publishing.as_secs_f64(),
+        "warmup_secs": warmup,
+        "measured": h.len(),
         "p50_ms": ms(0.5),
         "p99_ms": ms(0.99),
         "p999_ms": ms(0.999),
@@ -417,7 +440,7 @@ async fn upstream_scenario(
     let sent = Arc::new(AtomicU64::new(0));
     let sub = {
         let received = received.clone();
-        tokio::spawn(drive(subscriber, t.proto, stop.clone(), move |_| {
+        tokio::spawn(drive(subscriber, t.proto, stop.clone(), move |_, _| {
             received.fetch_add(1, Ordering::Relaxed);
         }))
     };
@@ -493,7 +516,8 @@ fn main() -> Result<()> {
                 payload,
                 rate,
                 secs,
-            } => fanout_scenario(target, members, payload, rate, secs).await,
+                warmup,
+            } => fanout_scenario(target, members, payload, rate, secs, warmup).await,
             Cmd::Upstream {
                 target,
                 senders,
