@@ -420,7 +420,8 @@ pub fn bench(args: &[String]) -> Result<()> {
     write_report(&results, repeat, quick)
 }
 
-/// The mean of a Criterion benchmark of `host/benches/dispatch.rs`, in ns.
+/// The median of a Criterion benchmark of `host/benches/dispatch.rs`, in ns
+/// (the mean moves with the outliers this shared machine produces).
 fn dispatch_ns(which: &str) -> f64 {
     let path = root().join(format!(
         "target/criterion/dispatch/{which}/new/estimates.json"
@@ -428,7 +429,7 @@ fn dispatch_ns(which: &str) -> f64 {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v["mean"]["point_estimate"].as_f64())
+        .and_then(|v| v["median"]["point_estimate"].as_f64())
         .unwrap_or(f64::NAN)
 }
 
@@ -696,7 +697,7 @@ fn budget(s: &mut String, results: &Results) {
     );
     let _ = writeln!(
         s,
-        "Plugin dispatch is `host/benches/dispatch.rs` (Criterion): a ~200-byte \
+        "Plugin dispatch is `host/benches/dispatch.rs` (Criterion, medians): a ~200-byte \
          `publish {{room, data}}` client message read (`room` decoded, `data` passed \
          on as JSON text) and turned into one broadcast, by the `bench` test plugin \
          and by the same logic in Rust, host effects dropped (so the fan-out itself \
