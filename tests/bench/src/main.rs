@@ -102,7 +102,7 @@ enum Cmd {
         /// drops) but not in the latencies: the first bursts after a
         /// connect storm run slower than those of a room that has been
         /// connected for a while (10,000 members here: ~135–180 ms for the
-        /// first 1.5 s, then ~85–125 ms).
+        /// first 1.5 s, then ~85–130 ms).
         #[arg(long, default_value_t = 2)]
         warmup: u64,
     },
