@@ -357,7 +357,9 @@ pub fn bench(args: &[String]) -> Result<()> {
                     "--rate".into(),
                     rate.to_string(),
                     "--secs".into(),
-                    if quick { "5" } else { "10" }.into(),
+                    measured_secs(quick).to_string(),
+                    "--warmup".into(),
+                    FANOUT_WARMUP_SECS.to_string(),
                 ],
             });
         }
@@ -367,7 +369,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         args: vec![
             "upstream".into(),
             "--secs".into(),
-            if quick { "5" } else { "10" }.into(),
+            measured_secs(quick).to_string(),
         ],
     });
     let mut results: Results = cases
@@ -420,6 +422,19 @@ pub fn bench(args: &[String]) -> Result<()> {
     write_report(&results, repeat, quick)
 }
 
+/// Seconds each fan-out and upstream run measures.
+fn measured_secs(quick: bool) -> u64 {
+    if quick {
+        5
+    } else {
+        10
+    }
+}
+
+/// Seconds of fan-out publishing before the measured ones (delivered, not
+/// in the latencies).
+const FANOUT_WARMUP_SECS: u64 = 2;
+
 /// The median of a Criterion benchmark of `host/benches/dispatch.rs`, in ns
 /// (the mean moves with the outliers this shared machine produces).
 fn dispatch_ns(which: &str) -> f64 {
@@ -454,6 +469,7 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
         if quick { " --quick" } else { "" }
     );
     let _ = writeln!(s, "- Machine: {}.", machine());
+    let (secs, warmup) = (measured_secs(quick), FANOUT_WARMUP_SECS);
     let _ = writeln!(
         s,
         "- Method: each server pinned to core 0 (`taskset -c 0`), the load generator \
@@ -466,13 +482,13 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
          (`/proc/<pid>/smaps_rollup`) divided by N (includes the runtime's own growth).\n\
          - Fan-out: M subscribers in one room, one publisher sending through the \
          server at a fixed rate (open loop, ~60k offered frames/s); latency from a \
-         timestamp inside each payload to its arrival, over 10 s of publishing \
-         after 2 s of warm-up (delivered and counted for drops, not in the \
+         timestamp inside each payload to its arrival, over {secs} s of publishing \
+         after {warmup} s of warm-up (delivered and counted for drops, not in the \
          latencies: the first bursts after 10,000 connections open run slower than a \
          settled room's); drops = offered − delivered.\n\
          - Upstream: 8 publishers send ~200-byte `publish` messages as fast as the \
          server takes them (at most 2,048 in flight, flushed 8 at a time), one \
-         subscriber counts what it receives; messages/s over 10 s after 1 s of \
+         subscriber counts what it receives; messages/s over {secs} s after 1 s of \
          warm-up. chanhost handles each message in the `bench` plugin \
          (WebAssembly), the peers in their own language; \"chanhost, native \
          plugin\" is the same host with the same contract compiled in (the \
