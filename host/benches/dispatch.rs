@@ -74,7 +74,8 @@ fn dispatch(c: &mut Criterion) {
         id: "/".into(),
     };
     let mut group = c.benchmark_group("dispatch");
-    // `publish` does the work; an event the plugin ignores is the bare call.
+    // `publish` reads the message and broadcasts; `noop`, an event the plugin
+    // ignores, is the bare call; `forward` broadcasts without reading.
     for (name, event) in [
         ("plugin", "publish"),
         ("plugin-noop", "noop"),

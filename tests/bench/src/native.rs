@@ -107,6 +107,7 @@ mod tests {
             r#"{"data":1}"#,
             r#"{"room":7,"data":1}"#,
             r#"[{"room":"fan"}]"#,
+            r#"["first",{"room":"fan","data":1}]"#,
             r#"{"room":"fan","data":1"#,
             r#"[{"room":"fan","data":1},"#,
         ] {
