@@ -21,6 +21,9 @@ use serde_json::value::RawValue;
 use crate::hub::{Filter, NoteAudience};
 use crate::node::Node;
 
+/// Largest API request body (axum's default bound of a `Bytes` body).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
 /// Routes of the API.
 pub fn router() -> Router<Arc<Node>> {
     Router::new()

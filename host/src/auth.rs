@@ -35,8 +35,14 @@ pub enum AuthError {
     UnknownToken,
     #[error("malformed JWT")]
     Malformed,
-    #[error("unsupported JWT algorithm `{0}` (only HS256)")]
-    Algorithm(String),
+    #[error("unsupported JWT algorithm (only HS256)")]
+    Algorithm,
+    #[error("JWT issuer is not the configured one")]
+    Issuer,
+    #[error("JWT audience does not include the configured one")]
+    Audience,
+    #[error("JWT claim `{0}` is not a NumericDate")]
+    InvalidClaim(&'static str),
     #[error("JWT signature mismatch")]
     Signature,
     #[error("JWT expired")]
@@ -216,45 +222,51 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// The claims whose type RFC 7519 fixes as a NumericDate: present with any
+/// other type (a string, a negative or fractional number), the token is
+/// invalid rather than the claim ignored.
+const TIME_CLAIMS: [&str; 3] = ["exp", "nbf", "iat"];
+
 fn verify_jwt(cfg: &JwtConfig, token: &str, now: u64) -> Result<Identity, AuthError> {
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(AuthError::Malformed);
-    };
-    let header: serde_json::Value = URL_SAFE_NO_PAD
-        .decode(h)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or(AuthError::Malformed)?;
-    let alg = header.get("alg").and_then(|a| a.as_str()).unwrap_or("");
-    if alg != "HS256" {
-        return Err(AuthError::Algorithm(alg.to_owned()));
+    use jsonwebtoken::errors::ErrorKind;
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    // `exp` is optional (Mew's tokens may lack it) but checked when present.
+    v.required_spec_claims.clear();
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = cfg.audience.is_some();
+    if let Some(iss) = &cfg.issuer {
+        v.set_issuer(&[iss]);
+        v.required_spec_claims.insert("iss".into());
     }
-    let sig = URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| AuthError::Malformed)?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(&cfg.secret).map_err(|_| AuthError::Malformed)?;
-    mac.update(h.as_bytes());
-    mac.update(b".");
-    mac.update(p.as_bytes());
-    // `verify_slice` compares in constant time.
-    mac.verify_slice(&sig).map_err(|_| AuthError::Signature)?;
-    let claims: serde_json::Map<String, serde_json::Value> = URL_SAFE_NO_PAD
-        .decode(p)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or(AuthError::Malformed)?;
-    if let Some(exp) = claims.get("exp").and_then(|v| v.as_f64()) {
-        if (now as f64) >= exp {
-            return Err(AuthError::Expired);
+    if let Some(aud) = &cfg.audience {
+        v.set_audience(&[aud]);
+        v.required_spec_claims.insert("aud".into());
+    }
+    let key = jsonwebtoken::DecodingKey::from_secret(&cfg.secret);
+    let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &v)
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => AuthError::Signature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
+            ErrorKind::InvalidIssuer => AuthError::Issuer,
+            ErrorKind::InvalidAudience => AuthError::Audience,
+            ErrorKind::MissingRequiredClaim(c) if c == "iss" => AuthError::Issuer,
+            ErrorKind::MissingRequiredClaim(c) if c == "aud" => AuthError::Audience,
+            _ => AuthError::Malformed,
+        })?;
+    let claims = data.claims;
+    let mut times = [None; 3];
+    for (slot, name) in times.iter_mut().zip(TIME_CLAIMS) {
+        if let Some(value) = claims.get(name) {
+            *slot = Some(value.as_u64().ok_or(AuthError::InvalidClaim(name))?);
         }
     }
-    if let Some(nbf) = claims.get("nbf").and_then(|v| v.as_f64()) {
-        if (now as f64) < nbf {
-            return Err(AuthError::NotYetValid);
-        }
+    let [exp, nbf, _iat] = times;
+    if exp.is_some_and(|exp| now >= exp.saturating_add(cfg.leeway_s)) {
+        return Err(AuthError::Expired);
+    }
+    if nbf.is_some_and(|nbf| now.saturating_add(cfg.leeway_s) < nbf) {
+        return Err(AuthError::NotYetValid);
     }
     let user = [cfg.user_claim.as_str(), "sub"]
         .iter()
@@ -293,8 +305,8 @@ mod tests {
         Authenticator {
             tokens,
             jwt: Some(JwtConfig {
-                secret: b"s3cret".to_vec(),
-                user_claim: "id".into(),
+                leeway_s: 0,
+                ..JwtConfig::new(b"s3cret".to_vec())
             }),
             backend: None,
         }
@@ -332,9 +344,83 @@ mod tests {
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
             URL_SAFE_NO_PAD.encode(br#"{"id":"u1"}"#)
         );
-        assert!(matches!(
-            auth().verify(&none_alg),
-            Err(AuthError::Algorithm(_))
-        ));
+        assert!(auth().verify(&none_alg).is_err());
+        let hs512 = format!(
+            "{}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"HS512","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(br#"{"id":"u1"}"#)
+        );
+        assert_eq!(auth().verify(&hs512), Err(AuthError::Algorithm));
+    }
+
+    #[test]
+    fn time_claims_of_the_wrong_type_make_the_token_invalid() {
+        for (claim, value) in [
+            ("exp", json!("4000000000")),
+            ("nbf", json!("0")),
+            ("iat", json!("now")),
+            ("exp", json!(-1)),
+            ("exp", json!(4_000_000_000.5)),
+            ("iat", json!(null)),
+        ] {
+            let mut claims = json!({"id": "u1"});
+            claims[claim] = value.clone();
+            let t = sign_hs256(b"s3cret", &claims);
+            assert_eq!(
+                auth().verify(&t),
+                Err(AuthError::InvalidClaim(claim)),
+                "{claim} = {value}"
+            );
+        }
+        let t = sign_hs256(
+            b"s3cret",
+            &json!({"id": "u1", "exp": 4_000_000_000u64, "nbf": 0, "iat": 1}),
+        );
+        assert_eq!(&*auth().verify(&t).unwrap().user_id, "u1");
+    }
+
+    #[test]
+    fn leeway_issuer_and_audience() {
+        let cfg = JwtConfig {
+            issuer: Some("mew".into()),
+            audience: Some("gateway".into()),
+            leeway_s: 30,
+            ..JwtConfig::new(b"k".to_vec())
+        };
+        let now = 1_000_000;
+        let sign = |c: serde_json::Value| sign_hs256(b"k", &c);
+        let ok = json!({"id": "u", "iss": "mew", "aud": ["x", "gateway"], "exp": now - 10});
+        assert!(
+            verify_jwt(&cfg, &sign(ok), now).is_ok(),
+            "within the leeway"
+        );
+        let late = json!({"id": "u", "iss": "mew", "aud": "gateway", "exp": now - 31});
+        assert_eq!(verify_jwt(&cfg, &sign(late), now), Err(AuthError::Expired));
+        let early = json!({"id": "u", "iss": "mew", "aud": "gateway", "nbf": now + 31});
+        assert_eq!(
+            verify_jwt(&cfg, &sign(early), now),
+            Err(AuthError::NotYetValid)
+        );
+        let iss = json!({"id": "u", "iss": "other", "aud": "gateway"});
+        assert_eq!(verify_jwt(&cfg, &sign(iss), now), Err(AuthError::Issuer));
+        let no_iss = json!({"id": "u", "aud": "gateway"});
+        assert_eq!(verify_jwt(&cfg, &sign(no_iss), now), Err(AuthError::Issuer));
+        let aud = json!({"id": "u", "iss": "mew", "aud": "else"});
+        assert_eq!(verify_jwt(&cfg, &sign(aud), now), Err(AuthError::Audience));
+        // Without an audience configured, a token's own `aud` is accepted.
+        let plain = JwtConfig::new(b"k".to_vec());
+        let t = sign(json!({"id": "u", "aud": "anything"}));
+        assert!(verify_jwt(&plain, &t, now).is_ok());
+    }
+
+    #[test]
+    fn refusals_do_not_quote_the_token() {
+        let evil = format!(
+            "{}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(b"{\"alg\":\"HS256\\nFORGED line\"}"),
+            URL_SAFE_NO_PAD.encode(br#"{"id":"u1"}"#)
+        );
+        let e = auth().verify(&evil).unwrap_err().to_string();
+        assert!(!e.contains("FORGED") && !e.contains('\n'), "{e}");
     }
 }

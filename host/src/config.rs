@@ -89,6 +89,9 @@ pub struct RawBackendAuth {
 pub struct RawJwt {
     pub secret: Option<String>,
     pub user_claim: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +119,12 @@ pub struct RawSocketIo {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub send_queue: Option<usize>,
+    pub send_queue_bytes: Option<usize>,
+    pub body_timeout_ms: Option<u64>,
+    pub max_header_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub per_ip_connections: Option<usize>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +135,7 @@ pub struct RawPluginRuntime {
     pub memory_mb: Option<usize>,
     pub stack_kb: Option<usize>,
     pub queue: Option<usize>,
+    pub queue_bytes: Option<usize>,
     pub http_timeout_ms: Option<u64>,
 }
 
@@ -176,6 +186,8 @@ pub struct PluginRuntimeConfig {
     pub stack_bytes: usize,
     /// Calls waiting per plugin before new event calls are dropped.
     pub queue: usize,
+    /// Bytes of payloads waiting per plugin before new calls are dropped.
+    pub queue_bytes: usize,
     /// Bound on each phase of a plugin's outbound HTTP request (connect,
     /// first byte, between bytes). The plugin waits meanwhile.
     pub http_timeout: Duration,
@@ -186,6 +198,68 @@ pub struct PluginRuntimeConfig {
 pub struct JwtConfig {
     pub secret: Vec<u8>,
     pub user_claim: String,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud` (one of the token's audiences), if set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+}
+
+impl JwtConfig {
+    /// A provider with the defaults: claim `id`, no issuer or audience
+    /// check, 5 s of leeway.
+    pub fn new(secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            secret: secret.into(),
+            user_claim: "id".into(),
+            issuer: None,
+            audience: None,
+            leeway_s: DEFAULT_JWT_LEEWAY_S,
+        }
+    }
+}
+
+/// Default clock skew allowed on a JWT's `exp` and `nbf`.
+pub const DEFAULT_JWT_LEEWAY_S: u64 = 5;
+
+/// What one client may hold and how long a request may take (`[limits]`).
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Frames waiting per connection (what the socket has not taken);
+    /// past it the connection is closed as a slow consumer (1008).
+    pub send_queue: usize,
+    /// Bytes waiting per connection, the same way.
+    pub send_queue_bytes: usize,
+    /// A request body (publish, rooms API, polling POST) must arrive
+    /// whole within this; else 408 and the connection is closed.
+    pub body_timeout: Duration,
+    /// Largest request head (request line and headers); larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Client connections (Misskey streams, Socket.IO sessions) held at
+    /// once; past it new ones get 503. None: derived from the process's
+    /// open-file limit at start, keeping a reserve for the API and the
+    /// operational endpoints.
+    pub max_connections: Option<usize>,
+    /// Client connections per client address; 0 = no cap.
+    pub per_ip_connections: usize,
+    /// Peers whose `X-Forwarded-For` names the client (addresses or CIDR
+    /// ranges); from anyone else the header is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            send_queue: 1024,
+            send_queue_bytes: 4 << 20,
+            body_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 << 10,
+            max_connections: None,
+            per_ip_connections: 0,
+            trusted_proxies: Vec::new(),
+        }
+    }
 }
 
 /// Tokens checked by the backend: `POST url` with `{"i": token}` (what
@@ -213,8 +287,7 @@ pub struct Config {
     pub backend_auth: Option<BackendAuthConfig>,
     pub misskey: MisskeyConfig,
     pub socketio: SocketIoConfig,
-    /// Frames queued per connection before it counts as a slow reader and is closed.
-    pub send_queue: usize,
+    pub limits: LimitsConfig,
     pub plugin_runtime: PluginRuntimeConfig,
     /// `[plugins.<name>]` tables, handed to each plugin's `init` as JSON.
     pub plugin_tables: BTreeMap<String, serde_json::Value>,
@@ -345,10 +418,10 @@ impl Config {
         }
 
         let jwt = match raw.auth.jwt {
-            None => env.jwt_secret.as_ref().map(|s| JwtConfig {
-                secret: s.as_bytes().to_vec(),
-                user_claim: "id".into(),
-            }),
+            None => env
+                .jwt_secret
+                .as_ref()
+                .map(|s| JwtConfig::new(s.as_bytes())),
             Some(j) => {
                 let secret = env.jwt_secret.clone().or(j.secret).ok_or_else(|| {
                     invalid(
@@ -363,9 +436,23 @@ impl Config {
                 if user_claim.is_empty() {
                     return Err(invalid("auth.jwt.user_claim", "must not be empty".into()));
                 }
+                for (key, v) in [
+                    ("auth.jwt.issuer", &j.issuer),
+                    ("auth.jwt.audience", &j.audience),
+                ] {
+                    if v.as_deref() == Some("") {
+                        return Err(invalid(
+                            key,
+                            "must not be empty (leave it out to skip the check)".into(),
+                        ));
+                    }
+                }
                 Some(JwtConfig {
                     secret: secret.into_bytes(),
                     user_claim,
+                    issuer: j.issuer,
+                    audience: j.audience,
+                    leeway_s: j.leeway_s.unwrap_or(DEFAULT_JWT_LEEWAY_S),
                 })
             }
         };
@@ -425,9 +512,53 @@ impl Config {
             return Err(invalid("misskey.max_frame_bytes", "must be >= 1024".into()));
         }
 
-        let send_queue = raw.limits.send_queue.unwrap_or(1024);
-        if send_queue == 0 {
+        let l = raw.limits;
+        let d = LimitsConfig::default();
+        let mut trusted_proxies = Vec::new();
+        for p in l.trusted_proxies.unwrap_or_default() {
+            let net = p
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "limits.trusted_proxies",
+                        format!("`{p}` is not an address or CIDR range like 10.0.0.0/8"),
+                    )
+                })?;
+            trusted_proxies.push(net);
+        }
+        let limits = LimitsConfig {
+            send_queue: l.send_queue.unwrap_or(d.send_queue),
+            send_queue_bytes: l.send_queue_bytes.unwrap_or(d.send_queue_bytes),
+            body_timeout: l
+                .body_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(d.body_timeout),
+            max_header_bytes: l.max_header_bytes.unwrap_or(d.max_header_bytes),
+            max_connections: l.max_connections,
+            per_ip_connections: l.per_ip_connections.unwrap_or(0),
+            trusted_proxies,
+        };
+        if limits.send_queue == 0 {
             return Err(invalid("limits.send_queue", "must be > 0".into()));
+        }
+        if limits.send_queue_bytes < 64 << 10 {
+            return Err(invalid(
+                "limits.send_queue_bytes",
+                "must be >= 65536".into(),
+            ));
+        }
+        if limits.body_timeout.is_zero() {
+            return Err(invalid("limits.body_timeout_ms", "must be > 0".into()));
+        }
+        if limits.max_header_bytes < 8192 {
+            return Err(invalid("limits.max_header_bytes", "must be >= 8192".into()));
+        }
+        if limits.max_connections == Some(0) {
+            return Err(invalid(
+                "limits.max_connections",
+                "must be > 0 (leave it out for the default)".into(),
+            ));
         }
 
         let p = raw.plugin_runtime;
@@ -437,6 +568,7 @@ impl Config {
             memory_bytes: p.memory_mb.unwrap_or(64) << 20,
             stack_bytes: p.stack_kb.unwrap_or(512) << 10,
             queue: p.queue.unwrap_or(4096),
+            queue_bytes: p.queue_bytes.unwrap_or(64 << 20),
             http_timeout: ms(p.http_timeout_ms, 5_000),
         };
         if plugin_runtime.http_timeout.is_zero() {
@@ -459,6 +591,12 @@ impl Config {
         }
         if plugin_runtime.queue == 0 {
             return Err(invalid("plugin_runtime.queue", "must be > 0".into()));
+        }
+        if plugin_runtime.queue_bytes < 1 << 20 {
+            return Err(invalid(
+                "plugin_runtime.queue_bytes",
+                "must be >= 1048576".into(),
+            ));
         }
 
         let mut plugin_tables = BTreeMap::new();
@@ -520,7 +658,7 @@ impl Config {
             backend_auth,
             misskey,
             socketio,
-            send_queue,
+            limits,
             plugin_runtime,
             plugin_tables,
         })

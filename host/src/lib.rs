@@ -17,6 +17,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod hub;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod plugin;

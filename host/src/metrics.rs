@@ -53,6 +53,8 @@ pub struct Metrics {
     pub publishes: Counter,
     pub frames_sent: Counter,
     pub slow_consumer_closes: Counter,
+    /// Requests whose body did not arrive within `[limits] body_timeout_ms`.
+    pub body_timeouts: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
 }
@@ -124,6 +126,13 @@ impl Metrics {
             "counter",
             "Connections closed because their send queue was full.",
             self.slow_consumer_closes.get(),
+        );
+        write_metric(
+            out,
+            "chanhost_request_body_timeouts_total",
+            "counter",
+            "Requests answered 408 because their body did not arrive in time.",
+            self.body_timeouts.get(),
         );
         write_family(
             out,

@@ -60,6 +60,8 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub broker: Arc<dyn Broker>,
     pub plugins: Registry,
+    /// Client connection caps (`[limits] max_connections`, per address).
+    pub admission: Arc<crate::server::admission::Admission>,
     kv: KvStore,
     /// Cancelled on SIGTERM/SIGINT: sessions close with 1001.
     pub shutdown: CancellationToken,
@@ -110,6 +112,7 @@ impl Node {
                 metrics,
                 broker: broker.clone(),
                 plugins: Registry::new(engine, services, tables),
+                admission: crate::server::admission::Admission::of(&config.limits),
                 kv: KvStore::default(),
                 shutdown: CancellationToken::new(),
                 next_conn: AtomicU64::new(1),
@@ -432,6 +435,26 @@ impl Node {
     pub fn render_metrics(&self) -> String {
         let mut out = String::new();
         self.metrics.render(self.hub.room_count(), &mut out);
+        write_metric(
+            &mut out,
+            "chanhost_connections_max",
+            "gauge",
+            "Client connections the node accepts at once ([limits] max_connections).",
+            self.admission.max() as u64,
+        );
+        let refused: Vec<(String, u64)> = self
+            .admission
+            .refused()
+            .iter()
+            .map(|(reason, n)| (format!("reason=\"{reason}\""), *n))
+            .collect();
+        write_family(
+            &mut out,
+            "chanhost_connections_refused_total",
+            "counter",
+            "Client connections refused before they were set up, by reason (capacity: max_connections; per_address: per_ip_connections).",
+            &refused,
+        );
         let plugins = self.plugins.all();
         write_metric(
             &mut out,
@@ -497,6 +520,22 @@ impl Node {
             "counter",
             "Plugin calls dropped because the plugin's queue was full.",
             &per_plugin(|p| p.metrics.dropped.load(Ordering::Relaxed)),
+        );
+        let refused: Vec<(String, u64)> = plugins
+            .iter()
+            .map(|p| {
+                (
+                    format!("plugin=\"{}\",reason=\"backoff\"", p.name),
+                    p.metrics.refused_backoff.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        write_family(
+            &mut out,
+            "chanhost_plugin_refused_total",
+            "counter",
+            "Plugin calls refused without running, by reason (backoff: the plugin is backing off after repeated failures).",
+            &refused,
         );
         write_family(
             &mut out,

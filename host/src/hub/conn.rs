@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -111,6 +111,84 @@ pub enum Outbound {
     /// Socket.IO: the reply to a namespace CONNECT (boxed: rare, and the
     /// queue's slots are sized by the largest variant).
     Gate(Box<Gate>),
+}
+
+impl Outbound {
+    /// About how many bytes this item takes once framed, for the byte bound
+    /// of a connection's queue.
+    pub fn weight(&self) -> usize {
+        match self {
+            Outbound::Text(t) => t.len(),
+            Outbound::Binary(b) => b.len(),
+            Outbound::Event { slot, event } => slot.id().len() + event.weight(),
+            Outbound::Gate(g) => g.text.len(),
+        }
+    }
+}
+
+/// Bounds of what a connection may have waiting for its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Items (frames) waiting.
+    pub frames: usize,
+    /// Bytes waiting.
+    pub bytes: usize,
+}
+
+impl QueueLimits {
+    /// The `[limits] send_queue` / `send_queue_bytes` of a config.
+    pub fn of(limits: &crate::config::LimitsConfig) -> Self {
+        Self {
+            frames: limits.send_queue,
+            bytes: limits.send_queue_bytes,
+        }
+    }
+
+    /// A frame bound with the default byte bound.
+    pub fn frames(frames: usize) -> Self {
+        Self {
+            frames,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        Self::of(&crate::config::LimitsConfig::default())
+    }
+}
+
+/// The receiving end of a connection's queue (polling transports); gives
+/// back the bytes of each item it hands out.
+#[derive(Debug)]
+pub struct OutboundRx {
+    rx: mpsc::Receiver<Outbound>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl OutboundRx {
+    fn taken(&self, item: Outbound) -> Outbound {
+        self.bytes.fetch_sub(item.weight(), Ordering::Relaxed);
+        item
+    }
+
+    /// The next item, waiting for one; None once the connection is gone.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let item = self.rx.recv().await?;
+        Some(self.taken(item))
+    }
+
+    /// The next item if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let item = self.rx.try_recv().ok()?;
+        Some(self.taken(item))
+    }
+
+    /// Bytes of the items waiting.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
 }
 
 /// Socket.IO: the reply to a namespace CONNECT. Events for that slot queued
@@ -374,6 +452,9 @@ pub struct ConnHandle {
     identity: std::sync::OnceLock<Identity>,
     /// The queue, for transports written by their session task.
     tx: Option<mpsc::Sender<Outbound>>,
+    /// Bytes of the items in the queue, and their bound.
+    queued_bytes: Arc<AtomicUsize>,
+    max_queued_bytes: usize,
     /// Direct writes, once the transport takes them; checked first.
     direct: parking_lot::RwLock<Option<Arc<dyn DirectOut>>>,
     /// Set when the hub unregisters the connection; late joins undo themselves.
@@ -401,10 +482,14 @@ impl ConnHandle {
         id: ConnId,
         protocol: Protocol,
         identity: Option<Identity>,
-        queue: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(queue);
-        (Self::build(id, protocol, identity, Some(tx), None), rx)
+        limits: QueueLimits,
+    ) -> (Arc<Self>, OutboundRx) {
+        let (tx, rx) = mpsc::channel(limits.frames.max(1));
+        let mut conn = Self::build(id, protocol, identity, Some(tx), None);
+        let c = Arc::get_mut(&mut conn).expect("not shared yet");
+        c.max_queued_bytes = limits.bytes;
+        let bytes = c.queued_bytes.clone();
+        (conn, OutboundRx { rx, bytes })
     }
 
     /// A new handle whose items are written directly by `out`, without a
@@ -430,6 +515,8 @@ impl ConnHandle {
             protocol,
             identity: identity.map(std::sync::OnceLock::from).unwrap_or_default(),
             tx,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            max_queued_bytes: usize::MAX,
             direct: parking_lot::RwLock::new(direct),
             unregistered: AtomicBool::new(false),
             close: Mutex::new(None),
@@ -482,7 +569,19 @@ impl ConnHandle {
         // Held across the send: a switch to direct writes drains the queue
         // and must not miss an item pushed meanwhile.
         let Some(tx) = &self.tx else { return false };
-        match tx.try_send(out) {
+        let weight = out.weight();
+        let before = self.queued_bytes.fetch_add(weight, Ordering::Relaxed);
+        // One item over the bound still goes in while the queue is empty.
+        if before > 0 && before.saturating_add(weight) > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
+            self.request_close(SLOW_CONSUMER_CLOSE, "send queue full (slow consumer)");
+            return false;
+        }
+        let sent = tx.try_send(out);
+        if sent.is_err() {
+            self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.request_close(SLOW_CONSUMER_CLOSE, "send queue full (slow consumer)");
@@ -687,8 +786,38 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_is_bounded_in_bytes_and_gives_them_back() {
+        let limits = QueueLimits {
+            frames: 1000,
+            bytes: 10_000,
+        };
+        let (c, mut rx) = ConnHandle::new(1, Protocol::SocketIo, None, limits);
+        // One item over the bound goes in while nothing waits.
+        assert!(c.push(Outbound::Text("x".repeat(20_000))));
+        assert!(!c.push(Outbound::Text("y".into())));
+        assert_eq!(
+            c.close_requested().map(|(code, _)| code),
+            Some(SLOW_CONSUMER_CLOSE)
+        );
+        assert!(rx.try_recv().is_some());
+        assert_eq!(rx.queued_bytes(), 0);
+
+        let (c, mut rx) = ConnHandle::new(2, Protocol::SocketIo, None, limits);
+        for _ in 0..9 {
+            assert!(c.push(Outbound::Text("z".repeat(1000))));
+        }
+        assert_eq!(rx.queued_bytes(), 9000);
+        assert!(
+            !c.push(Outbound::Text("z".repeat(1001))),
+            "over 10,000 bytes"
+        );
+        rx.try_recv().unwrap();
+        assert_eq!(rx.queued_bytes(), 8000);
+    }
+
+    #[test]
     fn captures_are_ref_counted_and_evict_oldest() {
-        let (c, _rx) = ConnHandle::new(1, Protocol::Misskey, None, 4);
+        let (c, _rx) = ConnHandle::new(1, Protocol::Misskey, None, QueueLimits::frames(4));
         assert!(c.capture_add("a", 2).joined);
         assert!(!c.capture_add("a", 2).joined);
         assert!(c.capture_add("b", 2).joined);

@@ -54,6 +54,13 @@ impl SharedEvent {
         Some(ev)
     }
 
+    /// About how many bytes one recipient's frame of this event takes.
+    pub fn weight(&self) -> usize {
+        16 + self.event.len()
+            + self.data.len()
+            + self.attachments.iter().map(Vec::len).sum::<usize>()
+    }
+
     /// The recipient-independent end of a Misskey event frame, built on
     /// first use and shared by every recipient.
     pub fn misskey_tail(&self) -> &str {

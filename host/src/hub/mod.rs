@@ -22,8 +22,8 @@ use parking_lot::RwLock;
 
 pub use conn::{
     CaptureChange, Condition, ConnHandle, ConnId, ConnState, Deferred, DirectOut, Filter, Gate,
-    InstanceState, NoteAudience, Outbound, Protocol, QueueFull, Slot, UserAttributes, WriteBatch,
-    RELATIONS_SET, SLOW_CONSUMER_CLOSE,
+    InstanceState, NoteAudience, Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot,
+    UserAttributes, WriteBatch, RELATIONS_SET, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 
@@ -426,8 +426,8 @@ mod tests {
         Hub::new(Arc::new(Metrics::default()))
     }
 
-    fn conn(id: ConnId, queue: usize) -> (Arc<ConnHandle>, tokio::sync::mpsc::Receiver<Outbound>) {
-        ConnHandle::new(id, Protocol::Misskey, None, queue)
+    fn conn(id: ConnId, queue: usize) -> (Arc<ConnHandle>, OutboundRx) {
+        ConnHandle::new(id, Protocol::Misskey, None, QueueLimits::frames(queue))
     }
 
     /// Opens an instance on a connection and returns its slot.
@@ -459,9 +459,9 @@ mod tests {
             ..Filter::default()
         };
         assert_eq!(hub.deliver("r", &ev, &except), 1);
-        assert!(ra.try_recv().is_ok());
-        assert!(ra.try_recv().is_err());
-        assert!(rb.try_recv().is_err());
+        assert!(ra.try_recv().is_some());
+        assert!(ra.try_recv().is_none());
+        assert!(rb.try_recv().is_none());
         assert_eq!(hub.deliver("r", &ev, &Filter::default()), 2);
     }
 
@@ -492,7 +492,7 @@ mod tests {
         hub.deliver("r", &ev, &Filter::default());
         assert!(slow.close_requested().is_some());
         assert!(fast.close_requested().is_none());
-        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+        assert!(rf.try_recv().is_some() && rf.try_recv().is_some());
     }
 
     #[test]
@@ -525,7 +525,12 @@ mod tests {
             user_id: u.into(),
             claims: "{}".into(),
         };
-        let (a, _ra) = ConnHandle::new(1, Protocol::Misskey, Some(id("alice")), 8);
+        let (a, _ra) = ConnHandle::new(
+            1,
+            Protocol::Misskey,
+            Some(id("alice")),
+            QueueLimits::frames(8),
+        );
         let (b, _rb) = conn(2, 8);
         assert_eq!(hub.register(a), 1);
         assert_eq!(hub.register(b), 0);
@@ -589,7 +594,7 @@ mod tests {
         assert_eq!(hub.deliver("tl", &ev, &f(vec![muted, followed])), 1);
         let counts: Vec<usize> = rxs
             .iter_mut()
-            .map(|(_, rx)| std::iter::from_fn(|| rx.try_recv().ok()).count())
+            .map(|(_, rx)| std::iter::from_fn(|| rx.try_recv()).count())
             .collect();
         assert_eq!(counts, vec![0, 3, 1]);
         rxs[1]
@@ -615,7 +620,8 @@ mod tests {
         };
         let mut conns = Vec::new();
         for (id, user) in [(1, Some("alice")), (2, Some("alice")), (3, None)] {
-            let (c, rx) = ConnHandle::new(id, Protocol::Misskey, user.map(who), 8);
+            let (c, rx) =
+                ConnHandle::new(id, Protocol::Misskey, user.map(who), QueueLimits::frames(8));
             hub.register(c.clone());
             conns.push((c, rx));
         }

@@ -325,7 +325,7 @@ impl Registry {
             self.services.clone(),
             plugin,
             manifest.clone(),
-            self.engine.limits().queue,
+            super::runtime::QueueBound::of(self.engine.limits()),
         )
         .map_err(|e| PluginError::Start(format!("cannot start plugin thread: {e}")))?;
         self.native.write().insert(name.clone());

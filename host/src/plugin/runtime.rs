@@ -6,8 +6,16 @@
 //! logged with plugin, hook and cause, the instance is dropped, and the next
 //! call rebuilds it from the linked component ([`GuestPre`]), running
 //! `describe` and `init` again. Repeated failures back off exponentially
-//! (100 ms up to 30 s); while backing off, calls fail fast. A new version
-//! (hot reload) is started elsewhere and swapped in between two calls.
+//! (100 ms up to 30 s); while backing off, calls fail fast and are counted
+//! (`chanhost_plugin_refused_total{reason="backoff"}`, one warning per
+//! back-off), and the rebuild is attempted when the back-off ends, whether
+//! or not a call comes. A new version (hot reload) is started elsewhere and
+//! swapped in between two calls.
+//!
+//! The queue in front of the thread is bounded in jobs and in the bytes of
+//! their payloads (`[plugin_runtime] queue`, `queue_bytes`): past either,
+//! client messages, events and frames are dropped and counted
+//! (`chanhost_plugin_dropped_total`); lifecycle calls never are.
 //!
 //! A native plugin ([`NativePlugin`]) runs behind the same slot, queue and
 //! thread; a panic in one of its hooks fails that call alone.
@@ -48,6 +56,8 @@ pub struct PluginMetrics {
     errors: [AtomicU64; 7],
     /// Calls dropped because the plugin's queue was full.
     pub dropped: AtomicU64,
+    /// Calls refused while the plugin backed off after failures.
+    pub refused_backoff: AtomicU64,
     /// Instances rebuilt after a failure.
     pub rebuilds: AtomicU64,
 }
@@ -89,10 +99,28 @@ enum Job {
     Event(Arc<str>, Arc<SharedEvent>),
     Frame(u64, String, String),
     Swap(Box<(Version, Started)>, oneshot::Sender<()>),
+    /// The back-off after a failure ended: rebuild the instance now.
+    Rebuild,
     Stop,
 }
 
 impl Job {
+    /// The bytes of payload the job carries, for the queue's byte bound.
+    fn weight(&self) -> usize {
+        match self {
+            Job::Message(t, ev, data, _) => {
+                t.id.len()
+                    + ev.len()
+                    + data.json.len()
+                    + data.attachments.iter().map(Vec::len).sum::<usize>()
+            }
+            Job::Event(room, ev) => room.len() + ev.weight(),
+            Job::Frame(_, kind, body) => kind.len() + body.len(),
+            Job::Connect(req, _) => req.params.len(),
+            _ => 0,
+        }
+    }
+
     /// Jobs that may be dropped when the queue is over its bound; lifecycle
     /// jobs never are.
     fn droppable(&self) -> bool {
@@ -109,12 +137,43 @@ pub struct Version {
     pub hash: [u8; 32],
 }
 
+/// How much may wait in a plugin's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBound {
+    pub jobs: usize,
+    pub bytes: usize,
+}
+
+impl QueueBound {
+    pub fn of(c: &crate::config::PluginRuntimeConfig) -> Self {
+        Self {
+            jobs: c.queue,
+            bytes: c.queue_bytes,
+        }
+    }
+}
+
+/// Jobs and payload bytes waiting in a plugin's queue.
+#[derive(Debug, Default)]
+struct Depth {
+    jobs: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Depth {
+    /// A job left the queue.
+    fn taken(&self, job: &Job) {
+        self.jobs.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(job.weight(), Ordering::Relaxed);
+    }
+}
+
 /// The handle the rest of the host uses to call a plugin.
 pub struct PluginSlot {
     pub name: Arc<str>,
     tx: mpsc::UnboundedSender<Job>,
-    depth: Arc<AtomicUsize>,
-    bound: usize,
+    depth: Arc<Depth>,
+    bound: QueueBound,
     manifest: RwLock<Arc<Manifest>>,
     hash: RwLock<[u8; 32]>,
     pub metrics: Arc<PluginMetrics>,
@@ -131,7 +190,7 @@ impl PluginSlot {
     ) -> std::io::Result<Arc<Self>> {
         let (slot, rx) = Self::new(
             name.clone(),
-            engine.limits().queue,
+            QueueBound::of(engine.limits()),
             version.manifest.clone(),
             version.hash,
         );
@@ -143,6 +202,8 @@ impl PluginSlot {
             name,
             engine,
             services,
+            rebuild: slot.tx.downgrade(),
+            refused: 0,
             version,
             live: Some(Live {
                 store: started.store,
@@ -166,7 +227,7 @@ impl PluginSlot {
         services: Weak<dyn HostServices>,
         plugin: Box<dyn NativePlugin>,
         manifest: Arc<Manifest>,
-        queue: usize,
+        queue: QueueBound,
     ) -> std::io::Result<Arc<Self>> {
         let (slot, rx) = Self::new(name.clone(), queue, manifest, [0; 32]);
         let mut runner = NativeRunner {
@@ -184,7 +245,7 @@ impl PluginSlot {
 
     fn new(
         name: Arc<str>,
-        bound: usize,
+        bound: QueueBound,
         manifest: Arc<Manifest>,
         hash: [u8; 32],
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
@@ -192,7 +253,7 @@ impl PluginSlot {
         let slot = Arc::new(PluginSlot {
             name,
             tx,
-            depth: Arc::new(AtomicUsize::new(0)),
+            depth: Arc::new(Depth::default()),
             bound,
             manifest: RwLock::new(manifest),
             hash: RwLock::new(hash),
@@ -212,14 +273,31 @@ impl PluginSlot {
     }
 
     fn submit(&self, job: Job) -> bool {
-        if job.droppable() && self.depth.load(Ordering::Relaxed) >= self.bound {
-            self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(plugin = &*self.name, "plugin queue full; call dropped");
+        let weight = job.weight();
+        if job.droppable()
+            && (self.depth.jobs.load(Ordering::Relaxed) >= self.bound.jobs
+                || self
+                    .depth
+                    .bytes
+                    .load(Ordering::Relaxed)
+                    .saturating_add(weight)
+                    > self.bound.bytes)
+        {
+            let n = self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+            // The first drop of a run of them, then one in a thousand.
+            if n % 1000 == 0 {
+                tracing::warn!(
+                    plugin = &*self.name,
+                    dropped = n + 1,
+                    "plugin queue full; call dropped"
+                );
+            }
             return false;
         }
-        self.depth.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(job).is_err() {
-            self.depth.fetch_sub(1, Ordering::Relaxed);
+        self.depth.jobs.fetch_add(1, Ordering::Relaxed);
+        self.depth.bytes.fetch_add(weight, Ordering::Relaxed);
+        if let Err(e) = self.tx.send(job) {
+            self.depth.taken(&e.0);
             return false;
         }
         true
@@ -288,7 +366,12 @@ struct Runner {
     failures: u32,
     retry_at: Option<Instant>,
     metrics: Arc<PluginMetrics>,
-    depth: Arc<AtomicUsize>,
+    depth: Arc<Depth>,
+    /// Queues the rebuild when a back-off ends (weak: the thread ends
+    /// when the slot is gone).
+    rebuild: mpsc::WeakUnboundedSender<Job>,
+    /// Calls refused during the current back-off.
+    refused: u64,
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -321,8 +404,11 @@ fn run_jobs(mut rx: mpsc::UnboundedReceiver<Job>, mut handle: impl FnMut(Job) ->
 impl Runner {
     /// Runs one job; false on `Stop`.
     fn handle(&mut self, job: Job) -> bool {
-        self.depth.fetch_sub(1, Ordering::Relaxed);
+        self.depth.taken(&job);
         match job {
+            Job::Rebuild => {
+                let _ = self.ensure_live();
+            }
             Job::Connect(req, reply) => {
                 let r = self.call(Hook::Connect, |g, s| g.connect(s, *req));
                 let _ = reply.send(r);
@@ -369,8 +455,26 @@ impl Runner {
         }
         if let Some(at) = self.retry_at {
             if Instant::now() < at {
+                self.metrics.refused_backoff.fetch_add(1, Ordering::Relaxed);
+                if self.refused == 0 {
+                    tracing::warn!(
+                        plugin = &*self.name,
+                        failures = self.failures,
+                        retry_in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
+                        "plugin backing off after repeated failures; its calls are refused until it is rebuilt"
+                    );
+                }
+                self.refused += 1;
                 return Err(CallError::Unavailable);
             }
+        }
+        if self.refused > 0 {
+            tracing::info!(
+                plugin = &*self.name,
+                refused = self.refused,
+                "plugin back-off over; calls refused meanwhile"
+            );
+            self.refused = 0;
         }
         match self.engine.start(
             &self.version.pre,
@@ -412,6 +516,21 @@ impl Runner {
                 },
         );
         self.metrics.errors[PluginMetrics::idx(hook)].fetch_add(1, Ordering::Relaxed);
+        if self.failures > 1 {
+            // Rebuild when the back-off ends, not only on the next call.
+            let (tx, depth) = (self.rebuild.clone(), self.depth.clone());
+            let _ = std::thread::Builder::new()
+                .name(format!("plugin-{}-backoff", self.name))
+                .spawn(move || {
+                    std::thread::sleep(wait);
+                    if let Some(tx) = tx.upgrade() {
+                        depth.jobs.fetch_add(1, Ordering::Relaxed);
+                        if tx.send(Job::Rebuild).is_err() {
+                            depth.jobs.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+        }
         tracing::error!(
             plugin = &*self.name,
             hook = hook.name(),
@@ -450,14 +569,15 @@ struct NativeRunner {
     plugin: Box<dyn NativePlugin>,
     services: Weak<dyn HostServices>,
     metrics: Arc<PluginMetrics>,
-    depth: Arc<AtomicUsize>,
+    depth: Arc<Depth>,
 }
 
 impl NativeRunner {
     /// Runs one job; false on `Stop`.
     fn handle(&mut self, job: Job) -> bool {
-        self.depth.fetch_sub(1, Ordering::Relaxed);
+        self.depth.taken(&job);
         match job {
+            Job::Rebuild => {}
             Job::Connect(req, reply) => {
                 let r = self.call(Hook::Connect, |p, h| p.connect(h, *req));
                 let _ = reply.send(r);

@@ -10,6 +10,15 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+/// Longest channel instance id or note id accepted (bytes). misskey-js
+/// numbers its instances (`"1"`, `"2"`, ...) and Misskey's note ids are
+/// 10 to 26 characters; a frame with a longer id is ignored like any other
+/// malformed frame, so no client makes the host keep large keys.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Longest channel name accepted (bytes); Misskey's are under 20.
+pub const MAX_CHANNEL_BYTES: usize = 128;
+
 /// A client frame the host understands.
 #[derive(Debug, PartialEq)]
 pub enum ClientFrame<'a> {
@@ -48,6 +57,25 @@ pub enum ParseError {
         kind: &'static str,
         field: &'static str,
     },
+    #[error("`{kind}` frame whose `{field}` is longer than {max} bytes")]
+    TooLong {
+        kind: &'static str,
+        field: &'static str,
+        max: usize,
+    },
+}
+
+/// `value` if it is at most `max` bytes.
+fn bounded(
+    value: String,
+    kind: &'static str,
+    field: &'static str,
+    max: usize,
+) -> Result<String, ParseError> {
+    if value.len() > max {
+        return Err(ParseError::TooLong { kind, field, max });
+    }
+    Ok(value)
 }
 
 #[derive(Deserialize)]
@@ -123,8 +151,10 @@ fn raw_or(v: Option<&RawValue>, default: &str) -> String {
 
 fn id_of(body: Option<&RawValue>, kind: &'static str) -> Result<String, ParseError> {
     let b: IdBody = body_of(body, kind, "id")?;
-    b.id.and_then(IdValue::into_string)
-        .ok_or(ParseError::MissingField { kind, field: "id" })
+    let id =
+        b.id.and_then(IdValue::into_string)
+            .ok_or(ParseError::MissingField { kind, field: "id" })?;
+    bounded(id, kind, "id", MAX_ID_BYTES)
 }
 
 /// JavaScript truthiness of a JSON value (for `pong`).
@@ -157,8 +187,8 @@ pub fn parse(text: &str) -> Result<ClientFrame<'_>, ParseError> {
                         field: "id",
                     })?;
             ClientFrame::Connect {
-                channel,
-                id,
+                channel: bounded(channel, "connect", "channel", MAX_CHANNEL_BYTES)?,
+                id: bounded(id, "connect", "id", MAX_ID_BYTES)?,
                 params: raw_or(b.params, "{}"),
                 pong: b.pong.as_ref().is_some_and(truthy),
             }
@@ -179,7 +209,7 @@ pub fn parse(text: &str) -> Result<ClientFrame<'_>, ParseError> {
                 field: "type",
             })?;
             ClientFrame::Channel {
-                id,
+                id: bounded(id, "channel", "id", MAX_ID_BYTES)?,
                 kind,
                 body: raw_or(b.body, "null"),
             }
@@ -282,6 +312,32 @@ mod tests {
                 pong: true
             }
         );
+    }
+
+    #[test]
+    fn ids_and_channel_names_are_bounded() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let ok = "x".repeat(MAX_ID_BYTES);
+        for frame in [
+            format!(r#"{{"type":"connect","body":{{"channel":"main","id":"{long}"}}}}"#),
+            format!(r#"{{"type":"connect","body":{{"channel":"{long}","id":"1"}}}}"#),
+            format!(r#"{{"type":"s","body":{{"id":"{long}"}}}}"#),
+            format!(r#"{{"type":"subNote","body":{{"id":"{long}"}}}}"#),
+            format!(r#"{{"type":"un","body":{{"id":"{long}"}}}}"#),
+            format!(r#"{{"type":"disconnect","body":{{"id":"{long}"}}}}"#),
+            format!(r#"{{"type":"ch","body":{{"id":"{long}","type":"x"}}}}"#),
+        ] {
+            assert!(
+                matches!(parse(&frame), Err(ParseError::TooLong { .. })),
+                "{}",
+                &frame[..40]
+            );
+        }
+        assert!(parse(&format!(r#"{{"type":"s","body":{{"id":"{ok}"}}}}"#)).is_ok());
+        assert!(parse(&format!(
+            r#"{{"type":"connect","body":{{"channel":"main","id":"{ok}"}}}}"#
+        ))
+        .is_ok());
     }
 
     #[test]

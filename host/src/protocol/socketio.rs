@@ -20,6 +20,11 @@ use serde_json::Value;
 /// Most binary attachments accepted in one packet.
 pub const MAX_ATTACHMENTS: usize = 64;
 
+/// Longest namespace name accepted (bytes); a longer one is a malformed
+/// packet (the session ends), so an unknown namespace's CONNECT_ERROR
+/// never echoes more than this.
+pub const MAX_NAMESPACE_BYTES: usize = 256;
+
 /// Event names a client may not use.
 pub const RESERVED_EVENTS: [&str; 6] = [
     "connect",
@@ -103,6 +108,8 @@ pub enum DecodeError {
     Reserved,
     #[error("placeholders do not match the attachments")]
     Placeholders,
+    #[error("namespace longer than {MAX_NAMESPACE_BYTES} bytes")]
+    NamespaceTooLong,
 }
 
 /// Decodes a packet's text.
@@ -132,6 +139,9 @@ pub fn decode(s: &str) -> Result<Packet, DecodeError> {
         let start = i;
         while i < b.len() && b[i] != b',' {
             i += 1;
+        }
+        if i - start > MAX_NAMESPACE_BYTES {
+            return Err(DecodeError::NamespaceTooLong);
         }
         nsp = s[start..i].to_owned();
         if i < b.len() {
@@ -402,6 +412,21 @@ mod tests {
             (PacketType::BinaryAck, Some(15), 1)
         );
         assert_eq!(decode("1/admin,").unwrap().kind, PacketType::Disconnect);
+    }
+
+    #[test]
+    fn namespaces_are_bounded() {
+        let ok = format!("/{}", "n".repeat(MAX_NAMESPACE_BYTES - 1));
+        assert_eq!(decode(&format!("0{ok},")).unwrap().nsp, ok);
+        let long = format!("/{}", "n".repeat(MAX_NAMESPACE_BYTES));
+        assert_eq!(
+            decode(&format!("0{long},")).err(),
+            Some(DecodeError::NamespaceTooLong)
+        );
+        assert_eq!(
+            decode(&format!("2{long},[\"e\"]")).err(),
+            Some(DecodeError::NamespaceTooLong)
+        );
     }
 
     #[test]

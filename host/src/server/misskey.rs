@@ -8,19 +8,18 @@
 //! The session owns the socket only; instances, captures and rooms live in
 //! the hub, so a plugin reload does not touch them.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use super::header_list;
-use super::ws::{CloseCode, CloseFrame, Message, Socket, Upgrade, Wire, WsError, OP_PING, OP_TEXT};
+use super::ws::{close_code_of, Message, Socket, Upgrade, Wire, OP_PING, OP_TEXT};
 use crate::auth::AuthError;
-use crate::hub::{ConnHandle, DirectOut, Outbound, Protocol, QueueFull};
+use crate::hub::{ConnHandle, DirectOut, Outbound, Protocol, QueueFull, QueueLimits};
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
@@ -47,10 +46,16 @@ fn token_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 /// `GET /streaming`.
 pub async fn handler(
     State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ws: Upgrade,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
+    let address = node.admission.client_address(peer, &headers);
+    let ticket = match node.admission.admit(address) {
+        Ok(t) => t,
+        Err(refused) => return refused.into_response(),
+    };
     let token = token_of(&uri, &headers);
     let identity = match &token {
         None => None,
@@ -63,6 +68,7 @@ pub async fn handler(
                     AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::UNAUTHORIZED,
                 };
+                // The reason names the kind of refusal, never the token.
                 return (
                     status,
                     axum::Json(serde_json::json!({"error": "authentication failed", "reason": e.to_string()})),
@@ -71,32 +77,42 @@ pub async fn handler(
             }
         },
     };
-    let headers = header_list(&headers);
-    let query = super::query_list(&uri, &["i"]);
+    let (headers, query) = super::kept_request(&headers, &uri, &["i"]);
     let credential: Option<Arc<str>> = token.map(Into::into);
     let max = node.config.misskey.max_frame_bytes;
-    ws.limits(max, node.config.send_queue).on_upgrade(
-        move |socket, wire| async move {
-            let id = node.next_conn_id();
-            let out = Arc::new(MisskeyOut {
-                wire: wire.clone(),
-                metrics: node.metrics.clone(),
-            });
-            let conn = ConnHandle::new_direct(id, Protocol::Misskey, identity, out);
-            node.open_conn(conn.clone());
-            let session = Session {
-                node: node.clone(),
-                conn,
-                headers,
-                query,
-                credential,
-            };
-            session.run(socket, &wire).await;
-            session.conn.end_direct();
-            node.close_conn(id);
-        },
-        || {},
-    )
+    ws.limits(max, QueueLimits::of(&node.config.limits))
+        .on_upgrade(
+            move |socket, wire| async move {
+                let _ticket = ticket;
+                let id = node.next_conn_id();
+                let out = Arc::new(MisskeyOut {
+                    wire: wire.clone(),
+                    metrics: node.metrics.clone(),
+                });
+                let conn = ConnHandle::new_direct(id, Protocol::Misskey, identity, out);
+                node.open_conn(conn.clone());
+                let session = Session {
+                    node: node.clone(),
+                    conn,
+                    headers,
+                    query,
+                    credential,
+                };
+                session.run(socket, &wire).await;
+                session.conn.end_direct();
+                node.close_conn(id);
+            },
+            || {},
+        )
+}
+
+/// The reason sent with a close for a read error.
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        1009 => "frame too large",
+        1007 => "invalid UTF-8",
+        _ => "protocol error",
+    }
 }
 
 /// Frames items for a Misskey connection and writes them to its wire.
@@ -174,12 +190,12 @@ impl Session {
                 }
                 msg = socket.next() => match msg {
                     None => break End::Gone,
-                    Some(Err(WsError::Capacity(_))) => {
-                        break End::Close(1009, "frame too large".into());
-                    }
                     Some(Err(e)) => {
                         tracing::debug!(conn = self.conn.id, "streaming read error: {e}");
-                        break End::Gone;
+                        match close_code_of(&e) {
+                            Some(code) => break End::Close(code, close_reason(code).into()),
+                            None => break End::Gone,
+                        }
                     }
                     Some(Ok(m)) => {
                         last_seen = Instant::now();
@@ -217,15 +233,7 @@ impl Session {
             }
         };
         if let End::Close(code, reason) = end {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                socket.send(Message::Close(Some(frame))).await.ok()?;
-                wire.flush().await.ok()
-            })
-            .await;
+            wire.send_close(code, &reason).await;
         }
     }
 

@@ -1,6 +1,7 @@
 //! The HTTP server: one port for the Misskey stream, the API and the
 //! operational endpoints, graceful shutdown on SIGTERM/SIGINT.
 
+pub mod admission;
 pub mod misskey;
 pub mod socketio;
 pub mod ws;
@@ -16,24 +17,65 @@ use tokio::net::TcpListener;
 
 use crate::node::Node;
 
-/// Lower-cased request headers, handed to plugins at connect.
-pub fn header_list(headers: &HeaderMap) -> Arc<[(String, String)]> {
-    headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect()
-}
+/// Headers of the request that opened a connection that plugins are not
+/// handed: hop-by-hop headers and the WebSocket handshake's own.
+pub const HEADERS_NOT_KEPT: &[&str] = &[
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "content-length",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+];
 
-/// Query parameters of a request, except `skip`.
-pub fn query_list(uri: &axum::http::Uri, skip: &[&str]) -> Arc<[(String, String)]> {
-    uri.query()
+/// Longest header value or query value kept for plugins; longer ones are
+/// left out.
+pub const MAX_KEPT_VALUE_BYTES: usize = 8 << 10;
+
+/// Most bytes of headers and query parameters kept per connection (names
+/// and values); what comes after is left out.
+pub const MAX_KEPT_REQUEST_BYTES: usize = 16 << 10;
+
+/// Name/value pairs of a request, as plugins are handed them.
+pub type Pairs = Arc<[(String, String)]>;
+
+/// What a connection keeps of the request that opened it, to hand its
+/// plugins at connect: the lower-cased headers (less [`HEADERS_NOT_KEPT`])
+/// and the query parameters (less `skip`), each value at most
+/// [`MAX_KEPT_VALUE_BYTES`], all of it at most [`MAX_KEPT_REQUEST_BYTES`].
+/// The rest of the request is freed with it.
+pub fn kept_request(headers: &HeaderMap, uri: &axum::http::Uri, skip: &[&str]) -> (Pairs, Pairs) {
+    let mut budget = MAX_KEPT_REQUEST_BYTES;
+    let mut keep = |k: &str, v: &str| {
+        let size = k.len() + v.len();
+        if v.len() > MAX_KEPT_VALUE_BYTES || size > budget {
+            return false;
+        }
+        budget -= size;
+        true
+    };
+    let kept_headers = headers
+        .iter()
+        .filter(|(k, _)| !HEADERS_NOT_KEPT.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+        .filter(|(k, v)| keep(k, v))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let query = uri
+        .query()
         .map(|q| {
             form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .filter(|(k, _)| !skip.contains(&k.as_str()))
+                .filter(|(k, _)| !skip.contains(&k.as_ref()))
+                .filter(|(k, v)| keep(k, v))
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    (kept_headers, query)
 }
 
 /// The full router of a node.
@@ -42,7 +84,73 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/streaming", get(misskey::handler))
         .merge(crate::api::router())
         .with_state(node.clone())
-        .merge(socketio::router(node))
+        .merge(socketio::router(node.clone()))
+        .layer(axum::middleware::from_fn_with_state(node, body_deadline))
+}
+
+/// Largest request body read at all (the API's bodies and polling POSTs
+/// have their own, smaller bounds below this).
+fn max_body(node: &Node) -> usize {
+    node.config
+        .socketio
+        .max_payload
+        .max(crate::api::MAX_BODY_BYTES)
+}
+
+/// Reads a request's body whole within `[limits] body_timeout_ms` before
+/// the handler runs: a body that stalls (a slow or stopped upload, a
+/// chunked body that never ends) gets 408 and its connection is closed,
+/// instead of holding the request open. Requests without a body (the
+/// WebSocket upgrades, GETs) pass untouched.
+async fn body_deadline(
+    axum::extract::State(node): axum::extract::State<Arc<Node>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{header, HeaderValue, StatusCode};
+    use axum::response::IntoResponse;
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if !has_body {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let limits = &node.config.limits;
+    let close = |status: StatusCode, message: &str| {
+        let mut r = (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    };
+    match tokio::time::timeout(
+        limits.body_timeout,
+        axum::body::to_bytes(body, max_body(&node)),
+    )
+    .await
+    {
+        Err(_) => {
+            node.metrics.body_timeouts.inc();
+            tracing::debug!(uri = %parts.uri.path(), "request body not complete in time");
+            close(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+            )
+        }
+        Ok(Err(_)) => close(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large or broken",
+        ),
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+    }
 }
 
 /// Serves until `node.shutdown` is cancelled, then closes every client with
@@ -53,21 +161,52 @@ pub fn router(node: Arc<Node>) -> Router {
 pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> std::io::Result<()> {
     let app = router(node.clone());
     let token = node.shutdown.clone();
+    let sockets = Arc::new(Sockets::new(admission::open_file_limit()));
+    let mut failures = 0u32;
     loop {
+        // At the descriptor limit, wait for a socket to close rather than
+        // letting accept fail: the kernel's backlog holds newcomers.
+        tokio::select! {
+            _ = sockets.room() => {}
+            _ = token.cancelled() => break,
+        }
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    // Out of file descriptors, most likely: back off a little
-                    // instead of spinning; the open connections are unharmed.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors (other files count too): back off,
+                    // doubling up to a second, and say so once per outage.
+                    // The open connections are unharmed.
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!("accept failed: {e}; retrying with back-off");
+                    }
+                    let wait = Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = sockets.closed.notified() => {}
+                    }
                     continue;
                 }
             },
             _ = token.cancelled() => break,
         };
-        tokio::spawn(serve_connection(app.clone(), tcp, peer, token.clone()));
+        if failures > 0 {
+            tracing::info!(failures, "accepting connections again");
+            failures = 0;
+        }
+        let held = sockets.hold();
+        let conn = serve_connection(
+            app.clone(),
+            tcp,
+            peer,
+            token.clone(),
+            node.config.limits.max_header_bytes,
+        );
+        tokio::spawn(async move {
+            conn.await;
+            drop(held);
+        });
     }
     let deadline = tokio::time::Instant::now() + drain;
     while node.hub.conn_count() > 0 && tokio::time::Instant::now() < deadline {
@@ -77,6 +216,54 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> s
     Ok(())
 }
 
+/// Accepted sockets, against the open-file limit.
+struct Sockets {
+    open: std::sync::atomic::AtomicUsize,
+    /// Sockets accepted at most (the open-file limit less what the process
+    /// needs besides them); None without a limit.
+    max: Option<usize>,
+    closed: tokio::sync::Notify,
+}
+
+/// An accepted socket, counted until dropped.
+struct Held(Arc<Sockets>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.closed.notify_waiters();
+    }
+}
+
+impl Sockets {
+    fn new(file_limit: Option<usize>) -> Self {
+        Self {
+            open: Default::default(),
+            max: file_limit.map(|l| l.saturating_sub(32).max(1)),
+            closed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn hold(self: &Arc<Self>) -> Held {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Held(self.clone())
+    }
+
+    /// Resolves once another socket may be accepted.
+    async fn room(&self) {
+        let Some(max) = self.max else { return };
+        loop {
+            let closed = self.closed.notified();
+            if self.open.load(std::sync::atomic::Ordering::Relaxed) < max {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
 /// One HTTP/1.1 connection, with upgrades; finishes its request in flight
 /// on shutdown.
 async fn serve_connection(
@@ -84,6 +271,7 @@ async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     token: tokio_util::sync::CancellationToken,
+    max_header_bytes: usize,
 ) {
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -94,6 +282,8 @@ async fn serve_connection(
         });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
+        // A larger request head gets 431 (hyper's own answer).
+        .max_buf_size(max_header_bytes)
         .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
         .with_upgrades();
     tokio::pin!(conn);

@@ -8,8 +8,10 @@
 //! frame. Only what the kernel does not take at once is kept, in the
 //! wire's pending buffer, and written by the session task when the socket
 //! becomes writable; frames arriving meanwhile are appended behind it, so
-//! order is kept. The pending buffer is bounded in frames: a peer that
-//! stops reading overflows it and is closed as a slow consumer.
+//! order is kept. The pending buffer is bounded in frames and in bytes
+//! (`[limits] send_queue`, `send_queue_bytes`): a peer that stops reading
+//! overflows it and is closed as a slow consumer. One frame larger than the
+//! byte bound is still taken while nothing else is pending.
 //!
 //! Reading (frame parsing, unmasking, fragments, control frames, size
 //! limits) is tungstenite's, over [`WireIo`]; what tungstenite writes itself
@@ -32,7 +34,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::hub::{Deferred, QueueFull, WriteBatch};
+use crate::hub::{Deferred, QueueFull, QueueLimits, WriteBatch};
 
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 pub use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -44,7 +46,22 @@ pub type Socket = WebSocketStream<WireIo>;
 /// WebSocket opcodes the host writes itself.
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
+
+/// The close code RFC 6455 §7.4.1 gives a read error, if the peer is to be
+/// told: 1009 for a message over the size limit, 1007 for a text message
+/// that is not UTF-8, 1002 for a protocol violation (reserved bits set
+/// without an extension, a reserved opcode, a bad fragment, an unmasked
+/// frame). None when the connection itself failed.
+pub fn close_code_of(e: &WsError) -> Option<u16> {
+    match e {
+        WsError::Capacity(_) => Some(1009),
+        WsError::Utf8(_) => Some(1007),
+        WsError::Protocol(_) => Some(1002),
+        _ => None,
+    }
+}
 
 /// Why a request could not be upgraded (the status of each refusal is the
 /// one the WebSocket RFC suggests).
@@ -102,8 +119,8 @@ pub struct Upgrade {
     key: HeaderValue,
     on_upgrade: hyper::upgrade::OnUpgrade,
     config: WebSocketConfig,
-    /// Most frames kept for a peer that does not read fast enough.
-    pending_frames: usize,
+    /// What is kept for a peer that does not read fast enough.
+    pending: QueueLimits,
 }
 
 impl Upgrade {
@@ -138,20 +155,20 @@ impl Upgrade {
             key,
             on_upgrade,
             config: WebSocketConfig::default(),
-            pending_frames: 1024,
+            pending: QueueLimits::default(),
         })
     }
 
     /// Small read buffer (it grows for larger frames), no write buffer (the
     /// wire keeps what the kernel does not take), frame and message limits.
-    pub fn limits(mut self, max_message: usize, pending_frames: usize) -> Self {
+    pub fn limits(mut self, max_message: usize, pending: QueueLimits) -> Self {
         self.config = WebSocketConfig::default()
             .read_buffer_size(1024)
             .write_buffer_size(0)
             .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
-        self.pending_frames = pending_frames;
+        self.pending = pending;
         self
     }
 
@@ -167,7 +184,7 @@ impl Upgrade {
             key,
             on_upgrade,
             config,
-            pending_frames,
+            pending,
         } = self;
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
@@ -191,7 +208,7 @@ impl Upgrade {
             let hyper::upgrade::Parts { io, read_buf, .. } = parts;
             let early = read_buf.to_vec();
             drop(read_buf);
-            let wire = Arc::new(Wire::new(io.into_inner(), pending_frames));
+            let wire = Arc::new(Wire::new(io.into_inner(), pending));
             let socket = WebSocketStream::from_partially_read(
                 WireIo(wire.clone()),
                 early,
@@ -242,7 +259,7 @@ pub struct Wire {
     /// Tells the session task there is something to flush (or the wire
     /// closed).
     flush_wanted: Notify,
-    limit: usize,
+    limits: QueueLimits,
 }
 
 /// The frame's pieces as slices for one vectored write (empty parts
@@ -291,14 +308,22 @@ fn frame_header(opcode: u8, len: usize, out: &mut [u8; 10]) -> usize {
 }
 
 impl Wire {
-    pub fn new(stream: TcpStream, limit: usize) -> Self {
+    pub fn new(stream: TcpStream, limits: QueueLimits) -> Self {
         let _ = stream.set_nodelay(true);
         Self {
             stream,
             pending: Mutex::new(Pending::default()),
             flush_wanted: Notify::new(),
-            limit: limit.max(1),
+            limits: QueueLimits {
+                frames: limits.frames.max(1),
+                bytes: limits.bytes.max(1),
+            },
         }
+    }
+
+    /// Whether `more` bytes may join what is pending.
+    fn over(&self, p: &Pending, more: usize) -> bool {
+        p.frames >= self.limits.frames || p.buf.len().saturating_add(more) > self.limits.bytes
     }
 
     /// Writes one frame whose payload is the concatenation of `parts`: now
@@ -318,7 +343,7 @@ impl Wire {
             return Ok(());
         }
         if !p.buf.is_empty() {
-            if p.frames >= self.limit {
+            if self.over(&p, hl + len) {
                 return Err(QueueFull);
             }
             p.frames += 1;
@@ -398,6 +423,10 @@ impl Wire {
                 }
             }
         } else {
+            if self.over(&p, data.len()) {
+                // The peer reads nothing of what it asks for (pongs).
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             p.buf.extend_from_slice(data);
         }
         p.frames += 1;
@@ -442,6 +471,19 @@ impl Wire {
             }
             self.stream.writable().await?;
         }
+    }
+
+    /// Sends a close frame after what is pending and waits (up to a
+    /// second) for it to leave. Written here rather than through
+    /// tungstenite, whose state may be failed after a protocol error.
+    pub async fn send_close(self: &Arc<Self>, code: u16, reason: &str) {
+        let mut reason = reason.as_bytes();
+        // A control frame's payload is at most 125 bytes.
+        reason = &reason[..reason.len().min(123)];
+        if self.send(OP_CLOSE, &[&code.to_be_bytes(), reason]).is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.flush()).await;
     }
 
     /// Whether the socket failed or the session ended.
@@ -554,18 +596,21 @@ mod tests {
     }
 
     /// A client socket and the server's wire to it.
-    async fn pair(limit: usize) -> (TcpStream, Arc<Wire>) {
+    async fn pair(frames: usize, bytes: usize) -> (TcpStream, Arc<Wire>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (client, Arc::new(Wire::new(server, limit)))
+        (
+            client,
+            Arc::new(Wire::new(server, QueueLimits { frames, bytes })),
+        )
     }
 
     #[tokio::test]
     async fn a_batch_writes_a_connection_s_first_frame_at_once_and_the_rest_at_its_end() {
-        let (client, wire) = pair(16).await;
+        let (client, wire) = pair(16, 1 << 20).await;
         {
             let _batch = WriteBatch::begin();
             wire.send(OP_TEXT, &[b"a"]).unwrap();
@@ -584,7 +629,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_wait_behind_pending_bytes_and_overflow_past_the_limit() {
-        let (client, wire) = pair(4).await;
+        let (client, wire) = pair(4, 64 << 20).await;
         // The client does not read: fill the socket buffers until frames pend.
         let big = vec![b'x'; 64 * 1024];
         let mut sent = 0;
@@ -621,5 +666,48 @@ mod tests {
         wire.close();
         assert!(wire.is_closed());
         assert_eq!(wire.send(OP_TEXT, &[b"dropped"]), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn pending_bytes_are_bounded_whatever_the_frame_count() {
+        let (_client, wire) = pair(1024, 256 << 10).await;
+        let big = vec![b'x'; 64 * 1024];
+        // Until the socket buffers are full, the kernel takes every frame.
+        while wire.pending.lock().buf.is_empty() {
+            wire.send(OP_BINARY, &[&big]).unwrap();
+        }
+        let mut queued = 0;
+        let refused = loop {
+            match wire.send(OP_BINARY, &[&big]) {
+                Ok(()) => queued += 1,
+                Err(e) => break e,
+            }
+            assert!(queued < 100, "never refused");
+        };
+        assert_eq!(refused, QueueFull);
+        let held = wire.pending.lock().buf.len();
+        assert!(held <= 256 << 10, "{held} bytes pending");
+        // Frames far below the frame bound: it was the bytes that counted.
+        assert!(queued < 8, "{queued}");
+    }
+
+    #[tokio::test]
+    async fn one_frame_larger_than_the_byte_bound_still_goes_out_alone() {
+        let (client, wire) = pair(1024, 64 << 10).await;
+        let huge = vec![b'y'; 1 << 20];
+        wire.send(OP_BINARY, &[&huge]).unwrap();
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut client = client;
+            let mut all = vec![0u8; huge.len() + 10];
+            client.read_exact(&mut all).await.unwrap();
+            all
+        });
+        wire.flush().await.unwrap();
+        let all = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("the frame arrives")
+            .unwrap();
+        assert!(all[10..].iter().all(|b| *b == b'y'));
     }
 }

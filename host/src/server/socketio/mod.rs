@@ -12,7 +12,6 @@ mod session;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -20,15 +19,13 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use self::session::{EioOut, Session, Transport};
-use super::ws::{
-    CloseCode, CloseFrame, Message, Socket, Upgrade, Wire, WsError, OP_BINARY, OP_TEXT,
-};
-use crate::hub::{DirectOut, Outbound, QueueFull, SLOW_CONSUMER_CLOSE};
+use self::session::{EioOut, Opening, Session, Transport};
+use super::ws::{close_code_of, Message, Socket, Upgrade, Wire, OP_BINARY, OP_TEXT};
+use crate::hub::{DirectOut, Outbound, QueueFull, QueueLimits, SLOW_CONSUMER_CLOSE};
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::protocol::engineio::{self, HttpError, Packet};
@@ -154,17 +151,18 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
                 Ok(ws) => ws,
                 Err(_) => return eio_error(HttpError::BadRequest, &cors),
             };
-            let ws = ws.limits(cfg.max_payload, server.node.config.send_queue);
+            let ws = ws.limits(cfg.max_payload, QueueLimits::of(&server.node.config.limits));
             match sid {
                 None => {
-                    let headers = super::header_list(&parts.headers);
-                    let query = super::query_list(&parts.uri, &[]);
+                    let opening = match Opening::of(&server, &parts) {
+                        Ok(o) => o,
+                        Err(refused) => return with_headers(refused.into_response(), &cors),
+                    };
                     ws.on_upgrade(
                         move |socket, wire| async move {
                             let session = Session::start(
                                 &server,
-                                headers,
-                                query,
+                                opening,
                                 Transport::WebSocket,
                                 Some(wire.clone()),
                             );
@@ -199,9 +197,11 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
         Some("polling") => {
             let resp = match sid {
                 None if parts.method == Method::GET => {
-                    let headers = super::header_list(&parts.headers);
-                    let query = super::query_list(&parts.uri, &[]);
-                    let session = Session::start(&server, headers, query, Transport::Polling, None);
+                    let opening = match Opening::of(&server, &parts) {
+                        Ok(o) => o,
+                        Err(refused) => return with_headers(refused.into_response(), &cors),
+                    };
+                    let session = Session::start(&server, opening, Transport::Polling, None);
                     text(
                         StatusCode::OK,
                         "text/plain; charset=UTF-8",
@@ -254,8 +254,8 @@ async fn poll(session: &Arc<Session>) -> Response {
                 session.render(item, &mut out);
                 while out.len() < DRAIN {
                     match rx.try_recv() {
-                        Ok(item) => session.render(item, &mut out),
-                        Err(_) => break,
+                        Some(item) => session.render(item, &mut out),
+                        None => break,
                     }
                 }
             }
@@ -469,7 +469,7 @@ async fn run_websocket(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire
                 let carried = session.take_carry().into_iter();
                 let mut full = carried.map(|o| out.write(o)).any(|r| r.is_err());
                 if let Some(rx) = queue.as_mut() {
-                    while let Ok(item) = rx.try_recv() {
+                    while let Some(item) = rx.try_recv() {
                         full |= direct.send(item).is_err();
                     }
                 }
@@ -488,15 +488,7 @@ async fn run_websocket(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire
     let close_code = serve_websocket(&session, &mut socket, &wire, &ended).await;
     session.conn.end_direct();
     if let Some(code) = close_code {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: "".into(),
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            socket.send(Message::Close(Some(frame))).await.ok()?;
-            wire.flush().await.ok()
-        })
-        .await;
+        wire.send_close(code, "").await;
     }
 }
 
@@ -515,7 +507,10 @@ async fn serve_websocket(
     loop {
         tokio::select! {
             biased;
-            _ = &mut closed => return Some(1000),
+            // Ended by the heartbeat on shutdown, or by a plugin or the hub.
+            _ = &mut closed => {
+                return Some(if node.shutdown.is_cancelled() { 1001 } else { 1000 });
+            }
             _ = &mut shutdown => {
                 session.close("server shutting down");
                 return Some(1001);
@@ -533,13 +528,10 @@ async fn serve_websocket(
                         return None;
                     }
                     Some(Ok(_)) => continue,
-                    Some(Err(WsError::Capacity(_))) => {
-                        session.close("message over maxPayload");
-                        return Some(1009);
-                    }
-                    Some(Err(_)) => {
-                        session.close("transport error");
-                        return None;
+                    Some(Err(e)) => {
+                        let code = close_code_of(&e);
+                        session.close(if code.is_some() { "invalid WebSocket frame" } else { "transport error" });
+                        return code;
                     }
                 };
                 let result = match packet {

@@ -19,11 +19,10 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::SioServer;
-use crate::hub::{ConnHandle, Gate, Outbound};
+use crate::hub::{ConnHandle, Gate, Outbound, OutboundRx};
 use crate::node::Node;
 use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
 use crate::protocol::engineio::{self, Packet};
@@ -64,6 +63,38 @@ type Held = (u64, Vec<Outbound>);
 struct PendingBinary {
     packet: sio::Packet,
     attachments: Vec<Vec<u8>>,
+    /// Bytes of the attachments so far: at most `max_payload` in all, as
+    /// one message may not be larger.
+    bytes: usize,
+}
+
+/// What a session keeps of the handshake request that opened it.
+pub struct Opening {
+    headers: Arc<[(String, String)]>,
+    query: Arc<[(String, String)]>,
+    ticket: crate::server::admission::Ticket,
+}
+
+impl Opening {
+    /// Admits the client (or refuses it) and keeps what plugins are handed.
+    pub fn of(
+        server: &SioServer,
+        parts: &axum::http::request::Parts,
+    ) -> Result<Self, crate::server::admission::Refused> {
+        let admission = &server.node.admission;
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0)
+            .unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
+        let ticket = admission.admit(admission.client_address(peer, &parts.headers))?;
+        let (headers, query) = crate::server::kept_request(&parts.headers, &parts.uri, &[]);
+        Ok(Self {
+            headers,
+            query,
+            ticket,
+        })
+    }
 }
 
 /// One Engine.IO session.
@@ -76,7 +107,7 @@ pub struct Session {
     query: Arc<[(String, String)]>,
     /// The outbound queue of a polling session; the current transport holds
     /// the lock while draining. None once the session writes directly.
-    pub rx: tokio::sync::Mutex<Option<mpsc::Receiver<Outbound>>>,
+    pub rx: tokio::sync::Mutex<Option<OutboundRx>>,
     /// The direct writer, once the session is on WebSocket.
     pub ws_out: std::sync::OnceLock<Arc<super::SioOut>>,
     transport: AtomicU8,
@@ -97,6 +128,8 @@ pub struct Session {
     /// Packets rendered for a poll but kept for the next one.
     carried: Mutex<Vec<EioOut>>,
     connected_once: AtomicBool,
+    /// Given back when the session ends.
+    ticket: Mutex<Option<crate::server::admission::Ticket>>,
 }
 
 /// Why a session ends because of what the client sent.
@@ -108,6 +141,8 @@ pub enum ProtocolError {
     Socket(#[from] sio::DecodeError),
     #[error("unexpected binary message")]
     UnexpectedBinary,
+    #[error("attachments of one packet larger than maxPayload")]
+    AttachmentsTooLarge,
     #[error("text packet while attachments were expected")]
     ExpectedBinary,
     #[error("packet for namespace {0} which is not connected")]
@@ -141,8 +176,7 @@ impl Session {
     /// start and has no queue.
     pub fn start(
         server: &Arc<SioServer>,
-        headers: Arc<[(String, String)]>,
-        query: Arc<[(String, String)]>,
+        opening: Opening,
         transport: Transport,
         wire: Option<Arc<super::Wire>>,
     ) -> Arc<Session> {
@@ -165,21 +199,12 @@ impl Session {
                         id,
                         crate::hub::Protocol::SocketIo,
                         None,
-                        node.config.send_queue,
+                        crate::hub::QueueLimits::of(&node.config.limits),
                     );
                     (conn, Some(rx), std::sync::OnceLock::new())
                 }
             };
-            Self::new(
-                server,
-                node.clone(),
-                conn,
-                headers,
-                query,
-                rx,
-                ws_out,
-                transport,
-            )
+            Self::new(server, node.clone(), conn, opening, rx, ws_out, transport)
         });
         node.open_conn(session.conn.clone());
         server
@@ -190,14 +215,12 @@ impl Session {
         session
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn new(
         server: &Arc<SioServer>,
         node: Arc<Node>,
         conn: Arc<ConnHandle>,
-        headers: Arc<[(String, String)]>,
-        query: Arc<[(String, String)]>,
-        rx: Option<mpsc::Receiver<Outbound>>,
+        opening: Opening,
+        rx: Option<OutboundRx>,
         ws_out: std::sync::OnceLock<Arc<super::SioOut>>,
         transport: Transport,
     ) -> Session {
@@ -206,8 +229,9 @@ impl Session {
             node,
             server: Arc::downgrade(server),
             conn,
-            headers,
-            query,
+            headers: opening.headers,
+            query: opening.query,
+            ticket: Mutex::new(Some(opening.ticket)),
             rx: tokio::sync::Mutex::new(rx),
             ws_out,
             transport: AtomicU8::new(transport as u8),
@@ -273,6 +297,7 @@ impl Session {
             "socket.io session closed: {why}"
         );
         self.closed.cancel();
+        self.ticket.lock().take();
         if let Some(server) = self.server.upgrade() {
             server.sessions.lock().remove(&self.sid);
         }
@@ -322,6 +347,7 @@ impl Session {
                     *pending = Some(PendingBinary {
                         packet: p,
                         attachments: Vec::new(),
+                        bytes: 0,
                     });
                 } else {
                     self.on_sio(p, Vec::new()).await?;
@@ -331,6 +357,10 @@ impl Session {
                 let Some(mut p) = pending.take() else {
                     return Err(ProtocolError::UnexpectedBinary);
                 };
+                p.bytes += bytes.len();
+                if p.bytes > self.node.config.socketio.max_payload {
+                    return Err(ProtocolError::AttachmentsTooLarge);
+                }
                 p.attachments.push(bytes);
                 if p.attachments.len() == p.packet.attachments {
                     self.on_sio(p.packet, p.attachments).await?;
@@ -520,6 +550,68 @@ impl Session {
     }
 }
 
+/// When the heartbeat acts next: it pings `interval` after the last pong
+/// (or the start), then waits `timeout` for the pong; a session is closed
+/// at most `interval + timeout` after it last answered, as the reference
+/// server does. Other timers (the connect deadline) never move it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Heartbeat {
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    /// When the next ping is due, or, while a pong is awaited, when the
+    /// session is closed.
+    deadline: tokio::time::Instant,
+    waiting_pong: bool,
+}
+
+/// What the heartbeat does when its deadline passes.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Beat {
+    Ping,
+    TimedOut,
+}
+
+impl Heartbeat {
+    pub(super) fn new(
+        interval: std::time::Duration,
+        timeout: std::time::Duration,
+        now: tokio::time::Instant,
+    ) -> Self {
+        Self {
+            interval,
+            timeout,
+            deadline: now + interval,
+            waiting_pong: false,
+        }
+    }
+
+    pub(super) fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+
+    pub(super) fn waiting_pong(&self) -> bool {
+        self.waiting_pong
+    }
+
+    /// The deadline passed at `now`.
+    pub(super) fn fire(&mut self, now: tokio::time::Instant) -> Beat {
+        if self.waiting_pong {
+            return Beat::TimedOut;
+        }
+        self.waiting_pong = true;
+        self.deadline = now + self.timeout;
+        Beat::Ping
+    }
+
+    /// A pong arrived at `now` (ignored unless one was asked for).
+    pub(super) fn pong(&mut self, now: tokio::time::Instant) {
+        if self.waiting_pong {
+            self.waiting_pong = false;
+            self.deadline = now + self.interval;
+        }
+    }
+}
+
 /// The session's one timer task: pings, pong deadlines, the connect
 /// timeout, close requests and shutdown.
 async fn heartbeat(session: Arc<Session>) {
@@ -528,25 +620,33 @@ async fn heartbeat(session: Arc<Session>) {
     let connect_deadline = tokio::time::sleep(cfg.connect_timeout);
     tokio::pin!(connect_deadline);
     let mut connect_pending = true;
-    let mut waiting_pong = false;
+    let mut beat = Heartbeat::new(
+        cfg.ping_interval,
+        cfg.ping_timeout,
+        tokio::time::Instant::now(),
+    );
+    let timer = tokio::time::sleep_until(beat.deadline());
+    tokio::pin!(timer);
     loop {
-        let wait = if waiting_pong {
-            cfg.ping_timeout
-        } else {
-            cfg.ping_interval
-        };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {
-                if waiting_pong {
-                    session.close("ping timeout");
-                    return;
+            _ = &mut timer => {
+                match beat.fire(tokio::time::Instant::now()) {
+                    Beat::TimedOut => {
+                        session.close("ping timeout");
+                        return;
+                    }
+                    Beat::Ping => {
+                        // A PONG nobody asked for does not answer this ping.
+                        let _ = futures_util::FutureExt::now_or_never(session.pong.notified());
+                        session.conn.push(Outbound::Text(Packet::Ping(String::new()).encode()));
+                    }
                 }
-                // A PONG nobody asked for does not answer this ping.
-                let _ = futures_util::FutureExt::now_or_never(session.pong.notified());
-                session.conn.push(Outbound::Text(Packet::Ping(String::new()).encode()));
-                waiting_pong = true;
+                timer.as_mut().reset(beat.deadline());
             }
-            _ = session.pong.notified(), if waiting_pong => waiting_pong = false,
+            _ = session.pong.notified(), if beat.waiting_pong() => {
+                beat.pong(tokio::time::Instant::now());
+                timer.as_mut().reset(beat.deadline());
+            }
             _ = &mut connect_deadline, if connect_pending => {
                 connect_pending = false;
                 if !session.connected_once.load(Ordering::SeqCst) {
@@ -572,5 +672,37 @@ async fn heartbeat(session: Arc<Session>) {
             }
             _ = session.closed.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_silent_session_ends_interval_plus_timeout_after_its_last_pong() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut hb = Heartbeat::new(s(25), s(20), t0);
+        assert_eq!(hb.deadline(), t0 + s(25));
+        assert_eq!(hb.fire(t0 + s(25)), Beat::Ping);
+        assert_eq!(hb.deadline(), t0 + s(45), "45 s, not 65");
+        assert_eq!(hb.fire(t0 + s(45)), Beat::TimedOut);
+    }
+
+    #[test]
+    fn a_pong_schedules_the_next_ping_and_stray_pongs_change_nothing() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut hb = Heartbeat::new(s(25), s(20), t0);
+        hb.pong(t0 + s(3));
+        assert_eq!(hb.deadline(), t0 + s(25), "a pong nobody asked for");
+        assert_eq!(hb.fire(t0 + s(25)), Beat::Ping);
+        hb.pong(t0 + s(26));
+        assert!(!hb.waiting_pong());
+        assert_eq!(hb.deadline(), t0 + s(51));
+        assert_eq!(hb.fire(t0 + s(51)), Beat::Ping);
     }
 }
