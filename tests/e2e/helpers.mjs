@@ -63,7 +63,7 @@ user_claim = "id"
  * `apiKey`: the [api] key, or null for none.
  * Resolves once it listens. The caller must `await host.stop()`.
  */
-export async function startHost({ plugins = ['misskey', 'probe'], config = '', env = {}, apiKey = API_KEY, cacheDir = path.join(ROOT, 'target/test-cache') } = {}) {
+export async function startHost({ plugins = ['misskey', 'probe'], config = '', env = {}, apiKey = API_KEY, cacheDir = path.join(ROOT, 'target/test-cache'), wrap = [] } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chanhost-test-'));
   const pluginsDir = path.join(dir, 'plugins');
   fs.mkdirSync(pluginsDir);
@@ -71,7 +71,9 @@ export async function startHost({ plugins = ['misskey', 'probe'], config = '', e
   const configPath = path.join(dir, 'chanhost.toml');
   const api = apiKey ? `[api]\nkey = "${apiKey}"\n` : '';
   fs.writeFileSync(configPath, `listen = "127.0.0.1:0"\ncache_dir = ${JSON.stringify(cacheDir)}\n${api}${AUTH_CONFIG}\n${config}\n`);
-  const proc = spawn(BIN, ['serve', '--config', configPath, '--plugins', pluginsDir], {
+  // `wrap`: a command the host runs under (e.g. prlimit), its arguments first.
+  const [cmd, ...pre] = [...wrap, BIN];
+  const proc = spawn(cmd, [...pre, 'serve', '--config', configPath, '--plugins', pluginsDir], {
     env: { ...process.env, CHANHOST_LOG: 'info', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

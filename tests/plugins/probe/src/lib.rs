@@ -95,6 +95,17 @@ impl Guest for Probe {
         if !room.is_empty() {
             host::join(&req.target, room);
         }
+        if params.get("echoRequest") == Some(&Value::Bool(true)) {
+            let pairs = |l: &[(String, String)]| {
+                Value::Array(
+                    l.iter()
+                        .map(|(k, v)| Value::Array(vec![k.clone().into(), v.clone().into()]))
+                        .collect(),
+                )
+            };
+            let body = serde_json::json!({"headers": pairs(&req.headers), "query": pairs(&req.query)});
+            host::send(&req.target, "request", &json(body.to_string()));
+        }
         if params.get("echoCredential") == Some(&Value::Bool(true)) {
             let cred = req.credential.clone().map_or(Value::Null, Value::String);
             host::send(&req.target, "credential", &json(cred.to_string()));
