@@ -1,14 +1,15 @@
 //! Socket.IO: any text decodes or errors, never panics; a decoded event's
 //! arguments are a JSON array; a decoded binary packet's placeholders always
-//! name exactly its attachments.
+//! name exactly its attachments; a namespace is never longer than the bound.
 #![no_main]
 
-use chanhost_fuzz::socketio::{count_placeholders, decode};
+use chanhost_fuzz::socketio::{count_placeholders, decode, MAX_NAMESPACE_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
     if let Ok(p) = decode(s) {
+        assert!(p.nsp.len() <= MAX_NAMESPACE_BYTES);
         let n = match (&p.data, &p.event) {
             (_, Some(ev)) => {
                 let args: serde_json::Value =

@@ -5,5 +5,7 @@
 pub mod engineio;
 #[path = "../../host/src/protocol/misskey.rs"]
 pub mod misskey;
+#[path = "../../host/src/protocol/publish.rs"]
+pub mod publish;
 #[path = "../../host/src/protocol/socketio.rs"]
 pub mod socketio;

@@ -19,7 +19,7 @@ use crate::{cargo, npm_ci, root, run};
 
 /// A server under test.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Server {
+pub(crate) enum Server {
     /// chanhost, clients speaking Misskey.
     ChanhostMisskey,
     /// chanhost, clients speaking Socket.IO.
@@ -70,9 +70,9 @@ impl Server {
     }
 }
 
-struct Running {
-    child: Child,
-    port: u16,
+pub(crate) struct Running {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
 }
 
 impl Drop for Running {
@@ -88,14 +88,14 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn taskset(core: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+pub(crate) fn taskset(core: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new("taskset");
     c.args(["-c", core]).arg(program);
     c
 }
 
 /// Starts a server on core 0 and waits for its "listening on" line.
-fn start(server: Server, plugins: &Path) -> Result<Running> {
+pub(crate) fn start(server: Server, plugins: &Path) -> Result<Running> {
     let root = root();
     let port = free_port()?;
     let mut cmd = match server {
@@ -230,7 +230,7 @@ fn build() -> Result<PathBuf> {
     Ok(plugins)
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

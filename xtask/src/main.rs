@@ -9,12 +9,18 @@
 //! - `run`: builds the plugins and runs the host (release) with
 //!   `examples/chanhost.toml`.
 //! - `test`: everything the test suite needs, then every test: the
-//!   wasm target, the plugins, the host, `cargo test`, the example plugins
-//!   with their toolchains, the npm packages of the end-to-end tests (from
-//!   the lockfile), and the end-to-end tests.
+//!   wasm target, the plugins, the host, `cargo test`, a bounded run of
+//!   every fuzz target, the example plugins with their toolchains, the npm
+//!   packages of the end-to-end tests (from the lockfile), and the
+//!   end-to-end tests.
+//! - `soak [--quick]`: the host under hostile and mixed loads, measured by
+//!   its memory (see [`soak`]); writes `docs/soak.md`.
+//! - `fuzz [SECONDS]`: every target of `fuzz/` for SECONDS each (default
+//!   30), with cargo-fuzz installed into `target/toolchains`.
 
 mod bench;
 mod examples;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -171,6 +177,7 @@ fn test(filter: &[String]) -> Result<()> {
             .current_dir(root.join("plugins"))
             .env("CARGO_TARGET_DIR", root.join("target/wasm"))
             .args(["test", "--workspace"]))?;
+        fuzz(30)?;
     }
     // The example plugins in every language (their toolchains too: the
     // end-to-end tests build `chanhost new-plugin` skeletons with them).
@@ -196,6 +203,66 @@ fn test(filter: &[String]) -> Result<()> {
     run(&mut node)
 }
 
+/// The cargo-fuzz release the fuzz run installs.
+const CARGO_FUZZ: &str = "0.13.2";
+
+/// The `[[bin]]` names of `fuzz/Cargo.toml`: its targets.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(root().join("fuzz/Cargo.toml"))?;
+    let mut in_bin = false;
+    let mut names = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if in_bin {
+            if let Some(v) = line.strip_prefix("name") {
+                names.push(
+                    v.trim_start()
+                        .trim_start_matches('=')
+                        .trim()
+                        .trim_matches('"')
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// Runs every fuzz target for `seconds`; a crash fails the run (its input
+/// is left in `fuzz/artifacts/<target>/`).
+fn fuzz(seconds: u64) -> Result<()> {
+    let root = root();
+    let tools = examples::toolchains();
+    let bin = tools.join("bin");
+    let stamp = tools.join(format!(".cargo-fuzz-{CARGO_FUZZ}"));
+    if !stamp.exists() {
+        run(cargo()
+            .args(["install", "--locked", "--version", CARGO_FUZZ, "--root"])
+            .arg(&tools)
+            .arg("cargo-fuzz"))?;
+        std::fs::write(&stamp, "")?;
+    }
+    let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
+    for target in fuzz_targets()? {
+        run(cargo()
+            .current_dir(root.join("fuzz"))
+            .env("PATH", &path)
+            // libFuzzer's instrumentation needs unstable flags.
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args([
+                "fuzz",
+                "run",
+                &target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+            ]))?;
+    }
+    Ok(())
+}
+
 fn run_host() -> Result<()> {
     let root = root();
     plugins()?;
@@ -219,8 +286,16 @@ fn main() -> Result<()> {
         Some("run") => run_host(),
         Some("examples") => examples::examples().map(|_| ()),
         Some("bench") => bench::bench(&args[1..]),
+        Some("soak") => soak::soak(&args[1..]),
+        Some("fuzz") => {
+            let secs = match args.get(1) {
+                Some(s) => s.parse().context("fuzz SECONDS must be a number")?,
+                None => 30,
+            };
+            fuzz(secs)
+        }
         _ => {
-            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run|bench [--quick] [--repeat N]>");
+            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run|bench [--quick] [--repeat N]|soak [--quick]|fuzz [SECONDS]>");
             std::process::exit(2);
         }
     }

@@ -3,4 +3,5 @@
 
 pub mod engineio;
 pub mod misskey;
+pub mod publish;
 pub mod socketio;

@@ -20,11 +20,14 @@
 //!   frames per second, latency percentiles (HdrHistogram) and drops.
 //! - `upstream`: publishers send as fast as the server takes messages; one
 //!   subscriber counts what is delivered; reports messages per second.
+//! - `attack-ids`, `attack-slow`, `attack-headers`, `soak`: hostile and
+//!   mixed loads measured by the server's memory ([`soak`]).
 //! - `serve-native`: not a load, a server: chanhost embedded with the
 //!   broadcast contract as a native plugin ([`native`]), the baseline the
 //!   upstream scenario measures the WebAssembly plugin against.
 
 mod native;
+mod soak;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -71,6 +74,17 @@ struct Target {
     concurrency: usize,
 }
 
+/// The server of the memory scenarios.
+#[derive(Debug, clap::Args, Clone)]
+struct Server {
+    /// Server origin, e.g. ws://127.0.0.1:3000
+    #[arg(long)]
+    url: String,
+    /// The server's process id, for its memory figures.
+    #[arg(long)]
+    pid: u32,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Hold N idle connections.
@@ -105,6 +119,43 @@ enum Cmd {
         /// first 1.5 s, then ~85–130 ms).
         #[arg(long, default_value_t = 2)]
         warmup: u64,
+    },
+    /// Anonymous Misskey streams filling every instance and capture slot
+    /// with ids of `id_bytes`.
+    AttackIds {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 10)]
+        conns: usize,
+        #[arg(long, default_value_t = 60_000)]
+        id_bytes: usize,
+    },
+    /// Clients that never read, in a room receiving `events` of `size` bytes.
+    AttackSlow {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
+        #[arg(long, default_value_t = 600)]
+        events: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        size: usize,
+    },
+    /// Polling handshakes with `header_bytes` of headers, closed at once.
+    AttackHeaders {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 2000)]
+        n: usize,
+        #[arg(long, default_value_t = 361_000)]
+        header_bytes: usize,
+    },
+    /// A mixed load for `secs`, then everything closed.
+    Soak {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
     },
     /// Serve the benchmarks' broadcast contract from a native plugin of an
     /// embedded host (the baseline of the upstream scenario).
@@ -525,6 +576,23 @@ fn main() -> Result<()> {
                 payload,
                 secs,
             } => upstream_scenario(target, senders, window, payload, secs).await,
+            Cmd::AttackIds {
+                server,
+                conns,
+                id_bytes,
+            } => soak::attack_ids(&server.url, server.pid, conns, id_bytes).await,
+            Cmd::AttackSlow {
+                server,
+                clients,
+                events,
+                size,
+            } => soak::attack_slow(&server.url, server.pid, clients, events, size).await,
+            Cmd::AttackHeaders {
+                server,
+                n,
+                header_bytes,
+            } => soak::attack_headers(&server.url, server.pid, n, header_bytes).await,
+            Cmd::Soak { server, secs } => soak::soak(&server.url, server.pid, secs).await,
             Cmd::ServeNative { listen } => native::serve(listen)
                 .await
                 .map(|()| serde_json::Value::Null),
