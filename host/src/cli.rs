@@ -97,6 +97,7 @@ pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
     node.load_plugins().await?;
     node.spawn_watcher()?;
     crate::stats::spawn(Arc::downgrade(&node));
+    crate::memory::spawn_trimmer(node.shutdown.clone());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

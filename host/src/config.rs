@@ -252,7 +252,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             send_queue: 1024,
-            send_queue_bytes: 4 << 20,
+            send_queue_bytes: 1 << 20,
             body_timeout: Duration::from_secs(30),
             max_header_bytes: 64 << 10,
             max_connections: None,

@@ -10,6 +10,7 @@
 //! - [`server`]: HTTP and WebSocket sessions; [`api`]: publish and operations.
 //! - [`stats`]: machine figures for Misskey's `serverStats`.
 //! - [`auth`], [`config`], [`metrics`], [`cli`]; [`scaffold`] writes new plugins.
+//! - [`logging`]: one-line log records; [`memory`]: freed memory given back.
 
 pub mod api;
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod hub;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod plugin;

@@ -4,6 +4,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    chanhost::memory::tune();
     chanhost::logging::init();
     let cli = chanhost::cli::Cli::parse();
     match chanhost::cli::run(cli) {

@@ -89,10 +89,14 @@ fn render(results: &[(String, Value)], quick: bool) -> String {
             Some("attack-headers") => (
                 mib(v, "rss_after_kib"),
                 "–".into(),
-                format!(
-                    "{} accepted, {} refused; {:.1} KiB kept per accepted session",
-                    v["accepted"], v["refused"], v["kib_kept_per_session"].as_f64().unwrap_or(f64::NAN)
-                ),
+                if v["accepted"].as_u64() == Some(0) {
+                    format!("all {} refused (431)", v["refused"])
+                } else {
+                    format!(
+                        "{} accepted, {} refused; {:.1} KiB kept per accepted session",
+                        v["accepted"], v["refused"], v["kib_kept_per_session"].as_f64().unwrap_or(f64::NAN)
+                    )
+                },
             ),
             _ => (
                 "–".into(),
@@ -126,7 +130,7 @@ fn render(results: &[(String, Value)], quick: bool) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "\nThe soak's memory, one sample a second (MiB), the last ten after every client closed:\n\n```\n{}\n```",
+            "\nThe soak's memory, one sample a second (MiB), the last fifteen after every client closed:\n\n```\n{}\n```",
             series.join(" ")
         );
     }

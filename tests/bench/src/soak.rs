@@ -166,8 +166,10 @@ pub async fn attack_ids(
             }
             ws.flush().await?;
             // Frames are handled in order: once this is answered, all were.
-            // (A 33rd instance would be past the limit: replace one.)
-            connected(&mut ws, &id('c', 0)).await?;
+            // Ids the host keeps fill all 32 instances: replace one; with
+            // ids past the bound none was opened: a new short one.
+            let barrier = if id_bytes <= 128 { id('c', 0) } else { "done".into() };
+            connected(&mut ws, &barrier).await?;
             anyhow::Ok(ws)
         }));
     }
@@ -180,7 +182,8 @@ pub async fn attack_ids(
     for mut ws in held {
         let _ = ws.close(None).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Past the host's trim period (10 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
     stop.cancel();
     let peak = peak.await?;
     let closed = rss(pid);
@@ -218,7 +221,8 @@ pub async fn attack_slow(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let loaded = rss(pid);
     drop(idle);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Past the host's trim period (10 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
     stop.cancel();
     let peak = peak.await?;
     Ok(serde_json::json!({
@@ -429,7 +433,8 @@ pub async fn soak(url: &str, pid: u32, secs: u64) -> Result<serde_json::Value> {
     }
     // Everything closed: what is left over the baseline did not come back.
     let mut settled = Vec::new();
-    for _ in 0..10 {
+    // Longer than the host's trim period (10 s).
+    for _ in 0..15 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         settled.push(rss(pid));
     }
