@@ -1,13 +1,16 @@
-//! chanhost: a realtime gateway for the Misskey streaming protocol (and,
-//! next, Socket.IO) whose channels are WebAssembly component plugins.
+//! chanhost: a realtime gateway for the Misskey streaming protocol and
+//! Socket.IO (Engine.IO v4 / Socket.IO v5) whose channels are WebAssembly
+//! component plugins.
 //!
 //! Module map (the tree reads as the architecture):
-//! - [`protocol`]: wire codecs without I/O.
+//! - [`protocol`]: wire codecs without I/O (Misskey, Engine.IO, Socket.IO,
+//!   the API bodies).
 //! - [`hub`]: connections, instances, rooms, captures, fan-out.
 //! - [`plugin`]: the wasmtime runtime, registry, hot reload.
 //! - [`broker`]: how publishes reach every node (in-memory by default).
 //! - [`node`]: owns all of the above for one process.
-//! - [`server`]: HTTP and WebSocket sessions; [`api`]: publish and operations.
+//! - [`server`]: the HTTP server, admission of clients, the WebSocket wire,
+//!   Misskey and Socket.IO sessions; [`api`]: publish and operations.
 //! - [`stats`]: machine figures for Misskey's `serverStats`.
 //! - [`auth`], [`config`], [`metrics`], [`cli`]; [`scaffold`] writes new plugins.
 //! - [`logging`]: one-line log records; [`memory`]: freed memory given back.

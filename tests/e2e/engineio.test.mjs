@@ -190,6 +190,33 @@ describe('Engine.IO', () => {
     ws.send('3');
   });
 
+  test('a client close while a poll waits: that poll gets a noop, the next an unknown sid', async () => {
+    const { open } = await handshake();
+    const pending = get(open.sid);
+    await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(await post(open.sid, '1'), { status: 200, body: 'ok' });
+    assert.deepEqual([(await pending).status, (await pending).body], [200, '6']);
+    const next = await get(open.sid);
+    assert.equal(next.status, 400);
+    assert.deepEqual(JSON.parse(next.body), { code: 1, message: 'Session ID unknown' });
+  });
+
+  test('a second WebSocket for an upgraded session is accepted, then closed; the session carries on', async () => {
+    const sid = await connected();
+    const { ws, frames } = await probe(sid);
+    ws.send('5');
+    const second = new WebSocket(`${host.ws}/socket.io/?EIO=4&transport=websocket&sid=${sid}`);
+    second.on('error', () => {});
+    const outcome = await Promise.race([
+      once(second, 'open').then(() => 'open'),
+      once(second, 'unexpected-response').then(() => 'refused'),
+    ]);
+    assert.equal(outcome, 'open');
+    await once(second, 'close');
+    ws.send('42["message","still here"]');
+    await until(() => frames.includes('42["message-back","still here"]'));
+  });
+
   test('an upgrade not completed in time is abandoned; polling carries on', async () => {
     const sid = await connected();
     const { ws, frames } = await probe(sid);

@@ -8,7 +8,8 @@
 //!   (see [`bench`]); writes `BENCHMARKS.md`.
 //! - `run`: builds the plugins and runs the host (release) with
 //!   `examples/chanhost.toml`.
-//! - `test`: everything the test suite needs, then every test: the
+//! - `test`: everything the test suite needs, then every check and test:
+//!   `cargo fmt --check`, clippy and `cargo doc` with warnings denied, the
 //!   wasm target, the plugins, the host, `cargo test`, a bounded run of
 //!   every fuzz target, the example plugins with their toolchains, the npm
 //!   packages of the end-to-end tests (from the lockfile), and the
@@ -163,8 +164,51 @@ fn npm_ci(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The habits CI holds every change to: formatting, clippy with warnings
+/// denied, documentation without broken links, in every Rust workspace of
+/// the repository.
+fn checks() -> Result<()> {
+    let root = root();
+    ensure_wasm_target()?;
+    let wasm_target = root.join("target/wasm");
+    for dir in ["", "plugins", "tests/plugins", "fuzz", "examples/chat-rust"] {
+        run(cargo()
+            .current_dir(root.join(dir))
+            .args(["fmt", "--all", "--check"]))?;
+    }
+    run(cargo().current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    for dir in ["plugins", "tests/plugins"] {
+        run(cargo()
+            .current_dir(root.join(dir))
+            .env("CARGO_TARGET_DIR", &wasm_target)
+            .args([
+                "clippy",
+                "--workspace",
+                "--target",
+                WASM_TARGET,
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+    }
+    run(cargo()
+        .current_dir(&root)
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .args(["doc", "--workspace", "--no-deps"]))
+}
+
 fn test(filter: &[String]) -> Result<()> {
     let root = root();
+    if filter.is_empty() {
+        checks()?;
+    }
     plugins()?;
     run(cargo()
         .current_dir(&root)

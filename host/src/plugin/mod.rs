@@ -7,7 +7,11 @@
 //! - [`engine`] configures wasmtime (pooling allocator, epoch deadlines,
 //!   memory and stack limits, deny-by-default WASI) and caches compiled code.
 //! - [`runtime`] runs each plugin on its own thread: one long-lived instance,
-//!   calls one at a time, a failed call rebuilds the instance with backoff.
+//!   calls one at a time from a queue bounded in calls and bytes, a failed
+//!   call rebuilds the instance with backoff.
+//! - [`native`]: plugins compiled into a program that embeds the host,
+//!   behind the same slot and thread.
+//! - [`kv`]: each plugin's key-value store.
 //! - [`registry`] maps channel names and frame types to plugins, and loads,
 //!   replaces and removes plugin files.
 //! - [`watcher`] watches the plugins folder and reconciles it with the registry.

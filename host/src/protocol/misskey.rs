@@ -1,7 +1,8 @@
 //! The Misskey streaming protocol as a codec, without I/O.
 //!
 //! [`parse`] turns one client text frame into a [`ClientFrame`]; the
-//! `encode_*` functions and [`EventTail`] build server frames. Frames follow
+//! `encode_*` functions build server frames (an event's frame as a head,
+//! the member's quoted id and a shared tail: [`encode_event_tail`]). Frames follow
 //! misskey-dev/misskey `packages/backend/src/server/api/stream/Connection.ts`:
 //! every frame is a JSON object `{type, body}`. Client frames that are not
 //! JSON, or lack the fields a type needs, are reported as [`ParseError`] so

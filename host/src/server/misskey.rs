@@ -233,7 +233,7 @@ impl Session {
             }
         };
         if let End::Close(code, reason) = end {
-            wire.send_close(code, &reason).await;
+            wire.send_close(Some(code), &reason).await;
         }
     }
 

@@ -1,5 +1,12 @@
-//! The HTTP server: one port for the Misskey stream, the API and the
-//! operational endpoints, graceful shutdown on SIGTERM/SIGINT.
+//! The HTTP server: one port for the Misskey stream, Socket.IO, the API and
+//! the operational endpoints; the limits every request meets on the way in
+//! (client admission, the request head's size, the body's deadline) and
+//! what a connection keeps of its request; graceful shutdown on
+//! SIGTERM/SIGINT.
+//!
+//! - [`admission`]: client connection caps and the client's address.
+//! - [`ws`]: the WebSocket upgrade and the wire frames are written to.
+//! - [`misskey`], [`socketio`]: the protocol sessions.
 
 pub mod admission;
 pub mod misskey;

@@ -476,11 +476,17 @@ impl Wire {
     /// Sends a close frame after what is pending and waits (up to a
     /// second) for it to leave. Written here rather than through
     /// tungstenite, whose state may be failed after a protocol error.
-    pub async fn send_close(self: &Arc<Self>, code: u16, reason: &str) {
-        let mut reason = reason.as_bytes();
-        // A control frame's payload is at most 125 bytes.
-        reason = &reason[..reason.len().min(123)];
-        if self.send(OP_CLOSE, &[&code.to_be_bytes(), reason]).is_err() {
+    /// Without a code the frame is empty (the peer sees 1005).
+    pub async fn send_close(self: &Arc<Self>, code: Option<u16>, reason: &str) {
+        let sent = match code {
+            Some(code) => {
+                // A control frame's payload is at most 125 bytes.
+                let reason = &reason.as_bytes()[..reason.len().min(123)];
+                self.send(OP_CLOSE, &[&code.to_be_bytes(), reason])
+            }
+            None => self.send(OP_CLOSE, &[]),
+        };
+        if sent.is_err() {
             return;
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.flush()).await;

@@ -180,9 +180,15 @@ async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response 
                     let Some(session) = server.sessions.lock().get(sid.as_str()).cloned() else {
                         return eio_error(HttpError::UnknownSid, &cors);
                     };
-                    // One upgrade at a time, and only from polling.
+                    // One upgrade at a time, and only from polling. A second
+                    // WebSocket for a session that upgrades or has upgraded
+                    // is accepted and closed at once, as the reference server
+                    // does; the session itself is untouched.
                     if !session.switch_transport(Transport::Polling, Transport::Upgrading) {
-                        return eio_error(HttpError::BadRequest, &cors);
+                        return ws.on_upgrade(
+                            |_socket, wire| async move { wire.send_close(None, "").await },
+                            || {},
+                        );
                     }
                     let failed = session.clone();
                     ws.on_upgrade(
@@ -260,7 +266,14 @@ async fn poll(session: &Arc<Session>) -> Response {
                 }
             }
             _ = session.closed.cancelled() => {
-                out.push(EioOut::Text(close.clone()));
+                // The client closed the session itself (a POSTed close
+                // packet): the waiting poll gets a noop, and the next one
+                // an unknown sid. Otherwise the client is told of the close.
+                if session.closed_by_client() {
+                    out.push(EioOut::Text(Packet::Noop.encode()));
+                } else {
+                    out.push(EioOut::Text(close.clone()));
+                }
                 break;
             }
         }
@@ -319,7 +332,7 @@ async fn post(session: &Arc<Session>, body: Body) -> Response {
             // A client's close is a normal end: answered `ok`, as the
             // reference server does.
             Err(session::ProtocolError::ClientClose) => {
-                session.close("client closed the session");
+                session.client_close();
                 break;
             }
             Err(e) => {
@@ -488,7 +501,7 @@ async fn run_websocket(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire
     let close_code = serve_websocket(&session, &mut socket, &wire, &ended).await;
     session.conn.end_direct();
     if let Some(code) = close_code {
-        wire.send_close(code, "").await;
+        wire.send_close(Some(code), "").await;
     }
 }
 

@@ -128,6 +128,9 @@ pub struct Session {
     /// Packets rendered for a poll but kept for the next one.
     carried: Mutex<Vec<EioOut>>,
     connected_once: AtomicBool,
+    /// The client ended the session with a close packet (a poll waiting
+    /// meanwhile is answered with a noop, as the reference server does).
+    client_closed: AtomicBool,
     /// Given back when the session ends.
     ticket: Mutex<Option<crate::server::admission::Ticket>>,
 }
@@ -244,6 +247,7 @@ impl Session {
             generation: std::sync::atomic::AtomicU64::new(0),
             carried: Mutex::new(Vec::new()),
             connected_once: AtomicBool::new(false),
+            client_closed: AtomicBool::new(false),
         }
     }
 
@@ -283,6 +287,17 @@ impl Session {
         self.transport
             .compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
+    }
+
+    /// Ends the session because the client sent a close packet.
+    pub fn client_close(&self) {
+        self.client_closed.store(true, Ordering::SeqCst);
+        self.close("client closed the session");
+    }
+
+    /// Whether the client ended the session with a close packet.
+    pub fn closed_by_client(&self) -> bool {
+        self.client_closed.load(Ordering::SeqCst)
     }
 
     /// Ends the session: forgets it, ends its sockets (plugins hear
