@@ -6,7 +6,9 @@ use chanhost_fuzz::misskey::{parse, ClientFrame, MAX_CHANNEL_BYTES, MAX_ID_BYTES
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     match parse(s) {
         Ok(ClientFrame::Connect { channel, id, .. }) => {
             assert!(channel.len() <= MAX_CHANNEL_BYTES && id.len() <= MAX_ID_BYTES);

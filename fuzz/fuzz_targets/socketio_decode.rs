@@ -7,7 +7,9 @@ use chanhost_fuzz::socketio::{count_placeholders, decode, MAX_NAMESPACE_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(p) = decode(s) {
         assert!(p.nsp.len() <= MAX_NAMESPACE_BYTES);
         let n = match (&p.data, &p.event) {

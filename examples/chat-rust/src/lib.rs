@@ -65,7 +65,8 @@ impl Guest for Chat {
                 .get("token")
                 .and_then(Value::as_str)
                 .ok_or_else(|| reject("a token is required"))?;
-            let who = host::verify_token(token).map_err(|e| reject(&format!("invalid token: {e}")))?;
+            let who =
+                host::verify_token(token).map_err(|e| reject(&format!("invalid token: {e}")))?;
             host::set_identity(req.target.connection, &who).map_err(|e| reject(&e))?;
         }
         host::kv_set(&member_key(&req.target), room);

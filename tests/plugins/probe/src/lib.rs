@@ -103,7 +103,8 @@ impl Guest for Probe {
                         .collect(),
                 )
             };
-            let body = serde_json::json!({"headers": pairs(&req.headers), "query": pairs(&req.query)});
+            let body =
+                serde_json::json!({"headers": pairs(&req.headers), "query": pairs(&req.query)});
             host::send(&req.target, "request", &json(body.to_string()));
         }
         if params.get("echoCredential") == Some(&Value::Bool(true)) {
