@@ -31,7 +31,7 @@ pub fn tune() {
     }
 }
 
-/// Hands free memory back every [`TRIM_EVERY`] until `stop` is cancelled.
+/// Hands free memory back every 10 s until `stop` is cancelled.
 pub fn spawn_trimmer(stop: tokio_util::sync::CancellationToken) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(async move {

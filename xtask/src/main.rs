@@ -5,7 +5,7 @@
 //! - `examples`: builds the example plugins in Rust, JavaScript, Python
 //!   and C into `target/example-plugins/` (see [`examples`]).
 //! - `bench`: chanhost against the Node socket.io server and socketioxide
-//!   (see [`bench`]); writes `BENCHMARKS.md`.
+//!   (see [`mod@bench`]); writes `BENCHMARKS.md`.
 //! - `run`: builds the plugins and runs the host (release) with
 //!   `examples/chanhost.toml`.
 //! - `test`: everything the test suite needs, then every check and test:

@@ -1,7 +1,7 @@
 //! The plugin runtime: everything between the host and WebAssembly channel
 //! plugins.
 //!
-//! - [`bindings`] holds the one `bindgen!` of the `chanhost:plugin` WIT and
+//! - `bindings` holds the one `bindgen!` of the `chanhost:plugin` WIT and
 //!   converts generated types to the plain types of this module; no other
 //!   module touches generated names.
 //! - [`engine`] configures wasmtime (pooling allocator, epoch deadlines,

@@ -4,7 +4,7 @@
 //!
 //! A call that traps, times out or exhausts memory fails alone: the error is
 //! logged with plugin, hook and cause, the instance is dropped, and the next
-//! call rebuilds it from the linked component ([`GuestPre`]), running
+//! call rebuilds it from the linked component (its `GuestPre`), running
 //! `describe` and `init` again. Repeated failures back off exponentially
 //! (100 ms up to 30 s); while backing off, calls fail fast and are counted
 //! (`chanhost_plugin_refused_total{reason="backoff"}`, one warning per

@@ -3,7 +3,7 @@
 //! flushes what the socket did not take at once, pings every
 //! `ping_interval` and drops peers silent for `idle_timeout`. Frames to the
 //! client are written directly on the thread that produces them
-//! ([`MisskeyOut`] over the connection's [`Wire`]).
+//! (`MisskeyOut` over the connection's [`Wire`]).
 //!
 //! The session owns the socket only; instances, captures and rooms live in
 //! the hub, so a plugin reload does not touch them.
