@@ -24,10 +24,8 @@ use std::task::{Context, Poll};
 
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -105,13 +103,10 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
     })
 }
 
-/// The `Sec-WebSocket-Accept` value for a key (RFC 6455 §4.2.2).
+/// The `Sec-WebSocket-Accept` value for a key (RFC 6455 §4.2.2), as
+/// tungstenite derives it.
 pub fn accept_key(key: &[u8]) -> String {
-    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-    let mut sha = Sha1::new();
-    sha.update(key);
-    sha.update(GUID);
-    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key)
 }
 
 /// A validated upgrade request.
