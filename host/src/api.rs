@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,8 +19,9 @@ use serde_json::json;
 use crate::hub::{Filter, NoteAudience};
 use crate::node::Node;
 use crate::protocol::publish::{parse_publish, parse_rooms};
+use crate::server::read_body;
 
-/// Largest API request body (axum's default bound of a `Bytes` body).
+/// Largest API request body.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// Routes of the API.
@@ -77,11 +78,15 @@ async fn publish(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if let Err(r) = authorize(&node, peer, &headers) {
         return r;
     }
+    let body = match read_body(&node, body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let items = match parse_publish(&body) {
         Ok(items) => items,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -104,11 +109,15 @@ async fn rooms<const JOIN: bool>(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if let Err(r) = authorize(&node, peer, &headers) {
         return r;
     }
+    let body = match read_body(&node, body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let b = match parse_rooms(&body) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),

@@ -263,6 +263,11 @@ describe('every phase of a request has a deadline', () => {
     assert.match(res, /^HTTP\/1\.1 408/);
   });
 
+  test('a refused publish is answered at once, its body never buffered', async () => {
+    const res = await rawHttp(host, 'POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Length: 100\r\n\r\n{"ro', { endAfter: 3000 });
+    assert.match(res, /^HTTP\/1\.1 401/);
+  });
+
   test('a complete body is served as before', async () => {
     const r = await host.publish({ room: 'r', event: 'e', data: 1 });
     assert.equal(r.status, 200);

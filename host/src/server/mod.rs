@@ -91,72 +91,81 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/streaming", get(misskey::handler))
         .merge(crate::api::router())
         .with_state(node.clone())
-        .merge(socketio::router(node.clone()))
-        .layer(axum::middleware::from_fn_with_state(node, body_deadline))
+        .merge(socketio::router(node))
 }
 
-/// Largest request body read at all (the API's bodies and polling POSTs
-/// have their own, smaller bounds below this).
-fn max_body(node: &Node) -> usize {
-    node.config
-        .socketio
-        .max_payload
-        .max(crate::api::MAX_BODY_BYTES)
+/// Why a request body could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body not received in time")]
+    Timeout,
+    #[error("request body too large")]
+    TooLarge,
+    #[error("request body broken off")]
+    Broken,
 }
 
-/// Reads a request's body whole within `[limits] body_timeout_ms` before
-/// the handler runs: a body that stalls (a slow or stopped upload, a
-/// chunked body that never ends) gets 408 and its connection is closed,
-/// instead of holding the request open. Requests without a body (the
-/// WebSocket upgrades, GETs) pass untouched.
-async fn body_deadline(
-    axum::extract::State(node): axum::extract::State<Arc<Node>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::http::{header, HeaderValue, StatusCode};
-    use axum::response::IntoResponse;
-    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    if !has_body {
-        return next.run(req).await;
+impl BodyError {
+    pub fn status(self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            BodyError::Timeout => StatusCode::REQUEST_TIMEOUT,
+            BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Broken => StatusCode::BAD_REQUEST,
+        }
     }
-    let (parts, body) = req.into_parts();
-    let limits = &node.config.limits;
-    let close = |status: StatusCode, message: &str| {
-        let mut r = (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
+}
+
+impl axum::response::IntoResponse for BodyError {
+    /// JSON `{"error"}` with the status, and the connection closed (the
+    /// rest of the body, if any, is not read).
+    fn into_response(self) -> axum::response::Response {
+        use axum::http::{header, HeaderValue};
+        let mut r = (
+            self.status(),
+            axum::Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         r
-    };
-    match tokio::time::timeout(
-        limits.body_timeout,
-        axum::body::to_bytes(body, max_body(&node)),
-    )
-    .await
-    {
-        Err(_) => {
-            node.metrics.body_timeouts.inc();
-            tracing::debug!(uri = %parts.uri.path(), "request body not complete in time");
-            close(
-                StatusCode::REQUEST_TIMEOUT,
-                "request body not received in time",
-            )
+    }
+}
+
+/// Reads a request body whole, at most `max` bytes, within `[limits]
+/// body_timeout_ms` (a body that stalls, or a chunked body that never ends,
+/// does not hold its request open). Called by the handlers that take a
+/// body once they know the request is allowed, so nothing is buffered for
+/// a request that is refused anyway.
+pub async fn read_body(
+    node: &Node,
+    body: axum::body::Body,
+    max: usize,
+) -> Result<axum::body::Bytes, BodyError> {
+    let r = read_body_within(body, max, node.config.limits.body_timeout).await;
+    if r == Err(BodyError::Timeout) {
+        node.metrics.body_timeouts.inc();
+    }
+    r
+}
+
+async fn read_body_within(
+    body: axum::body::Body,
+    max: usize,
+    deadline: Duration,
+) -> Result<axum::body::Bytes, BodyError> {
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, max)).await {
+        Err(_) => Err(BodyError::Timeout),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                BodyError::TooLarge
+            } else {
+                BodyError::Broken
+            })
         }
-        Ok(Err(_)) => close(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large or broken",
-        ),
-        Ok(Ok(bytes)) => {
-            next.run(axum::extract::Request::from_parts(
-                parts,
-                axum::body::Body::from(bytes),
-            ))
-            .await
-        }
+        Ok(Ok(bytes)) => Ok(bytes),
     }
 }
 
@@ -328,5 +337,62 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+
+    #[tokio::test]
+    async fn bodies_are_read_whole_bounded_and_in_time() {
+        let d = Duration::from_millis(200);
+        let ok = read_body_within(Body::from("hello"), 10, d).await;
+        assert_eq!(ok.as_deref(), Ok(&b"hello"[..]));
+        let big = read_body_within(Body::from(vec![0u8; 11]), 10, d).await;
+        assert_eq!(big, Err(BodyError::TooLarge));
+        // A body whose sender stops before its end.
+        let part = futures_util::stream::iter([Ok::<_, std::io::Error>(
+            axum::body::Bytes::from_static(b"par"),
+        )]);
+        let stalled = Body::from_stream(futures_util::StreamExt::chain(
+            part,
+            futures_util::stream::pending(),
+        ));
+        assert_eq!(
+            read_body_within(stalled, 10, d).await,
+            Err(BodyError::Timeout)
+        );
+    }
+
+    #[test]
+    fn the_kept_request_is_bounded() {
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "a=1".parse().unwrap());
+        h.insert("sec-websocket-key", "k".parse().unwrap());
+        h.insert(
+            "x-huge",
+            "h".repeat(MAX_KEPT_VALUE_BYTES + 1).parse().unwrap(),
+        );
+        for i in 0..20 {
+            h.insert(
+                axum::http::HeaderName::from_bytes(format!("x-fill-{i}").as_bytes()).unwrap(),
+                "f".repeat(1000).parse().unwrap(),
+            );
+        }
+        let uri: axum::http::Uri = "/streaming?i=secret&x=1".parse().unwrap();
+        let (headers, query) = kept_request(&h, &uri, &["i"]);
+        let names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(names.contains(&"cookie"));
+        assert!(!names.contains(&"sec-websocket-key") && !names.contains(&"x-huge"));
+        let size: usize = headers
+            .iter()
+            .chain(query.iter())
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        assert!(size <= MAX_KEPT_REQUEST_BYTES, "{size}");
+        assert!(names.len() < 21, "what is past the budget is left out");
+        assert!(query.iter().all(|(k, _)| k != "i"));
     }
 }

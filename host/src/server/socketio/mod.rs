@@ -308,11 +308,15 @@ async fn post(session: &Arc<Session>, body: Body) -> Response {
         return eio_error(HttpError::BadRequest, &[]);
     };
     let max = session.node.config.socketio.max_payload;
-    let bytes = match axum::body::to_bytes(body, max).await {
+    let bytes = match crate::server::read_body(&session.node, body, max).await {
         Ok(b) => b,
-        Err(_) => {
+        Err(crate::server::BodyError::TooLarge) => {
             session.close("payload over maxPayload");
             return (StatusCode::PAYLOAD_TOO_LARGE, "payload too large").into_response();
+        }
+        Err(e) => {
+            session.close(&e.to_string());
+            return e.into_response();
         }
     };
     let Ok(text_body) = std::str::from_utf8(&bytes) else {
