@@ -57,6 +57,33 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+impl AuthError {
+    /// The HTTP status of a refusal before an upgrade: 403 for a suspended
+    /// user, 503 when the backend cannot be asked, 401 otherwise.
+    pub fn status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            AuthError::Suspended => StatusCode::FORBIDDEN,
+            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+impl axum::response::IntoResponse for AuthError {
+    /// `{"error": "authentication failed", "reason"}`: the reason names the
+    /// kind of refusal, never the credential's content.
+    fn into_response(self) -> axum::response::Response {
+        (
+            self.status(),
+            axum::Json(
+                serde_json::json!({"error": "authentication failed", "reason": self.to_string()}),
+            ),
+        )
+            .into_response()
+    }
+}
+
 /// The configured providers.
 #[derive(Debug, Clone, Default)]
 pub struct Authenticator {
@@ -310,6 +337,18 @@ mod tests {
             }),
             backend: None,
         }
+    }
+
+    #[test]
+    fn refusals_carry_their_status() {
+        use axum::http::StatusCode;
+        assert_eq!(AuthError::Suspended.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            AuthError::Unavailable("x".into()).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(AuthError::Expired.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(AuthError::UnknownToken.status(), StatusCode::UNAUTHORIZED);
     }
 
     #[test]

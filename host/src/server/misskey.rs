@@ -12,13 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::ws::{close_code_of, Message, Socket, Upgrade, Wire, OP_PING, OP_TEXT};
-use crate::auth::AuthError;
 use crate::hub::{ConnHandle, DirectOut, Outbound, Protocol, QueueFull, QueueLimits};
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -63,17 +62,7 @@ pub async fn handler(
             Ok(id) => Some(id),
             Err(e) => {
                 tracing::debug!("streaming auth refused: {e}");
-                let status = match e {
-                    AuthError::Suspended => StatusCode::FORBIDDEN,
-                    AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                    _ => StatusCode::UNAUTHORIZED,
-                };
-                // The reason names the kind of refusal, never the token.
-                return (
-                    status,
-                    axum::Json(serde_json::json!({"error": "authentication failed", "reason": e.to_string()})),
-                )
-                    .into_response();
+                return e.into_response();
             }
         },
     };
