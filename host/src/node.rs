@@ -23,7 +23,8 @@ use crate::plugin::kv::KvStore;
 use crate::plugin::registry::LoadOutcome;
 use crate::plugin::watcher::FolderWatch;
 use crate::plugin::{
-    DisconnectReason, HostServices, InstanceRef, Payload, PluginEngine, PluginSlot, Registry,
+    DisconnectReason, HostServices, IdentityError, InstanceRef, Payload, PluginEngine, PluginSlot,
+    Registry,
 };
 use crate::protocol::socketio;
 
@@ -329,9 +330,13 @@ impl Node {
 
     /// Gives a connection its identity (Socket.IO plugins, after checking a
     /// token). Returns the user's number of connections on this node.
-    pub fn identify(&self, id: ConnId, identity: crate::auth::Identity) -> Result<usize, String> {
+    pub fn identify(
+        &self,
+        id: ConnId,
+        identity: crate::auth::Identity,
+    ) -> Result<usize, crate::hub::IdentifyError> {
         let user = identity.user_id.clone();
-        let n = self.hub.identify(id, identity).map_err(|e| e.to_string())?;
+        let n = self.hub.identify(id, identity)?;
         if n == 1 {
             self.presence_changed(&user, PRESENCE_ONLINE);
         }
@@ -399,15 +404,18 @@ impl Node {
 
     /// A connection on which the plugin serves at least one instance: the
     /// only connections it may close, identify or tag.
-    fn served(&self, plugin: &str, connection: u64) -> Result<Arc<ConnHandle>, String> {
-        let conn = self.hub.conn(connection).ok_or("no such connection")?;
+    fn served(&self, plugin: &str, connection: u64) -> Result<Arc<ConnHandle>, IdentityError> {
+        let conn = self
+            .hub
+            .conn(connection)
+            .ok_or(IdentityError::NoConnection)?;
         if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
             tracing::warn!(
                 plugin,
                 connection,
                 "plugin addressed a connection it does not serve; ignored"
             );
-            return Err("the plugin serves no instance on this connection".into());
+            return Err(IdentityError::NotServed);
         }
         Ok(conn)
     }
@@ -736,12 +744,12 @@ impl HostServices for Node {
         plugin: &str,
         connection: u64,
         identity: crate::auth::Identity,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, IdentityError> {
         self.served(plugin, connection)?;
         if !is_json(&identity.claims) {
-            return Err("claims must be a JSON object".into());
+            return Err(IdentityError::ClaimsNotJson);
         }
-        self.identify(connection, identity).map(|n| n as u32)
+        Ok(self.identify(connection, identity)? as u32)
     }
 
     fn online_users(&self) -> Vec<String> {
@@ -752,8 +760,8 @@ impl HostServices for Node {
             .collect()
     }
 
-    fn verify_token(&self, token: &str) -> Result<crate::auth::Identity, String> {
-        self.auth.verify(token).map_err(|e| e.to_string())
+    fn verify_token(&self, token: &str) -> Result<crate::auth::Identity, crate::auth::AuthError> {
+        self.auth.verify(token)
     }
 
     fn kv(&self) -> &KvStore {

@@ -319,8 +319,11 @@ impl self::chanhost::plugin::host::Host for StoreState {
             user_id: identity.user_id.into(),
             claims: identity.claims.into(),
         };
+        // The WIT's error is the refusal's text.
         match self.services.upgrade() {
-            Some(s) => s.set_identity(&self.name, connection, identity),
+            Some(s) => s
+                .set_identity(&self.name, connection, identity)
+                .map_err(|e| e.to_string()),
             None => Err("host is shutting down".into()),
         }
     }
@@ -331,7 +334,10 @@ impl self::chanhost::plugin::host::Host for StoreState {
 
     fn verify_token(&mut self, token: String) -> Result<wit::Identity, String> {
         match self.services.upgrade() {
-            Some(s) => s.verify_token(&token).map(wit_identity),
+            Some(s) => s
+                .verify_token(&token)
+                .map(wit_identity)
+                .map_err(|e| e.to_string()),
             None => Err("host is shutting down".into()),
         }
     }

@@ -180,12 +180,28 @@ pub trait HostServices: Send + Sync {
         plugin: &str,
         connection: u64,
         identity: Identity,
-    ) -> Result<u32, String>;
+    ) -> Result<u32, IdentityError>;
     /// Users with at least one identified connection.
     fn online_users(&self) -> Vec<String>;
     /// Checks a token with the configured auth providers.
-    fn verify_token(&self, token: &str) -> Result<Identity, String>;
+    fn verify_token(&self, token: &str) -> Result<Identity, crate::auth::AuthError>;
     fn kv(&self) -> &kv::KvStore;
+}
+
+/// Why a plugin could not identify a connection (the WIT's `set-identity`
+/// error text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no such connection")]
+    NoConnection,
+    #[error("the plugin serves no instance on this connection")]
+    NotServed,
+    #[error("claims must be a JSON object")]
+    ClaimsNotJson,
+    #[error(transparent)]
+    Hub(#[from] crate::hub::IdentifyError),
+    #[error("no connections outside a running host")]
+    Detached,
 }
 
 /// Services for a plugin that runs outside a live host (`chanhost check`):
@@ -236,14 +252,16 @@ impl HostServices for DetachedServices {
     fn identity(&self, _: u64) -> Option<Identity> {
         None
     }
-    fn set_identity(&self, _: &str, _: u64, _: Identity) -> Result<u32, String> {
-        Err("no connections outside a running host".into())
+    fn set_identity(&self, _: &str, _: u64, _: Identity) -> Result<u32, IdentityError> {
+        Err(IdentityError::Detached)
     }
     fn online_users(&self) -> Vec<String> {
         Vec::new()
     }
-    fn verify_token(&self, _: &str) -> Result<Identity, String> {
-        Err("no auth providers outside a running host".into())
+    fn verify_token(&self, _: &str) -> Result<Identity, crate::auth::AuthError> {
+        Err(crate::auth::AuthError::Unavailable(
+            "no auth providers outside a running host".into(),
+        ))
     }
     fn kv(&self) -> &kv::KvStore {
         &self.kv
