@@ -415,6 +415,18 @@ mod tests {
     }
 
     #[test]
+    fn numbers_past_f64_pass_a_plain_event_as_text() {
+        // Valid JSON (JavaScript reads Infinity, as the reference server
+        // does); handed to the plugin as it came.
+        let p = decode("2[2,[2,2e2622],2]").unwrap();
+        let ev = p.event.unwrap();
+        assert_eq!(
+            (ev.name.as_str(), ev.args.as_str()),
+            ("2", "[[2,2e2622],2]")
+        );
+    }
+
+    #[test]
     fn namespaces_are_bounded() {
         let ok = format!("/{}", "n".repeat(MAX_NAMESPACE_BYTES - 1));
         assert_eq!(decode(&format!("0{ok},")).unwrap().nsp, ok);
