@@ -1,6 +1,12 @@
 //! Process-wide counters and gauges, rendered in the Prometheus text format
 //! by `GET /metrics`. Per-plugin figures live with each plugin and are
 //! appended by the renderer.
+//!
+//! The text is written here rather than by `prometheus-client`: its last
+//! release built on `syn` 2 (0.23) writes label values unescaped, and the
+//! later ones bring a second major version of `syn` into the build. Label
+//! values (plugin names come from file names) are escaped by [`labels`] as
+//! the exposition format asks (`\`, `"`, newline).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +63,28 @@ pub struct Metrics {
     pub body_timeouts: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
+}
+
+/// A label set, `a="x",b="y"`, its values escaped.
+pub fn labels(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out
 }
 
 /// Writes one metric with its help and type lines.
@@ -140,9 +168,26 @@ impl Metrics {
             "counter",
             "Plugin loads and reloads by result.",
             &[
-                ("result=\"ok\"".into(), self.reloads_ok.get()),
-                ("result=\"error\"".into(), self.reloads_failed.get()),
+                (labels(&[("result", "ok")]), self.reloads_ok.get()),
+                (labels(&[("result", "error")]), self.reloads_failed.get()),
             ],
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(
+            labels(&[("plugin", "a"), ("hook", "b")]),
+            r#"plugin="a",hook="b""#
+        );
+        assert_eq!(
+            labels(&[("plugin", "we\"ird\\\nname")]),
+            r#"plugin="we\"ird\\\nname""#
         );
     }
 }

@@ -17,7 +17,7 @@ use crate::hub::{
     Condition, ConnHandle, ConnId, Filter, Hub, InstanceState, Outbound, Protocol, SharedEvent,
     Slot,
 };
-use crate::metrics::{write_family, write_metric, Metrics};
+use crate::metrics::{labels, write_family, write_metric, Metrics};
 use crate::plugin::engine::PluginError;
 use crate::plugin::kv::KvStore;
 use crate::plugin::registry::LoadOutcome;
@@ -454,7 +454,7 @@ impl Node {
             .admission
             .refused()
             .iter()
-            .map(|(reason, n)| (format!("reason=\"{reason}\""), *n))
+            .map(|(reason, n)| (labels(&[("reason", reason)]), *n))
             .collect();
         write_family(
             &mut out,
@@ -478,8 +478,8 @@ impl Node {
             "counter",
             "Plugin code made ready, compiled or read from the on-disk cache.",
             &[
-                ("source=\"compiled\"".to_owned(), compiled),
-                ("source=\"cache\"".to_owned(), cached),
+                (labels(&[("source", "compiled")]), compiled),
+                (labels(&[("source", "cache")]), cached),
             ],
         );
         write_metric(
@@ -495,7 +495,7 @@ impl Node {
                 .flat_map(|p| {
                     p.metrics.by_hook().map(move |(hook, calls, errs)| {
                         (
-                            format!("plugin=\"{}\",hook=\"{hook}\"", p.name),
+                            labels(&[("plugin", &p.name), ("hook", hook)]),
                             if errors { errs } else { calls },
                         )
                     })
@@ -505,7 +505,7 @@ impl Node {
         let per_plugin = |get: fn(&PluginSlot) -> u64| -> Vec<(String, u64)> {
             plugins
                 .iter()
-                .map(|p| (format!("plugin=\"{}\"", p.name), get(p)))
+                .map(|p| (labels(&[("plugin", &p.name)]), get(p)))
                 .collect()
         };
         write_family(
@@ -533,7 +533,7 @@ impl Node {
             .iter()
             .map(|p| {
                 (
-                    format!("plugin=\"{}\",reason=\"backoff\"", p.name),
+                    labels(&[("plugin", &p.name), ("reason", "backoff")]),
                     p.metrics.refused_backoff.load(Ordering::Relaxed),
                 )
             })
