@@ -7,6 +7,12 @@
 //! are written from their queue; once a session is on WebSocket, items are
 //! framed and written directly on the thread that produces them
 //! ([`SioOut`] over the connection's [`Wire`]).
+//!
+//! CORS is decided here rather than by `tower-http`'s `CorsLayer`: the
+//! same decision also refuses a cross-site WebSocket upgrade (403, which a
+//! CORS layer does not do), treats the Host's own origin as allowed, and
+//! answers preflights only on this endpoint; one function
+//! (`origin_allowed`) serves all three, so they cannot disagree.
 
 mod session;
 
