@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use super::ws::{close_code_of, Message, Socket, Upgrade, Wire, OP_PING, OP_TEXT};
 use crate::hub::{ConnHandle, DirectOut, Outbound, Protocol, QueueFull, QueueLimits};
 use crate::metrics::Metrics;
-use crate::node::Node;
-use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
+use crate::node::{Node, OpenInstance, Opened};
+use crate::plugin::{DisconnectReason, InstanceRef, Payload};
 use crate::protocol::misskey::{self, Addressing, ClientFrame};
 
 /// The credential of a request: `?i=` first, then `Authorization: Bearer`.
@@ -295,19 +295,17 @@ impl Session {
             );
             return;
         }
-        let (shared_open, count) = conn.with_state(|s| {
+        let (shared_open, reused, count) = conn.with_state(|s| {
             (
                 spec.shared && s.instances.values().any(|i| *i.channel == *channel),
+                s.instances.contains_key(id.as_str()),
                 s.instances.len(),
             )
         });
         if shared_open {
             return;
         }
-        let replaced = node
-            .close_instance(conn, &id, DisconnectReason::Replaced, true)
-            .is_some();
-        if !replaced && count >= node.config.misskey.max_channels {
+        if !reused && count >= node.config.misskey.max_channels {
             tracing::debug!(
                 conn = conn.id,
                 channel,
@@ -315,39 +313,29 @@ impl Session {
             );
             return;
         }
-        node.open_instance(conn, &id, &plugin.name, &channel);
-        let req = ConnectRequest {
-            target: InstanceRef {
-                connection: conn.id,
-                id: id.clone(),
-            },
-            protocol: Protocol::Misskey,
-            channel: channel.clone(),
+        let open = OpenInstance {
+            conn,
+            id: &id,
+            plugin,
+            channel: &channel,
             params,
-            identity: conn.identity().cloned(),
             headers: self.headers.clone(),
             query: self.query.clone(),
             credential: self.credential.clone(),
         };
-        match plugin.connect(req).await {
-            Ok(Ok(())) => {
+        match node.connect_instance(open).await {
+            Opened::Accepted => {
                 if pong {
                     conn.push(Outbound::Text(misskey::encode_connected(&id)));
                 }
             }
-            Ok(Err(rej)) => {
-                tracing::debug!(
-                    conn = conn.id,
-                    channel,
-                    "connect refused by plugin: {}",
-                    rej.message
-                );
-                node.close_instance(conn, &id, DisconnectReason::Server, false);
-            }
-            Err(e) => {
-                tracing::debug!(conn = conn.id, channel, "connect failed: {e}");
-                node.close_instance(conn, &id, DisconnectReason::Server, false);
-            }
+            Opened::Refused(rej) => tracing::debug!(
+                conn = conn.id,
+                channel,
+                "connect refused by plugin: {}",
+                rej.message
+            ),
+            Opened::Failed(e) => tracing::debug!(conn = conn.id, channel, "connect failed: {e}"),
         }
     }
 }

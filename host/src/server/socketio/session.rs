@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::SioServer;
 use crate::hub::{ConnHandle, Gate, Outbound, OutboundRx};
-use crate::node::Node;
-use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, Payload};
+use crate::node::{Node, OpenInstance, Opened};
+use crate::plugin::{DisconnectReason, InstanceRef, Payload};
 use crate::protocol::engineio::{self, Packet};
 use crate::protocol::socketio::{self as sio, PacketType};
 
@@ -442,8 +442,7 @@ impl Session {
             )));
             return;
         };
-        // A second CONNECT to the same namespace replaces the socket.
-        node.close_instance(&self.conn, &nsp, DisconnectReason::Replaced, true);
+        // Events for the namespace are held until the reply is written.
         let key: Arc<str> = nsp.as_str().into();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         if self
@@ -454,27 +453,23 @@ impl Session {
         {
             self.holding.fetch_add(1, Ordering::SeqCst);
         }
-        node.open_instance(&self.conn, &nsp, &plugin.name, &nsp);
-        let req = ConnectRequest {
-            target: InstanceRef {
-                connection: self.conn.id,
-                id: nsp.clone(),
-            },
-            protocol: crate::hub::Protocol::SocketIo,
-            channel: nsp.clone(),
+        // A second CONNECT to the same namespace replaces the socket.
+        let open = OpenInstance {
+            conn: &self.conn,
+            id: &nsp,
+            plugin,
+            channel: &nsp,
             params: auth.map(|a| a.to_string()).unwrap_or_else(|| "{}".into()),
-            identity: self.conn.identity().cloned(),
             headers: self.headers.clone(),
             query: self.query.clone(),
             credential: None,
         };
-        let (text, accepted) = match plugin.connect(req).await {
-            Ok(Ok(())) => {
+        let (text, accepted) = match node.connect_instance(open).await {
+            Opened::Accepted => {
                 self.connected_once.store(true, Ordering::SeqCst);
                 (sio::encode_connect(&nsp, &random_id()), true)
             }
-            Ok(Err(rej)) => {
-                node.close_instance(&self.conn, &nsp, DisconnectReason::Server, false);
+            Opened::Refused(rej) => {
                 let data = rej
                     .data
                     .as_deref()
@@ -484,9 +479,8 @@ impl Session {
                     false,
                 )
             }
-            Err(e) => {
+            Opened::Failed(e) => {
                 tracing::warn!(nsp, "namespace connect failed: {e}");
-                node.close_instance(&self.conn, &nsp, DisconnectReason::Server, false);
                 (
                     sio::encode_connect_error(&nsp, "Internal server error", None),
                     false,

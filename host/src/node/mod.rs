@@ -2,6 +2,9 @@
 //! validated config, the hub, auth, the broker, the plugin registry, the
 //! key-value store and the metrics. Protocol sessions and the HTTP API talk
 //! to the node; plugins reach it through [`HostServices`].
+//!
+//! - [`instances`]: the life cycle of a channel instance (open, replace,
+//!   refuse, end), the one sequence both protocol sessions call.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +18,6 @@ use crate::broker::{Broker, LocalDelivery, MemoryBroker, Publication};
 use crate::config::Config;
 use crate::hub::{
     Condition, ConnHandle, ConnId, Filter, Hub, InstanceState, Outbound, Protocol, SharedEvent,
-    Slot,
 };
 use crate::metrics::{labels, write_family, write_metric, Metrics};
 use crate::plugin::engine::PluginError;
@@ -27,6 +29,9 @@ use crate::plugin::{
     Registry,
 };
 use crate::protocol::socketio;
+
+pub mod instances;
+pub use instances::{OpenInstance, Opened};
 
 /// The room where the host announces presence changes: event `online`
 /// when a user's first connection is identified, `offline` when their last
@@ -232,92 +237,6 @@ impl Node {
             }
         });
         Ok(())
-    }
-
-    /// Ends the instances a plugin serves (all of them, or those of some
-    /// channels) on every connection, without calling the plugin.
-    fn end_plugin_instances(&self, plugin: &str, channels: Option<&[String]>) {
-        for conn in self.hub.all_conns() {
-            let ids: Vec<Arc<str>> = conn.with_state(|s| {
-                s.instances
-                    .iter()
-                    .filter(|(_, i)| {
-                        &*i.plugin == plugin
-                            && channels.is_none_or(|c| c.iter().any(|c| **c == *i.channel))
-                    })
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            });
-            for id in ids {
-                self.end_instance(&conn, &id, false);
-            }
-        }
-    }
-
-    /// Registers a new channel instance on a connection (before its
-    /// plugin's `connect`, so the plugin can join rooms from it).
-    pub fn open_instance(
-        &self,
-        conn: &ConnHandle,
-        id: &str,
-        plugin: &Arc<str>,
-        channel: &str,
-    ) -> Slot {
-        let slot = Slot::instance(id);
-        let state = InstanceState {
-            plugin: plugin.clone(),
-            channel: channel.into(),
-            slot: slot.clone(),
-        };
-        // A connection already forgotten by the hub gets no new instance.
-        let fresh = !conn.is_unregistered()
-            && conn.with_state(|s| s.instances.insert(id.into(), state).is_none());
-        if fresh {
-            self.metrics.instances.inc();
-        }
-        slot
-    }
-
-    /// Ends an instance from the server side: Socket.IO clients get a
-    /// DISCONNECT packet for the namespace (Misskey has no such frame).
-    pub fn end_instance(&self, conn: &ConnHandle, id: &str, notify_plugin: bool) {
-        if self
-            .close_instance(conn, id, DisconnectReason::Server, notify_plugin)
-            .is_some()
-            && conn.protocol == Protocol::SocketIo
-        {
-            conn.push(Outbound::Text(format!(
-                "4{}",
-                socketio::encode_disconnect(id)
-            )));
-        }
-    }
-
-    /// Ends one instance: leaves its rooms, forgets it, and (if asked)
-    /// tells its plugin why.
-    pub fn close_instance(
-        &self,
-        conn: &ConnHandle,
-        id: &str,
-        reason: DisconnectReason,
-        notify_plugin: bool,
-    ) -> Option<InstanceState> {
-        let inst = conn.with_state(|s| s.instances.remove(id))?;
-        inst.slot.close();
-        self.metrics.instances.dec();
-        self.hub.leave_all(conn, &inst.slot);
-        if notify_plugin {
-            if let Some(p) = self.plugins.plugin(&inst.plugin) {
-                p.disconnect(
-                    InstanceRef {
-                        connection: conn.id,
-                        id: id.to_owned(),
-                    },
-                    reason,
-                );
-            }
-        }
-        Some(inst)
     }
 
     /// Registers a new connection; an identified one may bring its user online.

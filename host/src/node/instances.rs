@@ -1,0 +1,164 @@
+//! The life cycle of a channel instance, in one place: a client opens one
+//! ([`Node::connect_instance`]: a reused id replaces the old instance, whose
+//! plugin is told first; the new one is registered before its plugin
+//! decides, so the plugin can join rooms from `connect`; a refusal or a
+//! failed call rolls it back), the client or the server ends it
+//! ([`Node::close_instance`], [`Node::end_instance`]), a plugin's removal
+//! ends all of its instances. The protocol sessions only translate: what a
+//! frame asks, and how the outcome is told to the client.
+
+use std::sync::Arc;
+
+use super::Node;
+use crate::hub::{ConnHandle, InstanceState, Outbound, Protocol, Slot};
+use crate::plugin::runtime::CallError;
+use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, PluginSlot, Rejection};
+use crate::protocol::socketio;
+use crate::server::Pairs;
+
+/// A client's request to open a channel instance on its connection.
+pub struct OpenInstance<'a> {
+    pub conn: &'a Arc<ConnHandle>,
+    /// The instance id (Misskey: the client's; Socket.IO: the namespace).
+    pub id: &'a str,
+    pub plugin: Arc<PluginSlot>,
+    /// The channel name or namespace.
+    pub channel: &'a str,
+    /// Misskey `params` / the Socket.IO CONNECT auth, as JSON text.
+    pub params: String,
+    /// What the connection kept of its opening request.
+    pub headers: Pairs,
+    pub query: Pairs,
+    /// The bearer token the connection authenticated with, if any.
+    pub credential: Option<Arc<str>>,
+}
+
+/// How an open ended.
+#[derive(Debug)]
+pub enum Opened {
+    /// The plugin accepted: the instance is open.
+    Accepted,
+    /// The plugin refused: the instance is gone again.
+    Refused(Rejection),
+    /// The call failed (trap, timeout, plugin gone): the instance is gone.
+    Failed(CallError),
+}
+
+impl Node {
+    /// Ends the instances a plugin serves (all of them, or those of some
+    /// channels) on every connection, without calling the plugin.
+    pub(super) fn end_plugin_instances(&self, plugin: &str, channels: Option<&[String]>) {
+        for conn in self.hub.all_conns() {
+            let ids: Vec<Arc<str>> = conn.with_state(|s| {
+                s.instances
+                    .iter()
+                    .filter(|(_, i)| {
+                        &*i.plugin == plugin
+                            && channels.is_none_or(|c| c.iter().any(|c| **c == *i.channel))
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            });
+            for id in ids {
+                self.end_instance(&conn, &id, false);
+            }
+        }
+    }
+
+    /// Registers a new channel instance on a connection (before its
+    /// plugin's `connect`, so the plugin can join rooms from it).
+    fn open_instance(&self, conn: &ConnHandle, id: &str, plugin: &Arc<str>, channel: &str) -> Slot {
+        let slot = Slot::instance(id);
+        let state = InstanceState {
+            plugin: plugin.clone(),
+            channel: channel.into(),
+            slot: slot.clone(),
+        };
+        // A connection already forgotten by the hub gets no new instance.
+        let fresh = !conn.is_unregistered()
+            && conn.with_state(|s| s.instances.insert(id.into(), state).is_none());
+        if fresh {
+            self.metrics.instances.inc();
+        }
+        slot
+    }
+
+    /// Ends an instance from the server side: Socket.IO clients get a
+    /// DISCONNECT packet for the namespace (Misskey has no such frame).
+    pub fn end_instance(&self, conn: &ConnHandle, id: &str, notify_plugin: bool) {
+        if self
+            .close_instance(conn, id, DisconnectReason::Server, notify_plugin)
+            .is_some()
+            && conn.protocol == Protocol::SocketIo
+        {
+            conn.push(Outbound::Text(format!(
+                "4{}",
+                socketio::encode_disconnect(id)
+            )));
+        }
+    }
+
+    /// Ends one instance: leaves its rooms, forgets it, and (if asked)
+    /// tells its plugin why.
+    pub fn close_instance(
+        &self,
+        conn: &ConnHandle,
+        id: &str,
+        reason: DisconnectReason,
+        notify_plugin: bool,
+    ) -> Option<InstanceState> {
+        let inst = conn.with_state(|s| s.instances.remove(id))?;
+        inst.slot.close();
+        self.metrics.instances.dec();
+        self.hub.leave_all(conn, &inst.slot);
+        if notify_plugin {
+            if let Some(p) = self.plugins.plugin(&inst.plugin) {
+                p.disconnect(
+                    InstanceRef {
+                        connection: conn.id,
+                        id: id.to_owned(),
+                    },
+                    reason,
+                );
+            }
+        }
+        Some(inst)
+    }
+
+    /// Opens an instance for a client: replaces one with the same id,
+    /// registers the new one, asks its plugin, rolls back unless accepted.
+    pub async fn connect_instance(&self, open: OpenInstance<'_>) -> Opened {
+        let OpenInstance {
+            conn,
+            id,
+            plugin,
+            channel,
+            params,
+            headers,
+            query,
+            credential,
+        } = open;
+        self.close_instance(conn, id, DisconnectReason::Replaced, true);
+        self.open_instance(conn, id, &plugin.name, channel);
+        let req = ConnectRequest {
+            target: InstanceRef {
+                connection: conn.id,
+                id: id.to_owned(),
+            },
+            protocol: conn.protocol,
+            channel: channel.to_owned(),
+            params,
+            identity: conn.identity().cloned(),
+            headers,
+            query,
+            credential,
+        };
+        let outcome = match plugin.connect(req).await {
+            Ok(Ok(())) => return Opened::Accepted,
+            Ok(Err(rejection)) => Opened::Refused(rejection),
+            Err(e) => Opened::Failed(e),
+        };
+        self.close_instance(conn, id, DisconnectReason::Server, false);
+        outcome
+    }
+}
