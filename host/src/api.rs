@@ -129,13 +129,11 @@ async fn rooms<const JOIN: bool>(
     };
     let mut instances = 0;
     for conn in &conns {
-        let slots: Vec<_> = conn.with_state(|s| {
-            s.instances
-                .values()
-                .filter(|i| b.channel.as_deref().is_none_or(|c| *i.channel == *c))
-                .map(|i| i.slot.clone())
-                .collect()
-        });
+        let slots: Vec<_> = conn
+            .instances_where(|i| b.channel.as_deref().is_none_or(|c| *i.channel == *c))
+            .into_iter()
+            .map(|i| i.slot)
+            .collect();
         instances += slots.len();
         for slot in slots {
             for room in &b.rooms {

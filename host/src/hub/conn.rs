@@ -328,10 +328,12 @@ pub(super) fn apply_attribute(
     }
 }
 
-/// Mutable per-connection state.
+/// Mutable per-connection state; the hub's alone (others ask the
+/// [`ConnHandle`]'s queries, and open or end instances through the hub,
+/// which keeps the gauges).
 #[derive(Debug, Default)]
-pub struct ConnState {
-    pub instances: HashMap<Arc<str>, InstanceState>,
+pub(super) struct ConnState {
+    instances: HashMap<Arc<str>, InstanceState>,
     /// Attribute sets by plugin, then name, for filtered deliveries.
     attributes: AttributeSets,
     memberships: HashSet<(Arc<str>, Slot)>,
@@ -617,8 +619,39 @@ impl ConnHandle {
     }
 
     /// Runs `f` with the connection's state locked.
-    pub fn with_state<R>(&self, f: impl FnOnce(&mut ConnState) -> R) -> R {
+    fn with_state<R>(&self, f: impl FnOnce(&mut ConnState) -> R) -> R {
         f(&mut self.state.lock())
+    }
+
+    /// The open instances that pass `keep`.
+    pub fn instances_where(&self, keep: impl Fn(&InstanceState) -> bool) -> Vec<InstanceState> {
+        self.with_state(|s| s.instances.values().filter(|i| keep(i)).cloned().collect())
+    }
+
+    /// Whether an open instance passes `f`.
+    pub fn any_instance(&self, f: impl Fn(&InstanceState) -> bool) -> bool {
+        self.with_state(|s| s.instances.values().any(f))
+    }
+
+    /// Open instances.
+    pub fn instance_count(&self) -> usize {
+        self.with_state(|s| s.instances.len())
+    }
+
+    /// Registers an instance under a new id; false if the id is taken.
+    pub(super) fn insert_instance(&self, id: &str, state: InstanceState) -> bool {
+        self.with_state(|s| {
+            if s.instances.contains_key(id) {
+                return false;
+            }
+            s.instances.insert(id.into(), state);
+            true
+        })
+    }
+
+    /// Forgets an instance.
+    pub(super) fn remove_instance(&self, id: &str) -> Option<InstanceState> {
+        self.with_state(|s| s.instances.remove(id))
     }
 
     /// Replaces (`remove` = None) or updates a plugin's attribute set on

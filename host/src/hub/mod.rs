@@ -21,9 +21,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use conn::{
-    CaptureChange, Condition, ConnHandle, ConnId, ConnState, Deferred, DirectOut, Filter, Gate,
-    InstanceState, NoteAudience, Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot,
-    UserAttributes, WriteBatch, RELATIONS_SET, SLOW_CONSUMER_CLOSE,
+    CaptureChange, Condition, ConnHandle, ConnId, Deferred, DirectOut, Filter, Gate, InstanceState,
+    NoteAudience, Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot, UserAttributes,
+    WriteBatch, RELATIONS_SET, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 
@@ -212,6 +212,26 @@ impl Hub {
     /// Removes a connection and all its room memberships. Returns the
     /// instances that were open on it (for the caller to tell plugins) and,
     /// if the connection was the last of its user here, that user.
+    /// Registers an instance on a connection the hub still knows, under an
+    /// id not in use; counts it. False if it was not registered.
+    pub fn add_instance(&self, conn: &ConnHandle, id: &str, state: InstanceState) -> bool {
+        let fresh = !conn.is_unregistered() && conn.insert_instance(id, state);
+        if fresh {
+            self.metrics.instances.inc();
+        }
+        fresh
+    }
+
+    /// Forgets an instance: no more events reach it, its rooms are left,
+    /// the gauge goes down.
+    pub fn remove_instance(&self, conn: &ConnHandle, id: &str) -> Option<InstanceState> {
+        let inst = conn.remove_instance(id)?;
+        inst.slot.close();
+        self.metrics.instances.dec();
+        self.leave_all(conn, &inst.slot);
+        Some(inst)
+    }
+
     pub fn unregister(&self, id: ConnId) -> Unregistered {
         let Some(conn) = self.conns.write().remove(&id) else {
             return Unregistered::default();
@@ -438,7 +458,7 @@ mod tests {
             channel: "c".into(),
             slot: slot.clone(),
         };
-        c.with_state(|s| s.instances.insert(id.into(), state));
+        c.insert_instance(id, state);
         slot
     }
 
@@ -511,7 +531,7 @@ mod tests {
         let (a, _ra) = conn(1, 8);
         hub.register(a.clone());
         let old = inst(&a, "/");
-        a.with_state(|s| s.instances.remove("/"));
+        a.remove_instance("/");
         let _new = inst(&a, "/"); // a later instance under the same id
         assert!(!hub.join(&a, old, "stale"));
         assert!(!hub.join(&a, Slot::instance("never-opened"), "stale"));

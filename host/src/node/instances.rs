@@ -49,18 +49,11 @@ impl Node {
     /// channels) on every connection, without calling the plugin.
     pub(super) fn end_plugin_instances(&self, plugin: &str, channels: Option<&[String]>) {
         for conn in self.hub.all_conns() {
-            let ids: Vec<Arc<str>> = conn.with_state(|s| {
-                s.instances
-                    .iter()
-                    .filter(|(_, i)| {
-                        &*i.plugin == plugin
-                            && channels.is_none_or(|c| c.iter().any(|c| **c == *i.channel))
-                    })
-                    .map(|(id, _)| id.clone())
-                    .collect()
+            let ended = conn.instances_where(|i| {
+                &*i.plugin == plugin && channels.is_none_or(|c| c.iter().any(|c| **c == *i.channel))
             });
-            for id in ids {
-                self.end_instance(&conn, &id, false);
+            for inst in ended {
+                self.end_instance(&conn, inst.slot.id(), false);
             }
         }
     }
@@ -75,11 +68,7 @@ impl Node {
             slot: slot.clone(),
         };
         // A connection already forgotten by the hub gets no new instance.
-        let fresh = !conn.is_unregistered()
-            && conn.with_state(|s| s.instances.insert(id.into(), state).is_none());
-        if fresh {
-            self.metrics.instances.inc();
-        }
+        self.hub.add_instance(conn, id, state);
         slot
     }
 
@@ -107,10 +96,7 @@ impl Node {
         reason: DisconnectReason,
         notify_plugin: bool,
     ) -> Option<InstanceState> {
-        let inst = conn.with_state(|s| s.instances.remove(id))?;
-        inst.slot.close();
-        self.metrics.instances.dec();
-        self.hub.leave_all(conn, &inst.slot);
+        let inst = self.hub.remove_instance(conn, id)?;
         if notify_plugin {
             if let Some(p) = self.plugins.plugin(&inst.plugin) {
                 p.disconnect(

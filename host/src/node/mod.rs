@@ -328,7 +328,7 @@ impl Node {
             .hub
             .conn(connection)
             .ok_or(IdentityError::NoConnection)?;
-        if !conn.with_state(|s| s.instances.values().any(|i| &*i.plugin == plugin)) {
+        if !conn.any_instance(|i| &*i.plugin == plugin) {
             tracing::warn!(
                 plugin,
                 connection,

@@ -295,17 +295,11 @@ impl Session {
             );
             return;
         }
-        let (shared_open, reused, count) = conn.with_state(|s| {
-            (
-                spec.shared && s.instances.values().any(|i| *i.channel == *channel),
-                s.instances.contains_key(id.as_str()),
-                s.instances.len(),
-            )
-        });
-        if shared_open {
+        if spec.shared && conn.any_instance(|i| *i.channel == *channel) {
             return;
         }
-        if !reused && count >= node.config.misskey.max_channels {
+        let reused = conn.instance(&id).is_some();
+        if !reused && conn.instance_count() >= node.config.misskey.max_channels {
             tracing::debug!(
                 conn = conn.id,
                 channel,

@@ -328,12 +328,11 @@ impl Session {
             self.close(reason);
             return;
         }
-        let nsps: Vec<Arc<str>> = self
-            .conn
-            .with_state(|s| s.instances.keys().cloned().collect());
-        for nsp in nsps {
-            self.conn
-                .push(Outbound::Text(format!("4{}", sio::encode_disconnect(&nsp))));
+        for inst in self.conn.instances_where(|_| true) {
+            self.conn.push(Outbound::Text(format!(
+                "4{}",
+                sio::encode_disconnect(inst.slot.id())
+            )));
         }
         if !self.conn.push(Outbound::Text(Packet::Close.encode())) {
             self.close(reason);
