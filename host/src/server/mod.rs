@@ -177,8 +177,11 @@ async fn read_body_within(
 pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> std::io::Result<()> {
     let app = router(node.clone());
     let token = node.shutdown.clone();
-    let sockets = Arc::new(Sockets::new(admission::open_file_limit()));
+    let sockets = Arc::new(Sockets::new(admission::open_file_limit(), open_files()));
     let mut failures = 0u32;
+    // When the last accept failure was reported: at most one warning per
+    // ten seconds, however often the limit is met.
+    let mut reported: Option<tokio::time::Instant> = None;
     loop {
         // At the descriptor limit, wait for a socket to close rather than
         // letting accept fail: the kernel's backlog holds newcomers.
@@ -191,11 +194,12 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> s
                 Ok(c) => c,
                 Err(e) => {
                     // Out of descriptors (other files count too): back off,
-                    // doubling up to a second, and say so once per outage.
-                    // The open connections are unharmed.
+                    // doubling up to a second, and say so at most every ten
+                    // seconds. The open connections are unharmed.
                     failures += 1;
-                    if failures == 1 {
-                        tracing::warn!("accept failed: {e}; retrying with back-off");
+                    if reported.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                        reported = Some(tokio::time::Instant::now());
+                        tracing::warn!(failures, "accept failed: {e}; retrying with back-off");
                     }
                     let wait = Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1));
                     tokio::select! {
@@ -208,7 +212,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> s
             _ = token.cancelled() => break,
         };
         if failures > 0 {
-            tracing::info!(failures, "accepting connections again");
+            tracing::debug!(failures, "accepting connections again");
             failures = 0;
         }
         let held = sockets.hold();
@@ -253,11 +257,20 @@ impl Drop for Held {
     }
 }
 
+/// Files the process holds now (its plugins, caches, runtime and
+/// listener), if the system tells.
+fn open_files() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count())
+}
+
 impl Sockets {
-    fn new(file_limit: Option<usize>) -> Self {
+    /// At most the open-file limit less what the process already holds
+    /// and a margin of 32 for what it opens later (plugin reloads, the
+    /// cache, outbound HTTP).
+    fn new(file_limit: Option<usize>, held: Option<usize>) -> Self {
         Self {
             open: Default::default(),
-            max: file_limit.map(|l| l.saturating_sub(32).max(1)),
+            max: file_limit.map(|l| l.saturating_sub(held.unwrap_or(0) + 32).max(1)),
             closed: tokio::sync::Notify::new(),
         }
     }
@@ -267,15 +280,23 @@ impl Sockets {
         Held(self.clone())
     }
 
-    /// Resolves once another socket may be accepted.
+    /// Resolves once another socket may be accepted: HTTP connections and
+    /// upgraded ones (which outlive theirs) below the bound. An upgraded
+    /// socket's end is not signalled, so a full process looks again every
+    /// 50 ms as well.
     async fn room(&self) {
         let Some(max) = self.max else { return };
         loop {
             let closed = self.closed.notified();
-            if self.open.load(std::sync::atomic::Ordering::Relaxed) < max {
+            let held =
+                self.open.load(std::sync::atomic::Ordering::Relaxed) + ws::upgraded_sockets();
+            if held < max {
                 return;
             }
-            closed.await;
+            tokio::select! {
+                _ = closed => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
         }
     }
 }

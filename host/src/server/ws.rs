@@ -103,6 +103,32 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
     })
 }
 
+/// Upgraded connections open in this process: each holds its socket after
+/// the HTTP connection it came from has ended, so the accept loop counts
+/// them against the open-file limit besides the HTTP connections.
+static UPGRADED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sockets held by upgraded (WebSocket) connections of this process.
+pub fn upgraded_sockets() -> usize {
+    UPGRADED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one upgraded socket until dropped.
+struct UpgradedSocket;
+
+impl UpgradedSocket {
+    fn new() -> Self {
+        UPGRADED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        UpgradedSocket
+    }
+}
+
+impl Drop for UpgradedSocket {
+    fn drop(&mut self) {
+        UPGRADED.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The `Sec-WebSocket-Accept` value for a key (RFC 6455 §4.2.2), as
 /// tungstenite derives it.
 pub fn accept_key(key: &[u8]) -> String {
@@ -190,6 +216,7 @@ impl Upgrade {
                     return;
                 }
             };
+            let _counted = UpgradedSocket::new();
             let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(p) => p,
                 Err(_) => {
