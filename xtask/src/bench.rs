@@ -205,7 +205,9 @@ impl Case {
     }
 }
 
-fn build() -> Result<PathBuf> {
+/// The release host and load generator, and a plugins folder holding the
+/// `bench` test plugin alone; the folder.
+pub(crate) fn build_host() -> Result<PathBuf> {
     let root = root();
     crate::plugins()?;
     run(cargo().current_dir(&root).args([
@@ -216,17 +218,23 @@ fn build() -> Result<PathBuf> {
         "-p",
         "chanhost-bench",
     ]))?;
-    npm_ci(&root.join("tests/bench/peers/node"))?;
-    run(cargo()
-        .current_dir(root.join("tests/bench/peers/socketioxide"))
-        .env("CARGO_TARGET_DIR", root.join("target/bench-peers"))
-        .args(["build", "--release"]))?;
     let plugins = root.join("target/bench-plugins");
     std::fs::create_dir_all(&plugins)?;
     std::fs::copy(
         root.join("target/test-plugins/bench.wasm"),
         plugins.join("bench.wasm"),
     )?;
+    Ok(plugins)
+}
+
+fn build() -> Result<PathBuf> {
+    let root = root();
+    let plugins = build_host()?;
+    npm_ci(&root.join("tests/bench/peers/node"))?;
+    run(cargo()
+        .current_dir(root.join("tests/bench/peers/socketioxide"))
+        .env("CARGO_TARGET_DIR", root.join("target/bench-peers"))
+        .args(["build", "--release"]))?;
     Ok(plugins)
 }
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::bench::{machine, start, taskset, Server};
-use crate::{cargo, root, run};
+use crate::bench::{build_host, machine, start, taskset, Server};
+use crate::root;
 
 struct Scenario {
     title: &'static str,
@@ -144,21 +144,7 @@ fn render(results: &[(String, Value)], quick: bool) -> String {
 pub fn soak(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     let root = root();
-    crate::plugins()?;
-    run(cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "chanhost",
-        "-p",
-        "chanhost-bench",
-    ]))?;
-    let plugins = root.join("target/bench-plugins");
-    std::fs::create_dir_all(&plugins)?;
-    std::fs::copy(
-        root.join("target/test-plugins/bench.wasm"),
-        plugins.join("bench.wasm"),
-    )?;
+    let plugins = build_host()?;
     let mut results = Vec::new();
     for sc in scenarios(quick) {
         eprintln!("soak: {}", sc.title);
