@@ -453,10 +453,7 @@ pub struct ConnHandle {
     pub protocol: Protocol,
     identity: std::sync::OnceLock<Identity>,
     /// The queue, for transports written by their session task.
-    tx: Option<mpsc::Sender<Outbound>>,
-    /// Bytes of the items in the queue, and their bound.
-    queued_bytes: Arc<AtomicUsize>,
-    max_queued_bytes: usize,
+    queue: Option<Queue>,
     /// Direct writes, once the transport takes them; checked first.
     direct: parking_lot::RwLock<Option<Arc<dyn DirectOut>>>,
     /// Set when the hub unregisters the connection; late joins undo themselves.
@@ -466,6 +463,14 @@ pub struct ConnHandle {
     state: Mutex<ConnState>,
     /// The attribute sets of the connection's user, once identified.
     user_attributes: std::sync::OnceLock<Arc<UserAttributes>>,
+}
+
+/// The sending end of a connection's queue: items, and the bytes they
+/// hold against their bound (given back by [`OutboundRx`]).
+struct Queue {
+    tx: mpsc::Sender<Outbound>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
 }
 
 impl std::fmt::Debug for ConnHandle {
@@ -487,10 +492,13 @@ impl ConnHandle {
         limits: QueueLimits,
     ) -> (Arc<Self>, OutboundRx) {
         let (tx, rx) = mpsc::channel(limits.frames.max(1));
-        let mut conn = Self::build(id, protocol, identity, Some(tx), None);
-        let c = Arc::get_mut(&mut conn).expect("not shared yet");
-        c.max_queued_bytes = limits.bytes;
-        let bytes = c.queued_bytes.clone();
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let queue = Queue {
+            tx,
+            bytes: bytes.clone(),
+            max_bytes: limits.bytes,
+        };
+        let conn = Self::build(id, protocol, identity, Some(queue), None);
         (conn, OutboundRx { rx, bytes })
     }
 
@@ -509,16 +517,14 @@ impl ConnHandle {
         id: ConnId,
         protocol: Protocol,
         identity: Option<Identity>,
-        tx: Option<mpsc::Sender<Outbound>>,
+        queue: Option<Queue>,
         direct: Option<Arc<dyn DirectOut>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             id,
             protocol,
             identity: identity.map(std::sync::OnceLock::from).unwrap_or_default(),
-            tx,
-            queued_bytes: Arc::new(AtomicUsize::new(0)),
-            max_queued_bytes: usize::MAX,
+            queue,
             direct: parking_lot::RwLock::new(direct),
             unregistered: AtomicBool::new(false),
             close: Mutex::new(None),
@@ -570,18 +576,18 @@ impl ConnHandle {
         }
         // Held across the send: a switch to direct writes drains the queue
         // and must not miss an item pushed meanwhile.
-        let Some(tx) = &self.tx else { return false };
+        let Some(q) = &self.queue else { return false };
         let weight = out.weight();
-        let before = self.queued_bytes.fetch_add(weight, Ordering::Relaxed);
+        let before = q.bytes.fetch_add(weight, Ordering::Relaxed);
         // One item over the bound still goes in while the queue is empty.
-        if before > 0 && before.saturating_add(weight) > self.max_queued_bytes {
-            self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
+        if before > 0 && before.saturating_add(weight) > q.max_bytes {
+            q.bytes.fetch_sub(weight, Ordering::Relaxed);
             self.request_close(SLOW_CONSUMER_CLOSE, "send queue full (slow consumer)");
             return false;
         }
-        let sent = tx.try_send(out);
+        let sent = q.tx.try_send(out);
         if sent.is_err() {
-            self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
+            q.bytes.fetch_sub(weight, Ordering::Relaxed);
         }
         match sent {
             Ok(()) => true,

@@ -15,6 +15,9 @@ pub struct SharedEvent {
     pub data: Arc<str>,
     /// Binary attachments (Socket.IO only; Misskey members get the JSON).
     pub attachments: Arc<[Vec<u8>]>,
+    /// Bytes one recipient's frame takes, about: reckoned once, read per
+    /// queued recipient.
+    weight: usize,
     misskey_tail: OnceLock<String>,
     socketio_args: OnceLock<String>,
 }
@@ -25,10 +28,13 @@ impl SharedEvent {
     }
 
     pub fn with_attachments(event: &str, data: Arc<str>, attachments: Arc<[Vec<u8>]>) -> Arc<Self> {
+        let weight =
+            16 + event.len() + data.len() + attachments.iter().map(Vec::len).sum::<usize>();
         Arc::new(Self {
             event: event.into(),
             data,
             attachments,
+            weight,
             misskey_tail: OnceLock::new(),
             socketio_args: OnceLock::new(),
         })
@@ -56,9 +62,7 @@ impl SharedEvent {
 
     /// About how many bytes one recipient's frame of this event takes.
     pub fn weight(&self) -> usize {
-        16 + self.event.len()
-            + self.data.len()
-            + self.attachments.iter().map(Vec::len).sum::<usize>()
+        self.weight
     }
 
     /// The recipient-independent end of a Misskey event frame, built on

@@ -18,7 +18,7 @@ use crate::server::Pairs;
 
 /// A client's request to open a channel instance on its connection.
 pub struct OpenInstance<'a> {
-    pub conn: &'a Arc<ConnHandle>,
+    pub conn: &'a ConnHandle,
     /// The instance id (Misskey: the client's; Socket.IO: the namespace).
     pub id: &'a str,
     pub plugin: Arc<PluginSlot>,
@@ -60,16 +60,14 @@ impl Node {
 
     /// Registers a new channel instance on a connection (before its
     /// plugin's `connect`, so the plugin can join rooms from it).
-    fn open_instance(&self, conn: &ConnHandle, id: &str, plugin: &Arc<str>, channel: &str) -> Slot {
-        let slot = Slot::instance(id);
+    fn open_instance(&self, conn: &ConnHandle, id: &str, plugin: &Arc<str>, channel: &str) {
         let state = InstanceState {
             plugin: plugin.clone(),
             channel: channel.into(),
-            slot: slot.clone(),
+            slot: Slot::instance(id),
         };
         // A connection already forgotten by the hub gets no new instance.
         self.hub.add_instance(conn, id, state);
-        slot
     }
 
     /// Ends an instance from the server side: Socket.IO clients get a
