@@ -50,7 +50,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Checks the API key (or, without one, that the caller is local).
 #[allow(clippy::result_large_err)]
 pub fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Response> {
-    match &node.config.api_key {
+    match &node.config().api_key {
         Some(key) => {
             let given = headers
                 .get(header::AUTHORIZATION)
@@ -123,8 +123,8 @@ async fn rooms<const JOIN: bool>(
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let conns = match (&b.user, b.connection) {
-        (Some(u), _) => node.hub.user_conns(u),
-        (None, Some(c)) => node.hub.conn(c).into_iter().collect(),
+        (Some(u), _) => node.hub().user_conns(u),
+        (None, Some(c)) => node.hub().conn(c).into_iter().collect(),
         (None, None) => Vec::new(),
     };
     let mut instances = 0;
@@ -138,9 +138,9 @@ async fn rooms<const JOIN: bool>(
         for slot in slots {
             for room in &b.rooms {
                 if JOIN {
-                    node.hub.join(conn, slot.clone(), room);
+                    node.hub().join(conn, slot.clone(), room);
                 } else {
-                    node.hub.leave(conn, &slot, room);
+                    node.hub().leave(conn, &slot, room);
                 }
             }
         }
@@ -184,8 +184,8 @@ async fn plugin_kv(
 async fn healthz(State(node): State<Arc<Node>>) -> Response {
     Json(json!({
         "status": "ok",
-        "connections": node.hub.conn_count(),
-        "plugins": node.plugins.names().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        "connections": node.hub().conn_count(),
+        "plugins": node.plugins().names().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
     }))
     .into_response()
 }

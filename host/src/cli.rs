@@ -91,24 +91,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// Serves a node until SIGINT or SIGTERM, as `chanhost serve` does: loads
 /// the plugins folder and watches it, listens on the configured address.
 /// For programs that embed the host (after registering native plugins on
-/// `node.plugins`).
+/// `node.plugins()`).
 pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
-    let listen = node.config.listen;
+    let listen = node.config().listen;
     node.load_plugins().await?;
     node.spawn_watcher()?;
     crate::stats::spawn(Arc::downgrade(&node));
-    crate::memory::spawn_trimmer(node.shutdown.clone());
+    crate::memory::spawn_trimmer(node.shutdown().clone());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(
-        plugins = ?node.plugins.names(),
+        plugins = ?node.plugins().names(),
         "chanhost listening on http://{addr} (Misskey streaming at ws://{addr}/streaming)"
     );
     // A machine-readable line for scripts and tests.
     println!("listening on {addr}");
-    let shutdown = node.shutdown.clone();
+    let shutdown = node.shutdown().clone();
     tokio::spawn(async move {
         crate::server::shutdown_signal().await;
         tracing::info!("shutting down: closing connections");

@@ -1,6 +1,7 @@
-//! Process-wide counters and gauges, rendered in the Prometheus text format
-//! by `GET /metrics`. Per-plugin figures live with each plugin and are
-//! appended by the renderer.
+//! Process-wide counters and gauges, and the whole `GET /metrics` text in
+//! the Prometheus text format: [`Metrics`] holds the host-wide figures,
+//! [`NodeFigures`] what the node reads from its other parts when asked
+//! (rooms, admission, plugins), and [`render`] writes both.
 //!
 //! The text is written here rather than by `prometheus-client`: its last
 //! release built on `syn` 2 (0.23) writes label values unescaped, and the
@@ -175,6 +176,148 @@ impl Metrics {
     }
 }
 
+/// One plugin's figures, read when `/metrics` is asked for.
+#[derive(Debug, Clone, Default)]
+pub struct PluginFigures {
+    pub name: String,
+    /// (hook, calls, failed calls).
+    pub hooks: Vec<(&'static str, u64, u64)>,
+    pub dropped: u64,
+    pub refused_backoff: u64,
+    pub rebuilds: u64,
+}
+
+/// What `/metrics` shows beyond [`Metrics`], read from the node's parts.
+#[derive(Debug, Clone, Default)]
+pub struct NodeFigures {
+    /// Rooms with a member on this node.
+    pub rooms: usize,
+    /// `[limits] max_connections`.
+    pub connections_max: usize,
+    /// Refused client connections by reason.
+    pub refused: Vec<(&'static str, u64)>,
+    /// Plugin code made ready: (compiled, read from the cache).
+    pub code_loads: (u64, u64),
+    /// Plugin files being compiled.
+    pub compiling: u64,
+    pub plugins: Vec<PluginFigures>,
+}
+
+/// The whole `/metrics` text.
+pub fn render(metrics: &Metrics, node: &NodeFigures) -> String {
+    let mut out = String::new();
+    metrics.render(node.rooms, &mut out);
+    write_metric(
+        &mut out,
+        "chanhost_connections_max",
+        "gauge",
+        "Client connections the node accepts at once ([limits] max_connections).",
+        node.connections_max as u64,
+    );
+    let refused: Vec<(String, u64)> = node
+        .refused
+        .iter()
+        .map(|(reason, n)| (labels(&[("reason", reason)]), *n))
+        .collect();
+    write_family(
+        &mut out,
+        "chanhost_connections_refused_total",
+        "counter",
+        "Client connections refused before they were set up, by reason (capacity: max_connections; per_address: per_ip_connections).",
+        &refused,
+    );
+    let plugins = &node.plugins;
+    write_metric(
+        &mut out,
+        "chanhost_plugins",
+        "gauge",
+        "Plugins loaded.",
+        plugins.len() as u64,
+    );
+    let (compiled, cached) = node.code_loads;
+    write_family(
+        &mut out,
+        "chanhost_plugin_code_loads_total",
+        "counter",
+        "Plugin code made ready, compiled or read from the on-disk cache.",
+        &[
+            (labels(&[("source", "compiled")]), compiled),
+            (labels(&[("source", "cache")]), cached),
+        ],
+    );
+    write_metric(
+        &mut out,
+        "chanhost_plugin_loads_in_progress",
+        "gauge",
+        "Plugin files being compiled and started (off the event loop).",
+        node.compiling,
+    );
+    let by_hook = |errors: bool| -> Vec<(String, u64)> {
+        plugins
+            .iter()
+            .flat_map(|p| {
+                p.hooks.iter().map(move |(hook, calls, errs)| {
+                    (
+                        labels(&[("plugin", &p.name), ("hook", hook)]),
+                        if errors { *errs } else { *calls },
+                    )
+                })
+            })
+            .collect()
+    };
+    let per_plugin = |get: fn(&PluginFigures) -> u64| -> Vec<(String, u64)> {
+        plugins
+            .iter()
+            .map(|p| (labels(&[("plugin", &p.name)]), get(p)))
+            .collect()
+    };
+    write_family(
+        &mut out,
+        "chanhost_plugin_calls_total",
+        "counter",
+        "Calls into plugins by hook.",
+        &by_hook(false),
+    );
+    write_family(
+        &mut out,
+        "chanhost_plugin_errors_total",
+        "counter",
+        "Failed plugin calls (trap, timeout, out of memory) by hook.",
+        &by_hook(true),
+    );
+    write_family(
+        &mut out,
+        "chanhost_plugin_dropped_total",
+        "counter",
+        "Plugin calls dropped because the plugin's queue was full.",
+        &per_plugin(|p| p.dropped),
+    );
+    let refused: Vec<(String, u64)> = plugins
+        .iter()
+        .map(|p| {
+            (
+                labels(&[("plugin", &p.name), ("reason", "backoff")]),
+                p.refused_backoff,
+            )
+        })
+        .collect();
+    write_family(
+        &mut out,
+        "chanhost_plugin_refused_total",
+        "counter",
+        "Plugin calls refused without running, by reason (backoff: the plugin is backing off after repeated failures).",
+        &refused,
+    );
+    write_family(
+        &mut out,
+        "chanhost_plugin_rebuilds_total",
+        "counter",
+        "Plugin instances rebuilt after a failure.",
+        &per_plugin(|p| p.rebuilds),
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +332,47 @@ mod tests {
             labels(&[("plugin", "we\"ird\\\nname")]),
             r#"plugin="we\"ird\\\nname""#
         );
+    }
+
+    #[test]
+    fn the_text_has_every_family_once_with_its_labels() {
+        let m = Metrics::default();
+        m.connections.inc();
+        let node = NodeFigures {
+            rooms: 3,
+            connections_max: 100,
+            refused: vec![("capacity", 2), ("per_address", 0)],
+            code_loads: (1, 4),
+            compiling: 0,
+            plugins: vec![PluginFigures {
+                name: "chat".into(),
+                hooks: vec![("connect", 5, 1)],
+                dropped: 7,
+                refused_backoff: 0,
+                rebuilds: 1,
+            }],
+        };
+        let text = render(&m, &node);
+        for line in [
+            "chanhost_connections 1",
+            "chanhost_rooms 3",
+            "chanhost_connections_max 100",
+            "chanhost_connections_refused_total{reason=\"capacity\"} 2",
+            "chanhost_plugins 1",
+            "chanhost_plugin_code_loads_total{source=\"cache\"} 4",
+            "chanhost_plugin_calls_total{plugin=\"chat\",hook=\"connect\"} 5",
+            "chanhost_plugin_errors_total{plugin=\"chat\",hook=\"connect\"} 1",
+            "chanhost_plugin_dropped_total{plugin=\"chat\"} 7",
+            "chanhost_plugin_rebuilds_total{plugin=\"chat\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}");
+        }
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let mut names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        names.dedup();
+        assert_eq!(names.len(), types, "a family written twice");
     }
 }

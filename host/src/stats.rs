@@ -179,7 +179,7 @@ pub fn spawn(node: Weak<Node>) {
         tick.tick().await;
         loop {
             let Some(n) = node.upgrade() else { break };
-            let stop = n.shutdown.clone();
+            let stop = n.shutdown().clone();
             drop(n);
             tokio::select! {
                 _ = tick.tick() => {}
@@ -194,7 +194,7 @@ pub fn spawn(node: Weak<Node>) {
             let body = stats_json(&prev, &now, mem, secs);
             prev = now;
             // This machine's figures go to this node's audience only.
-            if n.hub.has_audience(STATS_ROOM) {
+            if n.hub().has_audience(STATS_ROOM) {
                 n.deliver_local_event(STATS_ROOM, "stats", body.to_string().into());
             }
         }

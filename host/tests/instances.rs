@@ -119,7 +119,7 @@ async fn host() -> (Arc<Node>, std::net::SocketAddr, Journal) {
     config.misskey.max_channels = 3;
     let node = Node::new(config).unwrap();
     let journal = Journal::default();
-    node.plugins
+    node.plugins()
         .add_native("recorder", Box::new(Recorder(journal.clone())))
         .await
         .unwrap();

@@ -111,6 +111,24 @@ pub enum Outbound {
     /// Socket.IO: the reply to a namespace CONNECT (boxed: rare, and the
     /// queue's slots are sized by the largest variant).
     Gate(Box<Gate>),
+    /// A plugin's acknowledgement of a client message (boxed: rare).
+    Ack(Box<Ack>),
+    /// The server ended an instance (its id): Socket.IO tells the client
+    /// with a DISCONNECT packet; Misskey has no such frame.
+    Ended(Arc<str>),
+}
+
+/// A plugin's acknowledgement of a client message.
+#[derive(Debug)]
+pub struct Ack {
+    /// The instance the message came to.
+    pub instance: Arc<str>,
+    /// The client's ack id.
+    pub id: u64,
+    /// The reply's arguments, a JSON array (with placeholders for
+    /// attachments).
+    pub args: String,
+    pub attachments: Vec<Vec<u8>>,
 }
 
 impl Outbound {
@@ -122,6 +140,10 @@ impl Outbound {
             Outbound::Binary(b) => b.len(),
             Outbound::Event { slot, event } => slot.id().len() + event.weight(),
             Outbound::Gate(g) => g.text.len(),
+            Outbound::Ack(a) => {
+                a.instance.len() + a.args.len() + a.attachments.iter().map(Vec::len).sum::<usize>()
+            }
+            Outbound::Ended(id) => id.len(),
         }
     }
 }

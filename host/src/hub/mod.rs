@@ -21,9 +21,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use conn::{
-    CaptureChange, Condition, ConnHandle, ConnId, Deferred, DirectOut, Filter, Gate, InstanceState,
-    NoteAudience, Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot, UserAttributes,
-    WriteBatch, RELATIONS_SET, SLOW_CONSUMER_CLOSE,
+    Ack, CaptureChange, Condition, ConnHandle, ConnId, Deferred, DirectOut, Filter, Gate,
+    InstanceState, NoteAudience, Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot,
+    UserAttributes, WriteBatch, RELATIONS_SET, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 

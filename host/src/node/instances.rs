@@ -10,10 +10,9 @@
 use std::sync::Arc;
 
 use super::Node;
-use crate::hub::{ConnHandle, InstanceState, Outbound, Protocol, Slot};
+use crate::hub::{ConnHandle, InstanceState, Outbound, Slot};
 use crate::plugin::runtime::CallError;
 use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, PluginSlot, Rejection};
-use crate::protocol::socketio;
 use crate::server::Pairs;
 
 /// A client's request to open a channel instance on its connection.
@@ -70,18 +69,14 @@ impl Node {
         self.hub.add_instance(conn, id, state);
     }
 
-    /// Ends an instance from the server side: Socket.IO clients get a
-    /// DISCONNECT packet for the namespace (Misskey has no such frame).
+    /// Ends an instance from the server side; the connection's writer
+    /// tells the client in its protocol ([`Outbound::Ended`]).
     pub fn end_instance(&self, conn: &ConnHandle, id: &str, notify_plugin: bool) {
         if self
             .close_instance(conn, id, DisconnectReason::Server, notify_plugin)
             .is_some()
-            && conn.protocol == Protocol::SocketIo
         {
-            conn.push(Outbound::Text(format!(
-                "4{}",
-                socketio::encode_disconnect(id)
-            )));
+            conn.push(Outbound::Ended(id.into()));
         }
     }
 

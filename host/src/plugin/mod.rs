@@ -13,8 +13,7 @@
 //!   behind the same slot and thread.
 //! - [`kv`]: each plugin's key-value store.
 //! - [`registry`] maps channel names and frame types to plugins, and loads,
-//!   replaces and removes plugin files.
-//! - [`watcher`] watches the plugins folder and reconciles it with the registry.
+//!   replaces and removes plugin files (the folder itself is the node's).
 //! - [`http`] gates outbound `wasi:http` requests by each plugin's `allow_http`.
 //!
 //! Plugins reach the rest of the host only through [`HostServices`].
@@ -26,7 +25,6 @@ pub mod kv;
 pub mod native;
 pub mod registry;
 pub mod runtime;
-pub mod watcher;
 
 use std::sync::Arc;
 

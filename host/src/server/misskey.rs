@@ -50,15 +50,15 @@ pub async fn handler(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let address = node.admission.client_address(peer, &headers);
-    let ticket = match node.admission.admit(address) {
+    let address = node.admission().client_address(peer, &headers);
+    let ticket = match node.admission().admit(address) {
         Ok(t) => t,
         Err(refused) => return refused.into_response(),
     };
     let token = token_of(&uri, &headers);
     let identity = match &token {
         None => None,
-        Some(token) => match node.auth.authenticate(token).await {
+        Some(token) => match node.auth().authenticate(token).await {
             Ok(id) => Some(id),
             Err(e) => {
                 tracing::debug!("streaming auth refused: {e}");
@@ -68,15 +68,15 @@ pub async fn handler(
     };
     let (headers, query) = super::kept_request(&headers, &uri, &["i"]);
     let credential: Option<Arc<str>> = token.map(Into::into);
-    let max = node.config.misskey.max_frame_bytes;
-    ws.limits(max, QueueLimits::of(&node.config.limits))
+    let max = node.config().misskey.max_frame_bytes;
+    ws.limits(max, QueueLimits::of(&node.config().limits))
         .on_upgrade(
             move |socket, wire| async move {
                 let _ticket = ticket;
                 let id = node.next_conn_id();
                 let out = Arc::new(MisskeyOut {
                     wire: wire.clone(),
-                    metrics: node.metrics.clone(),
+                    metrics: node.metrics().clone(),
                 });
                 let conn = ConnHandle::new_direct(id, Protocol::Misskey, identity, out);
                 node.open_conn(conn.clone());
@@ -114,8 +114,13 @@ impl DirectOut for MisskeyOut {
     fn send(&self, out: Outbound) -> Result<(), QueueFull> {
         let r = match &out {
             Outbound::Text(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
-            // Not used on Misskey streams.
-            Outbound::Binary(_) | Outbound::Gate(_) => return Ok(()),
+            // Misskey streams have no binary frames, namespace replies,
+            // acks, or frame for an instance the server ended.
+            Outbound::Binary(_) | Outbound::Gate(_) | Outbound::Ended(_) => return Ok(()),
+            Outbound::Ack(_) => {
+                tracing::debug!("ack on a Misskey stream (no acks there); dropped");
+                return Ok(());
+            }
             Outbound::Event { slot, event } => {
                 let addressing = if slot.is_capture() {
                     Addressing::NoteUpdated
@@ -160,13 +165,13 @@ enum End {
 
 impl Session {
     async fn run(&self, mut socket: Socket, wire: &Arc<Wire>) {
-        let cfg = &self.node.config.misskey;
+        let cfg = &self.node.config().misskey;
         let mut ping =
             tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
         let mut last_seen = Instant::now();
         // Created once: re-creating these per wake-up costs more than the
         // frame it wakes for.
-        let shutdown = self.node.shutdown.cancelled();
+        let shutdown = self.node.shutdown().cancelled();
         let closed = self.conn.closed();
         tokio::pin!(shutdown, closed);
         let end = loop {
@@ -228,7 +233,7 @@ impl Session {
 
     fn count_close(&self, code: u16) {
         if code == crate::hub::SLOW_CONSUMER_CLOSE {
-            self.node.metrics.slow_consumer_closes.inc();
+            self.node.metrics().slow_consumer_closes.inc();
         }
     }
 
@@ -255,7 +260,7 @@ impl Session {
                 let Some(inst) = self.conn.instance(&id) else {
                     return;
                 };
-                if let Some(p) = node.plugins.plugin(&inst.plugin) {
+                if let Some(p) = node.plugins().plugin(&inst.plugin) {
                     let target = InstanceRef {
                         connection: self.conn.id,
                         id,
@@ -264,12 +269,12 @@ impl Session {
                 }
             }
             ClientFrame::SubNote { id } => {
-                node.hub
-                    .capture(&self.conn, &id, node.config.misskey.max_captures);
+                node.hub()
+                    .capture(&self.conn, &id, node.config().misskey.max_captures);
             }
-            ClientFrame::UnsubNote { id } => node.hub.uncapture(&self.conn, &id),
+            ClientFrame::UnsubNote { id } => node.hub().uncapture(&self.conn, &id),
             ClientFrame::Other { kind, body } => {
-                for p in node.plugins.frame_handlers(kind) {
+                for p in node.plugins().frame_handlers(kind) {
                     p.frame(self.conn.id, kind.to_owned(), body.clone());
                 }
             }
@@ -279,7 +284,7 @@ impl Session {
     async fn connect(&self, channel: String, id: String, params: String, pong: bool) {
         let node = &self.node;
         let conn = &self.conn;
-        let Some((plugin, spec)) = node.plugins.channel(&channel) else {
+        let Some((plugin, spec)) = node.plugins().channel(&channel) else {
             tracing::debug!(
                 conn = conn.id,
                 channel,
@@ -299,7 +304,7 @@ impl Session {
             return;
         }
         let reused = conn.instance(&id).is_some();
-        if !reused && conn.instance_count() >= node.config.misskey.max_channels {
+        if !reused && conn.instance_count() >= node.config().misskey.max_channels {
             tracing::debug!(
                 conn = conn.id,
                 channel,

@@ -6,9 +6,11 @@
 //!
 //! - [`admission`]: client connection caps and the client's address.
 //! - [`ws`]: the WebSocket upgrade and the wire frames are written to.
+//! - [`engineio`]: Engine.IO sessions and transports, below [`socketio`].
 //! - [`misskey`], [`socketio`]: the protocol sessions.
 
 pub mod admission;
+pub mod engineio;
 pub mod misskey;
 pub mod socketio;
 pub mod ws;
@@ -132,21 +134,47 @@ impl axum::response::IntoResponse for BodyError {
     }
 }
 
-/// Reads a request body whole, at most `max` bytes, within `[limits]
-/// body_timeout_ms` (a body that stalls, or a chunked body that never ends,
-/// does not hold its request open). Called by the handlers that take a
-/// body once they know the request is allowed, so nothing is buffered for
-/// a request that is refused anyway.
+/// Reads request bodies whole within a deadline (`[limits]
+/// body_timeout_ms`): a body that stalls, or a chunked body that never
+/// ends, does not hold its request open. Timeouts are counted.
+#[derive(Clone)]
+pub struct BodyReader {
+    pub timeout: Duration,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl BodyReader {
+    /// A node's reader.
+    pub fn of(node: &Node) -> Self {
+        Self {
+            timeout: node.config().limits.body_timeout,
+            metrics: node.metrics().clone(),
+        }
+    }
+
+    /// Reads a body, at most `max` bytes. Called by the handlers that take
+    /// a body once they know the request is allowed, so nothing is
+    /// buffered for a request that is refused anyway.
+    pub async fn read(
+        &self,
+        body: axum::body::Body,
+        max: usize,
+    ) -> Result<axum::body::Bytes, BodyError> {
+        let r = read_body_within(body, max, self.timeout).await;
+        if r == Err(BodyError::Timeout) {
+            self.metrics.body_timeouts.inc();
+        }
+        r
+    }
+}
+
+/// Reads a request body with a node's [`BodyReader`].
 pub async fn read_body(
     node: &Node,
     body: axum::body::Body,
     max: usize,
 ) -> Result<axum::body::Bytes, BodyError> {
-    let r = read_body_within(body, max, node.config.limits.body_timeout).await;
-    if r == Err(BodyError::Timeout) {
-        node.metrics.body_timeouts.inc();
-    }
-    r
+    BodyReader::of(node).read(body, max).await
 }
 
 async fn read_body_within(
@@ -169,14 +197,14 @@ async fn read_body_within(
     }
 }
 
-/// Serves until `node.shutdown` is cancelled, then closes every client with
+/// Serves until `node.shutdown()` is cancelled, then closes every client with
 /// 1001 and waits (up to `drain`) for the sessions to end.
 ///
 /// HTTP/1.1 connections are served by hyper directly (not `axum::serve`),
 /// so an upgraded connection hands back its `TcpStream` (see [`ws`]).
 pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> std::io::Result<()> {
     let app = router(node.clone());
-    let token = node.shutdown.clone();
+    let token = node.shutdown().clone();
     let sockets = Arc::new(Sockets::new(admission::open_file_limit(), open_files()));
     let mut failures = 0u32;
     // When the last accept failure was reported: at most one warning per
@@ -221,7 +249,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> s
             tcp,
             peer,
             token.clone(),
-            node.config.limits.max_header_bytes,
+            node.config().limits.max_header_bytes,
         );
         tokio::spawn(async move {
             conn.await;
@@ -229,10 +257,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, drain: Duration) -> s
         });
     }
     let deadline = tokio::time::Instant::now() + drain;
-    while node.hub.conn_count() > 0 && tokio::time::Instant::now() < deadline {
+    while node.hub().conn_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    node.plugins.stop_all();
+    node.plugins().stop_all();
     Ok(())
 }
 

@@ -79,7 +79,7 @@ pub async fn serve(listen: String) -> Result<()> {
     };
     let config = Config::load(None, &flags, &EnvOverrides::default())?;
     let node = Node::new(config)?;
-    node.plugins.add_native("bench", Box::new(Bench)).await?;
+    node.plugins().add_native("bench", Box::new(Bench)).await?;
     chanhost::cli::serve_node(node).await
 }
 

@@ -1,608 +1,437 @@
-//! Socket.IO v5 over Engine.IO v4 on `/socket.io/`: long-polling,
-//! WebSocket, the upgrade between them, CORS, and the reference server's
-//! refusals (socketio/engine.io-protocol, socketio/socket.io-protocol).
+//! Socket.IO v5 (socketio/socket.io-protocol) on `/socket.io/`, above
+//! [`crate::server::engineio`]: namespaces are channel instances served by
+//! plugins; this layer gates them, reassembles binary packets, holds the
+//! events of a namespace whose CONNECT its plugin is still deciding, and
+//! frames the hub's items as Socket.IO packets.
 //!
-//! Sessions live in [`SioServer`]; each is one hub connection whose
-//! namespaces are channel instances served by plugins. Polling sessions
-//! are written from their queue; once a session is on WebSocket, items are
-//! framed and written directly on the thread that produces them
-//! ([`SioOut`] over the connection's [`Wire`]).
-//!
-//! CORS is decided here rather than by `tower-http`'s `CorsLayer`: the
-//! same decision also refuses a cross-site WebSocket upgrade (403, which a
-//! CORS layer does not do), treats the Host's own origin as allowed, and
-//! answers preflights only on this endpoint; one function
-//! (`origin_allowed`) serves all three, so they cannot disagree.
-
-mod session;
+//! Held events are released right after the CONNECT reply (or dropped with
+//! a CONNECT_ERROR), so a client never sees events before the socket they
+//! belong to. On WebSocket the reply is written on its own
+//! ([`EioOut::Alone`]): what follows it is written a little later, as the
+//! reference server does (it writes each packet once the previous write
+//! completed), so a client that takes one message per read sees both.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::extract::Request;
 use axum::routing::any;
 use axum::Router;
-use futures_util::StreamExt;
 use parking_lot::Mutex;
-use tokio_util::sync::CancellationToken;
+use serde_json::Value;
 
-use self::session::{EioOut, Opening, Session, Transport};
-use super::ws::{close_code_of, Message, Socket, Upgrade, Wire, OP_BINARY, OP_TEXT};
-use crate::hub::{DirectOut, Outbound, QueueFull, QueueLimits, SLOW_CONSUMER_CLOSE};
-use crate::metrics::Metrics;
-use crate::node::Node;
-use crate::protocol::engineio::{self, HttpError, Packet};
-use crate::protocol::socketio as sio;
+use super::engineio::{
+    self, random_id, EioOut, EngineOptions, EngineServer, Handler, Opening, Session, WsOut,
+};
+use super::ws::{OP_BINARY, OP_TEXT};
+use super::Pairs;
+use crate::hub::{ConnId, Gate, Outbound, Protocol, QueueFull, QueueLimits};
+use crate::node::{Node, OpenInstance, Opened};
+use crate::plugin::{DisconnectReason, InstanceRef, Payload};
+use crate::protocol::socketio::{self as sio, PacketType};
 
-/// Most queued items written per poll response or WebSocket flush.
-const DRAIN: usize = 256;
-
-/// The Socket.IO endpoint of a node.
-pub struct SioServer {
-    pub node: Arc<Node>,
-    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
-}
+#[cfg(test)]
+mod tests;
 
 /// Routes of the endpoint (`/socket.io/`, with and without the slash).
 pub fn router(node: Arc<Node>) -> Router {
-    let server = Arc::new(SioServer {
-        node,
-        sessions: Mutex::new(HashMap::new()),
-    });
+    let c = &node.config().socketio;
+    let options = EngineOptions {
+        ping_interval: c.ping_interval,
+        ping_timeout: c.ping_timeout,
+        upgrade_timeout: c.upgrade_timeout,
+        max_payload: c.max_payload,
+        cors_origins: c.cors_origins.clone(),
+        queue: QueueLimits::of(&node.config().limits),
+        body: super::BodyReader::of(&node),
+        admission: node.admission().clone(),
+        metrics: node.metrics().clone(),
+        shutdown: node.shutdown().clone(),
+    };
+    let server = EngineServer::new(SioHandler { node }, options);
+    let serve = move |req: Request| engineio::handle(server.clone(), req);
     Router::new()
-        .route("/socket.io/", any(handle))
-        .route("/socket.io", any(handle))
-        .with_state(server)
+        .route("/socket.io/", any(serve.clone()))
+        .route("/socket.io", any(serve))
 }
 
-fn eio_error(e: HttpError, cors: &[(header::HeaderName, HeaderValue)]) -> Response {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    let mut r = (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        e.body(),
-    )
-        .into_response();
-    for (k, v) in cors {
-        r.headers_mut().insert(k.clone(), v.clone());
-    }
-    r
+/// The Socket.IO layer of the node's Engine.IO endpoint.
+pub struct SioHandler {
+    node: Arc<Node>,
 }
 
-/// Whether a request's Origin may use the endpoint: no Origin (not a
-/// browser), same origin as the Host, or on the allow-list (`*` = any).
-fn origin_allowed(origin: Option<&str>, headers: &HeaderMap, allow: &[String]) -> bool {
-    let Some(origin) = origin else { return true };
-    if allow.iter().any(|a| a == "*" || a == origin) {
-        return true;
-    }
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"));
-    matches!((host, origin_host), (Some(h), Some(o)) if h.eq_ignore_ascii_case(o))
+/// Events held for a namespace while its CONNECT is decided: the CONNECT's
+/// generation and the events.
+type Held = (u64, Vec<Outbound>);
+
+/// A binary packet waiting for its attachments.
+struct PendingBinary {
+    packet: sio::Packet,
+    attachments: Vec<Vec<u8>>,
+    /// Bytes of the attachments so far: at most `max_payload` in all, as
+    /// one message may not be larger.
+    bytes: usize,
 }
 
-fn cors_headers(origin: Option<&str>, allowed: bool) -> Vec<(header::HeaderName, HeaderValue)> {
-    let (Some(origin), true) = (origin, allowed) else {
-        return Vec::new();
-    };
-    let Ok(v) = HeaderValue::from_str(origin) else {
-        return Vec::new();
-    };
-    vec![
-        (header::ACCESS_CONTROL_ALLOW_ORIGIN, v),
-        (
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        ),
-        (header::VARY, HeaderValue::from_static("Origin")),
-    ]
+/// The Socket.IO state of one Engine.IO session.
+pub struct SioSocket {
+    /// What the handshake kept, handed to plugins at each CONNECT.
+    headers: Pairs,
+    query: Pairs,
+    /// Namespaces whose CONNECT is being decided: their events are held,
+    /// tagged with the generation of that CONNECT.
+    held: Mutex<HashMap<Arc<str>, Held>>,
+    /// Entries in `held`: the writer skips the lock while it is 0.
+    holding: AtomicUsize,
+    generation: AtomicU64,
+    connected_once: AtomicBool,
+    /// The binary packet being reassembled (messages come one at a time).
+    pending: Mutex<Option<PendingBinary>>,
 }
 
-fn with_headers(mut r: Response, hs: &[(header::HeaderName, HeaderValue)]) -> Response {
-    for (k, v) in hs {
-        r.headers_mut().insert(k.clone(), v.clone());
-    }
-    r
+/// Why a session ends because of a Socket.IO packet.
+#[derive(Debug, thiserror::Error)]
+pub enum SioError {
+    #[error("invalid Socket.IO packet: {0}")]
+    Decode(#[from] sio::DecodeError),
+    #[error("unexpected binary message")]
+    UnexpectedBinary,
+    #[error("attachments of one packet larger than maxPayload")]
+    AttachmentsTooLarge,
+    #[error("text packet while attachments were expected")]
+    ExpectedBinary,
+    #[error("packet for namespace {0} which is not connected")]
+    NotConnected(String),
+    #[error("client sent a CONNECT_ERROR")]
+    ClientConnectError,
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-async fn handle(State(server): State<Arc<SioServer>>, req: Request) -> Response {
-    let (mut parts, body) = req.into_parts();
-    let query: HashMap<String, String> = parts
-        .uri
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
-    let cfg = &server.node.config.socketio;
-    let origin = parts
-        .headers
-        .get(header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-        .map(str::to_owned);
-    let allowed = origin_allowed(origin.as_deref(), &parts.headers, &cfg.cors_origins);
-    let cors = cors_headers(origin.as_deref(), allowed);
-
-    if parts.method == Method::OPTIONS {
-        let mut r = StatusCode::NO_CONTENT.into_response();
-        if allowed && origin.is_some() {
-            let h = r.headers_mut();
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, POST"),
-            );
-            if let Some(req_h) = parts.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
-                h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, req_h.clone());
-            }
-        }
-        return with_headers(r, &cors);
-    }
-    if query.get("EIO").map(String::as_str) != Some("4") {
-        return eio_error(HttpError::UnsupportedProtocolVersion, &cors);
-    }
-    let sid = query.get("sid").cloned();
-    match query.get("transport").map(String::as_str) {
-        Some("websocket") => {
-            if !allowed {
-                return eio_error(HttpError::Forbidden, &cors);
-            }
-            let ws = match Upgrade::from_parts(&mut parts) {
-                Ok(ws) => ws,
-                Err(_) => return eio_error(HttpError::BadRequest, &cors),
-            };
-            let ws = ws.limits(cfg.max_payload, QueueLimits::of(&server.node.config.limits));
-            match sid {
-                None => {
-                    let opening = match Opening::of(&server, &parts) {
-                        Ok(o) => o,
-                        Err(refused) => return with_headers(refused.into_response(), &cors),
-                    };
-                    ws.on_upgrade(
-                        move |socket, wire| async move {
-                            let session = Session::start(
-                                &server,
-                                opening,
-                                Transport::WebSocket,
-                                Some(wire.clone()),
-                            );
-                            let open = session.open_packet(&[]);
-                            if wire.send(OP_TEXT, &[open.as_bytes()]).is_err() || wire.is_closed() {
-                                session.close("handshake write failed");
-                                return;
-                            }
-                            run_websocket(session, socket, wire).await;
-                        },
-                        || {},
-                    )
-                }
-                Some(sid) => {
-                    let Some(session) = server.sessions.lock().get(sid.as_str()).cloned() else {
-                        return eio_error(HttpError::UnknownSid, &cors);
-                    };
-                    // One upgrade at a time, and only from polling. A second
-                    // WebSocket for a session that upgrades or has upgraded
-                    // is accepted and closed at once, as the reference server
-                    // does; the session itself is untouched.
-                    if !session.switch_transport(Transport::Polling, Transport::Upgrading) {
-                        return ws.on_upgrade(
-                            |_socket, wire| async move { wire.send_close(None, "").await },
-                            || {},
-                        );
-                    }
-                    let failed = session.clone();
-                    ws.on_upgrade(
-                        move |socket, wire| upgrade(session, socket, wire),
-                        move || {
-                            failed.switch_transport(Transport::Upgrading, Transport::Polling);
-                        },
-                    )
-                }
-            }
-        }
-        Some("polling") => {
-            let resp = match sid {
-                None if parts.method == Method::GET => {
-                    let opening = match Opening::of(&server, &parts) {
-                        Ok(o) => o,
-                        Err(refused) => return with_headers(refused.into_response(), &cors),
-                    };
-                    let session = Session::start(&server, opening, Transport::Polling, None);
-                    text(
-                        StatusCode::OK,
-                        "text/plain; charset=UTF-8",
-                        session.open_packet(&["websocket"]),
-                    )
-                }
-                None => eio_error(HttpError::BadHandshakeMethod, &cors),
-                Some(sid) => {
-                    let Some(session) = server.sessions.lock().get(sid.as_str()).cloned() else {
-                        return eio_error(HttpError::UnknownSid, &cors);
-                    };
-                    if session.transport() == Transport::WebSocket {
-                        return eio_error(HttpError::BadRequest, &cors);
-                    }
-                    match parts.method {
-                        Method::GET => poll(&session).await,
-                        Method::POST => post(&session, body).await,
-                        _ => eio_error(HttpError::BadRequest, &cors),
-                    }
-                }
-            };
-            with_headers(resp, &cors)
-        }
-        _ => eio_error(HttpError::UnknownTransport, &cors),
-    }
-}
-
-/// A long-polling GET: waits for queued packets and returns them.
-async fn poll(session: &Arc<Session>) -> Response {
-    let Ok(mut queue) = session.rx.try_lock() else {
-        // A second concurrent GET: the reference server closes the session.
-        session.close("overlapping polling requests");
-        return eio_error(HttpError::BadRequest, &[]);
-    };
-    let Some(rx) = queue.as_mut() else {
-        // The session moved to WebSocket.
-        return eio_error(HttpError::BadRequest, &[]);
-    };
-    // A close packet goes out alone, after whatever preceded it: clients
-    // process a payload's messages a tick later than its close.
-    let mut out = session.take_carry();
-    let close = Packet::Close.encode();
-    loop {
-        if !out.is_empty() {
-            break;
-        }
-        tokio::select! {
-            item = rx.recv() => {
-                let Some(item) = item else { break };
-                session.render(item, &mut out);
-                while out.len() < DRAIN {
-                    match rx.try_recv() {
-                        Some(item) => session.render(item, &mut out),
-                        None => break,
-                    }
-                }
-            }
-            _ = session.closed.cancelled() => {
-                // The client closed the session itself (a POSTed close
-                // packet): the waiting poll gets a noop, and the next one
-                // an unknown sid. Otherwise the client is told of the close.
-                if session.closed_by_client() {
-                    out.push(EioOut::Text(Packet::Noop.encode()));
-                } else {
-                    out.push(EioOut::Text(close.clone()));
-                }
-                break;
-            }
-        }
-    }
-    // Carried packets are stored before the queue is released, so a
-    // WebSocket taking over after an upgrade finds them.
-    if let Some(i) = out
-        .iter()
-        .position(|o| matches!(o, EioOut::Text(t) if *t == close))
-    {
-        if i > 0 {
-            session.carry(out.split_off(i));
-        } else {
-            out.truncate(1);
-        }
-    }
-    drop(queue);
-    let closing = matches!(out.as_slice(), [EioOut::Text(t)] if *t == close);
-    session.node.metrics.frames_sent.add(out.len() as u64);
-    let body = engineio::encode_payload(out.into_iter().map(EioOut::into_polling));
-    if closing {
-        session.close("server closed the session");
-    }
-    text(StatusCode::OK, "text/plain; charset=UTF-8", body)
-}
-
-/// A long-polling POST: the packets the client sends.
-async fn post(session: &Arc<Session>, body: Body) -> Response {
-    let Ok(_posting) = session.posting.try_lock() else {
-        // Overlapping data requests: the reference server closes the session.
-        session.close("overlapping polling POSTs");
-        return eio_error(HttpError::BadRequest, &[]);
-    };
-    let max = session.node.config.socketio.max_payload;
-    let bytes = match crate::server::read_body(&session.node, body, max).await {
-        Ok(b) => b,
-        Err(crate::server::BodyError::TooLarge) => {
-            session.close("payload over maxPayload");
-            return (StatusCode::PAYLOAD_TOO_LARGE, "payload too large").into_response();
-        }
-        Err(e) => {
-            session.close(&e.to_string());
-            return e.into_response();
-        }
-    };
-    let Ok(text_body) = std::str::from_utf8(&bytes) else {
-        session.close("payload is not UTF-8");
-        return eio_error(HttpError::BadRequest, &[]);
-    };
-    let packets = match engineio::decode_payload(text_body) {
-        Ok(p) => p,
-        Err(e) => {
-            session.close(&format!("invalid payload: {e}"));
-            return eio_error(HttpError::BadRequest, &[]);
-        }
-    };
-    for p in packets {
-        match session.on_packet(p).await {
-            Ok(()) => {}
-            // A client's close is a normal end: answered `ok`, as the
-            // reference server does.
-            Err(session::ProtocolError::ClientClose) => {
-                session.client_close();
-                break;
-            }
-            Err(e) => {
-                session.close(&e.to_string());
-                return eio_error(HttpError::BadRequest, &[]);
-            }
-        }
-    }
-    text(StatusCode::OK, "text/html", "ok".into())
-}
-
-/// The polling-to-WebSocket upgrade: `2probe` / `3probe`, a noop to the
-/// pending poll, then `5`; on any failure the session stays on polling.
-async fn upgrade(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire>) {
-    let timeout = session.node.config.socketio.upgrade_timeout;
-    let probed = tokio::time::timeout(timeout, async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Text(t))) => match Packet::decode_from_client(&t) {
-                    Ok(Packet::Ping(d)) if d == "probe" => {
-                        wire.send(OP_TEXT, &[Packet::Pong(d).encode().as_bytes()])
-                            .ok()?;
-                        if wire.is_closed() {
-                            return None;
-                        }
-                        session.conn.push(Outbound::Text(Packet::Noop.encode()));
-                    }
-                    Ok(Packet::Upgrade) => return Some(()),
-                    _ => return None,
-                },
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                _ => return None,
-            }
-        }
-    })
-    .await;
-    if !matches!(probed, Ok(Some(()))) || session.closed.is_cancelled() {
-        session.switch_transport(Transport::Upgrading, Transport::Polling);
-        tracing::debug!(sid = &*session.sid, "websocket upgrade abandoned");
-        return;
-    }
-    if !session.switch_transport(Transport::Upgrading, Transport::WebSocket) {
-        return;
-    }
-    run_websocket(session, socket, wire).await;
-}
-
-/// Frames items for a Socket.IO session on WebSocket and writes them to its
-/// wire, on the thread that produces them.
-pub struct SioOut {
-    session: std::sync::Weak<Session>,
-    wire: Arc<Wire>,
-    metrics: Arc<Metrics>,
-    /// Cancelled when the Engine.IO close packet comes through: the
-    /// session task ends the session (not here: this runs inside the hub's
-    /// fan-out, which must not re-enter the hub).
-    ended: CancellationToken,
-    /// The Engine.IO close packet's text, to recognise it.
-    close_packet: String,
-}
-
-impl SioOut {
-    fn new(session: std::sync::Weak<Session>, wire: Arc<Wire>, node: &Node) -> Self {
+impl SioSocket {
+    fn new(headers: Pairs, query: Pairs) -> Self {
         Self {
-            session,
-            wire,
-            metrics: node.metrics.clone(),
-            ended: CancellationToken::new(),
-            close_packet: Packet::Close.encode(),
+            headers,
+            query,
+            held: Mutex::new(HashMap::new()),
+            holding: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            connected_once: AtomicBool::new(false),
+            pending: Mutex::new(None),
         }
     }
 
-    fn write(&self, o: EioOut) -> Result<(), QueueFull> {
-        let r = match &o {
-            // The Engine.IO close packet is not written: the WebSocket close
-            // frame after what is pending ends the session, so the client
-            // handles every DISCONNECT before it.
-            EioOut::Text(t) if *t == self.close_packet => {
-                self.ended.cancel();
-                return Ok(());
+    /// Starts holding a namespace's events; the generation of this CONNECT.
+    fn hold(&self, nsp: &Arc<str>) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        if self
+            .held
+            .lock()
+            .insert(nsp.clone(), (generation, Vec::new()))
+            .is_none()
+        {
+            self.holding.fetch_add(1, Ordering::SeqCst);
+        }
+        generation
+    }
+
+    /// Whether events of some namespace are held (its CONNECT is being
+    /// decided): events then go through [`SioSocket::render`].
+    fn holds_events(&self) -> bool {
+        self.holding.load(Ordering::SeqCst) > 0
+    }
+
+    /// Renders a queued item into Engine.IO packets, holding back events of
+    /// namespaces still connecting. Nothing for an item held or addressed
+    /// to a socket that is gone.
+    fn render(&self, out: Outbound, into: &mut Vec<EioOut>) {
+        match out {
+            Outbound::Text(t) => into.push(EioOut::Text(t)),
+            Outbound::Binary(b) => into.push(EioOut::Binary(b)),
+            Outbound::Event { slot, event } => {
+                let nsp = slot.id();
+                if self.holds_events() {
+                    let mut held = self.held.lock();
+                    if let Some((_, h)) = held.get_mut(nsp) {
+                        h.push(Outbound::Event { slot, event });
+                        return;
+                    }
+                }
+                if !slot.is_open() {
+                    return;
+                }
+                into.push(EioOut::Text(format!(
+                    "4{}",
+                    sio::encode_event(nsp, event.socketio_args(), event.attachments.len())
+                )));
+                for a in event.attachments.iter() {
+                    into.push(EioOut::Binary(a.clone()));
+                }
             }
-            EioOut::Text(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
-            EioOut::Binary(b) => self.wire.send(OP_BINARY, &[b]),
-        };
-        r?;
-        self.metrics.frames_sent.inc();
-        Ok(())
+            Outbound::Ack(ack) => {
+                let n = ack.attachments.len();
+                into.push(EioOut::Text(format!(
+                    "4{}",
+                    sio::encode_ack(&ack.instance, ack.id, &ack.args, n)
+                )));
+                into.extend(ack.attachments.into_iter().map(EioOut::Binary));
+            }
+            Outbound::Ended(nsp) => {
+                into.push(EioOut::Text(format!("4{}", sio::encode_disconnect(&nsp))));
+            }
+            Outbound::Gate(gate) => {
+                let Gate {
+                    slot,
+                    generation,
+                    text,
+                    release,
+                } = *gate;
+                into.push(EioOut::Alone(text));
+                // Only this CONNECT's hold: a later CONNECT to the same
+                // namespace keeps its own until its own reply.
+                let held = {
+                    let mut map = self.held.lock();
+                    match map.get(&slot) {
+                        Some((g, _)) if *g == generation => {
+                            self.holding.fetch_sub(1, Ordering::SeqCst);
+                            map.remove(&slot).map(|(_, h)| h)
+                        }
+                        _ => None,
+                    }
+                }
+                .unwrap_or_default();
+                if release {
+                    for h in held {
+                        self.render(h, into);
+                    }
+                }
+            }
+        }
     }
 }
 
-impl DirectOut for SioOut {
-    fn send(&self, out: Outbound) -> Result<(), QueueFull> {
-        let Some(session) = self.session.upgrade() else {
-            return Ok(());
+impl SioHandler {
+    async fn on_packet(
+        &self,
+        session: &Session<Self>,
+        p: sio::Packet,
+        attachments: Vec<Vec<u8>>,
+    ) -> Result<(), SioError> {
+        let conn = &session.conn;
+        match p.kind {
+            PacketType::Connect => {
+                self.connect(session, p.nsp, p.data).await;
+                Ok(())
+            }
+            PacketType::Disconnect => {
+                self.node
+                    .close_instance(conn, &p.nsp, DisconnectReason::Client, true);
+                Ok(())
+            }
+            PacketType::Event | PacketType::BinaryEvent => {
+                let inst = conn
+                    .instance(&p.nsp)
+                    .ok_or_else(|| SioError::NotConnected(p.nsp.clone()))?;
+                let Some(event) = p.event else {
+                    return Ok(()); // the decoder fills it for events
+                };
+                if let Some(plugin) = self.node.plugins().plugin(&inst.plugin) {
+                    let payload = Payload {
+                        json: event.args,
+                        attachments,
+                    };
+                    let target = InstanceRef {
+                        connection: conn.id,
+                        id: p.nsp,
+                    };
+                    plugin.message(target, event.name, payload, p.id);
+                }
+                Ok(())
+            }
+            // The host does not ask clients for acknowledgements; a stray
+            // ack for a connected namespace is ignored.
+            PacketType::Ack | PacketType::BinaryAck => {
+                if conn.instance(&p.nsp).is_none() {
+                    return Err(SioError::NotConnected(p.nsp));
+                }
+                Ok(())
+            }
+            PacketType::ConnectError => Err(SioError::ClientConnectError),
+        }
+    }
+
+    async fn connect(&self, session: &Session<Self>, nsp: String, auth: Option<Value>) {
+        let (node, socket, conn) = (&self.node, &session.socket, &session.conn);
+        let Some(plugin) = node.plugins().namespace(&nsp) else {
+            conn.push(Outbound::Text(format!(
+                "4{}",
+                sio::encode_connect_error(&nsp, "Invalid namespace", None)
+            )));
+            return;
         };
-        match out {
+        // Events for the namespace are held until the reply is written.
+        let key: Arc<str> = nsp.as_str().into();
+        let generation = socket.hold(&key);
+        // A second CONNECT to the same namespace replaces the socket.
+        let open = OpenInstance {
+            conn,
+            id: &nsp,
+            plugin,
+            channel: &nsp,
+            params: auth.map(|a| a.to_string()).unwrap_or_else(|| "{}".into()),
+            headers: socket.headers.clone(),
+            query: socket.query.clone(),
+            credential: None,
+        };
+        let (text, accepted) = match node.connect_instance(open).await {
+            Opened::Accepted => {
+                socket.connected_once.store(true, Ordering::SeqCst);
+                (sio::encode_connect(&nsp, &random_id()), true)
+            }
+            Opened::Refused(rej) => {
+                let data = rej
+                    .data
+                    .as_deref()
+                    .and_then(|d| serde_json::from_str::<Value>(d).ok());
+                (
+                    sio::encode_connect_error(&nsp, &rej.message, data.as_ref()),
+                    false,
+                )
+            }
+            Opened::Failed(e) => {
+                tracing::warn!(nsp, "namespace connect failed: {e}");
+                (
+                    sio::encode_connect_error(&nsp, "Internal server error", None),
+                    false,
+                )
+            }
+        };
+        conn.push(Outbound::Gate(Box::new(Gate {
+            slot: key,
+            generation,
+            text: format!("4{text}"),
+            release: accepted,
+        })));
+    }
+}
+
+impl Handler for SioHandler {
+    type Socket = SioSocket;
+    type Error = SioError;
+    const PROTOCOL: Protocol = Protocol::SocketIo;
+
+    fn connection_id(&self) -> ConnId {
+        self.node.next_conn_id()
+    }
+
+    fn socket(&self, opening: &Opening) -> SioSocket {
+        SioSocket::new(opening.headers.clone(), opening.query.clone())
+    }
+
+    fn opened(&self, session: &Arc<Session<Self>>) {
+        self.node.open_conn(session.conn.clone());
+    }
+
+    async fn on_message(&self, session: &Arc<Session<Self>>, text: String) -> Result<(), SioError> {
+        if session.socket.pending.lock().is_some() {
+            return Err(SioError::ExpectedBinary);
+        }
+        let p = sio::decode(&text)?;
+        if p.kind.is_binary() && p.attachments > 0 {
+            *session.socket.pending.lock() = Some(PendingBinary {
+                packet: p,
+                attachments: Vec::new(),
+                bytes: 0,
+            });
+            return Ok(());
+        }
+        self.on_packet(session, p, Vec::new()).await
+    }
+
+    async fn on_binary(&self, session: &Arc<Session<Self>>, data: Vec<u8>) -> Result<(), SioError> {
+        let complete = {
+            let mut pending = session.socket.pending.lock();
+            let Some(p) = pending.as_mut() else {
+                return Err(SioError::UnexpectedBinary);
+            };
+            p.bytes += data.len();
+            if p.bytes > self.node.config().socketio.max_payload {
+                return Err(SioError::AttachmentsTooLarge);
+            }
+            p.attachments.push(data);
+            if p.attachments.len() == p.packet.attachments {
+                pending.take()
+            } else {
+                None
+            }
+        };
+        match complete {
+            Some(p) => self.on_packet(session, p.packet, p.attachments).await,
+            None => Ok(()),
+        }
+    }
+
+    fn render(&self, session: &Session<Self>, item: Outbound, into: &mut Vec<EioOut>) {
+        session.socket.render(item, into);
+    }
+
+    fn write_direct(
+        &self,
+        session: &Session<Self>,
+        item: Outbound,
+        ws: &WsOut<Self>,
+    ) -> Result<(), QueueFull> {
+        match item {
             // The fan-out path: framed from its shared parts, no copy.
-            Outbound::Event { slot, event } if !session.holds_events() => {
+            Outbound::Event { slot, event } if !session.socket.holds_events() => {
                 if !slot.is_open() {
                     return Ok(());
                 }
+                let wire = ws.wire();
                 let nsp = slot.id();
                 let args = event.socketio_args().as_bytes();
-                let sent = match (event.attachments.len(), nsp) {
-                    (0, "/") => self.wire.send(OP_TEXT, &[b"42", args]),
-                    (0, _) => self
-                        .wire
-                        .send(OP_TEXT, &[b"42", nsp.as_bytes(), b",", args]),
+                match (event.attachments.len(), nsp) {
+                    (0, "/") => wire.send(OP_TEXT, &[b"42", args]),
+                    (0, _) => wire.send(OP_TEXT, &[b"42", nsp.as_bytes(), b",", args]),
                     (n, _) => {
                         let head = sio::event_header(nsp, n);
-                        self.wire.send(OP_TEXT, &[b"4", head.as_bytes(), args])
+                        wire.send(OP_TEXT, &[b"4", head.as_bytes(), args])
                     }
-                };
-                sent?;
-                self.metrics.frames_sent.inc();
+                }?;
                 for a in event.attachments.iter() {
-                    self.wire.send(OP_BINARY, &[a])?;
-                    self.metrics.frames_sent.inc();
+                    wire.send(OP_BINARY, &[a])?;
                 }
+                ws.count_frames(1 + event.attachments.len() as u64);
                 Ok(())
             }
             other => {
                 let mut rendered = Vec::new();
-                session.render(other, &mut rendered);
-                rendered.into_iter().try_for_each(|o| self.write(o))
+                session.socket.render(other, &mut rendered);
+                ws.write_all(rendered)
             }
         }
     }
-}
 
-/// Serves a session over a WebSocket until either side ends it.
-async fn run_websocket(session: Arc<Session>, mut socket: Socket, wire: Arc<Wire>) {
-    let out = match session.ws_out.get() {
-        Some(out) => out.clone(),
-        None => {
-            // Waits for a poll in flight (after an upgrade) to hand the
-            // queue over.
-            let mut queue = session.rx.lock().await;
-            let out = Arc::new(SioOut::new(
-                Arc::downgrade(&session),
-                wire.clone(),
-                &session.node,
-            ));
-            // What a poll left behind and what is queued goes first, then
-            // every item is written directly.
-            session.conn.go_direct(out.clone(), |direct| {
-                let carried = session.take_carry().into_iter();
-                let mut full = carried.map(|o| out.write(o)).any(|r| r.is_err());
-                if let Some(rx) = queue.as_mut() {
-                    while let Some(item) = rx.try_recv() {
-                        full |= direct.send(item).is_err();
-                    }
-                }
-                if full {
-                    session
-                        .conn
-                        .request_close(SLOW_CONSUMER_CLOSE, "send queue full");
-                }
-            });
-            *queue = None;
-            let _ = session.ws_out.set(out.clone());
-            out
-        }
-    };
-    let ended = out.ended.clone();
-    let close_code = serve_websocket(&session, &mut socket, &wire, &ended).await;
-    session.conn.end_direct();
-    if let Some(code) = close_code {
-        wire.send_close(Some(code), "").await;
-    }
-}
-
-/// The read loop of a WebSocket session; the close code to send, if any.
-async fn serve_websocket(
-    session: &Arc<Session>,
-    socket: &mut Socket,
-    wire: &Arc<Wire>,
-    ended: &CancellationToken,
-) -> Option<u16> {
-    let node = &session.node;
-    let closed = session.closed.cancelled();
-    let shutdown = node.shutdown.cancelled();
-    let ended = ended.cancelled();
-    tokio::pin!(closed, shutdown, ended);
-    loop {
-        tokio::select! {
-            biased;
-            // Ended by the heartbeat on shutdown, or by a plugin or the hub.
-            _ = &mut closed => {
-                return Some(if node.shutdown.is_cancelled() { 1001 } else { 1000 });
-            }
-            _ = &mut shutdown => {
-                session.close("server shutting down");
-                return Some(1001);
-            }
-            _ = &mut ended => {
-                session.close("server closed the session");
-                return Some(1000);
-            }
-            msg = socket.next() => {
-                let packet = match msg {
-                    Some(Ok(Message::Text(t))) => Packet::decode_from_client(&t),
-                    Some(Ok(Message::Binary(b))) => Ok(Packet::Binary(b.to_vec())),
-                    Some(Ok(Message::Close(_))) | None => {
-                        session.close("transport close");
-                        return None;
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        let code = close_code_of(&e);
-                        session.close(if code.is_some() { "invalid WebSocket frame" } else { "transport error" });
-                        return code;
-                    }
-                };
-                let result = match packet {
-                    Ok(p) => session.on_packet(p).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("invalid packet: {e}")),
-                };
-                if let Err(e) = result {
-                    session.close(&e);
-                    return Some(1000);
-                }
-            }
-            _ = wire.wants_flush() => {
-                tokio::select! {
-                    r = wire.flush() => if r.is_err() {
-                        session.close("transport error");
-                        return None;
-                    },
-                    _ = &mut closed => return None,
-                }
-            }
+    /// Each socket gets a DISCONNECT before the session's close packet.
+    fn closing(&self, session: &Session<Self>) {
+        for inst in session.conn.instances_where(|_| true) {
+            session.conn.push(Outbound::Text(format!(
+                "4{}",
+                sio::encode_disconnect(inst.slot.id())
+            )));
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(host: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
-        h
+    fn deadline(&self) -> Option<Duration> {
+        Some(self.node.config().socketio.connect_timeout)
     }
 
-    #[test]
-    fn origins() {
-        let h = headers("gw.example:3000");
-        let allow = vec!["https://app.example".to_owned()];
-        assert!(origin_allowed(None, &h, &allow));
-        assert!(origin_allowed(Some("https://app.example"), &h, &allow));
-        assert!(origin_allowed(Some("http://gw.example:3000"), &h, &allow));
-        assert!(!origin_allowed(Some("https://evil.example"), &h, &allow));
-        assert!(origin_allowed(
-            Some("https://evil.example"),
-            &h,
-            &["*".to_owned()]
-        ));
-        assert!(cors_headers(Some("https://evil.example"), false).is_empty());
-        assert_eq!(cors_headers(Some("https://app.example"), true).len(), 3);
+    fn deadline_passed(&self, session: &Session<Self>) -> Option<&'static str> {
+        (!session.socket.connected_once.load(Ordering::SeqCst))
+            .then_some("no namespace connected in time")
+    }
+
+    fn closed(&self, session: &Session<Self>) {
+        self.node.close_conn(session.conn.id);
     }
 }
