@@ -112,6 +112,7 @@ pub struct RawSocketIo {
     pub max_payload: Option<usize>,
     pub connect_timeout_ms: Option<u64>,
     pub upgrade_timeout_ms: Option<u64>,
+    pub packet_gap_ms: Option<u64>,
     pub cors_origins: Option<Vec<String>>,
 }
 
@@ -167,6 +168,10 @@ pub struct SocketIoConfig {
     pub connect_timeout: Duration,
     /// A WebSocket upgrade not completed within this is abandoned.
     pub upgrade_timeout: Duration,
+    /// On WebSocket, the pause between the packets of one item (an event
+    /// and its attachments, a CONNECT reply and the events held behind
+    /// it); zero writes them back to back.
+    pub packet_gap: Duration,
     /// Origins allowed cross-site (`"*"` for any). Same-origin requests
     /// and requests without an Origin are always allowed.
     pub cors_origins: Vec<String>,
@@ -623,6 +628,7 @@ impl Config {
             max_payload: sio.max_payload.unwrap_or(1_000_000),
             connect_timeout: ms(sio.connect_timeout_ms, 45_000),
             upgrade_timeout: ms(sio.upgrade_timeout_ms, 10_000),
+            packet_gap: ms(sio.packet_gap_ms, 1),
             cors_origins: sio.cors_origins.unwrap_or_default(),
         };
         for (key, d) in [

@@ -328,12 +328,6 @@ fn header(kind: PacketType, attachments: usize, nsp: &str) -> String {
     s
 }
 
-/// The head of an `EVENT` (or `BINARY_EVENT`) packet, before its argument
-/// array: `2[<nsp>,]` or `5<n>-[<nsp>,]`.
-pub fn event_header(nsp: &str, attachments: usize) -> String {
-    header(PacketType::Event, attachments, nsp)
-}
-
 /// `CONNECT` reply: `0[<nsp>,]{"sid":"..."}`.
 pub fn encode_connect(nsp: &str, sid: &str) -> String {
     format!(

@@ -17,7 +17,7 @@
 
 mod session;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -42,14 +42,6 @@ use crate::protocol::engineio::{self, HttpError, Packet};
 
 /// Most queued items written per poll response or WebSocket flush.
 const DRAIN: usize = 256;
-
-/// On WebSocket, how long what follows a packet written alone waits after
-/// that packet has left: long enough for a client woken by the first
-/// frame to read it before the next arrives (the reference server writes
-/// the next packet only once the previous write's callback ran; a client
-/// that attaches one listener per message depends on it). Only what is
-/// queued behind a CONNECT reply waits.
-const ALONE_GAP: Duration = Duration::from_millis(1);
 
 /// The layer above Engine.IO: what a session's messages mean and how the
 /// hub's items are framed for it. One implementation serves every session
@@ -115,6 +107,17 @@ pub struct EngineOptions {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub upgrade_timeout: Duration,
+    /// On WebSocket, the pause between the packets of one item (an event
+    /// and its attachments, a CONNECT reply and what was held behind it):
+    /// long enough for a client woken by one frame to read it before the
+    /// next arrives. The reference server writes a packet only once the
+    /// previous write's callback ran, and a Node client that attaches one
+    /// listener per message (`ws` emits all the messages of one read in
+    /// one tick; the official test suites read this way) depends on it.
+    /// Items of one packet, the fan-out's common case, are never paced;
+    /// this bounds a connection to about one multi-packet item per gap.
+    /// Zero writes the packets back to back.
+    pub packet_gap: Duration,
     /// Largest message and POST body, in bytes.
     pub max_payload: usize,
     /// Allowed cross-site origins (`*` = any).
@@ -361,8 +364,8 @@ pub async fn handle<H: Handler>(server: Arc<EngineServer<H>>, req: Request) -> R
 
 /// Splits a poll's packets where its response ends: a close packet goes
 /// out alone, after whatever preceded it (clients process a payload's
-/// messages a tick later than its close). A packet written alone on
-/// WebSocket shares its payload (a payload is read whole). Returns what
+/// messages a tick later than its close). The packets of one item share a
+/// payload (it is read whole; only WebSocket paces them). Returns what
 /// waits for the next poll.
 fn split_poll(out: &mut Vec<EioOut>, close: &str) -> Vec<EioOut> {
     let Some(i) = out
@@ -545,10 +548,14 @@ pub struct WsOut<H: Handler> {
     ended: CancellationToken,
     /// The Engine.IO close packet's text, to recognise it.
     close_packet: String,
-    /// Set while packets wait behind one written alone ([`EioOut::Alone`]):
+    /// The pause between the packets of one item.
+    gap: Duration,
+    /// Set while packets wait for a later turn (see
+    /// [`EngineOptions::packet_gap`]):
     /// everything rendered meanwhile joins them, in order.
     deferring: AtomicBool,
-    later: Mutex<Option<Vec<EioOut>>>,
+    /// Waiting packets; `true` marks one that waits for its own turn.
+    later: Mutex<VecDeque<(EioOut, bool)>>,
     /// Wakes the session task to write what waits.
     later_ready: tokio::sync::Notify,
 }
@@ -559,10 +566,11 @@ impl<H: Handler> WsOut<H> {
             session,
             wire,
             metrics: options.metrics.clone(),
+            gap: options.packet_gap,
             ended: CancellationToken::new(),
             close_packet: Packet::Close.encode(),
             deferring: AtomicBool::new(false),
-            later: Mutex::new(None),
+            later: Mutex::new(VecDeque::new()),
             later_ready: tokio::sync::Notify::new(),
         }
     }
@@ -592,7 +600,7 @@ impl<H: Handler> WsOut<H> {
                 self.ended.cancel();
                 return Ok(());
             }
-            EioOut::Text(t) | EioOut::Alone(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
+            EioOut::Text(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
             EioOut::Binary(b) => self.wire.send(OP_BINARY, &[b]),
         };
         r?;
@@ -600,76 +608,55 @@ impl<H: Handler> WsOut<H> {
         Ok(())
     }
 
-    /// Writes rendered packets; what follows a packet written alone waits
-    /// for the session task's next turn.
+    /// Writes the packets of one item: the first now (unless packets
+    /// already wait, which it then joins), each further one on a later
+    /// turn of the session task.
     pub fn write_all(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
+        let mut packets = packets.into_iter();
         if self.deferring() {
             let mut later = self.later.lock();
-            if let Some(list) = later.as_mut() {
-                list.extend(packets);
+            if self.deferring() {
+                later.extend(packets.enumerate().map(|(i, p)| (p, i > 0)));
                 return Ok(());
             }
         }
-        let mut packets = packets.into_iter();
-        while let Some(p) = packets.next() {
-            let alone = matches!(p, EioOut::Alone(_));
-            self.write(p)?;
-            if alone {
-                let rest: Vec<EioOut> = packets.collect();
-                let mut later = self.later.lock();
-                match later.as_mut() {
-                    Some(list) => {
-                        // Written from the session task: the rest goes
-                        // before what joined meanwhile.
-                        let joined = std::mem::replace(list, rest);
-                        list.extend(joined);
-                    }
-                    None => *later = Some(rest),
-                }
-                self.deferring.store(true, Ordering::Release);
-                self.later_ready.notify_one();
-                return Ok(());
+        if self.gap.is_zero() {
+            return packets.try_for_each(|p| self.write(p));
+        }
+        let Some(first) = packets.next() else {
+            return Ok(());
+        };
+        self.write(first)?;
+        let mut rest = packets.peekable();
+        if rest.peek().is_some() {
+            let mut later = self.later.lock();
+            // Written before anything else could join: these go first.
+            for (i, p) in rest.enumerate() {
+                later.insert(i, (p, true));
             }
+            self.deferring.store(true, Ordering::Release);
+            self.later_ready.notify_one();
         }
         Ok(())
     }
 
-    /// Writes what waited behind a packet written alone (the session task,
-    /// once that packet is out).
+    /// One turn of what waits: the front packet, and those after it that
+    /// need no turn of their own (the session task, after the pause).
     fn release_later(&self) -> Result<(), QueueFull> {
-        let waiting = {
-            let mut later = self.later.lock();
-            match later.as_mut() {
-                Some(list) => std::mem::take(list),
-                None => return Ok(()),
-            }
-        };
-        // While these are written, whatever is rendered joins the list.
-        let mut packets = waiting.into_iter();
-        while let Some(p) = packets.next() {
-            let alone = matches!(p, EioOut::Alone(_));
-            self.write(p)?;
-            if alone {
-                let rest: Vec<EioOut> = packets.collect();
-                let mut later = self.later.lock();
-                let joined = later.take().unwrap_or_default();
-                let mut list = rest;
-                list.extend(joined);
-                *later = Some(list);
+        let mut later = self.later.lock();
+        let mut first = true;
+        while let Some((p, own_turn)) = later.pop_front() {
+            if own_turn && !first {
+                later.push_front((p, own_turn));
                 self.later_ready.notify_one();
                 return Ok(());
             }
+            first = false;
+            // The wire takes the frame at once or keeps it pending; the
+            // lock keeps producers from overtaking meanwhile.
+            self.write(p)?;
         }
-        let mut later = self.later.lock();
-        match later.as_mut() {
-            Some(list) if !list.is_empty() => {
-                self.later_ready.notify_one();
-            }
-            _ => {
-                *later = None;
-                self.deferring.store(false, Ordering::Release);
-            }
-        }
+        self.deferring.store(false, Ordering::Release);
         Ok(())
     }
 }
@@ -785,8 +772,8 @@ async fn serve_websocket<H: Handler>(
                 }
             }
             _ = out.later_ready.notified() => {
-                // What waits behind a packet written alone goes once that
-                // packet has left, on a later turn of this task.
+                // What waits goes once what came before it has left, after
+                // a pause.
                 tokio::select! {
                     r = wire.flush() => if r.is_err() {
                         session.close("transport error");
@@ -795,7 +782,7 @@ async fn serve_websocket<H: Handler>(
                     _ = &mut closed => return None,
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(ALONE_GAP) => {}
+                    _ = tokio::time::sleep(out.gap) => {}
                     _ = &mut closed => return None,
                 }
                 if out.release_later().is_err() {

@@ -39,19 +39,13 @@ pub enum Transport {
 pub enum EioOut {
     Text(String),
     Binary(Vec<u8>),
-    /// A text packet written on its own frame and turn: on WebSocket what
-    /// follows it is written a little later (Socket.IO: a CONNECT reply,
-    /// so a client that takes one message per read does not find the next
-    /// one in the same read). In a poll response it is an ordinary packet:
-    /// a payload is read whole.
-    Alone(String),
 }
 
 impl EioOut {
     /// As a polling record (`b<base64>` for binary).
     pub fn into_polling(self) -> String {
         match self {
-            EioOut::Text(t) | EioOut::Alone(t) => t,
+            EioOut::Text(t) => t,
             EioOut::Binary(b) => Packet::Binary(b).encode(),
         }
     }

@@ -6,10 +6,9 @@
 //!
 //! Held events are released right after the CONNECT reply (or dropped with
 //! a CONNECT_ERROR), so a client never sees events before the socket they
-//! belong to. On WebSocket the reply is written on its own
-//! ([`EioOut::Alone`]): what follows it is written a little later, as the
-//! reference server does (it writes each packet once the previous write
-//! completed), so a client that takes one message per read sees both.
+//! belong to. On WebSocket the packets of one item (a CONNECT reply and
+//! what was held behind it, an event and its attachments) are written one
+//! per turn by the engine ([`WsOut::write_all`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,7 +24,7 @@ use serde_json::Value;
 use super::engineio::{
     self, random_id, EioOut, EngineOptions, EngineServer, Handler, Opening, Session, WsOut,
 };
-use super::ws::{OP_BINARY, OP_TEXT};
+use super::ws::OP_TEXT;
 use super::Pairs;
 use crate::hub::{ConnId, Gate, Outbound, Protocol, QueueFull, QueueLimits};
 use crate::node::{Node, OpenInstance, Opened};
@@ -42,6 +41,7 @@ pub fn router(node: Arc<Node>) -> Router {
         ping_interval: c.ping_interval,
         ping_timeout: c.ping_timeout,
         upgrade_timeout: c.upgrade_timeout,
+        packet_gap: c.packet_gap,
         max_payload: c.max_payload,
         cors_origins: c.cors_origins.clone(),
         queue: QueueLimits::of(&node.config().limits),
@@ -186,7 +186,7 @@ impl SioSocket {
                     text,
                     release,
                 } = *gate;
-                into.push(EioOut::Alone(text));
+                into.push(EioOut::Text(text));
                 // Only this CONNECT's hold: a later CONNECT to the same
                 // namespace keeps its own until its own reply.
                 let held = {
@@ -382,26 +382,23 @@ impl Handler for SioHandler {
         ws: &WsOut<Self>,
     ) -> Result<(), QueueFull> {
         match item {
-            // The fan-out path: framed from its shared parts, no copy.
-            Outbound::Event { slot, event } if !session.socket.holds_events() => {
+            // The fan-out path: framed from its shared parts, no copy. An
+            // event with attachments is rendered: its packets are paced.
+            Outbound::Event { slot, event }
+                if event.attachments.is_empty() && !session.socket.holds_events() =>
+            {
                 if !slot.is_open() {
                     return Ok(());
                 }
-                let wire = ws.wire();
                 let nsp = slot.id();
                 let args = event.socketio_args().as_bytes();
-                match (event.attachments.len(), nsp) {
-                    (0, "/") => wire.send(OP_TEXT, &[b"42", args]),
-                    (0, _) => wire.send(OP_TEXT, &[b"42", nsp.as_bytes(), b",", args]),
-                    (n, _) => {
-                        let head = sio::event_header(nsp, n);
-                        wire.send(OP_TEXT, &[b"4", head.as_bytes(), args])
-                    }
+                match nsp {
+                    "/" => ws.wire().send(OP_TEXT, &[b"42", args]),
+                    _ => ws
+                        .wire()
+                        .send(OP_TEXT, &[b"42", nsp.as_bytes(), b",", args]),
                 }?;
-                for a in event.attachments.iter() {
-                    wire.send(OP_BINARY, &[a])?;
-                }
-                ws.count_frames(1 + event.attachments.len() as u64);
+                ws.count_frames(1);
                 Ok(())
             }
             other => {
