@@ -16,10 +16,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::hub::{Filter, NoteAudience};
+use crate::hub::Filter;
 use crate::node::Node;
-use crate::protocol::publish::{parse_publish, parse_rooms};
-use crate::server::read_body;
+use crate::protocol::publish::{parse_publish, parse_rooms, PublishError, RoomsError};
+use crate::server::{read_body, BodyError};
 
 /// Largest API request body.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
@@ -35,8 +35,48 @@ pub fn router() -> Router<Arc<Node>> {
         .route("/metrics", get(metrics))
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+/// Why an API request is refused; the response is its status and JSON
+/// `{"error": <this text>}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("wrong API key")]
+    WrongKey,
+    #[error("missing `Authorization: Bearer <api key>`")]
+    MissingKey,
+    #[error("no API key is configured ([api] key or CHANHOST_API_KEY); /api/* answers loopback clients only")]
+    NotLoopback,
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Rooms(#[from] RoomsError),
+    #[error("key `{key}` is private to plugin `{plugin}` (keys starting with `_` are)")]
+    PrivateKey { plugin: String, key: String },
+    #[error("plugin `{plugin}` has no key `{key}`")]
+    NoKey { plugin: String, key: String },
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::WrongKey | ApiError::MissingKey => StatusCode::UNAUTHORIZED,
+            ApiError::NotLoopback | ApiError::PrivateKey { .. } => StatusCode::FORBIDDEN,
+            ApiError::Body(e) => e.status(),
+            ApiError::Publish(_) | ApiError::Rooms(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoKey { .. } => StatusCode::NOT_FOUND,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            // Its own response: the connection is closed too.
+            ApiError::Body(e) => e.into_response(),
+            e => (e.status(), Json(json!({ "error": e.to_string() }))).into_response(),
+        }
+    }
 }
 
 /// Compares in time independent of where the strings differ.
@@ -48,8 +88,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Checks the API key (or, without one, that the caller is local).
-#[allow(clippy::result_large_err)]
-pub fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Response> {
+pub fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ApiError> {
     match &node.config().api_key {
         Some(key) => {
             let given = headers
@@ -59,18 +98,12 @@ pub fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(
                 .map(str::trim);
             match given {
                 Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => Ok(()),
-                Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong API key")),
-                None => Err(error(
-                    StatusCode::UNAUTHORIZED,
-                    "missing `Authorization: Bearer <api key>`",
-                )),
+                Some(_) => Err(ApiError::WrongKey),
+                None => Err(ApiError::MissingKey),
             }
         }
         None if peer.ip().is_loopback() => Ok(()),
-        None => Err(error(
-            StatusCode::FORBIDDEN,
-            "no API key is configured ([api] key or CHANHOST_API_KEY); /api/* answers loopback clients only",
-        )),
+        None => Err(ApiError::NotLoopback),
     }
 }
 
@@ -79,29 +112,21 @@ async fn publish(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    if let Err(r) = authorize(&node, peer, &headers) {
-        return r;
-    }
-    let body = match read_body(&node, body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let items = match parse_publish(&body) {
-        Ok(items) => items,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+) -> Result<Response, ApiError> {
+    authorize(&node, peer, &headers)?;
+    let body = read_body(&node, body, MAX_BODY_BYTES).await?;
+    let items = parse_publish(&body)?;
     let published = items.len();
     for it in items {
         let filter = Filter {
             audience: it
                 .audience
-                .map(|v| Arc::new(NoteAudience::new(&v.author, v.visible_users))),
+                .map(|v| Arc::new(crate::server::misskey::note_audience(&v))),
             ..Filter::default()
         };
         node.publish_filtered(&it.room, &it.event, it.data.into(), filter);
     }
-    Json(json!({ "published": published })).into_response()
+    Ok(Json(json!({ "published": published })).into_response())
 }
 
 /// `POST /api/rooms/join` (`JOIN`) and `/api/rooms/leave`.
@@ -110,18 +135,10 @@ async fn rooms<const JOIN: bool>(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    if let Err(r) = authorize(&node, peer, &headers) {
-        return r;
-    }
-    let body = match read_body(&node, body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let b = match parse_rooms(&body) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+) -> Result<Response, ApiError> {
+    authorize(&node, peer, &headers)?;
+    let body = read_body(&node, body, MAX_BODY_BYTES).await?;
+    let b = parse_rooms(&body)?;
     let conns = match (&b.user, b.connection) {
         (Some(u), _) => node.hub().user_conns(u),
         (None, Some(c)) => node.hub().conn(c).into_iter().collect(),
@@ -145,7 +162,7 @@ async fn rooms<const JOIN: bool>(
             }
         }
     }
-    Json(json!({ "connections": conns.len(), "instances": instances })).into_response()
+    Ok(Json(json!({ "connections": conns.len(), "instances": instances })).into_response())
 }
 
 /// `GET /api/plugins/<plugin>/kv/<key>`: a value of a plugin's key-value
@@ -157,28 +174,18 @@ async fn plugin_kv(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     axum::extract::Path((plugin, key)): axum::extract::Path<(String, String)>,
-) -> Response {
-    if let Err(r) = authorize(&node, peer, &headers) {
-        return r;
-    }
+) -> Result<Response, ApiError> {
+    authorize(&node, peer, &headers)?;
     use crate::plugin::HostServices;
     if key.starts_with('_') {
-        return error(
-            StatusCode::FORBIDDEN,
-            format!("key `{key}` is private to plugin `{plugin}` (keys starting with `_` are)"),
-        );
+        return Err(ApiError::PrivateKey { plugin, key });
     }
-    match node.kv().get(&plugin, &key) {
-        Some(v) => {
-            let value = serde_json::from_str::<serde_json::Value>(&v)
-                .unwrap_or(serde_json::Value::String(v));
-            Json(json!({ "plugin": plugin, "key": key, "value": value })).into_response()
-        }
-        None => error(
-            StatusCode::NOT_FOUND,
-            format!("plugin `{plugin}` has no key `{key}`"),
-        ),
-    }
+    let Some(v) = node.kv().get(&plugin, &key) else {
+        return Err(ApiError::NoKey { plugin, key });
+    };
+    let value =
+        serde_json::from_str::<serde_json::Value>(&v).unwrap_or(serde_json::Value::String(v));
+    Ok(Json(json!({ "plugin": plugin, "key": key, "value": value })).into_response())
 }
 
 async fn healthz(State(node): State<Arc<Node>>) -> Response {

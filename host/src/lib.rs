@@ -13,6 +13,8 @@
 //!   Misskey and Socket.IO sessions; [`api`]: publish and operations.
 //! - [`stats`]: machine figures for Misskey's `serverStats`.
 //! - [`auth`], [`config`], [`metrics`], [`cli`]; [`scaffold`] writes new plugins.
+//! - [`conventions`]: the attribute names the host reads from what plugins
+//!   write, the very file the Rust plugin SDK compiles.
 //! - [`logging`]: one-line log records; [`memory`]: freed memory given back.
 
 pub mod api;
@@ -20,6 +22,8 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+#[path = "../../plugins/sdk/src/conventions.rs"]
+pub mod conventions;
 pub mod hub;
 pub mod logging;
 pub mod memory;

@@ -1,8 +1,8 @@
 //! Per-connection state shared between the connection's session task, the
 //! hub and plugin host calls: identity, the bounded outbound queue, open
-//! channel instances, note captures and room memberships.
+//! channel instances and room memberships.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::SharedEvent;
 use crate::auth::Identity;
-use crate::protocol::misskey::json_string;
+use crate::protocol::json_string;
 
 /// Close code for a connection whose send queue overflowed (policy violation).
 pub const SLOW_CONSUMER_CLOSE: u16 = 1008;
@@ -102,19 +102,20 @@ impl Hash for Slot {
 /// Something queued for a connection's writer.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A complete text frame (Socket.IO: one Engine.IO text packet).
+    /// A complete text frame, already framed by the protocol side.
     Text(String),
-    /// A binary message (Socket.IO attachments).
+    /// A binary message.
     Binary(Vec<u8>),
     /// A room event for one slot; the writer frames it for its protocol.
     Event { slot: Slot, event: Arc<SharedEvent> },
-    /// Socket.IO: the reply to a namespace CONNECT (boxed: rare, and the
+    /// The reply to a client's opening of an instance, for protocols whose
+    /// writer holds that instance's events until it (boxed: rare, and the
     /// queue's slots are sized by the largest variant).
     Gate(Box<Gate>),
     /// A plugin's acknowledgement of a client message (boxed: rare).
     Ack(Box<Ack>),
-    /// The server ended an instance (its id): Socket.IO tells the client
-    /// with a DISCONNECT packet; Misskey has no such frame.
+    /// The server ended an instance (its id); the writer tells the client
+    /// if its protocol has a frame for it.
     Ended(Arc<str>),
 }
 
@@ -213,8 +214,9 @@ impl OutboundRx {
     }
 }
 
-/// Socket.IO: the reply to a namespace CONNECT. Events for that slot queued
-/// while its plugin decided are written after it (`release`) or dropped.
+/// The reply to a client's opening of an instance (Socket.IO: a namespace
+/// CONNECT), framed by the protocol side. Events for that slot held while
+/// its plugin decided are written after it (`release`) or dropped.
 #[derive(Debug)]
 pub struct Gate {
     pub slot: Arc<str>,
@@ -244,43 +246,27 @@ pub struct Condition {
     pub exclude: bool,
 }
 
-/// Who may see an update of a non-public Misskey note (`noteUpdated` to
-/// captures), as Misskey's connection checks it: the author; for a
-/// `specified` note, the users it names; for a `followers` note, users
-/// whose `rel` attribute set (from any plugin) holds `f:<author>`, the
-/// convention of the Misskey plugins for "follows the author".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NoteAudience {
-    pub author: String,
-    /// `specified`: the visible user ids; `followers`: None.
-    pub visible_users: Option<Vec<String>>,
-    /// `f:<author>`.
-    follows_key: String,
+/// Who may receive an event at all, described as data by whoever
+/// publishes it: the users it names, and the users whose attribute set
+/// `holding.0` (from any plugin) holds the key `holding.1`. A connection
+/// that is not identified is never in an audience.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Audience {
+    pub users: Vec<String>,
+    /// (attribute set, key).
+    pub holding: Option<(String, String)>,
 }
 
-/// The attribute set the Misskey plugins keep a user's relations in.
-pub const RELATIONS_SET: &str = "rel";
-
-impl NoteAudience {
-    pub fn new(author: &str, visible_users: Option<Vec<String>>) -> Self {
-        Self {
-            author: author.to_owned(),
-            visible_users,
-            follows_key: format!("f:{author}"),
-        }
-    }
-
+impl Audience {
     fn admits(&self, conn: &ConnHandle) -> bool {
         let Some(me) = conn.identity() else {
             return false;
         };
-        if *me.user_id == *self.author {
-            return true;
-        }
-        match &self.visible_users {
-            Some(users) => users.iter().any(|u| *u == *me.user_id),
-            None => conn.user_sets_contain(RELATIONS_SET, &self.follows_key),
-        }
+        self.users.iter().any(|u| *u == *me.user_id)
+            || self
+                .holding
+                .as_ref()
+                .is_some_and(|(set, key)| conn.user_sets_contain(set, key))
     }
 }
 
@@ -293,8 +279,8 @@ pub struct Filter {
     pub owner: Option<Arc<str>>,
     /// All must hold.
     pub conditions: Arc<[Condition]>,
-    /// Only members allowed to see this non-public note.
-    pub audience: Option<Arc<NoteAudience>>,
+    /// Only members in this audience.
+    pub audience: Option<Arc<Audience>>,
 }
 
 impl Filter {
@@ -359,8 +345,6 @@ pub(super) struct ConnState {
     /// Attribute sets by plugin, then name, for filtered deliveries.
     attributes: AttributeSets,
     memberships: HashSet<(Arc<str>, Slot)>,
-    captures: HashMap<Arc<str>, u32>,
-    capture_order: VecDeque<Arc<str>>,
 }
 
 /// Everything a closed connection held.
@@ -369,17 +353,6 @@ pub(super) struct Taken {
     pub memberships: Vec<(Arc<str>, Slot)>,
     /// Open instances by id.
     pub instances: Vec<(Arc<str>, InstanceState)>,
-    /// Number of captured notes.
-    pub captures: usize,
-}
-
-/// What a capture request changed.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct CaptureChange {
-    /// The note became captured (join its room).
-    pub joined: bool,
-    /// A note evicted to stay within the limit (leave its room).
-    pub evicted: Option<Arc<str>>,
 }
 
 /// A connection's outbound buffer is over its bound (slow consumer).
@@ -773,62 +746,17 @@ impl ConnHandle {
         rooms
     }
 
-    /// Empties the state: memberships, instances, and the capture count.
+    /// Empties the state: memberships and instances.
     pub(super) fn take_all(&self) -> Taken {
         let mut st = self.state.lock();
-        let taken = Taken {
+        Taken {
             memberships: st.memberships.drain().collect(),
             instances: st
                 .instances
                 .drain()
                 .inspect(|(_, i)| i.slot.close())
                 .collect(),
-            captures: st.captures.len(),
-        };
-        st.captures.clear();
-        st.capture_order.clear();
-        taken
-    }
-
-    /// Counts one more capture of a note; evicts the oldest note when the
-    /// limit is reached.
-    pub(super) fn capture_add(&self, note: &str, max: usize) -> CaptureChange {
-        let mut st = self.state.lock();
-        if let Some(n) = st.captures.get_mut(note) {
-            *n += 1;
-            return CaptureChange::default();
         }
-        let mut change = CaptureChange {
-            joined: true,
-            evicted: None,
-        };
-        if st.captures.len() >= max {
-            if let Some(old) = st.capture_order.pop_front() {
-                st.captures.remove(&old);
-                change.evicted = Some(old);
-            }
-        }
-        let note: Arc<str> = note.into();
-        st.captures.insert(note.clone(), 1);
-        st.capture_order.push_back(note);
-        change
-    }
-
-    /// Counts one capture less; true when the note is no longer captured.
-    pub(super) fn capture_remove(&self, note: &str) -> bool {
-        let mut st = self.state.lock();
-        let Some(n) = st.captures.get_mut(note) else {
-            return false;
-        };
-        *n -= 1;
-        if *n > 0 {
-            return false;
-        }
-        st.captures.remove(note);
-        if let Some(pos) = st.capture_order.iter().position(|x| &**x == note) {
-            st.capture_order.remove(pos);
-        }
-        true
     }
 }
 
@@ -874,20 +802,5 @@ mod tests {
         );
         rx.try_recv().unwrap();
         assert_eq!(rx.queued_bytes(), 8000);
-    }
-
-    #[test]
-    fn captures_are_ref_counted_and_evict_oldest() {
-        let (c, _rx) = ConnHandle::new(1, Protocol::Misskey, None, QueueLimits::frames(4));
-        assert!(c.capture_add("a", 2).joined);
-        assert!(!c.capture_add("a", 2).joined);
-        assert!(c.capture_add("b", 2).joined);
-        let ch = c.capture_add("c", 2);
-        assert_eq!(ch.evicted.as_deref(), Some("a"));
-        // "a" was evicted; "c" is still counted once.
-        assert!(!c.capture_remove("a"));
-        assert!(c.capture_remove("b"));
-        assert!(c.capture_remove("c"));
-        assert!(!c.capture_remove("c"));
     }
 }

@@ -1,9 +1,10 @@
 //! An event on its way to many recipients: serialised once, framed once per
-//! protocol (lazily), shared by every recipient's queue.
+//! wire protocol (lazily, by that protocol's writer), shared by every
+//! recipient's queue. The hub stores the framings; it does not know them.
 
 use std::sync::{Arc, OnceLock};
 
-use crate::protocol::{misskey, socketio};
+use super::Protocol;
 
 /// One event delivered to a room.
 #[derive(Debug)]
@@ -13,13 +14,16 @@ pub struct SharedEvent {
     /// The data as JSON text (with Socket.IO placeholders when there are
     /// attachments).
     pub data: Arc<str>,
+    /// The arguments as a JSON array, when the event was emitted with
+    /// several (`data` is then the single argument, or this array).
+    pub args: Option<Arc<str>>,
     /// Binary attachments (Socket.IO only; Misskey members get the JSON).
     pub attachments: Arc<[Vec<u8>]>,
     /// Bytes one recipient's frame takes, about: reckoned once, read per
     /// queued recipient.
     weight: usize,
-    misskey_tail: OnceLock<String>,
-    socketio_args: OnceLock<String>,
+    /// Each protocol's framing, built by its writer on first use.
+    framed: [OnceLock<String>; 2],
 }
 
 impl SharedEvent {
@@ -28,23 +32,32 @@ impl SharedEvent {
     }
 
     pub fn with_attachments(event: &str, data: Arc<str>, attachments: Arc<[Vec<u8>]>) -> Arc<Self> {
+        Self::build(event, data, None, attachments)
+    }
+
+    fn build(
+        event: &str,
+        data: Arc<str>,
+        args: Option<Arc<str>>,
+        attachments: Arc<[Vec<u8>]>,
+    ) -> Arc<Self> {
         let weight =
             16 + event.len() + data.len() + attachments.iter().map(Vec::len).sum::<usize>();
         Arc::new(Self {
             event: event.into(),
             data,
+            args,
             attachments,
             weight,
-            misskey_tail: OnceLock::new(),
-            socketio_args: OnceLock::new(),
+            framed: [OnceLock::new(), OnceLock::new()],
         })
     }
 
-    /// An event with several arguments (`args_json`, a JSON array):
-    /// Socket.IO spreads them; Misskey gets the single argument, or the
-    /// array when there are several or none. None if `args_json` is not an array.
+    /// An event with several arguments (`args_json`, a JSON array): its
+    /// data is the single argument, or the array when there are several or
+    /// none. None if `args_json` is not an array.
     pub fn spread(event: &str, args_json: &str, attachments: Arc<[Vec<u8>]>) -> Option<Arc<Self>> {
-        let serde_json::Value::Array(mut args) = serde_json::from_str(args_json).ok()? else {
+        let serde_json::Value::Array(args) = serde_json::from_str(args_json).ok()? else {
             return None;
         };
         let data: Arc<str> = if args.len() == 1 {
@@ -52,12 +65,12 @@ impl SharedEvent {
         } else {
             args_json.into()
         };
-        args.insert(0, serde_json::Value::String(event.to_owned()));
-        let ev = Self::with_attachments(event, data, attachments);
-        let _ = ev
-            .socketio_args
-            .set(serde_json::Value::Array(args).to_string());
-        Some(ev)
+        Some(Self::build(
+            event,
+            data,
+            Some(args_json.into()),
+            attachments,
+        ))
     }
 
     /// About how many bytes one recipient's frame of this event takes.
@@ -65,16 +78,39 @@ impl SharedEvent {
         self.weight
     }
 
-    /// The recipient-independent end of a Misskey event frame, built on
-    /// first use and shared by every recipient.
-    pub fn misskey_tail(&self) -> &str {
-        self.misskey_tail
-            .get_or_init(|| misskey::encode_event_tail(&self.event, &self.data))
+    /// The recipient-independent part of this event's frame in a
+    /// protocol, built by `build` on first use and shared by every
+    /// recipient.
+    pub fn framed(&self, protocol: Protocol, build: impl FnOnce(&SharedEvent) -> String) -> &str {
+        self.framed[protocol as usize].get_or_init(|| build(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_protocol_frames_once() {
+        let ev = SharedEvent::new("e", "1".into());
+        let mut calls = 0;
+        for _ in 0..3 {
+            ev.framed(Protocol::Misskey, |e| {
+                calls += 1;
+                format!("{}:{}", e.event, e.data)
+            });
+        }
+        assert_eq!(calls, 1);
+        assert_eq!(ev.framed(Protocol::SocketIo, |_| "s".into()), "s");
+        assert_eq!(ev.framed(Protocol::Misskey, |_| unreachable!()), "e:1");
     }
 
-    /// The Socket.IO argument array `["<event>",<data>]`, built on first use.
-    pub fn socketio_args(&self) -> &str {
-        self.socketio_args
-            .get_or_init(|| socketio::event_args(&self.event, &self.data))
+    #[test]
+    fn spread_keeps_the_arguments() {
+        let one = SharedEvent::spread("e", "[{\"a\":1}]", Arc::from(Vec::new())).unwrap();
+        assert_eq!(&*one.data, "{\"a\":1}");
+        let two = SharedEvent::spread("e", "[1,2]", Arc::from(Vec::new())).unwrap();
+        assert_eq!((&*two.data, two.args.as_deref()), ("[1,2]", Some("[1,2]")));
+        assert!(SharedEvent::spread("e", "{}", Arc::from(Vec::new())).is_none());
     }
 }

@@ -1,9 +1,13 @@
-//! The hub: connections, channel instances, rooms, captures and fan-out on
-//! this node, independent of any wire protocol.
+//! The hub: connections, channel instances, rooms, attributes, filters and
+//! fan-out on this node, independent of any wire protocol: members are
+//! slots (a channel instance, or another subscription a protocol keeps,
+//! such as a Misskey note capture), events carry their data and the wire
+//! sides frame them, filters are data (attribute conditions and an
+//! [`Audience`]) that whoever publishes describes.
 //!
 //! A connection registers a [`ConnHandle`]: its identity, its bounded
-//! outbound queue and its per-connection state (open instances, captures,
-//! room memberships). Rooms are sharded maps from a room name to its
+//! outbound queue and its per-connection state (open instances, attribute
+//! sets, room memberships). Rooms are sharded maps from a room name to its
 //! members; delivering an event to a room pushes one [`Outbound::Event`]
 //! sharing the same [`SharedEvent`] into each member's queue, so the event
 //! is serialised once and each session only splices its own address in.
@@ -21,9 +25,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use conn::{
-    Ack, CaptureChange, Condition, ConnHandle, ConnId, Deferred, DirectOut, Filter, Gate,
-    InstanceState, NoteAudience, Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot,
-    UserAttributes, WriteBatch, RELATIONS_SET, SLOW_CONSUMER_CLOSE,
+    Ack, Audience, Condition, ConnHandle, ConnId, Deferred, DirectOut, Filter, Gate, InstanceState,
+    Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot, UserAttributes, WriteBatch,
+    SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 
@@ -67,11 +71,6 @@ pub enum IdentifyError {
     NoConnection,
     #[error("connection already belongs to user {0}")]
     AlreadyIdentified(String),
-}
-
-/// The room of a captured note.
-pub fn note_room(note: &str) -> String {
-    format!("noteStream:{note}")
 }
 
 /// Connections and rooms of this node.
@@ -247,7 +246,6 @@ impl Hub {
             self.remove_member(&room, &(id, slot));
         }
         self.metrics.instances.sub(taken.instances.len() as u64);
-        self.metrics.captures.sub(taken.captures as u64);
         Unregistered {
             instances: taken.instances,
             went_offline,
@@ -269,7 +267,7 @@ impl Hub {
         self.conns.read().len()
     }
 
-    /// Members of a room on this node (instances and captures).
+    /// Members of a room on this node (every slot).
     pub fn room_size(&self, room: &str) -> usize {
         self.shard(room).read().get(room).map_or(0, HashMap::len)
     }
@@ -370,29 +368,6 @@ impl Hub {
                 })
             })
             .count()
-    }
-
-    /// Captures a note on a connection (Misskey `subNote`): ref-counted;
-    /// the first capture joins room `noteStream:<id>`, and past `max` the
-    /// oldest captured note is released.
-    pub fn capture(&self, conn: &Arc<ConnHandle>, note: &str, max: usize) {
-        let change = conn.capture_add(note, max);
-        if let Some(old) = change.evicted {
-            self.leave(conn, &Slot::capture(&old), &note_room(&old));
-            self.metrics.captures.dec();
-        }
-        if change.joined {
-            self.join(conn, Slot::capture(note), &note_room(note));
-            self.metrics.captures.inc();
-        }
-    }
-
-    /// Releases one capture of a note (Misskey `unsubNote`).
-    pub fn uncapture(&self, conn: &ConnHandle, note: &str) {
-        if conn.capture_remove(note) {
-            self.leave(conn, &Slot::capture(note), &note_room(note));
-            self.metrics.captures.dec();
-        }
     }
 
     /// Registers a plugin's interest in a room.

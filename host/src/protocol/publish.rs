@@ -1,20 +1,14 @@
 //! The bodies of `POST /api/publish` and `/api/rooms/join|leave` as a
 //! codec, without I/O or host types (so they can be fuzzed): a publish is
 //! `{"room","event","data"}`, Misskey's own bus message
-//! `{"channel","message"}`, or an array of them; a rooms body names a user
-//! or a connection and the rooms.
+//! `{"channel","message"}` (read by [`super::misskey::bus`]), or an array of
+//! them; a rooms body names a user or a connection and the rooms.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// Who may see an update of a non-public Misskey note, as the bus message
-/// says: the author and, for a `specified` note, the users it names (None:
-/// a `followers` note, whose audience is the author's followers).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NoteVisibility {
-    pub author: String,
-    pub visible_users: Option<Vec<String>>,
-}
+pub use super::misskey::bus::NoteVisibility;
+use super::misskey::bus::{self, BusError};
 
 /// One item of a publish body, in either accepted shape.
 #[derive(Debug, Deserialize)]
@@ -30,49 +24,6 @@ struct RawItem<'a> {
     message: Option<&'a RawValue>,
 }
 
-/// The `message` of Misskey's bus: `{type, body}` (or a bare value for
-/// `notesStream`).
-#[derive(Deserialize)]
-struct BusMessage<'a> {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(borrow, default)]
-    body: Option<&'a RawValue>,
-}
-
-/// The body of a `noteStream:<id>` bus message: `{id, body}`, and in
-/// current Misskey also the note's `userId`, `visibility` and
-/// `visibleUserIds`, which decide who may see the update.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NoteStreamBody<'a> {
-    #[serde(borrow, default)]
-    body: Option<&'a RawValue>,
-    #[serde(default)]
-    user_id: Option<String>,
-    #[serde(default)]
-    visibility: Option<String>,
-    #[serde(default)]
-    visible_user_ids: Option<Vec<String>>,
-}
-
-impl NoteStreamBody<'_> {
-    fn audience(&self) -> Option<NoteVisibility> {
-        let author = self.user_id.clone()?;
-        match self.visibility.as_deref()? {
-            "followers" => Some(NoteVisibility {
-                author,
-                visible_users: None,
-            }),
-            "specified" => Some(NoteVisibility {
-                author,
-                visible_users: Some(self.visible_user_ids.clone().unwrap_or_default()),
-            }),
-            _ => None,
-        }
-    }
-}
-
 /// A validated publish: room, event, data (JSON text).
 #[derive(Debug, PartialEq, Eq)]
 pub struct PublishItem<'a> {
@@ -83,26 +34,58 @@ pub struct PublishItem<'a> {
     pub audience: Option<NoteVisibility>,
 }
 
+/// What is wrong with one item of a publish body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ItemError {
+    #[error("`message` goes with `channel`, not `room`")]
+    MessageWithRoom,
+    #[error("missing field `event`")]
+    MissingEvent,
+    #[error("`room` must not be empty")]
+    EmptyRoom,
+    #[error("`event` must not be empty")]
+    EmptyEvent,
+    #[error("`event`/`data` go with `room`; Misskey's bus shape is {{\"channel\", \"message\"}}")]
+    EventWithChannel,
+    #[error("missing field `message`")]
+    MissingMessage,
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("give `room` or `channel`, not both")]
+    RoomAndChannel,
+    #[error("missing field `room`")]
+    MissingRoom,
+}
+
+/// Why a publish body is refused (the API answers 400 with this text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("body is not UTF-8")]
+    NotUtf8,
+    #[error("invalid publish {shape}: {reason}")]
+    Json { shape: &'static str, reason: String },
+    #[error("body must be a JSON object {{\"room\",\"event\",\"data\"}} (or Misskey's {{\"channel\",\"message\"}}) or an array of them")]
+    Shape,
+    #[error("item {index}: {error}")]
+    Item { index: usize, error: ItemError },
+}
+
 fn raw_or_null(v: Option<&RawValue>) -> &str {
     v.map(RawValue::get).unwrap_or("null")
 }
 
-fn normalize(i: usize, it: RawItem<'_>) -> Result<PublishItem<'_>, String> {
+fn normalize(it: RawItem<'_>) -> Result<PublishItem<'_>, ItemError> {
     match (it.room, it.channel) {
         (Some(room), None) => {
             if it.message.is_some() {
-                return Err(format!(
-                    "item {i}: `message` goes with `channel`, not `room`"
-                ));
+                return Err(ItemError::MessageWithRoom);
             }
-            let event = it
-                .event
-                .ok_or_else(|| format!("item {i}: missing field `event`"))?;
+            let event = it.event.ok_or(ItemError::MissingEvent)?;
             if room.is_empty() {
-                return Err(format!("item {i}: `room` must not be empty"));
+                return Err(ItemError::EmptyRoom);
             }
             if event.is_empty() {
-                return Err(format!("item {i}: `event` must not be empty"));
+                return Err(ItemError::EmptyEvent);
             }
             Ok(PublishItem {
                 room,
@@ -113,68 +96,42 @@ fn normalize(i: usize, it: RawItem<'_>) -> Result<PublishItem<'_>, String> {
         }
         (None, Some(channel)) => {
             if it.event.is_some() || it.data.is_some() {
-                return Err(format!(
-                    "item {i}: `event`/`data` go with `room`; Misskey's bus shape is {{\"channel\", \"message\"}}"
-                ));
+                return Err(ItemError::EventWithChannel);
             }
             if channel.is_empty() {
-                return Err(format!("item {i}: `channel` must not be empty"));
+                return Err(BusError::EmptyChannel.into());
             }
-            let message = it
-                .message
-                .ok_or_else(|| format!("item {i}: missing field `message`"))?;
-            // `notesStream` carries the bare note.
-            if channel == "notesStream" {
-                return Ok(PublishItem {
-                    room: channel,
-                    event: "note".into(),
-                    data: message.get(),
-                    audience: None,
-                });
-            }
-            let m: BusMessage<'_> = serde_json::from_str(message.get())
-                .map_err(|e| format!("item {i}: `message` must be {{\"type\", \"body\"}}: {e}"))?;
-            let mut data = raw_or_null(m.body);
-            let mut audience = None;
-            // Misskey wraps note stream events as {id, body, ...}.
-            if channel.starts_with("noteStream:") {
-                if let Ok(inner) = serde_json::from_str::<NoteStreamBody<'_>>(data) {
-                    audience = inner.audience();
-                    data = raw_or_null(inner.body);
-                }
-            }
+            let message = it.message.ok_or(ItemError::MissingMessage)?;
+            let e = bus::translate(channel, message)?;
             Ok(PublishItem {
-                room: channel,
-                event: m.kind,
-                data,
-                audience,
+                room: e.room,
+                event: e.event,
+                data: e.data,
+                audience: e.audience,
             })
         }
-        (Some(_), Some(_)) => Err(format!("item {i}: give `room` or `channel`, not both")),
-        (None, None) => Err(format!("item {i}: missing field `room`")),
+        (Some(_), Some(_)) => Err(ItemError::RoomAndChannel),
+        (None, None) => Err(ItemError::MissingRoom),
     }
 }
 
-pub fn parse_publish(body: &[u8]) -> Result<Vec<PublishItem<'_>>, String> {
-    let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_owned())?;
+pub fn parse_publish(body: &[u8]) -> Result<Vec<PublishItem<'_>>, PublishError> {
+    let text = std::str::from_utf8(body).map_err(|_| PublishError::NotUtf8)?;
+    let json = |shape: &'static str| {
+        move |e: serde_json::Error| PublishError::Json {
+            shape,
+            reason: e.to_string(),
+        }
+    };
     let items: Vec<RawItem<'_>> = match text.trim_start().as_bytes().first() {
-        Some(b'[') => {
-            serde_json::from_str(text).map_err(|e| format!("invalid publish array: {e}"))?
-        }
-        Some(b'{') => {
-            vec![serde_json::from_str(text).map_err(|e| format!("invalid publish object: {e}"))?]
-        }
-        _ => {
-            return Err(
-                "body must be a JSON object {\"room\",\"event\",\"data\"} (or Misskey's {\"channel\",\"message\"}) or an array of them"
-                    .into(),
-            )
-        }
+        Some(b'[') => serde_json::from_str(text).map_err(json("array"))?,
+        Some(b'{') => vec![serde_json::from_str(text).map_err(json("object"))?],
+        _ => return Err(PublishError::Shape),
     };
     items
         .into_iter()
         .enumerate()
-        .map(|(i, it)| normalize(i, it))
+        .map(|(index, it)| normalize(it).map_err(|error| PublishError::Item { index, error }))
         .collect()
 }
 
@@ -192,18 +149,31 @@ pub struct RoomsBody {
     pub channel: Option<String>,
 }
 
-pub fn parse_rooms(body: &[u8]) -> Result<RoomsBody, String> {
-    let b: RoomsBody = serde_json::from_slice(body).map_err(|e| {
-        format!("body must be {{\"user\" or \"connection\", \"rooms\": [...]}}: {e}")
-    })?;
+/// Why a rooms body is refused (the API answers 400 with this text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomsError {
+    #[error("body must be {{\"user\" or \"connection\", \"rooms\": [...]}}: {0}")]
+    Json(String),
+    #[error("give `user` or `connection`, not both")]
+    UserAndConnection,
+    #[error("missing `user` or `connection`")]
+    NoTarget,
+    #[error("`user` must not be empty")]
+    EmptyUser,
+    #[error("room names must not be empty")]
+    EmptyRoom,
+}
+
+pub fn parse_rooms(body: &[u8]) -> Result<RoomsBody, RoomsError> {
+    let b: RoomsBody = serde_json::from_slice(body).map_err(|e| RoomsError::Json(e.to_string()))?;
     match (&b.user, b.connection) {
-        (Some(_), Some(_)) => return Err("give `user` or `connection`, not both".into()),
-        (None, None) => return Err("missing `user` or `connection`".into()),
-        (Some(u), None) if u.is_empty() => return Err("`user` must not be empty".into()),
+        (Some(_), Some(_)) => return Err(RoomsError::UserAndConnection),
+        (None, None) => return Err(RoomsError::NoTarget),
+        (Some(u), None) if u.is_empty() => return Err(RoomsError::EmptyUser),
         _ => {}
     }
     if b.rooms.iter().any(String::is_empty) {
-        return Err("room names must not be empty".into());
+        return Err(RoomsError::EmptyRoom);
     }
     Ok(b)
 }
@@ -226,18 +196,25 @@ mod tests {
                 .len(),
             2
         );
-        assert!(parse_publish(b"nope").unwrap_err().contains("JSON object"));
+        assert!(parse_publish(b"nope")
+            .unwrap_err()
+            .to_string()
+            .contains("JSON object"));
         assert!(parse_publish(br#"{"event":"e"}"#)
             .unwrap_err()
+            .to_string()
             .contains("room"));
         assert!(parse_publish(br#"{"room":"","event":"e"}"#)
             .unwrap_err()
+            .to_string()
             .contains("room"));
         assert!(parse_publish(br#"{"room":"r","event":"e","extra":1}"#)
             .unwrap_err()
+            .to_string()
             .contains("extra"));
         assert!(parse_publish(br#"[{"room":"r","event":"e"},{"room":"r"}]"#)
             .unwrap_err()
+            .to_string()
             .contains("event"));
     }
 
@@ -280,16 +257,20 @@ mod tests {
         assert_eq!(items[2].audience, None);
         assert!(parse_publish(br#"{"channel":"x"}"#)
             .unwrap_err()
+            .to_string()
             .contains("message"));
         assert!(parse_publish(br#"{"channel":"x","message":{"body":1}}"#)
             .unwrap_err()
+            .to_string()
             .contains("type"));
         assert!(parse_publish(br#"{"channel":"x","room":"y","message":{}}"#)
             .unwrap_err()
+            .to_string()
             .contains("not both"));
         assert!(
             parse_publish(br#"{"channel":"x","event":"e","message":{"type":"t"}}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("bus shape")
         );
     }
@@ -300,18 +281,23 @@ mod tests {
         assert!(parse_rooms(br#"{"connection":3,"rooms":[],"channel":"/"}"#).is_ok());
         assert!(parse_rooms(br#"{"rooms":["a"]}"#)
             .unwrap_err()
+            .to_string()
             .contains("missing"));
         assert!(parse_rooms(br#"{"user":"u","connection":1,"rooms":["a"]}"#)
             .unwrap_err()
+            .to_string()
             .contains("not both"));
         assert!(parse_rooms(br#"{"user":"u","rooms":[""]}"#)
             .unwrap_err()
+            .to_string()
             .contains("empty"));
         assert!(parse_rooms(br#"{"user":"u","rooms":"a"}"#)
             .unwrap_err()
+            .to_string()
             .contains("rooms"));
         assert!(parse_rooms(br#"{"user":"u"}"#)
             .unwrap_err()
+            .to_string()
             .contains("rooms"));
     }
 }

@@ -351,6 +351,25 @@ pub fn encode_disconnect(nsp: &str) -> String {
     header(PacketType::Disconnect, 0, nsp)
 }
 
+/// The argument array `["<event>",<arg>,...]` of an event emitted with
+/// several arguments (`args_json`, a JSON array).
+pub fn spread_args(event: &str, args_json: &str) -> String {
+    let ev = serde_json::to_string(event).expect("strings serialise");
+    let rest = args_json
+        .trim()
+        .strip_prefix('[')
+        .unwrap_or("]")
+        .trim_start();
+    let mut s = String::with_capacity(ev.len() + rest.len() + 2);
+    s.push('[');
+    s.push_str(&ev);
+    if !rest.starts_with(']') {
+        s.push(',');
+    }
+    s.push_str(rest);
+    s
+}
+
 /// The argument array `["<event>",<data>]` of an event with one argument.
 pub fn event_args(event: &str, data_json: &str) -> String {
     let ev = serde_json::to_string(event).expect("strings serialise");
@@ -380,6 +399,12 @@ pub fn encode_ack(nsp: &str, id: u64, args_json: &str, attachments: usize) -> St
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn spread_arguments_follow_the_event_name() {
+        assert_eq!(super::spread_args("e", "[1, \"2\"]"), "[\"e\",1, \"2\"]");
+        assert_eq!(super::spread_args("e", " [ ] "), "[\"e\"]");
+    }
+
     use super::*;
 
     #[test]

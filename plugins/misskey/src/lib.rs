@@ -30,7 +30,7 @@ use chanhost_plugin::{export, host, json, log_warn, Guest};
 use serde_json::{json, Value};
 
 use misskey_api::{channel, Backend};
-use note::{any_of, key, none_of, str_of, sub, user_id, MUTED_INSTANCES, REL};
+use note::{any_of, follows_key, key, none_of, str_of, sub, user_id, MUTED_INSTANCES, REL};
 
 const NOTES: &str = "notesStream";
 const INTERNAL: &str = "internal";
@@ -230,7 +230,7 @@ fn relevant_reply(n: &Value, conds: &mut Vec<Condition>, check_followers: bool) 
     }
     conds.push(any_of(vec![key("fr", a), key("me", r), key("me", a)]));
     if check_followers && note::visibility(reply) == "followers" {
-        conds.push(any_of(vec![key("f", r), key("me", r), key("me", a)]));
+        conds.push(any_of(vec![follows_key(r), key("me", r), key("me", a)]));
     }
 }
 
@@ -238,7 +238,7 @@ fn relevant_reply(n: &Value, conds: &mut Vec<Condition>, check_followers: bool) 
 fn followers_reply_visible(reply: &Value, conds: &mut Vec<Condition>) {
     if note::visibility(reply) == "followers" {
         let r = user_id(reply);
-        conds.push(any_of(vec![key("f", r), key("me", r)]));
+        conds.push(any_of(vec![follows_key(r), key("me", r)]));
     }
 }
 
@@ -310,7 +310,7 @@ fn route_note(state: &mut State, n: &Value, raw: &str) {
         base.extend(muted.iter().cloned());
         let source = match in_channel {
             Some(c) => Some(vec![key("fc", c)]),
-            None => Some(vec![key("me", a), key("f", a)]),
+            None => Some(vec![key("me", a), follows_key(a)]),
         };
         let mut home = base.clone();
         home.extend(source.clone().map(any_of));

@@ -2,16 +2,17 @@
 //! turned into conditions the host evaluates natively for each member.
 //!
 //! Viewers' relations live in the user attribute set `rel` (see
-//! [`crate::relations`]): `me:<id>`, `f:<followee>`, `fr:<followee with
-//! replies>`, `m:<muted>`, `rm:<renote-muted>`, `b:<blocker of me>`,
+//! [`crate::relations`]; the set's name and the `f:` key come from the
+//! SDK's `conventions`, which the host reads too): `me:<id>`,
+//! `f:<followee>`, `fr:<followee with replies>`, `m:<muted>`, `rm:<renote-muted>`, `b:<blocker of me>`,
 //! `fc:<followed channel>`, `mc:<muted channel>`; and `mi`, the muted
 //! instance hosts. A rule like "the viewer is the author or follows them"
 //! becomes one condition: `rel` contains any of `me:<a>`, `f:<a>`.
 
+pub use chanhost_plugin::conventions::{follows_key, RELATIONS_SET as REL};
 use chanhost_plugin::types::Condition;
 use serde_json::Value;
 
-pub const REL: &str = "rel";
 pub const MUTED_INSTANCES: &str = "mi";
 
 /// `rel` contains at least one of `keys`.
@@ -155,7 +156,7 @@ pub fn visible_keys(n: &Value) -> Option<Vec<String>> {
             Some(k)
         }
         "followers" => {
-            let mut k = vec![key("me", a), key("f", a)];
+            let mut k = vec![key("me", a), follows_key(a)];
             if let Some(r) = sub(n, "reply") {
                 k.push(key("me", user_id(r)));
             }

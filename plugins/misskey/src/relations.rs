@@ -13,7 +13,7 @@
 use chanhost_plugin::{host, log_info};
 use serde_json::{json, Value};
 
-use crate::note::{key, str_of, MUTED_INSTANCES, REL};
+use crate::note::{follows_key, key, str_of, MUTED_INSTANCES, REL};
 use misskey_api::Backend;
 
 /// The keys every signed-in viewer carries.
@@ -66,7 +66,7 @@ pub fn ensure(
             if with_replies {
                 keys.push(key("fr", id));
             }
-            keys.push(key("f", id));
+            keys.push(follows_key(id));
         }
         // An app token without the permission to read a list does without
         // it (Misskey itself reads them from its database).
@@ -133,7 +133,7 @@ pub fn on_internal(backend: Option<&Backend>, kind: &str, body: &Value) {
             if !host::has_user_attribute(follower, REL) {
                 return;
             }
-            let mut add = vec![key("f", f)];
+            let mut add = vec![follows_key(f)];
             let token = host::kv_get(&crate::token_key(follower));
             if let (Some(b), Some(t)) = (backend, token) {
                 match b.call("users/show", Some(&t), json!({ "userId": f })) {
@@ -148,7 +148,7 @@ pub fn on_internal(backend: Option<&Backend>, kind: &str, body: &Value) {
         }
         "unfollow" => {
             if let Some(f) = s("followeeId") {
-                update(s("followerId"), &[], &[key("f", f), key("fr", f)]);
+                update(s("followerId"), &[], &[follows_key(f), key("fr", f)]);
             }
         }
         "mute" | "unmute" => {

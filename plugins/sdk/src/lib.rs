@@ -8,8 +8,9 @@
 //! ```
 //!
 //! The host imports are in [`host`]; [`instance`] and [`json`] build the
-//! values plugins pass most often. With the `http` feature, `http` is a
-//! blocking client for the backend origins the host allows.
+//! values plugins pass most often; [`conventions`] names the attribute keys
+//! the host itself reads. With the `http` feature, `http` is a blocking
+//! client for the backend origins the host allows.
 
 wit_bindgen::generate!({
     world: "plugin",
@@ -20,6 +21,7 @@ wit_bindgen::generate!({
 
 pub use chanhost::plugin::{host, types};
 
+pub mod conventions;
 #[cfg(feature = "http")]
 pub mod http;
 pub use exports::chanhost::plugin::channel::Guest;

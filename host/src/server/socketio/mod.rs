@@ -26,7 +26,7 @@ use super::engineio::{
 };
 use super::ws::OP_TEXT;
 use super::Pairs;
-use crate::hub::{ConnId, Gate, Outbound, Protocol, QueueFull, QueueLimits};
+use crate::hub::{ConnId, Gate, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent};
 use crate::node::{Node, OpenInstance, Opened};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
 use crate::protocol::socketio::{self as sio, PacketType};
@@ -55,6 +55,14 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/socket.io/", any(serve.clone()))
         .route("/socket.io", any(serve))
+}
+
+/// An event's Socket.IO argument array, framed once for every recipient.
+fn args_of(event: &SharedEvent) -> &str {
+    event.framed(Protocol::SocketIo, |e| match &e.args {
+        Some(args) => sio::spread_args(&e.event, args),
+        None => sio::event_args(&e.event, &e.data),
+    })
 }
 
 /// The Socket.IO layer of the node's Engine.IO endpoint.
@@ -162,7 +170,7 @@ impl SioSocket {
                 }
                 into.push(EioOut::Text(format!(
                     "4{}",
-                    sio::encode_event(nsp, event.socketio_args(), event.attachments.len())
+                    sio::encode_event(nsp, args_of(&event), event.attachments.len())
                 )));
                 for a in event.attachments.iter() {
                     into.push(EioOut::Binary(a.clone()));
@@ -391,7 +399,7 @@ impl Handler for SioHandler {
                     return Ok(());
                 }
                 let nsp = slot.id();
-                let args = event.socketio_args().as_bytes();
+                let args = args_of(&event).as_bytes();
                 match nsp {
                     "/" => ws.wire().send(OP_TEXT, &[b"42", args]),
                     _ => ws

@@ -5,8 +5,12 @@
 //! client are written directly on the thread that produces them
 //! (`MisskeyOut` over the connection's [`Wire`]).
 //!
-//! The session owns the socket only; instances, captures and rooms live in
-//! the hub, so a plugin reload does not touch them.
+//! The session owns the socket and its note captures ([`captures`]);
+//! instances and rooms live in the hub, so a plugin reload does not touch
+//! them. [`note_audience`] turns the visibility of a note update published
+//! on the bus into the hub's neutral [`Audience`].
+
+pub mod captures;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,12 +21,32 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
+use self::captures::Captures;
 use super::ws::{close_code_of, Message, Socket, Upgrade, Wire, OP_PING, OP_TEXT};
-use crate::hub::{ConnHandle, DirectOut, Outbound, Protocol, QueueFull, QueueLimits};
+use crate::conventions::{follows_key, RELATIONS_SET};
+use crate::hub::{Audience, ConnHandle, DirectOut, Outbound, Protocol, QueueFull, QueueLimits};
 use crate::metrics::Metrics;
 use crate::node::{Node, OpenInstance, Opened};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
-use crate::protocol::misskey::{self, Addressing, ClientFrame};
+use crate::protocol::misskey::{self, Addressing, ClientFrame, NoteVisibility};
+
+/// Who may see an update of a non-public note, as Misskey's connection
+/// checks it: the author; for a `specified` note, the users it names; for
+/// a `followers` note, the author's followers (see [`crate::conventions`]).
+pub fn note_audience(v: &NoteVisibility) -> Audience {
+    match &v.visible_users {
+        Some(users) => Audience {
+            users: std::iter::once(v.author.clone())
+                .chain(users.iter().cloned())
+                .collect(),
+            holding: None,
+        },
+        None => Audience {
+            users: vec![v.author.clone()],
+            holding: Some((RELATIONS_SET.to_owned(), follows_key(&v.author))),
+        },
+    }
+}
 
 /// The credential of a request: `?i=` first, then `Authorization: Bearer`.
 fn token_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
@@ -81,6 +105,9 @@ pub async fn handler(
                 let conn = ConnHandle::new_direct(id, Protocol::Misskey, identity, out);
                 node.open_conn(conn.clone());
                 let session = Session {
+                    captures: parking_lot::Mutex::new(Captures::new(
+                        node.config().misskey.max_captures,
+                    )),
                     node: node.clone(),
                     conn,
                     headers,
@@ -90,6 +117,8 @@ pub async fn handler(
                 session.run(socket, &wire).await;
                 session.conn.end_direct();
                 node.close_conn(id);
+                let captured = session.captures.lock().len();
+                node.metrics().captures.sub(captured as u64);
             },
             || {},
         )
@@ -136,7 +165,11 @@ impl DirectOut for MisskeyOut {
                     &[
                         addressing.head().as_bytes(),
                         slot.quoted().as_bytes(),
-                        event.misskey_tail().as_bytes(),
+                        event
+                            .framed(Protocol::Misskey, |e| {
+                                misskey::encode_event_tail(&e.event, &e.data)
+                            })
+                            .as_bytes(),
                     ],
                 )
             }
@@ -154,6 +187,7 @@ struct Session {
     query: Arc<[(String, String)]>,
     /// The token the stream authenticated with, for plugins.
     credential: Option<Arc<str>>,
+    captures: parking_lot::Mutex<Captures>,
 }
 
 enum End {
@@ -269,10 +303,15 @@ impl Session {
                 }
             }
             ClientFrame::SubNote { id } => {
-                node.hub()
-                    .capture(&self.conn, &id, node.config().misskey.max_captures);
+                self.captures
+                    .lock()
+                    .capture(node.hub(), node.metrics(), &self.conn, &id);
             }
-            ClientFrame::UnsubNote { id } => node.hub().uncapture(&self.conn, &id),
+            ClientFrame::UnsubNote { id } => {
+                self.captures
+                    .lock()
+                    .release(node.hub(), node.metrics(), &self.conn, &id);
+            }
             ClientFrame::Other { kind, body } => {
                 for p in node.plugins().frame_handlers(kind) {
                     p.frame(self.conn.id, kind.to_owned(), body.clone());

@@ -7,6 +7,12 @@
 //! every frame is a JSON object `{type, body}`. Client frames that are not
 //! JSON, or lack the fields a type needs, are reported as [`ParseError`] so
 //! the session can ignore them, as Misskey does.
+//!
+//! [`bus`]: Misskey's own event bus message, as a room event.
+
+pub mod bus;
+
+pub use bus::NoteVisibility;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -228,9 +234,12 @@ pub fn parse(text: &str) -> Result<ClientFrame<'_>, ParseError> {
     })
 }
 
-/// Writes `s` as a JSON string literal.
-pub fn json_string(s: &str) -> String {
-    serde_json::to_string(s).expect("strings always serialise")
+pub use super::json_string;
+
+/// The room of a note's updates (Misskey's `noteStream:<id>` channel), which
+/// a stream that captures the note joins.
+pub fn note_room(note: &str) -> String {
+    format!("noteStream:{note}")
 }
 
 /// `{"type":"connected","body":{"id":<id>}}`.
