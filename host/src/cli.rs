@@ -96,7 +96,7 @@ pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
     let listen = node.config().listen;
     node.load_plugins().await?;
     node.spawn_watcher()?;
-    crate::stats::spawn(Arc::downgrade(&node));
+    crate::server::misskey::stats::spawn(Arc::downgrade(&node));
     crate::memory::spawn_trimmer(node.shutdown().clone());
     let listener = tokio::net::TcpListener::bind(listen)
         .await

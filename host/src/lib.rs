@@ -11,7 +11,6 @@
 //! - [`node`]: owns all of the above for one process.
 //! - [`server`]: the HTTP server, admission of clients, the WebSocket wire,
 //!   Misskey and Socket.IO sessions; [`api`]: publish and operations.
-//! - [`stats`]: machine figures for Misskey's `serverStats`.
 //! - [`auth`], [`config`], [`metrics`], [`cli`]; [`scaffold`] writes new plugins.
 //! - [`conventions`]: the attribute names the host reads from what plugins
 //!   write, the very file the Rust plugin SDK compiles.
@@ -33,4 +32,3 @@ pub mod plugin;
 pub mod protocol;
 pub mod scaffold;
 pub mod server;
-pub mod stats;
