@@ -19,7 +19,9 @@ use crate::config::PluginRuntimeConfig;
 /// One epoch tick. Deadlines are whole ticks.
 pub const TICK: Duration = Duration::from_millis(5);
 
-/// Why a plugin could not be compiled, linked or started.
+/// Why a plugin could not be compiled, linked or started. Causes that
+/// come from wasmtime are kept as their one-line text (see
+/// [`describe_error`]).
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("cannot read {path}: {source}")]
@@ -27,18 +29,76 @@ pub enum PluginError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{} is not a .wasm file", .0.display())]
+    NotWasm(PathBuf),
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
-    #[error("{0}")]
+    #[error("built against chanhost:plugin@{found}, but this host implements chanhost:plugin@{ours}; rebuild it against this host's wit/plugin.wit (`chanhost new-plugin` writes a copy)")]
+    WitVersion { found: String, ours: &'static str },
+    #[error("does not export `{EXPORT_NAME}` (it exports {found}); build it against the `plugin` world of wit/plugin.wit")]
+    NoExport { found: String },
+    #[error("cannot be linked: {0}")]
     Link(String),
-    #[error("failed to start: {0}")]
-    Start(String),
+    #[error("failed to start: {stage}{cause}")]
+    Start { stage: StartStage, cause: String },
+    #[error("failed to start: cannot start plugin thread: {0}")]
+    Thread(std::io::Error),
     #[error("init refused the configuration: {0}")]
     Init(String),
-    #[error("{0}")]
-    Conflict(String),
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
     #[error("wasmtime engine: {0:#}")]
     Engine(wasmtime::Error),
+}
+
+/// Which step of starting a plugin failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartStage {
+    Instantiate,
+    Describe,
+    Init,
+    /// The compile-and-start task itself.
+    Loader,
+    /// Handing the new version to the running plugin.
+    Swap,
+}
+
+impl std::fmt::Display for StartStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StartStage::Instantiate | StartStage::Swap => "",
+            StartStage::Describe => "describe: ",
+            StartStage::Init => "init: ",
+            StartStage::Loader => "loader task failed: ",
+        })
+    }
+}
+
+impl PluginError {
+    /// A start that failed at `stage`.
+    pub fn start(stage: StartStage, cause: impl std::fmt::Display) -> Self {
+        PluginError::Start {
+            stage,
+            cause: cause.to_string(),
+        }
+    }
+}
+
+/// A plugin that would serve what another serves, or declares it wrongly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    #[error("`{0}` is the name of a native plugin of this host")]
+    NativeName(String),
+    #[error("a plugin named `{0}` is already loaded")]
+    Loaded(String),
+    #[error("channel `{channel}` is already served by plugin `{plugin}`")]
+    Channel { channel: String, plugin: String },
+    #[error("namespace `{0}` must start with `/`")]
+    NamespaceSlash(String),
+    #[error("namespace `{namespace}` is already served by plugin `{plugin}`")]
+    Namespace { namespace: String, plugin: String },
+    #[error("channel name `{0}` is empty or declared twice")]
+    ChannelName(String),
 }
 
 /// Where compiled code came from.
@@ -198,9 +258,10 @@ impl PluginEngine {
             .filter_map(|n| n.split_once('@').map(|(_, v)| v))
             .find(|v| *v != ours);
         if let Some(v) = other {
-            return Err(PluginError::Link(format!(
-                "built against chanhost:plugin@{v}, but this host implements chanhost:plugin@{ours}; rebuild it against this host's wit/plugin.wit (`chanhost new-plugin` writes a copy)"
-            )));
+            return Err(PluginError::WitVersion {
+                found: v.to_owned(),
+                ours,
+            });
         }
         if !exports.iter().any(|e| e == EXPORT_NAME) {
             let found = if exports.is_empty() {
@@ -208,13 +269,10 @@ impl PluginEngine {
             } else {
                 exports.join(", ")
             };
-            return Err(PluginError::Link(format!(
-                "does not export `{EXPORT_NAME}` (it exports {found}); build it against the `plugin` world of wit/plugin.wit"
-            )));
+            return Err(PluginError::NoExport { found });
         }
-        GuestPre::new(&self.linker, component).map_err(|e| {
-            PluginError::Link(format!("cannot be linked: {}", one_line(&format!("{e:#}"))))
-        })
+        GuestPre::new(&self.linker, component)
+            .map_err(|e| PluginError::Link(one_line(&format!("{e:#}"))))
     }
 
     /// A fresh store for one plugin instance, with its memory limit and the
@@ -260,13 +318,13 @@ impl PluginEngine {
         arm(&mut store, self.limits.init_timeout);
         let guest = pre
             .instantiate(&mut store)
-            .map_err(|e| PluginError::Start(describe_error(&e)))?;
+            .map_err(|e| PluginError::start(StartStage::Instantiate, describe_error(&e)))?;
         let manifest = guest
             .describe(&mut store)
-            .map_err(|e| PluginError::Start(format!("describe: {}", describe_error(&e))))?;
+            .map_err(|e| PluginError::start(StartStage::Describe, describe_error(&e)))?;
         guest
             .init(&mut store, config)
-            .map_err(|e| PluginError::Start(format!("init: {}", describe_error(&e))))?
+            .map_err(|e| PluginError::start(StartStage::Init, describe_error(&e)))?
             .map_err(PluginError::Init)?;
         let listens = std::mem::take(&mut store.data_mut().init_listens);
         Ok(Started {

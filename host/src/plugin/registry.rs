@@ -16,7 +16,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
-use super::engine::{CodeSource, PluginEngine, PluginError};
+use super::engine::{CodeSource, Conflict, PluginEngine, PluginError, StartStage};
 use super::native::NativePlugin;
 use super::runtime::{PluginSlot, Version};
 use super::{ChannelSpec, HostServices, Manifest};
@@ -151,13 +151,10 @@ impl Registry {
 
     /// Loads or replaces the plugin in `path`.
     pub async fn load_file(&self, path: &Path) -> Result<LoadOutcome, PluginError> {
-        let name = plugin_name(path)
-            .ok_or_else(|| PluginError::Link(format!("{} is not a .wasm file", path.display())))?;
+        let name = plugin_name(path).ok_or_else(|| PluginError::NotWasm(path.to_owned()))?;
         let _guard = self.loading.lock().await;
         if self.is_native(&name) {
-            return Err(PluginError::Conflict(format!(
-                "`{name}` is the name of a native plugin of this host"
-            )));
+            return Err(Conflict::NativeName(name.to_string()).into());
         }
         let bytes = tokio::fs::read(path)
             .await
@@ -193,7 +190,7 @@ impl Registry {
             Ok::<_, PluginError>((pre, started))
         })
         .await
-        .map_err(|e| PluginError::Start(format!("loader task failed: {e}")))??;
+        .map_err(|e| PluginError::start(StartStage::Loader, e))??;
         let manifest = Arc::new(started.manifest.clone());
         self.check_conflicts(&name, &manifest)?;
         let version = Version {
@@ -207,7 +204,7 @@ impl Registry {
                 let old = slot.manifest();
                 slot.swap(version, started)
                     .await
-                    .map_err(|e| PluginError::Start(e.to_string()))?;
+                    .map_err(|e| PluginError::start(StartStage::Swap, e))?;
                 self.set_routes(&slot, Some(&old), &manifest);
                 let mut dropped_channels: Vec<String> = old
                     .channels
@@ -234,7 +231,7 @@ impl Registry {
                     version,
                     started,
                 )
-                .map_err(|e| PluginError::Start(format!("cannot start plugin thread: {e}")))?;
+                .map_err(PluginError::Thread)?;
                 self.plugins.write().insert(name, slot.clone());
                 self.set_routes(&slot, None, &manifest);
                 Ok(LoadOutcome::Added(manifest))
@@ -247,35 +244,32 @@ impl Registry {
         for c in &manifest.channels {
             if let Some((other, _)) = routes.channels.get(&c.name) {
                 if &*other.name != name {
-                    return Err(PluginError::Conflict(format!(
-                        "channel `{}` is already served by plugin `{}`",
-                        c.name, other.name
-                    )));
+                    return Err(Conflict::Channel {
+                        channel: c.name.clone(),
+                        plugin: other.name.to_string(),
+                    }
+                    .into());
                 }
             }
         }
         for n in &manifest.namespaces {
             if !n.starts_with('/') {
-                return Err(PluginError::Conflict(format!(
-                    "namespace `{n}` must start with `/`"
-                )));
+                return Err(Conflict::NamespaceSlash(n.clone()).into());
             }
             if let Some(other) = routes.namespaces.get(n) {
                 if &*other.name != name {
-                    return Err(PluginError::Conflict(format!(
-                        "namespace `{n}` is already served by plugin `{}`",
-                        other.name
-                    )));
+                    return Err(Conflict::Namespace {
+                        namespace: n.clone(),
+                        plugin: other.name.to_string(),
+                    }
+                    .into());
                 }
             }
         }
         let mut seen = std::collections::HashSet::new();
         for c in &manifest.channels {
             if c.name.is_empty() || !seen.insert(&c.name) {
-                return Err(PluginError::Conflict(format!(
-                    "channel name `{}` is empty or declared twice",
-                    c.name
-                )));
+                return Err(Conflict::ChannelName(c.name.clone()).into());
             }
         }
         Ok(())
@@ -313,9 +307,7 @@ impl Registry {
     ) -> Result<Arc<Manifest>, PluginError> {
         let _guard = self.loading.lock().await;
         if self.plugin(name).is_some() {
-            return Err(PluginError::Conflict(format!(
-                "a plugin named `{name}` is already loaded"
-            )));
+            return Err(Conflict::Loaded(name.to_owned()).into());
         }
         let manifest = Arc::new(plugin.describe());
         self.check_conflicts(name, &manifest)?;
@@ -327,7 +319,7 @@ impl Registry {
             manifest.clone(),
             super::runtime::QueueBound::of(self.engine.limits()),
         )
-        .map_err(|e| PluginError::Start(format!("cannot start plugin thread: {e}")))?;
+        .map_err(PluginError::Thread)?;
         self.native.write().insert(name.clone());
         self.plugins.write().insert(name, slot.clone());
         self.set_routes(&slot, None, &manifest);

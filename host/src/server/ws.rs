@@ -61,6 +61,35 @@ pub fn close_code_of(e: &WsError) -> Option<u16> {
     }
 }
 
+/// What a read from a client's socket brought, as both protocols' read
+/// loops take it.
+#[derive(Debug)]
+pub enum Incoming {
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    Binary(axum::body::Bytes),
+    /// A ping or a pong (tungstenite answers pings): the peer is alive.
+    Control,
+    /// The peer closed, or the connection failed: nothing more is sent.
+    Gone,
+    /// A frame RFC 6455 forbids: close with this code ([`close_code_of`]).
+    Invalid(u16),
+}
+
+/// Reads the next message.
+pub async fn read(socket: &mut Socket) -> Incoming {
+    use futures_util::StreamExt;
+    match socket.next().await {
+        Some(Ok(Message::Text(t))) => Incoming::Text(t),
+        Some(Ok(Message::Binary(b))) => Incoming::Binary(b),
+        Some(Ok(Message::Close(_))) | None => Incoming::Gone,
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Control,
+        Some(Err(e)) => {
+            tracing::trace!("websocket read error: {e}");
+            close_code_of(&e).map_or(Incoming::Gone, Incoming::Invalid)
+        }
+    }
+}
+
 /// Why a request could not be upgraded (the status of each refusal is the
 /// one the WebSocket RFC suggests).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

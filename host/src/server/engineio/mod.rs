@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::session::{random_id, EioOut, Opening, ProtocolError, Session, Transport};
 use super::admission::{Admission, Refused};
-use super::ws::{close_code_of, Message, Socket, Upgrade, Wire, OP_BINARY, OP_TEXT};
+use super::ws::{self, Incoming, Message, Socket, Upgrade, Wire, OP_BINARY, OP_TEXT};
 use super::BodyReader;
 use crate::hub::SLOW_CONSUMER_CLOSE;
 use crate::hub::{ConnId, DirectOut, Outbound, Protocol, QueueFull, QueueLimits};
@@ -747,19 +747,18 @@ async fn serve_websocket<H: Handler>(
                 session.close("server closed the session");
                 return Some(1000);
             }
-            msg = socket.next() => {
-                let packet = match msg {
-                    Some(Ok(Message::Text(t))) => Packet::decode_from_client(&t),
-                    Some(Ok(Message::Binary(b))) => Ok(Packet::Binary(b.to_vec())),
-                    Some(Ok(Message::Close(_))) | None => {
+            incoming = ws::read(socket) => {
+                let packet = match incoming {
+                    Incoming::Text(t) => Packet::decode_from_client(&t),
+                    Incoming::Binary(b) => Ok(Packet::Binary(b.to_vec())),
+                    Incoming::Control => continue,
+                    Incoming::Gone => {
                         session.close("transport close");
                         return None;
                     }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        let code = close_code_of(&e);
-                        session.close(if code.is_some() { "invalid WebSocket frame" } else { "transport error" });
-                        return code;
+                    Incoming::Invalid(code) => {
+                        session.close("invalid WebSocket frame");
+                        return Some(code);
                     }
                 };
                 let result = match packet {

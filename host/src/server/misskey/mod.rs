@@ -20,11 +20,10 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use self::captures::Captures;
-use super::ws::{close_code_of, Message, Socket, Upgrade, Wire, OP_PING, OP_TEXT};
+use super::ws::{self, Incoming, Socket, Upgrade, Wire, OP_PING, OP_TEXT};
 use crate::conventions::{follows_key, RELATIONS_SET};
 use crate::hub::{Audience, ConnHandle, DirectOut, Outbound, Protocol, QueueFull, QueueLimits};
 use crate::metrics::Metrics;
@@ -218,24 +217,15 @@ impl Session {
                     self.count_close(code);
                     break End::Close(code, reason);
                 }
-                msg = socket.next() => match msg {
-                    None => break End::Gone,
-                    Some(Err(e)) => {
-                        tracing::debug!(conn = self.conn.id, "streaming read error: {e}");
-                        match close_code_of(&e) {
-                            Some(code) => break End::Close(code, close_reason(code).into()),
-                            None => break End::Gone,
-                        }
+                incoming = ws::read(&mut socket) => {
+                    last_seen = Instant::now();
+                    match incoming {
+                        Incoming::Text(t) => self.on_text(&t).await,
+                        Incoming::Binary(_) | Incoming::Control => {}
+                        Incoming::Gone => break End::Gone,
+                        Incoming::Invalid(code) => break End::Close(code, close_reason(code).into()),
                     }
-                    Some(Ok(m)) => {
-                        last_seen = Instant::now();
-                        match m {
-                            Message::Text(t) => self.on_text(&t).await,
-                            Message::Close(_) => break End::Gone,
-                            _ => {}
-                        }
-                    }
-                },
+                }
                 _ = wire.wants_flush() => {
                     // The socket did not take everything at once. A peer that
                     // takes nothing for the idle timeout is gone; a close
