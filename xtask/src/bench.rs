@@ -1,6 +1,12 @@
-//! `cargo xtask bench [--quick] [--repeat N]`: chanhost side by side with the
-//! Node `socket.io` server and `socketioxide`, on this machine, in one run;
-//! writes `BENCHMARKS.md` and `bench-latency.svg`.
+//! `cargo xtask bench [--quick] [--repeat N] [--host PATH]`: chanhost side by
+//! side with the Node `socket.io` server and `socketioxide`, on this
+//! machine, in one run; writes `BENCHMARKS.md` and `bench-latency.svg`.
+//!
+//! `--host PATH` runs another build of the `chanhost` binary in place of
+//! this tree's (say, a release build of an earlier commit, to compare a
+//! change before and after on the same machine); the `bench` plugin is
+//! this tree's, so both must speak the same WIT version. The report names
+//! the binary.
 //!
 //! Each server runs pinned to one core (`taskset -c 0`) and the load
 //! generator (`tests/bench`) to the other (`taskset -c 1`); the servers take
@@ -95,12 +101,20 @@ pub(crate) fn taskset(core: &str, program: impl AsRef<std::ffi::OsStr>) -> Comma
 }
 
 /// Starts a server on core 0 and waits for its "listening on" line.
+/// The chanhost binary the servers run: `CHANHOST_BENCH_HOST` (set by
+/// `--host`), else this tree's release build.
+fn host_binary() -> PathBuf {
+    std::env::var_os("CHANHOST_BENCH_HOST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/release/chanhost"))
+}
+
 pub(crate) fn start(server: Server, plugins: &Path) -> Result<Running> {
     let root = root();
     let port = free_port()?;
     let mut cmd = match server {
         Server::ChanhostMisskey | Server::ChanhostSocketio => {
-            let mut c = taskset("0", root.join("target/release/chanhost"));
+            let mut c = taskset("0", host_binary());
             c.args([
                 "serve",
                 "--listen",
@@ -325,6 +339,14 @@ pub fn bench(args: &[String]) -> Result<()> {
         return write_report(&results, repeat, quick);
     }
     let quick = args.iter().any(|a| a == "--quick");
+    if let Some(host) = args
+        .iter()
+        .position(|a| a == "--host")
+        .and_then(|i| args.get(i + 1))
+    {
+        let host = std::fs::canonicalize(host).with_context(|| format!("--host {host}"))?;
+        std::env::set_var("CHANHOST_BENCH_HOST", host);
+    }
     let repeat: usize = args
         .iter()
         .position(|a| a == "--repeat")
@@ -477,6 +499,9 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
         if quick { " --quick" } else { "" }
     );
     let _ = writeln!(s, "- Machine: {}.", machine());
+    if std::env::var_os("CHANHOST_BENCH_HOST").is_some() {
+        let _ = writeln!(s, "- chanhost binary: `{}`.", host_binary().display());
+    }
     let (secs, warmup) = (measured_secs(quick), FANOUT_WARMUP_SECS);
     let _ = writeln!(
         s,

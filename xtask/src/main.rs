@@ -339,7 +339,7 @@ fn main() -> Result<()> {
             fuzz(secs)
         }
         _ => {
-            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run|bench [--quick] [--repeat N]|soak [--quick]|fuzz [SECONDS]>");
+            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run|bench [--quick] [--repeat N] [--host PATH]|soak [--quick]|fuzz [SECONDS]>");
             std::process::exit(2);
         }
     }
