@@ -3,11 +3,15 @@
 //! [`NodeFigures`] what the node reads from its other parts when asked
 //! (rooms, admission, plugins), and [`render`] writes both.
 //!
-//! The text is written here rather than by `prometheus-client`: its last
-//! release built on `syn` 2 (0.23) writes label values unescaped, and the
-//! later ones bring a second major version of `syn` into the build. Label
-//! values (plugin names come from file names) are escaped by [`labels`] as
-//! the exposition format asks (`\`, `"`, newline).
+//! The text is written here rather than by `prometheus-client`: that crate
+//! encodes the OpenMetrics text format only (a `# EOF` line, counter
+//! families named without their `_total`, its own content type), while
+//! `/metrics` serves the Prometheus text format 0.0.4 that operators'
+//! scrapers and this project's tests read (its 0.23 release also wrote
+//! label values unescaped). The text is small (a few families, one
+//! function each), and label values (plugin names come from file names)
+//! are escaped by [`labels`] as the exposition format asks (`\`, `"`,
+//! newline).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
