@@ -536,6 +536,45 @@ async fn upgrade<H: Handler>(
     run_websocket(session, socket, wire).await;
 }
 
+/// Packets waiting for a later turn, and their bytes.
+#[derive(Default)]
+struct Later {
+    packets: VecDeque<(EioOut, bool)>,
+    bytes: usize,
+}
+
+impl Later {
+    fn size(p: &EioOut) -> usize {
+        match p {
+            EioOut::Text(t) => t.len(),
+            EioOut::Binary(b) => b.len(),
+        }
+    }
+
+    /// Appends, unless that takes it over `bound` (the client does not
+    /// keep up: a slow consumer).
+    fn push(&mut self, p: EioOut, own_turn: bool, bound: QueueLimits) -> Result<(), QueueFull> {
+        let n = Self::size(&p);
+        if self.packets.len() >= bound.frames || self.bytes + n > bound.bytes {
+            return Err(QueueFull);
+        }
+        self.bytes += n;
+        self.packets.push_back((p, own_turn));
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Option<(EioOut, bool)> {
+        let (p, own_turn) = self.packets.pop_front()?;
+        self.bytes -= Self::size(&p);
+        Some((p, own_turn))
+    }
+
+    fn unpop(&mut self, p: EioOut, own_turn: bool) {
+        self.bytes += Self::size(&p);
+        self.packets.push_front((p, own_turn));
+    }
+}
+
 /// Writes a WebSocket session's items to its wire, on the thread that
 /// produces them; the handler frames them ([`Handler::write_direct`]).
 pub struct WsOut<H: Handler> {
@@ -555,7 +594,9 @@ pub struct WsOut<H: Handler> {
     /// everything rendered meanwhile joins them, in order.
     deferring: AtomicBool,
     /// Waiting packets; `true` marks one that waits for its own turn.
-    later: Mutex<VecDeque<(EioOut, bool)>>,
+    later: Mutex<Later>,
+    /// Bounds of what may wait (the connection's queue limits).
+    bound: QueueLimits,
     /// Wakes the session task to write what waits.
     later_ready: tokio::sync::Notify,
 }
@@ -570,7 +611,8 @@ impl<H: Handler> WsOut<H> {
             ended: CancellationToken::new(),
             close_packet: Packet::Close.encode(),
             deferring: AtomicBool::new(false),
-            later: Mutex::new(VecDeque::new()),
+            later: Mutex::new(Later::default()),
+            bound: options.queue,
             later_ready: tokio::sync::Notify::new(),
         }
     }
@@ -616,8 +658,9 @@ impl<H: Handler> WsOut<H> {
         if self.deferring() {
             let mut later = self.later.lock();
             if self.deferring() {
-                later.extend(packets.enumerate().map(|(i, p)| (p, i > 0)));
-                return Ok(());
+                return packets
+                    .enumerate()
+                    .try_for_each(|(i, p)| later.push(p, i > 0, self.bound));
             }
         }
         if self.gap.is_zero() {
@@ -627,17 +670,23 @@ impl<H: Handler> WsOut<H> {
             return Ok(());
         };
         self.write(first)?;
-        let mut rest = packets.peekable();
-        if rest.peek().is_some() {
-            let mut later = self.later.lock();
-            // Written before anything else could join: these go first.
-            for (i, p) in rest.enumerate() {
-                later.insert(i, (p, true));
-            }
-            self.deferring.store(true, Ordering::Release);
-            self.later_ready.notify_one();
+        let rest: Vec<EioOut> = packets.collect();
+        if rest.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut later = self.later.lock();
+        // Written before anything else could join: these go first.
+        let joined = std::mem::take(&mut *later);
+        let mut full = Ok(());
+        for p in rest.into_iter() {
+            full = full.and(later.push(p, true, self.bound));
+        }
+        for (p, own_turn) in joined.packets {
+            full = full.and(later.push(p, own_turn, self.bound));
+        }
+        self.deferring.store(true, Ordering::Release);
+        self.later_ready.notify_one();
+        full
     }
 
     /// One turn of what waits: the front packet, and those after it that
@@ -645,9 +694,9 @@ impl<H: Handler> WsOut<H> {
     fn release_later(&self) -> Result<(), QueueFull> {
         let mut later = self.later.lock();
         let mut first = true;
-        while let Some((p, own_turn)) = later.pop_front() {
+        while let Some((p, own_turn)) = later.pop() {
             if own_turn && !first {
-                later.push_front((p, own_turn));
+                later.unpop(p, own_turn);
                 self.later_ready.notify_one();
                 return Ok(());
             }

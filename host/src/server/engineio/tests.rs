@@ -219,3 +219,31 @@ fn a_poll_splits_before_a_close() {
     assert!(split_poll(&mut out, "1").is_empty());
     assert_eq!(out, vec![t("1")]);
 }
+
+#[test]
+fn what_waits_for_a_later_turn_is_bounded_like_the_queue() {
+    let bound = QueueLimits {
+        frames: 2,
+        bytes: 10,
+    };
+    let mut later = Later::default();
+    later
+        .push(EioOut::Text("abcd".into()), false, bound)
+        .unwrap();
+    later.push(EioOut::Binary(vec![0; 4]), true, bound).unwrap();
+    assert_eq!(
+        later.push(EioOut::Text("x".into()), false, bound),
+        Err(QueueFull),
+        "two frames wait already"
+    );
+    let (p, own_turn) = later.pop().unwrap();
+    assert_eq!((p, own_turn), (EioOut::Text("abcd".into()), false));
+    assert_eq!(later.bytes, 4);
+    assert_eq!(
+        later.push(EioOut::Text("1234567".into()), false, bound),
+        Err(QueueFull),
+        "11 bytes"
+    );
+    later.unpop(EioOut::Text("abcd".into()), false);
+    assert_eq!(later.bytes, 8);
+}
