@@ -486,6 +486,17 @@ impl Wire {
         Ok(())
     }
 
+    /// Bounds of what may be pending.
+    pub fn limits(&self) -> QueueLimits {
+        self.limits
+    }
+
+    /// Wakes the session task as if something were pending (it flushes,
+    /// then looks at what else waits).
+    pub fn wake(&self) {
+        self.flush_wanted.notify_one();
+    }
+
     /// Resolves when there is something to flush, or the wire closed.
     pub async fn wants_flush(&self) {
         self.flush_wanted.notified().await

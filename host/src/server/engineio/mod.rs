@@ -577,6 +577,8 @@ impl Later {
 
 /// Writes a WebSocket session's items to its wire, on the thread that
 /// produces them; the handler frames them ([`Handler::write_direct`]).
+/// One per WebSocket session: kept small (what pacing needs is allocated
+/// only while packets wait).
 pub struct WsOut<H: Handler> {
     session: Weak<Session<H>>,
     wire: Arc<Wire>,
@@ -585,20 +587,21 @@ pub struct WsOut<H: Handler> {
     /// session task ends the session (not here: this runs inside the hub's
     /// fan-out, which must not re-enter the hub).
     ended: CancellationToken,
-    /// The Engine.IO close packet's text, to recognise it.
-    close_packet: String,
-    /// The pause between the packets of one item.
-    gap: Duration,
-    /// Set while packets wait for a later turn (see
-    /// [`EngineOptions::packet_gap`]):
-    /// everything rendered meanwhile joins them, in order.
+    /// Whether the packets of one item are paced
+    /// ([`EngineOptions::packet_gap`] is not zero).
+    paced: bool,
+    /// Set while packets wait for a later turn: everything rendered
+    /// meanwhile joins them, in order.
     deferring: AtomicBool,
-    /// Waiting packets; `true` marks one that waits for its own turn.
-    later: Mutex<Later>,
-    /// Bounds of what may wait (the connection's queue limits).
-    bound: QueueLimits,
-    /// Wakes the session task to write what waits.
-    later_ready: tokio::sync::Notify,
+    /// The waiting packets, while some wait.
+    later: Mutex<Option<Box<Later>>>,
+}
+
+/// The Engine.IO close packet's text, to recognise it among rendered
+/// packets.
+fn close_packet() -> &'static str {
+    static CLOSE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CLOSE.get_or_init(|| Packet::Close.encode())
 }
 
 impl<H: Handler> WsOut<H> {
@@ -607,13 +610,10 @@ impl<H: Handler> WsOut<H> {
             session,
             wire,
             metrics: options.metrics.clone(),
-            gap: options.packet_gap,
             ended: CancellationToken::new(),
-            close_packet: Packet::Close.encode(),
+            paced: !options.packet_gap.is_zero(),
             deferring: AtomicBool::new(false),
-            later: Mutex::new(Later::default()),
-            bound: options.queue,
-            later_ready: tokio::sync::Notify::new(),
+            later: Mutex::new(None),
         }
     }
 
@@ -638,7 +638,7 @@ impl<H: Handler> WsOut<H> {
             // The Engine.IO close packet is not written: the WebSocket close
             // frame after what is pending ends the session, so the client
             // handles everything before it.
-            EioOut::Text(t) if *t == self.close_packet => {
+            EioOut::Text(t) if t == close_packet() => {
                 self.ended.cancel();
                 return Ok(());
             }
@@ -652,18 +652,20 @@ impl<H: Handler> WsOut<H> {
 
     /// Writes the packets of one item: the first now (unless packets
     /// already wait, which it then joins), each further one on a later
-    /// turn of the session task.
+    /// turn of the session task. What waits is bounded like the
+    /// connection's queue.
     pub fn write_all(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
+        let bound = self.wire.limits();
         let mut packets = packets.into_iter();
         if self.deferring() {
             let mut later = self.later.lock();
-            if self.deferring() {
+            if let Some(waiting) = later.as_mut() {
                 return packets
                     .enumerate()
-                    .try_for_each(|(i, p)| later.push(p, i > 0, self.bound));
+                    .try_for_each(|(i, p)| waiting.push(p, i > 0, bound));
             }
         }
-        if self.gap.is_zero() {
+        if !self.paced {
             return packets.try_for_each(|p| self.write(p));
         }
         let Some(first) = packets.next() else {
@@ -676,16 +678,17 @@ impl<H: Handler> WsOut<H> {
         }
         let mut later = self.later.lock();
         // Written before anything else could join: these go first.
-        let joined = std::mem::take(&mut *later);
+        let joined = later.take();
+        let waiting = later.insert(Box::default());
         let mut full = Ok(());
-        for p in rest.into_iter() {
-            full = full.and(later.push(p, true, self.bound));
+        for p in rest {
+            full = full.and(waiting.push(p, true, bound));
         }
-        for (p, own_turn) in joined.packets {
-            full = full.and(later.push(p, own_turn, self.bound));
+        for (p, own_turn) in joined.into_iter().flat_map(|j| j.packets) {
+            full = full.and(waiting.push(p, own_turn, bound));
         }
         self.deferring.store(true, Ordering::Release);
-        self.later_ready.notify_one();
+        self.wire.wake();
         full
     }
 
@@ -693,11 +696,14 @@ impl<H: Handler> WsOut<H> {
     /// need no turn of their own (the session task, after the pause).
     fn release_later(&self) -> Result<(), QueueFull> {
         let mut later = self.later.lock();
+        let Some(waiting) = later.as_mut() else {
+            return Ok(());
+        };
         let mut first = true;
-        while let Some((p, own_turn)) = later.pop() {
+        while let Some((p, own_turn)) = waiting.pop() {
             if own_turn && !first {
-                later.unpop(p, own_turn);
-                self.later_ready.notify_one();
+                waiting.unpop(p, own_turn);
+                self.wire.wake();
                 return Ok(());
             }
             first = false;
@@ -705,6 +711,7 @@ impl<H: Handler> WsOut<H> {
             // lock keeps producers from overtaking meanwhile.
             self.write(p)?;
         }
+        *later = None;
         self.deferring.store(false, Ordering::Release);
         Ok(())
     }
@@ -774,7 +781,11 @@ async fn serve_websocket<H: Handler>(
     out: &Arc<WsOut<H>>,
 ) -> Option<u16> {
     let wire = &out.wire;
-    let Some(shutdown) = session.server.upgrade().map(|s| s.options.shutdown.clone()) else {
+    let Some((shutdown, gap)) = session
+        .server
+        .upgrade()
+        .map(|s| (s.options.shutdown.clone(), s.options.packet_gap))
+    else {
         return Some(1001);
     };
     let closed = session.closed.cancelled();
@@ -819,26 +830,6 @@ async fn serve_websocket<H: Handler>(
                     return Some(1000);
                 }
             }
-            _ = out.later_ready.notified() => {
-                // What waits goes once what came before it has left, after
-                // a pause.
-                tokio::select! {
-                    r = wire.flush() => if r.is_err() {
-                        session.close("transport error");
-                        return None;
-                    },
-                    _ = &mut closed => return None,
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(out.gap) => {}
-                    _ = &mut closed => return None,
-                }
-                if out.release_later().is_err() {
-                    session
-                        .conn
-                        .request_close(SLOW_CONSUMER_CLOSE, "send queue full");
-                }
-            }
             _ = wire.wants_flush() => {
                 tokio::select! {
                     r = wire.flush() => if r.is_err() {
@@ -846,6 +837,20 @@ async fn serve_websocket<H: Handler>(
                         return None;
                     },
                     _ = &mut closed => return None,
+                }
+                // What waits for a later turn goes once what came before
+                // it has left, after the pause.
+                if out.deferring() {
+                    // Boxed: a rare wait, kept out of every session's state.
+                    tokio::select! {
+                        _ = Box::pin(tokio::time::sleep(gap)) => {}
+                        _ = &mut closed => return None,
+                    }
+                    if out.release_later().is_err() {
+                        session
+                            .conn
+                            .request_close(SLOW_CONSUMER_CLOSE, "send queue full");
+                    }
                 }
             }
         }

@@ -228,7 +228,9 @@ impl SioHandler {
         let conn = &session.conn;
         match p.kind {
             PacketType::Connect => {
-                self.connect(session, p.nsp, p.data).await;
+                // Boxed: a CONNECT is rare, and its future (the plugin's
+                // decision) would otherwise enlarge every session's task.
+                Box::pin(self.connect(session, p.nsp, p.data)).await;
                 Ok(())
             }
             PacketType::Disconnect => {
