@@ -168,9 +168,8 @@ pub struct SocketIoConfig {
     pub connect_timeout: Duration,
     /// A WebSocket upgrade not completed within this is abandoned.
     pub upgrade_timeout: Duration,
-    /// On WebSocket, the pause between the packets of one item (an event
-    /// and its attachments, a CONNECT reply and the events held behind
-    /// it); zero writes them back to back.
+    /// On WebSocket, the pause after a CONNECT reply before the events held
+    /// behind it (and between those); zero writes them back to back.
     pub packet_gap: Duration,
     /// Origins allowed cross-site (`"*"` for any). Same-origin requests
     /// and requests without an Origin are always allowed.
@@ -628,7 +627,7 @@ impl Config {
             max_payload: sio.max_payload.unwrap_or(1_000_000),
             connect_timeout: ms(sio.connect_timeout_ms, 45_000),
             upgrade_timeout: ms(sio.upgrade_timeout_ms, 10_000),
-            packet_gap: ms(sio.packet_gap_ms, 1),
+            packet_gap: ms(sio.packet_gap_ms, 5),
             cors_origins: sio.cors_origins.unwrap_or_default(),
         };
         for (key, d) in [

@@ -76,7 +76,9 @@ pub trait Handler: Sized + Send + Sync + 'static {
     /// back or addressed to what is gone).
     fn render(&self, session: &Session<Self>, item: Outbound, into: &mut Vec<EioOut>);
     /// Writes a hub item to a WebSocket session, on the producing thread.
-    /// The default renders it; a handler frames its hot items itself.
+    /// The default renders it ([`WsOut::write_all`]); a handler frames its
+    /// hot items itself (unless [`WsOut::deferring`]), and paces a reply
+    /// and what follows it ([`WsOut::write_paced`]).
     fn write_direct(
         &self,
         session: &Session<Self>,
@@ -107,16 +109,15 @@ pub struct EngineOptions {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub upgrade_timeout: Duration,
-    /// On WebSocket, the pause between the packets of one item (an event
-    /// and its attachments, a CONNECT reply and what was held behind it):
-    /// long enough for a client woken by one frame to read it before the
-    /// next arrives. The reference server writes a packet only once the
-    /// previous write's callback ran, and a Node client that attaches one
-    /// listener per message (`ws` emits all the messages of one read in
-    /// one tick; the official test suites read this way) depends on it.
-    /// Items of one packet, the fan-out's common case, are never paced;
-    /// this bounds a connection to about one multi-packet item per gap.
-    /// Zero writes the packets back to back.
+    /// On WebSocket, the pause between the packets the handler paces
+    /// ([`WsOut::write_paced`]; Socket.IO: a CONNECT reply and the events
+    /// held behind it): long enough for a client woken by one frame to
+    /// read it before the next arrives. The reference server writes a
+    /// packet only once the previous write's callback ran, and a Node
+    /// client that attaches one listener per message (`ws` emits all the
+    /// messages of one read in one tick; the official test suites read a
+    /// handshake this way) depends on it. Everything else is written at
+    /// once. Zero writes paced packets back to back too.
     pub packet_gap: Duration,
     /// Largest message and POST body, in bytes.
     pub max_payload: usize,
@@ -650,11 +651,26 @@ impl<H: Handler> WsOut<H> {
         Ok(())
     }
 
-    /// Writes the packets of one item: the first now (unless packets
-    /// already wait, which it then joins), each further one on a later
-    /// turn of the session task. What waits is bounded like the
-    /// connection's queue.
+    /// Writes packets now, in order (behind those that wait, if any).
     pub fn write_all(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
+        if self.deferring() {
+            let bound = self.wire.limits();
+            let mut later = self.later.lock();
+            if let Some(waiting) = later.as_mut() {
+                return packets
+                    .into_iter()
+                    .try_for_each(|p| waiting.push(p, false, bound));
+            }
+        }
+        packets.into_iter().try_for_each(|p| self.write(p))
+    }
+
+    /// Writes packets one per turn of the session task, the first now
+    /// (unless packets wait, which they then join), each further one
+    /// [`EngineOptions::packet_gap`] later: for a reply a client must be
+    /// able to read before what follows it. What waits is bounded like the
+    /// connection's queue.
+    pub fn write_paced(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
         let bound = self.wire.limits();
         let mut packets = packets.into_iter();
         if self.deferring() {
@@ -722,11 +738,6 @@ impl<H: Handler> DirectOut for WsOut<H> {
         let Some(session) = self.session.upgrade() else {
             return Ok(());
         };
-        if self.deferring() {
-            let mut rendered = Vec::new();
-            session.handler.render(&session, out, &mut rendered);
-            return self.write_all(rendered);
-        }
         session.handler.write_direct(&session, out, self)
     }
 }

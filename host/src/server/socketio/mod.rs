@@ -6,9 +6,9 @@
 //!
 //! Held events are released right after the CONNECT reply (or dropped with
 //! a CONNECT_ERROR), so a client never sees events before the socket they
-//! belong to. On WebSocket the packets of one item (a CONNECT reply and
-//! what was held behind it, an event and its attachments) are written one
-//! per turn by the engine ([`WsOut::write_all`]).
+//! belong to. On WebSocket the reply and the events held behind it are
+//! written one per turn ([`WsOut::write_paced`]), so a client that takes
+//! one message per read finds the reply alone.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -392,10 +392,11 @@ impl Handler for SioHandler {
         ws: &WsOut<Self>,
     ) -> Result<(), QueueFull> {
         match item {
-            // The fan-out path: framed from its shared parts, no copy. An
-            // event with attachments is rendered: its packets are paced.
+            // The fan-out path: framed from its shared parts, no copy.
             Outbound::Event { slot, event }
-                if event.attachments.is_empty() && !session.socket.holds_events() =>
+                if event.attachments.is_empty()
+                    && !session.socket.holds_events()
+                    && !ws.deferring() =>
             {
                 if !slot.is_open() {
                     return Ok(());
@@ -410,6 +411,12 @@ impl Handler for SioHandler {
                 }?;
                 ws.count_frames(1);
                 Ok(())
+            }
+            // A CONNECT reply, then what was held behind it, a turn later.
+            gate @ Outbound::Gate(_) => {
+                let mut rendered = Vec::new();
+                session.socket.render(gate, &mut rendered);
+                ws.write_paced(rendered)
             }
             other => {
                 let mut rendered = Vec::new();
