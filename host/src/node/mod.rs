@@ -5,10 +5,10 @@
 //!
 //! - [`instances`]: the life cycle of a channel instance (open, replace,
 //!   refuse, end), the one sequence both protocol sessions call.
-//! - [`folder`]: the plugins folder kept in line with the registry, and
-//!   its [`watcher`].
-//! - [`services`]: the host imports plugins call, and their ownership
-//!   checks.
+//! - `folder`: the plugins folder kept in line with the registry, and its
+//!   [`watcher`].
+//! - `services`: the host imports plugins call ([`HostServices`]), and
+//!   their ownership checks.
 //!
 //! Here: building the node, connections and presence, publishing, and the
 //! figures of `/metrics`.
@@ -203,13 +203,20 @@ impl Node {
     /// Delivers an event to this node's members and listeners of a room,
     /// without the broker (figures that describe this node only).
     pub fn deliver_local_event(&self, room: &str, event: &str, data: Arc<str>) {
+        self.deliver_local_filtered(room, event, data, Filter::default());
+    }
+
+    /// Delivers an event to this node's members passing `filter` and to
+    /// the room's listeners, without the broker: for what every node reads
+    /// itself (Misskey's bus), so nobody gets it twice.
+    pub fn deliver_local_filtered(&self, room: &str, event: &str, data: Arc<str>, filter: Filter) {
         self.metrics.publishes.inc();
         self.deliver_local(&Publication {
             room: room.into(),
             event: event.into(),
             data,
             attachments: Arc::from(Vec::new()),
-            filter: Filter::default(),
+            filter,
         });
     }
 
