@@ -97,6 +97,9 @@ pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
     node.load_plugins().await?;
     node.spawn_watcher()?;
     crate::server::misskey::stats::spawn(Arc::downgrade(&node));
+    if let Some(bus) = &node.config().misskey.bus {
+        crate::server::misskey::redis_bus::spawn(&node, bus)?;
+    }
     crate::memory::spawn_trimmer(node.shutdown().clone());
     let listener = tokio::net::TcpListener::bind(listen)
         .await

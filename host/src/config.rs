@@ -102,6 +102,14 @@ pub struct RawMisskey {
     pub max_frame_bytes: Option<usize>,
     pub max_channels: Option<usize>,
     pub max_captures: Option<usize>,
+    pub bus: Option<RawMisskeyBus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMisskeyBus {
+    pub redis: Option<String>,
+    pub channel: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +161,41 @@ pub struct MisskeyConfig {
     pub max_channels: usize,
     /// Captured notes per stream, oldest evicted (Misskey: 1536).
     pub max_captures: usize,
+    /// Misskey's own event bus, read from Redis (`[misskey.bus]`).
+    pub bus: Option<MisskeyBusConfig>,
+}
+
+/// Where Misskey's `GlobalEventService` publishes (`[misskey.bus]`).
+#[derive(Debug, Clone)]
+pub struct MisskeyBusConfig {
+    /// Misskey's `redisForPubsub`, as a URL: `redis://[:pass@]host[:port][/db]`
+    /// or `rediss://` for TLS.
+    pub redis: String,
+    /// The Redis channel Misskey publishes on: its `config.host`.
+    pub channel: String,
+}
+
+/// Checks `[misskey.bus]`: both keys, and a Redis URL the client accepts.
+fn misskey_bus(
+    raw: RawMisskeyBus,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<MisskeyBusConfig, ConfigError> {
+    let redis = raw.redis.ok_or_else(|| {
+        invalid(
+            "misskey.bus.redis",
+            "missing: the Redis URL Misskey publishes its events on (its redisForPubsub), e.g. \"redis://127.0.0.1:6379\"".into(),
+        )
+    })?;
+    if let Err(e) = crate::pubsub::check_url(&redis) {
+        return Err(invalid("misskey.bus.redis", e.to_string()));
+    }
+    let channel = raw.channel.filter(|c| !c.is_empty()).ok_or_else(|| {
+        invalid(
+            "misskey.bus.channel",
+            "missing: the Redis channel Misskey publishes on, its config.host (e.g. \"misskey.example\")".into(),
+        )
+    })?;
+    Ok(MisskeyBusConfig { redis, channel })
 }
 
 /// Engine.IO / Socket.IO settings (defaults as the reference server).
@@ -502,6 +545,7 @@ impl Config {
             max_frame_bytes: m.max_frame_bytes.unwrap_or(64 * 1024),
             max_channels: m.max_channels.unwrap_or(32),
             max_captures: m.max_captures.unwrap_or(1536),
+            bus: m.bus.map(|b| misskey_bus(b, &invalid)).transpose()?,
         };
         if misskey.ping_interval.is_zero() {
             return Err(invalid("misskey.ping_interval_ms", "must be > 0".into()));

@@ -15,6 +15,7 @@
 //! - [`conventions`]: the attribute names the host reads from what plugins
 //!   write, the very file the Rust plugin SDK compiles.
 //! - [`logging`]: one-line log records; [`memory`]: freed memory given back.
+//! - [`pubsub`]: Redis subscriptions that outlive Redis outages.
 
 pub mod api;
 pub mod auth;
@@ -30,5 +31,6 @@ pub mod metrics;
 pub mod node;
 pub mod plugin;
 pub mod protocol;
+pub mod pubsub;
 pub mod scaffold;
 pub mod server;

@@ -43,6 +43,9 @@ impl Gauge {
     pub fn dec(&self) {
         self.sub(1);
     }
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
     pub fn sub(&self, n: u64) {
         let _ = self
             .0
@@ -68,6 +71,11 @@ pub struct Metrics {
     pub body_timeouts: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
+    /// 1 while Misskey's bus is subscribed (`[misskey.bus]`).
+    pub misskey_bus_up: Gauge,
+    /// Bus messages delivered, and those ignored as malformed.
+    pub misskey_bus_delivered: Counter,
+    pub misskey_bus_malformed: Counter,
 }
 
 /// A label set, `a="x",b="y"`, its values escaped.
@@ -166,6 +174,29 @@ impl Metrics {
             "counter",
             "Requests answered 408 because their body did not arrive in time.",
             self.body_timeouts.get(),
+        );
+        write_metric(
+            out,
+            "chanhost_misskey_bus_up",
+            "gauge",
+            "1 while Misskey's event bus is subscribed on Redis ([misskey.bus]); 0 while it is not, or not configured.",
+            self.misskey_bus_up.get(),
+        );
+        write_family(
+            out,
+            "chanhost_misskey_bus_messages_total",
+            "counter",
+            "Messages read from Misskey's event bus, by result (delivered; malformed: ignored).",
+            &[
+                (
+                    labels(&[("result", "delivered")]),
+                    self.misskey_bus_delivered.get(),
+                ),
+                (
+                    labels(&[("result", "malformed")]),
+                    self.misskey_bus_malformed.get(),
+                ),
+            ],
         );
         write_family(
             out,

@@ -1,10 +1,11 @@
 // Shared helpers of the end-to-end tests: start a real chanhost process on
 // a free port with a temporary plugins folder and config, talk to it with
 // misskey-js, raw WebSockets and HTTP.
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import { once } from 'node:events';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -241,4 +242,64 @@ export function note(overrides = {}) {
     channelId: null,
     ...overrides,
   };
+}
+
+/** A free loopback TCP port. */
+export async function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * Starts a real `redis-server` (Debian's) on a free port, without
+ * persistence. `publish(channel, text)` PUBLISHes with redis-cli and
+ * resolves with the number of subscribers that got it; `stop()` kills the
+ * server, `start()` starts it again on the same port.
+ */
+export async function startRedis() {
+  const port = await freePort();
+  const redis = {
+    port,
+    url: `redis://127.0.0.1:${port}`,
+    proc: null,
+    async start() {
+      const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let out = '';
+      await new Promise((resolve, reject) => {
+        proc.stdout.on('data', (d) => {
+          out += d;
+          if (out.includes('Ready to accept connections')) resolve();
+        });
+        proc.once('exit', (code) => reject(new Error(`redis-server exited with ${code}:\n${out}`)));
+      });
+      proc.stdout.resume();
+      redis.proc = proc;
+    },
+    async stop() {
+      if (!redis.proc) return;
+      const p = redis.proc;
+      redis.proc = null;
+      const exited = once(p, 'exit');
+      p.kill('SIGKILL');
+      await exited;
+    },
+    publish(channel, text) {
+      return new Promise((resolve, reject) => {
+        execFile('redis-cli', ['-p', String(port), 'PUBLISH', channel, text], (err, stdout) => {
+          if (err) reject(err);
+          else resolve(Number(stdout.trim()));
+        });
+      });
+    },
+  };
+  await redis.start();
+  return redis;
 }

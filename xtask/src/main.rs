@@ -204,8 +204,43 @@ fn checks() -> Result<()> {
         .args(["doc", "--workspace", "--no-deps"]))
 }
 
+/// Installs Debian's `redis-server` if it is missing: the end-to-end tests
+/// start their own on free ports.
+fn ensure_redis() -> Result<()> {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Ok(());
+    }
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let apt = |args: &[&str]| {
+        let mut c = if root_user {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    let install = ["install", "-y", "--no-install-recommends", "redis-server"];
+    if run(&mut apt(&install)).is_err() {
+        run(&mut apt(&["update"]))?;
+        run(&mut apt(&install)).context("installing redis-server (Debian package)")?;
+    }
+    Ok(())
+}
+
 fn test(filter: &[String]) -> Result<()> {
     let root = root();
+    ensure_redis()?;
     if filter.is_empty() {
         checks()?;
     }

@@ -33,6 +33,10 @@ pub struct BusEvent<'a> {
 /// Why a bus message is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
+    #[error("not UTF-8")]
+    NotUtf8,
+    #[error("not {{\"channel\", \"message\"}}: {0}")]
+    Envelope(String),
     #[error("`channel` must not be empty")]
     EmptyChannel,
     #[error("`message` must be {{\"type\", \"body\"}}: {0}")]
@@ -81,6 +85,22 @@ impl NoteStreamBody<'_> {
 
 fn raw_or_null(v: Option<&RawValue>) -> &str {
     v.map(RawValue::get).unwrap_or("null")
+}
+
+/// A message as Misskey publishes it on Redis.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    channel: String,
+    #[serde(borrow)]
+    message: &'a RawValue,
+}
+
+/// Reads one message of Misskey's Redis channel, `{"channel", "message"}`.
+pub fn parse(payload: &[u8]) -> Result<BusEvent<'_>, BusError> {
+    let text = std::str::from_utf8(payload).map_err(|_| BusError::NotUtf8)?;
+    let e: Envelope<'_> =
+        serde_json::from_str(text).map_err(|e| BusError::Envelope(e.to_string()))?;
+    translate(e.channel, e.message)
 }
 
 /// Turns one bus message into the event of room `channel`.
@@ -161,6 +181,24 @@ mod tests {
             translate("noteStream:n4".into(), &m).unwrap().audience,
             None
         );
+    }
+
+    #[test]
+    fn redis_messages_are_read_whole() {
+        let e = parse(
+            br#"{"channel":"mainStream:u1","message":{"type":"notification","body":{"id":"x"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.room.as_str(), e.event.as_str(), e.data),
+            ("mainStream:u1", "notification", r#"{"id":"x"}"#)
+        );
+        assert!(matches!(parse(b"nope"), Err(BusError::Envelope(_))));
+        assert_eq!(parse(&[0xff, 0xfe]), Err(BusError::NotUtf8));
+        assert!(matches!(
+            parse(br#"{"message":{}}"#),
+            Err(BusError::Envelope(_))
+        ));
     }
 
     #[test]

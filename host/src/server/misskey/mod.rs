@@ -8,10 +8,12 @@
 //! The session owns the socket and its note captures ([`captures`]);
 //! instances and rooms live in the hub, so a plugin reload does not touch
 //! them. [`note_audience`] turns the visibility of a note update published
-//! on the bus into the hub's neutral [`Audience`]; [`stats`] samples the
-//! machine for Misskey's `serverStats`.
+//! on the bus into the hub's neutral [`Audience`]; [`redis_bus`] reads
+//! Misskey's own event bus from Redis; [`stats`] samples the machine for
+//! Misskey's `serverStats`.
 
 pub mod captures;
+pub mod redis_bus;
 pub mod stats;
 
 use std::net::SocketAddr;
