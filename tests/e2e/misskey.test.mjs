@@ -64,6 +64,8 @@ describe('misskey streaming', () => {
       const ws = new WebSocket(`${host.ws}/streaming?i=${encodeURIComponent(token)}&_t=1`);
       const [, res] = await once(ws, 'unexpected-response');
       assert.equal(res.statusCode, 401);
+      // Misskey's own header (StreamingApiServerService).
+      assert.equal(res.headers['www-authenticate'], 'Bearer realm="Misskey", error="invalid_token", error_description="Failed to authenticate"');
       ws.on('error', () => {});
       ws.terminate();
     }
@@ -487,6 +489,13 @@ describe('misskey tokens checked by the backend', () => {
       const ws = new WebSocket(`${host.ws}/streaming?i=${token}`);
       const [, res] = await once(ws, 'unexpected-response');
       assert.equal(res.statusCode, status, token);
+      if (status === 403) {
+        // As Misskey writes it: the status alone.
+        let body = '';
+        for await (const chunk of res) body += chunk;
+        assert.equal(body, '', 'a suspended user\'s 403 has no body');
+        assert.equal(res.headers['www-authenticate'], undefined);
+      }
       ws.on('error', () => {});
       ws.terminate();
     }

@@ -89,7 +89,7 @@ pub async fn handler(
             Ok(id) => Some(id),
             Err(e) => {
                 tracing::debug!("streaming auth refused: {e}");
-                return e.into_response();
+                return refusal(&e);
             }
         },
     };
@@ -125,6 +125,28 @@ pub async fn handler(
             },
             || {},
         )
+}
+
+/// The `WWW-Authenticate` of a refused credential, as Misskey's
+/// `StreamingApiServerService` writes it.
+pub const WWW_AUTHENTICATE: &str =
+    r#"Bearer realm="Misskey", error="invalid_token", error_description="Failed to authenticate""#;
+
+/// How a stream's credential is refused, as Misskey refuses it: 401 with
+/// its `WWW-Authenticate` and no body; 403 with no body for a suspended
+/// user. A backend that cannot be asked is a 503 with the JSON reason
+/// (Misskey answers 500 there).
+fn refusal(e: &crate::auth::AuthError) -> Response {
+    use axum::http::{header, StatusCode};
+    match e.status() {
+        StatusCode::UNAUTHORIZED => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, WWW_AUTHENTICATE)],
+        )
+            .into_response(),
+        StatusCode::FORBIDDEN => StatusCode::FORBIDDEN.into_response(),
+        _ => e.clone().into_response(),
+    }
 }
 
 /// The reason sent with a close for a read error.
