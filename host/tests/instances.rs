@@ -23,15 +23,15 @@ async fn a_misskey_instance_opens_talks_and_ends() {
     let (_node, addr, journal) = host().await;
     let mut c = ws(addr, "/streaming").await;
     send(&mut c, connect("a", serde_json::json!({"x": 1}))).await;
-    // What the plugin sends while it decides comes first (as Misskey's own
-    // channels may send from `init`), then `connected`.
-    assert_eq!(
-        next_text(&mut c).await,
-        r#"{"type":"channel","body":{"id":"a","type":"hello","body":1}}"#
-    );
+    // `connected` first (Misskey subscribes and answers in one step), then
+    // what reached the instance while its plugin decided.
     assert_eq!(
         next_text(&mut c).await,
         r#"{"type":"connected","body":{"id":"a"}}"#
+    );
+    assert_eq!(
+        next_text(&mut c).await,
+        r#"{"type":"channel","body":{"id":"a","type":"hello","body":1}}"#
     );
     send(
         &mut c,
@@ -63,12 +63,12 @@ async fn a_reused_id_replaces_a_refusal_rolls_back_and_the_limit_holds() {
     let (node, addr, journal) = host().await;
     let mut c = ws(addr, "/streaming").await;
     send(&mut c, connect("a", serde_json::json!({}))).await;
-    assert!(next_text(&mut c).await.contains("hello"));
     assert!(next_text(&mut c).await.contains("connected"));
+    assert!(next_text(&mut c).await.contains("hello"));
     // The same id again: the old instance is told it was replaced first.
     send(&mut c, connect("a", serde_json::json!({"v": 2}))).await;
-    assert!(next_text(&mut c).await.contains("hello"));
     assert!(next_text(&mut c).await.contains("connected"));
+    assert!(next_text(&mut c).await.contains("hello"));
     journal.saw("connect a {\"v\":2}").await;
     let lines = journal.lines();
     let replaced = lines

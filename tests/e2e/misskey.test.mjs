@@ -36,6 +36,27 @@ describe('misskey streaming', () => {
     assert.deepEqual(follows[0], { id: 'u9' });
   });
 
+  test('no channel event reaches an instance before its connected', async () => {
+    // The probe joins room `ann` in its connect and an event reaches that
+    // room before the connect returns (as a busy publisher would).
+    const ws = await rawStream(host);
+    sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p1', params: { room: 'ann', announce: 1 }, pong: true } });
+    await frame(ws, (f) => f.body?.type === 'announce');
+    const forP1 = ws.frames.map((t) => JSON.parse(t)).filter((f) => f.body?.id === 'p1');
+    assert.deepEqual(forP1.map((f) => f.type === 'connected' ? 'connected' : f.body.type), ['connected', 'announce']);
+    // A second instance in the same room: the first gets the event at once,
+    // the new one after its connected.
+    sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p2', params: { room: 'ann', announce: 2 }, pong: true } });
+    await frame(ws, (f) => f.body?.id === 'p2' && f.body?.type === 'announce');
+    const forP2 = ws.frames.map((t) => JSON.parse(t)).filter((f) => f.body?.id === 'p2');
+    assert.deepEqual(forP2.map((f) => f.type === 'connected' ? 'connected' : f.body.type), ['connected', 'announce']);
+    // A refused connect leaves nothing behind.
+    sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p3', params: { room: 'ann', announce: 3, reject: true }, pong: true } });
+    sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p4', params: {}, pong: true } });
+    await frame(ws, (f) => f.type === 'connected' && f.body.id === 'p4');
+    assert.ok(!ws.frames.some((t) => JSON.parse(t).body?.id === 'p3'), 'nothing for a refused instance');
+  });
+
   test('main needs a user: an anonymous connect is silently ignored', async () => {
     const ws = await rawStream(host);
     sendJson(ws, { type: 'connect', body: { channel: 'main', id: 'm', pong: true } });

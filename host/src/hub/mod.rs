@@ -16,6 +16,7 @@
 
 mod conn;
 mod event;
+mod hold;
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -30,6 +31,7 @@ pub use conn::{
     SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
+pub use hold::Holds;
 
 use crate::auth::Identity;
 use crate::metrics::Metrics;

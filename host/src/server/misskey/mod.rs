@@ -27,7 +27,9 @@ use tokio::time::Instant;
 use self::captures::Captures;
 use super::ws::{self, Incoming, Socket, Upgrade, Wire, OP_PING, OP_TEXT};
 use crate::conventions::{follows_key, RELATIONS_SET};
-use crate::hub::{Audience, ConnHandle, DirectOut, Outbound, Protocol, QueueFull, QueueLimits};
+use crate::hub::{
+    Audience, ConnHandle, DirectOut, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits,
+};
 use crate::metrics::Metrics;
 use crate::node::{Node, OpenInstance, Opened};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
@@ -104,10 +106,12 @@ pub async fn handler(
                 let out = Arc::new(MisskeyOut {
                     wire: wire.clone(),
                     metrics: node.metrics().clone(),
+                    holds: Holds::default(),
                 });
-                let conn = ConnHandle::new_direct(id, Protocol::Misskey, identity, out);
+                let conn = ConnHandle::new_direct(id, Protocol::Misskey, identity, out.clone());
                 node.open_conn(conn.clone());
                 let session = Session {
+                    out,
                     captures: parking_lot::Mutex::new(Captures::new(
                         node.config().misskey.max_captures,
                     )),
@@ -162,15 +166,34 @@ fn close_reason(code: u16) -> &'static str {
 struct MisskeyOut {
     wire: Arc<Wire>,
     metrics: Arc<Metrics>,
+    /// Events for instances being opened wait for their `connected`.
+    holds: Holds,
 }
 
 impl DirectOut for MisskeyOut {
     fn send(&self, out: Outbound) -> Result<(), QueueFull> {
+        let Some(out) = self.holds.keep(out) else {
+            return Ok(());
+        };
         let r = match &out {
             Outbound::Text(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
-            // Misskey streams have no binary frames, namespace replies,
-            // acks, or frame for an instance the server ended.
-            Outbound::Binary(_) | Outbound::Gate(_) | Outbound::Ended(_) => return Ok(()),
+            // The end of an opening: `connected` (if the client asked for
+            // it), then what reached the instance meanwhile, or nothing if
+            // the plugin refused.
+            Outbound::Gate(g) => {
+                if !g.text.is_empty() {
+                    self.wire.send(OP_TEXT, &[g.text.as_bytes()])?;
+                    self.metrics.frames_sent.inc();
+                }
+                let held = self.holds.release(&g.slot, g.generation);
+                if g.release {
+                    held.into_iter().try_for_each(|h| self.send(h))?;
+                }
+                return Ok(());
+            }
+            // Misskey streams have no binary frames, acks, or frame for an
+            // instance the server ended.
+            Outbound::Binary(_) | Outbound::Ended(_) => return Ok(()),
             Outbound::Ack(_) => {
                 tracing::debug!("ack on a Misskey stream (no acks there); dropped");
                 return Ok(());
@@ -207,6 +230,7 @@ impl DirectOut for MisskeyOut {
 
 struct Session {
     node: Arc<Node>,
+    out: Arc<MisskeyOut>,
     conn: Arc<ConnHandle>,
     headers: Arc<[(String, String)]>,
     query: Arc<[(String, String)]>,
@@ -367,6 +391,10 @@ impl Session {
             );
             return;
         }
+        // What reaches the instance waits for its `connected` (Misskey
+        // subscribes and answers in one step: no event comes first).
+        let slot: Arc<str> = id.as_str().into();
+        let generation = self.out.holds.hold(&slot);
         let open = OpenInstance {
             conn,
             id: &id,
@@ -377,12 +405,10 @@ impl Session {
             query: self.query.clone(),
             credential: self.credential.clone(),
         };
-        match node.connect_instance(open).await {
-            Opened::Accepted => {
-                if pong {
-                    conn.push(Outbound::Text(misskey::encode_connected(&id)));
-                }
-            }
+        let outcome = node.connect_instance(open).await;
+        let accepted = matches!(outcome, Opened::Accepted);
+        match outcome {
+            Opened::Accepted => {}
             Opened::Refused(rej) => tracing::debug!(
                 conn = conn.id,
                 channel,
@@ -391,5 +417,15 @@ impl Session {
             ),
             Opened::Failed(e) => tracing::debug!(conn = conn.id, channel, "connect failed: {e}"),
         }
+        conn.push(Outbound::Gate(Box::new(Gate {
+            slot,
+            generation,
+            text: if accepted && pong {
+                misskey::encode_connected(&id)
+            } else {
+                String::new()
+            },
+            release: accepted,
+        })));
     }
 }

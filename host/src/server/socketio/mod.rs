@@ -10,8 +10,7 @@
 //! written one per turn ([`WsOut::write_paced`]), so a client that takes
 //! one message per read finds the reply alone.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ use super::engineio::{
 };
 use super::ws::OP_TEXT;
 use super::Pairs;
-use crate::hub::{ConnId, Gate, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent};
+use crate::hub::{ConnId, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent};
 use crate::node::{Node, OpenInstance, Opened};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
 use crate::protocol::socketio::{self as sio, PacketType};
@@ -70,10 +69,6 @@ pub struct SioHandler {
     node: Arc<Node>,
 }
 
-/// Events held for a namespace while its CONNECT is decided: the CONNECT's
-/// generation and the events.
-type Held = (u64, Vec<Outbound>);
-
 /// A binary packet waiting for its attachments.
 struct PendingBinary {
     packet: sio::Packet,
@@ -88,12 +83,8 @@ pub struct SioSocket {
     /// What the handshake kept, handed to plugins at each CONNECT.
     headers: Pairs,
     query: Pairs,
-    /// Namespaces whose CONNECT is being decided: their events are held,
-    /// tagged with the generation of that CONNECT.
-    held: Mutex<HashMap<Arc<str>, Held>>,
-    /// Entries in `held`: the writer skips the lock while it is 0.
-    holding: AtomicUsize,
-    generation: AtomicU64,
+    /// Namespaces whose CONNECT is being decided: their events are held.
+    holds: Holds,
     connected_once: AtomicBool,
     /// The binary packet being reassembled (messages come one at a time).
     pending: Mutex<Option<PendingBinary>>,
@@ -121,9 +112,7 @@ impl SioSocket {
         Self {
             headers,
             query,
-            held: Mutex::new(HashMap::new()),
-            holding: AtomicUsize::new(0),
-            generation: AtomicU64::new(0),
+            holds: Holds::default(),
             connected_once: AtomicBool::new(false),
             pending: Mutex::new(None),
         }
@@ -131,22 +120,13 @@ impl SioSocket {
 
     /// Starts holding a namespace's events; the generation of this CONNECT.
     fn hold(&self, nsp: &Arc<str>) -> u64 {
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        if self
-            .held
-            .lock()
-            .insert(nsp.clone(), (generation, Vec::new()))
-            .is_none()
-        {
-            self.holding.fetch_add(1, Ordering::SeqCst);
-        }
-        generation
+        self.holds.hold(nsp)
     }
 
     /// Whether events of some namespace are held (its CONNECT is being
     /// decided): events then go through [`SioSocket::render`].
     fn holds_events(&self) -> bool {
-        self.holding.load(Ordering::SeqCst) > 0
+        self.holds.any()
     }
 
     /// Renders a queued item into Engine.IO packets, holding back events of
@@ -156,15 +136,11 @@ impl SioSocket {
         match out {
             Outbound::Text(t) => into.push(EioOut::Text(t)),
             Outbound::Binary(b) => into.push(EioOut::Binary(b)),
-            Outbound::Event { slot, event } => {
+            ev @ Outbound::Event { .. } => {
+                let Some(Outbound::Event { slot, event }) = self.holds.keep(ev) else {
+                    return;
+                };
                 let nsp = slot.id();
-                if self.holds_events() {
-                    let mut held = self.held.lock();
-                    if let Some((_, h)) = held.get_mut(nsp) {
-                        h.push(Outbound::Event { slot, event });
-                        return;
-                    }
-                }
                 if !slot.is_open() {
                     return;
                 }
@@ -197,17 +173,7 @@ impl SioSocket {
                 into.push(EioOut::Text(text));
                 // Only this CONNECT's hold: a later CONNECT to the same
                 // namespace keeps its own until its own reply.
-                let held = {
-                    let mut map = self.held.lock();
-                    match map.get(&slot) {
-                        Some((g, _)) if *g == generation => {
-                            self.holding.fetch_sub(1, Ordering::SeqCst);
-                            map.remove(&slot).map(|(_, h)| h)
-                        }
-                        _ => None,
-                    }
-                }
-                .unwrap_or_default();
+                let held = self.holds.release(&slot, generation);
                 if release {
                     for h in held {
                         self.render(h, into);

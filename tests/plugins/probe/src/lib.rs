@@ -4,8 +4,10 @@
 //!
 //! Init fails when its config has `fail_init = true`.
 //!
-//! Connect params: `{"reject": true}` refuses; `{"room": R}` joins room R;
-//! `{"echoCredential": true}` sends back `credential` (the stream's token).
+//! Connect params: `{"reject": true}` refuses; `{"room": R}` joins room R
+//! (with `"announce": X`, then broadcasts `announce X` to R before the
+//! connect returns); `{"echoCredential": true}` sends back `credential`
+//! (the stream's token).
 //! Messages (`ch` type, body):
 //! - `echo X` -> `echo X`
 //! - `join {room}` / `leave {room}` -> `joined`/`left {room}` once done
@@ -94,6 +96,11 @@ impl Guest for Probe {
         let room = str_of(&params, "room");
         if !room.is_empty() {
             host::join(&req.target, room);
+            // An event in the room while this connect is still being
+            // decided, as a busy publisher would cause.
+            if let Some(v) = params.get("announce") {
+                host::broadcast(room, "announce", &json(v.to_string()), None);
+            }
         }
         if params.get("echoRequest") == Some(&Value::Bool(true)) {
             let pairs = |l: &[(String, String)]| {
