@@ -121,6 +121,23 @@ impl Authenticator {
         }
     }
 
+    /// Drops the backend's cached answers for a user (and for `token`, if
+    /// given: a refusal is cached under no user), so the next connection is
+    /// checked again: after Misskey says the user was updated, suspended or
+    /// deleted, or their token was regenerated. Returns how many answers
+    /// were dropped.
+    pub fn forget(&self, user: &str, token: Option<&str>) -> usize {
+        let Some(b) = &self.backend else {
+            return 0;
+        };
+        let mut cache = b.cache.lock();
+        let before = cache.len();
+        cache.retain(|t, (_, r)| {
+            Some(t.as_str()) != token && !matches!(r, Ok(id) if &*id.user_id == user)
+        });
+        before - cache.len()
+    }
+
     /// Verifies a token with the local providers (static tokens, JWT) and
     /// the backend's cached answers; never waits on the network.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {

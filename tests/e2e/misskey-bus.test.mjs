@@ -5,6 +5,9 @@
 // nodes reading one bus deliver each event once to each of their clients.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import http from 'node:http';
+import WebSocket from 'ws';
 import { startHost, startRedis, barrier, collect, until, metrics, note } from './helpers.mjs';
 
 const CHANNEL = 'misskey.test';
@@ -120,6 +123,54 @@ describe('Misskey event bus on Redis', () => {
       assert.deepEqual(gotB.map((n) => n.id), [first.id, last.id]);
     } finally {
       await second.stop();
+    }
+  });
+
+  test('a user suspended, or a token regenerated, on the bus: the cached answer goes, the next stream is checked again', async () => {
+    // A Misskey double answering /api/i; what it says changes under the host.
+    const users = { 'mk-dan': { id: 'dan', username: 'dan' }, 'mk-eve': { id: 'eve', username: 'eve' } };
+    const suspended = new Set();
+    const backend = http.createServer((req, res) => {
+      let body = '';
+      req.on('data', (d) => { body += d; });
+      req.on('end', () => {
+        const { i } = JSON.parse(body || '{}');
+        const user = users[i];
+        if (!user) { res.writeHead(401).end('{"error":{}}'); return; }
+        if (suspended.has(user.id)) { res.writeHead(403).end('{"error":{"code":"YOUR_ACCOUNT_SUSPENDED"}}'); return; }
+        res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(user));
+      });
+    });
+    backend.listen(0, '127.0.0.1');
+    await once(backend, 'listening');
+    const h = await startHost({
+      config: `${busConfig()}[auth.backend]\nurl = "http://127.0.0.1:${backend.address().port}/api/i"\ncache_ttl_ms = 600000\n`,
+    });
+    const status = async (token) => {
+      const ws = new WebSocket(`${h.ws}/streaming?i=${token}`);
+      ws.on('error', () => {});
+      const r = await Promise.race([once(ws, 'open').then(() => 101), once(ws, 'unexpected-response').then(([, res]) => res.statusCode)]);
+      ws.terminate();
+      return r;
+    };
+    try {
+      await until(() => busUp(h), 10000, 'the bus subscribed');
+      assert.equal(await status('mk-dan'), 101);
+      assert.equal(await status('mk-eve'), 101);
+      suspended.add('dan');
+      assert.equal(await status('mk-dan'), 101, 'the cached answer still holds');
+      await redis.publish(CHANNEL, JSON.stringify({ channel: 'internal', message: { type: 'userChangeSuspendedState', body: { id: 'dan', isSuspended: true } } }));
+      await until(async () => (await status('mk-dan')) === 403, 5000, 'a suspended user refused');
+      // The token regenerated: the old one goes, other users' answers stay.
+      users['mk-eve-2'] = users['mk-eve'];
+      delete users['mk-eve'];
+      assert.equal(await status('mk-eve'), 101, 'cached');
+      await redis.publish(CHANNEL, JSON.stringify({ channel: 'internal', message: { type: 'userTokenRegenerated', body: { id: 'eve', oldToken: 'mk-eve', newToken: 'mk-eve-2' } } }));
+      await until(async () => (await status('mk-eve')) === 401, 5000, 'the old token refused');
+      assert.equal(await status('mk-eve-2'), 101);
+    } finally {
+      await h.stop();
+      backend.close();
     }
   });
 

@@ -9,7 +9,10 @@
 //! The subscription survives Redis outages ([`crate::pubsub`]); events
 //! published while it is down are gone (pub/sub has no history). Figures:
 //! `chanhost_misskey_bus_up`, `chanhost_misskey_bus_messages_total{result}`;
-//! a malformed message is counted and logged at most every 10 s.
+//! a malformed message is counted and logged at most every 10 s. The
+//! `internal` events that change who a token belongs to (token
+//! regenerated, user suspended, deleted or updated) also drop the host's
+//! cached answers for that user.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -58,6 +61,9 @@ impl Subscriber for BusReader {
         match bus::parse(payload) {
             Ok(ev) => {
                 node.metrics().misskey_bus_delivered.inc();
+                if ev.room == "internal" {
+                    on_internal(&node, &ev.event, ev.data);
+                }
                 let filter = Filter {
                     audience: ev
                         .audience
@@ -76,6 +82,39 @@ impl Subscriber for BusReader {
             node.metrics().misskey_bus_up.set(u64::from(up));
         }
     }
+}
+
+/// Misskey's `internal` events about a user the host itself acts on: its
+/// cached token answers go (Misskey's `CacheService` drops its own on the
+/// same events), so the next stream of that user is checked again — a
+/// suspended user's is refused with 403, a regenerated token's old value
+/// with 401. Open streams stay, as in Misskey.
+fn on_internal(node: &Node, event: &str, data: &str) {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct About {
+        id: Option<String>,
+        old_token: Option<String>,
+    }
+    let relevant = matches!(
+        event,
+        "userTokenRegenerated"
+            | "userChangeSuspendedState"
+            | "userChangeDeletedState"
+            | "localUserUpdated"
+    );
+    if !relevant {
+        return;
+    }
+    let Ok(About {
+        id: Some(user),
+        old_token,
+    }) = serde_json::from_str::<About>(data)
+    else {
+        return;
+    };
+    let dropped = node.auth().forget(&user, old_token.as_deref());
+    tracing::debug!(user, event, dropped, "cached token answers dropped");
 }
 
 /// Starts reading the bus for a node.
