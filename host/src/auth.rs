@@ -53,6 +53,8 @@ pub enum AuthError {
     NoUserClaim(String),
     #[error("user is suspended")]
     Suspended,
+    #[error("the token's app may not read the account (read:account)")]
+    NoPermission,
     #[error("authentication backend unavailable: {0}")]
     Unavailable(String),
 }
@@ -237,7 +239,18 @@ impl Backend {
         match status.as_u16() {
             200 => {}
             400 | 401 => return Err(AuthError::UnknownToken),
-            403 => return Err(AuthError::Suspended),
+            // Misskey answers 403 for a suspended user, and for an app token
+            // without the permission the endpoint needs (`i`: read:account,
+            // which Misskey's streaming server requires too).
+            403 => {
+                let code = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.pointer("/error/code")?.as_str().map(str::to_owned));
+                return Err(match code.as_deref() {
+                    Some("PERMISSION_DENIED") => AuthError::NoPermission,
+                    _ => AuthError::Suspended,
+                });
+            }
             other => return Err(AuthError::Unavailable(format!("backend answered {other}"))),
         }
         let user: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes)
@@ -366,6 +379,7 @@ mod tests {
         );
         assert_eq!(AuthError::Expired.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(AuthError::UnknownToken.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(AuthError::NoPermission.status(), StatusCode::UNAUTHORIZED);
     }
 
     #[test]

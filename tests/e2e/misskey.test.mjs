@@ -471,6 +471,8 @@ describe('misskey tokens checked by the backend', () => {
         calls++;
         const { i } = JSON.parse(body || '{}');
         if (i === 'mk-suspended') { res.writeHead(403).end('{"error":{"code":"YOUR_ACCOUNT_SUSPENDED"}}'); return; }
+        // An app token without read:account, which `i` needs.
+        if (i === 'mk-noperm') { res.writeHead(403).end('{"error":{"code":"PERMISSION_DENIED"}}'); return; }
         if (i === 'mk-broken') { res.writeHead(500).end('{}'); return; }
         const user = users[i];
         if (!user || req.headers.authorization !== `Bearer ${i}`) { res.writeHead(401).end('{"error":{}}'); return; }
@@ -506,7 +508,7 @@ describe('misskey tokens checked by the backend', () => {
   });
 
   test('unknown is 401, suspended is 403, a failing backend is 503 — all before the upgrade', async () => {
-    for (const [token, status] of [['mk-nope', 401], ['mk-suspended', 403], ['mk-broken', 503]]) {
+    for (const [token, status] of [['mk-nope', 401], ['mk-noperm', 401], ['mk-suspended', 403], ['mk-broken', 503]]) {
       const ws = new WebSocket(`${host.ws}/streaming?i=${token}`);
       const [, res] = await once(ws, 'unexpected-response');
       assert.equal(res.statusCode, status, token);
