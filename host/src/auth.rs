@@ -383,6 +383,41 @@ mod tests {
     }
 
     #[test]
+    fn forgetting_a_user_drops_their_cached_answers_only() {
+        let backend = Backend {
+            config: BackendAuthConfig {
+                url: "http://127.0.0.1:1/api/i".into(),
+                user_field: "id".into(),
+                cache_ttl: Duration::from_secs(60),
+                timeout: Duration::from_secs(1),
+            },
+            cache: Mutex::new(HashMap::new()),
+        };
+        let later = Instant::now() + Duration::from_secs(60);
+        let who = |u: &str| {
+            Ok(Identity {
+                user_id: u.into(),
+                claims: "{}".into(),
+            })
+        };
+        {
+            let mut c = backend.cache.lock();
+            c.insert("t-dan".into(), (later, who("dan")));
+            c.insert("t-dan-2".into(), (later, who("dan")));
+            c.insert("t-eve".into(), (later, who("eve")));
+            c.insert("t-old".into(), (later, Err(AuthError::UnknownToken)));
+        }
+        let auth = Authenticator {
+            backend: Some(Arc::new(backend)),
+            ..Authenticator::default()
+        };
+        assert_eq!(auth.forget("dan", Some("t-old")), 3);
+        assert_eq!(&*auth.verify("t-eve").unwrap().user_id, "eve");
+        assert_eq!(auth.verify("t-dan"), Err(AuthError::UnknownToken));
+        assert_eq!(auth.forget("nobody", None), 0);
+    }
+
+    #[test]
     fn static_token() {
         assert_eq!(&*auth().verify("tok-alice").unwrap().user_id, "alice");
         assert_eq!(auth().verify("nope"), Err(AuthError::UnknownToken));
