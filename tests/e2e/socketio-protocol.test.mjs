@@ -109,7 +109,12 @@ describe('Socket.IO protocol scenarios', () => {
 
     test('no handshake within connectTimeout closes the connection', async () => {
       const ws = await engine();
+      // Pings answered, so only the connect timeout can end the session
+      // (the heartbeat alone would close it after 500 ms).
+      let pongs = 0;
+      ws.addEventListener('message', ({ data }) => { if (data === '2') { pongs++; ws.send('3'); } });
       await closed(ws);
+      assert.ok(pongs >= 2, `the session outlived the heartbeat (${pongs} pings answered)`);
     });
   });
 
