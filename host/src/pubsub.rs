@@ -40,7 +40,7 @@ pub fn redacted(url: &str) -> String {
 
 /// What receives a subscription's messages.
 pub trait Subscriber: Send + Sync + 'static {
-    /// One message (`pattern` set when it matched a pattern subscription).
+    /// One message, with the channel it came on.
     fn message(&self, channel: &str, payload: &[u8]);
     /// The subscription went up (subscribed) or down.
     fn up(&self, up: bool);

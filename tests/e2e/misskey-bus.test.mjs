@@ -51,7 +51,7 @@ describe('Misskey event bus on Redis', () => {
     assert.ok(m['chanhost_misskey_bus_messages_total{result="delivered"}'] >= 3);
   });
 
-  test('a followers-only note update reaches only the author\'s followers', async () => {
+  test('a followers-only note update reaches its author, not a user who does not follow them', async () => {
     const alice = host.stream('tok-alice');
     const bob = host.stream('tok-bob');
     alice.send('s', { id: 'bus-f1' });

@@ -396,7 +396,7 @@ async fn poll<H: Handler>(server: &EngineServer<H>, session: &Arc<Session<H>>) -
     };
     let handler = &server.handler;
     let mut out = session.take_carry();
-    let close = Packet::Close.encode();
+    let close = close_packet();
     loop {
         if !out.is_empty() {
             break;
@@ -419,7 +419,7 @@ async fn poll<H: Handler>(server: &EngineServer<H>, session: &Arc<Session<H>>) -
                 if session.closed_by_client() {
                     out.push(EioOut::Text(Packet::Noop.encode()));
                 } else {
-                    out.push(EioOut::Text(close.clone()));
+                    out.push(EioOut::Text(close.to_owned()));
                 }
                 break;
             }
@@ -427,7 +427,7 @@ async fn poll<H: Handler>(server: &EngineServer<H>, session: &Arc<Session<H>>) -
     }
     // Carried packets are stored before the queue is released, so a
     // WebSocket taking over after an upgrade finds them.
-    let rest = split_poll(&mut out, &close);
+    let rest = split_poll(&mut out, close);
     if !rest.is_empty() {
         session.carry(rest);
     }
@@ -651,18 +651,33 @@ impl<H: Handler> WsOut<H> {
         Ok(())
     }
 
-    /// Writes packets now, in order (behind those that wait, if any).
-    pub fn write_all(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
+    /// Appends packets behind those that wait, when some wait (with
+    /// `paced`, each after the first waits for a turn of its own); gives
+    /// them back when none wait.
+    fn join_waiting(
+        &self,
+        packets: Vec<EioOut>,
+        paced: bool,
+    ) -> Result<Result<(), QueueFull>, Vec<EioOut>> {
         if self.deferring() {
             let bound = self.wire.limits();
             let mut later = self.later.lock();
             if let Some(waiting) = later.as_mut() {
-                return packets
+                return Ok(packets
                     .into_iter()
-                    .try_for_each(|p| waiting.push(p, false, bound));
+                    .enumerate()
+                    .try_for_each(|(i, p)| waiting.push(p, paced && i > 0, bound)));
             }
         }
-        packets.into_iter().try_for_each(|p| self.write(p))
+        Err(packets)
+    }
+
+    /// Writes packets now, in order (behind those that wait, if any).
+    pub fn write_all(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
+        match self.join_waiting(packets, false) {
+            Ok(joined) => joined,
+            Err(packets) => packets.into_iter().try_for_each(|p| self.write(p)),
+        }
     }
 
     /// Writes packets one per turn of the session task, the first now
@@ -671,16 +686,10 @@ impl<H: Handler> WsOut<H> {
     /// able to read before what follows it. What waits is bounded like the
     /// connection's queue.
     pub fn write_paced(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
-        let bound = self.wire.limits();
-        let mut packets = packets.into_iter();
-        if self.deferring() {
-            let mut later = self.later.lock();
-            if let Some(waiting) = later.as_mut() {
-                return packets
-                    .enumerate()
-                    .try_for_each(|(i, p)| waiting.push(p, i > 0, bound));
-            }
-        }
+        let mut packets = match self.join_waiting(packets, true) {
+            Ok(joined) => return joined,
+            Err(packets) => packets.into_iter(),
+        };
         if !self.paced {
             return packets.try_for_each(|p| self.write(p));
         }
@@ -692,6 +701,7 @@ impl<H: Handler> WsOut<H> {
         if rest.is_empty() {
             return Ok(());
         }
+        let bound = self.wire.limits();
         let mut later = self.later.lock();
         // Written before anything else could join: these go first.
         let joined = later.take();
