@@ -5,7 +5,8 @@
 //! Module map (the tree reads as the architecture):
 //! - [`protocol`]: wire codecs without I/O (Misskey, Engine.IO, Socket.IO,
 //!   the API bodies).
-//! - [`hub`]: connections, instances, rooms, captures, fan-out.
+//! - [`hub`]: connections, instances, rooms, attributes, filters, fan-out
+//!   (protocol-neutral).
 //! - [`plugin`]: the wasmtime runtime, registry, hot reload.
 //! - [`broker`]: how publishes reach every node (in-memory by default).
 //! - [`node`]: owns all of the above for one process.
