@@ -14,7 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 gen=$(mktemp -d)
 trap 'rm -rf "$gen"' EXIT
-wit-bindgen c "$here/../../wit" --world plugin --out-dir "$gen" >/dev/null
+wit-bindgen c "$here/../../wit/0.1.0" --world plugin --out-dir "$gen" >/dev/null
 ${PYTHON:-python3} -m ziglang cc -target wasm32-wasi -mexec-model=reactor -O2 -Wall -Werror \
   -I"$gen" -o "$gen/core.wasm" "$here/chat.c" "$gen/plugin.c" "$gen/plugin_component_type.o"
 "$here/../node_modules/.bin/jco" new "$gen/core.wasm" --wasi-reactor -o "$out"

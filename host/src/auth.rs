@@ -208,34 +208,18 @@ impl Backend {
     }
 
     async fn ask(&self, token: &str) -> Result<Identity, AuthError> {
-        use http_body_util::{BodyExt, Full, Limited};
         let unavailable = |e: &dyn std::fmt::Display| AuthError::Unavailable(e.to_string());
         let body = serde_json::json!({ "i": token }).to_string();
         let uri: http::Uri = self.config.url.parse().map_err(|e| unavailable(&e))?;
-        let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
         let req = http::Request::post(uri)
-            .header(http::header::HOST, host)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(
-                Full::new(bytes::Bytes::from(body))
-                    .map_err(|e: std::convert::Infallible| match e {}),
-            )
+            .body(crate::outbound::body(body))
             .map_err(|e| unavailable(&e))?;
-        let t = Some(self.config.timeout);
-        let options = wasmtime_wasi_http::RequestOptions {
-            connect_timeout: t,
-            first_byte_timeout: t,
-            between_bytes_timeout: t,
-        };
-        let (res, io) = wasmtime_wasi_http::default_send_request(req, Some(options))
+        let answer = crate::outbound::send(req, self.config.timeout, 1 << 20)
             .await
             .map_err(|e| unavailable(&e))?;
-        let status = res.status();
-        let (bytes, _) = tokio::join!(Limited::new(res.into_body(), 1 << 20).collect(), async {
-            let _ = io.await;
-        });
-        let bytes = bytes.map_err(|e| unavailable(&e))?.to_bytes();
+        let (status, bytes) = (answer.status, answer.body);
         match status.as_u16() {
             200 => {}
             400 | 401 => return Err(AuthError::UnknownToken),

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, EnvOverrides, Overrides, RawConfig};
 use crate::node::Node;
-use crate::plugin::{DetachedServices, HostServices, PluginEngine, EXPORT_NAME};
+use crate::plugin::{DetachedServices, HostServices, PluginEngine, WitVersion};
 
 /// A realtime gateway for Misskey streaming and Socket.IO, extended by WebAssembly plugins.
 #[derive(Debug, Parser)]
@@ -157,10 +157,15 @@ fn check(path: &Path, config: Option<&Path>) -> anyhow::Result<()> {
         .map_err(invalid)?;
     let m = &started.manifest;
     println!("{}: valid chanhost plugin `{name}`", path.display());
-    println!("  implements: {EXPORT_NAME}");
+    let wit = pre.version();
+    println!("  implements: {}", wit.export_name());
     println!(
-        "  WIT: chanhost:plugin@{} (world `plugin`)",
-        EXPORT_NAME.rsplit_once('@').map_or("?", |(_, v)| v)
+        "  WIT: chanhost:plugin@{wit} (world `plugin`){}",
+        if wit == WitVersion::CURRENT {
+            ""
+        } else {
+            "; still linked, the current version is 0.2.0"
+        }
     );
     println!(
         "  version: {}",

@@ -146,6 +146,7 @@ pub struct RawPluginRuntime {
     pub queue: Option<usize>,
     pub queue_bytes: Option<usize>,
     pub http_timeout_ms: Option<u64>,
+    pub pending_connect_ms: Option<u64>,
 }
 
 /// Misskey streaming settings.
@@ -238,6 +239,9 @@ pub struct PluginRuntimeConfig {
     /// Bound on each phase of a plugin's outbound HTTP request (connect,
     /// first byte, between bytes). The plugin waits meanwhile.
     pub http_timeout: Duration,
+    /// How long a connect a plugin deferred (`defer-connect`) may wait for
+    /// its `settle-connect` before it is refused.
+    pub pending_connect: Duration,
 }
 
 /// JWT HS256 provider settings.
@@ -618,7 +622,14 @@ impl Config {
             queue: p.queue.unwrap_or(4096),
             queue_bytes: p.queue_bytes.unwrap_or(64 << 20),
             http_timeout: ms(p.http_timeout_ms, 5_000),
+            pending_connect: ms(p.pending_connect_ms, 30_000),
         };
+        if plugin_runtime.pending_connect.is_zero() {
+            return Err(invalid(
+                "plugin_runtime.pending_connect_ms",
+                "must be > 0".into(),
+            ));
+        }
         if plugin_runtime.http_timeout.is_zero() {
             return Err(invalid(
                 "plugin_runtime.http_timeout_ms",

@@ -16,7 +16,8 @@
 //! - [`conventions`]: the attribute names the host reads from what plugins
 //!   write, the very file the Rust plugin SDK compiles.
 //! - [`logging`]: one-line log records; [`memory`]: freed memory given back.
-//! - [`pubsub`]: Redis subscriptions that outlive Redis outages.
+//! - [`pubsub`]: Redis subscriptions that outlive Redis outages;
+//!   [`outbound`]: the HTTP requests the host sends.
 
 pub mod api;
 pub mod auth;
@@ -30,6 +31,7 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod node;
+pub mod outbound;
 pub mod plugin;
 pub mod protocol;
 pub mod pubsub;

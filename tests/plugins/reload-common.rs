@@ -13,6 +13,10 @@ use chanhost_plugin::{export, host, json, Guest};
 struct Reloadable;
 
 impl Guest for Reloadable {
+    fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
+
+    fn timer(_key: String) {}
+
     fn describe() -> Manifest {
         Manifest {
             version: VERSION.into(),

@@ -131,7 +131,9 @@ fn up_to_date(out: &Path, inputs: &[PathBuf]) -> bool {
 fn build(lang: &str, out: &Path, path: &str) -> Result<()> {
     let root = root();
     let ex = root.join("examples");
-    let wit = root.join("wit");
+    // The JavaScript, Python and C examples are built against WIT 0.1.0,
+    // which the host still links (the Rust one uses the SDK: 0.2.0).
+    let wit = root.join("wit/0.1.0");
     match lang {
         "rust" => {
             let target = root.join("target/wasm");

@@ -33,6 +33,10 @@ fn member_key(t: &Instance) -> String {
 }
 
 impl Guest for Chat {
+    fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
+
+    fn timer(_key: String) {}
+
     fn describe() -> Manifest {
         Manifest {
             version: "1.0.0".into(),

@@ -1,7 +1,10 @@
-//! The one `bindgen!` of the host, and the only module that touches
-//! generated names. It implements the `host` imports on [`StoreState`] by
-//! forwarding to [`HostServices`], and wraps the `channel` exports in
-//! [`Guest`] / [`GuestPre`] speaking the plain types of [`super`].
+//! The host's `bindgen!`s, one per WIT version it links (`v1`:
+//! `chanhost:plugin@0.1.0` from `wit/0.1.0/`, `v2`: `0.2.0` from `wit/`),
+//! and the only module that touches generated names. Both implement the
+//! `host` imports on [`StoreState`] by forwarding to [`HostServices`] (one
+//! body, written once in the `version!` macro; 0.2.0 adds its own
+//! imports), and [`Guest`] / [`GuestPre`] wrap either version's `channel`
+//! exports in the plain types of [`super`].
 
 use std::sync::{Arc, Weak};
 
@@ -11,20 +14,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::http::HttpPolicy;
+use super::later::Later;
 
 use super::{
-    ChannelSpec, ConnectRequest, DisconnectReason, HostServices, InstanceRef, LogLevel, Manifest,
-    Payload, Rejection,
+    ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, Rejection,
+    WitVersion,
 };
-use crate::auth::Identity;
-use crate::hub::{Condition, Protocol};
-
-wasmtime::component::bindgen!({
-    path: "../wit",
-    world: "plugin",
-});
-
-use self::chanhost::plugin::types as wit;
 
 /// The hook a store is currently running, for host calls that behave
 /// differently per hook.
@@ -37,6 +32,8 @@ pub enum Hook {
     Disconnect,
     Event,
     Frame,
+    Fetched,
+    Timer,
 }
 
 impl Hook {
@@ -49,6 +46,8 @@ impl Hook {
             Hook::Disconnect => "disconnect",
             Hook::Event => "event",
             Hook::Frame => "frame",
+            Hook::Fetched => "fetched",
+            Hook::Timer => "timer",
         }
     }
 }
@@ -68,15 +67,21 @@ pub struct StoreState {
     pub(super) init_listens: Vec<String>,
     /// The current call's CPU-time budget.
     pub(super) budget: super::engine::CallBudget,
+    /// Fetches, deferred connects and timers (WIT 0.2.0).
+    pub(super) later: Later,
+}
+
+/// What a new store is made of.
+pub(super) struct StoreOptions {
+    pub name: Arc<str>,
+    pub services: Weak<dyn HostServices>,
+    pub limits: StoreLimits,
+    pub http_policy: HttpPolicy,
+    pub later: Later,
 }
 
 impl StoreState {
-    pub(super) fn new(
-        name: Arc<str>,
-        services: Weak<dyn HostServices>,
-        limits: StoreLimits,
-        http_policy: HttpPolicy,
-    ) -> Self {
+    pub(super) fn new(o: StoreOptions) -> Self {
         // Deny by default: no preopened directories, no environment, no
         // arguments, no network, stdio discarded.
         let wasi = WasiCtx::builder().build();
@@ -84,13 +89,14 @@ impl StoreState {
             wasi,
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
-            http_policy,
-            limits,
-            name,
-            services,
+            http_policy: o.http_policy,
+            limits: o.limits,
+            name: o.name,
+            services: o.services,
             hook: Hook::Describe,
             init_listens: Vec::new(),
             budget: Default::default(),
+            later: o.later,
         }
     }
 
@@ -138,288 +144,513 @@ impl WasiHttpView for StoreState {
 pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_sync(linker)?;
-    Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    v1::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    v2::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     Ok(())
 }
 
-impl From<wit::Instance> for InstanceRef {
-    fn from(i: wit::Instance) -> Self {
-        InstanceRef {
-            connection: i.connection,
-            id: i.id,
-        }
-    }
-}
+/// What both versions share: conversions, the `host` imports (0.2.0
+/// passes its added imports as `$extra`) and calls of the `channel`
+/// exports, expanded inside each version's module.
+macro_rules! version {
+    ($($extra:item)*) => {
+        use wasmtime::Store;
 
-impl From<InstanceRef> for wit::Instance {
-    fn from(i: InstanceRef) -> Self {
-        wit::Instance {
-            connection: i.connection,
-            id: i.id,
-        }
-    }
-}
+        use super::StoreState;
+        use crate::auth::Identity;
+        use crate::hub::{Condition, Protocol};
+        use crate::plugin::{
+            ChannelSpec, ConnectRequest, DisconnectReason, InstanceRef, LogLevel, Manifest, Payload,
+            Rejection,
+        };
+        use self::chanhost::plugin::types as wit;
 
-impl From<wit::Payload> for Payload {
-    fn from(p: wit::Payload) -> Self {
-        Payload {
-            json: p.json,
-            attachments: p.attachments,
-        }
-    }
-}
-
-impl From<Payload> for wit::Payload {
-    fn from(p: Payload) -> Self {
-        wit::Payload {
-            json: p.json,
-            attachments: p.attachments,
-        }
-    }
-}
-
-fn wit_identity(i: Identity) -> wit::Identity {
-    wit::Identity {
-        user_id: i.user_id.to_string(),
-        claims: i.claims.to_string(),
-    }
-}
-
-impl self::chanhost::plugin::types::Host for StoreState {}
-
-impl self::chanhost::plugin::host::Host for StoreState {
-    fn send(&mut self, target: wit::Instance, event: String, data: wit::Payload) {
-        self.with(|s| s.send(&self.name, target.into(), &event, data.into()))
-    }
-
-    fn emit(&mut self, target: wit::Instance, event: String, args: wit::Payload) {
-        self.with(|s| s.emit(&self.name, target.into(), &event, args.into()))
-    }
-
-    fn ack(&mut self, target: wit::Instance, ack_id: u64, args: wit::Payload) {
-        self.with(|s| s.ack(&self.name, target.into(), ack_id, args.into()))
-    }
-
-    fn join(&mut self, target: wit::Instance, room: String) {
-        self.with(|s| s.join(&self.name, target.into(), &room))
-    }
-
-    fn leave(&mut self, target: wit::Instance, room: String) {
-        self.with(|s| s.leave(&self.name, target.into(), &room))
-    }
-
-    fn broadcast(
-        &mut self,
-        room: String,
-        event: String,
-        data: wit::Payload,
-        except: Option<wit::Instance>,
-    ) {
-        self.broadcast_filtered(room, event, data, except, Vec::new())
-    }
-
-    fn broadcast_filtered(
-        &mut self,
-        room: String,
-        event: String,
-        data: wit::Payload,
-        except: Option<wit::Instance>,
-        conditions: Vec<wit::Condition>,
-    ) {
-        let local_only = self.hook == Hook::Event;
-        let conditions = conditions
-            .into_iter()
-            .map(|c| Condition {
-                attribute: c.attribute,
-                keys: c.keys,
-                exclude: c.exclude,
-            })
-            .collect();
-        self.with(|s| {
-            s.broadcast(
-                &self.name,
-                &room,
-                &event,
-                data.into(),
-                except.map(Into::into),
-                conditions,
-                local_only,
-            )
-        })
-    }
-
-    fn set_attribute(&mut self, connection: u64, name: String, values: Vec<String>) {
-        self.with(|s| s.set_attribute(&self.name, connection, &name, values, None))
-    }
-
-    fn update_attribute(
-        &mut self,
-        connection: u64,
-        name: String,
-        add: Vec<String>,
-        remove: Vec<String>,
-    ) {
-        self.with(|s| s.set_attribute(&self.name, connection, &name, add, Some(remove)))
-    }
-
-    fn set_user_attribute(&mut self, user_id: String, name: String, values: Vec<String>) {
-        self.with(|s| s.set_user_attribute(&self.name, &user_id, &name, values, None))
-    }
-
-    fn update_user_attribute(
-        &mut self,
-        user_id: String,
-        name: String,
-        add: Vec<String>,
-        remove: Vec<String>,
-    ) {
-        self.with(|s| s.set_user_attribute(&self.name, &user_id, &name, add, Some(remove)))
-    }
-
-    fn has_user_attribute(&mut self, user_id: String, name: String) -> bool {
-        self.with(|s| s.has_user_attribute(&self.name, &user_id, &name))
-    }
-
-    fn room_size(&mut self, room: String) -> u32 {
-        self.with(|s| s.room_size(&room))
-    }
-
-    fn listen(&mut self, room: String) {
-        if self.hook == Hook::Init {
-            if !self.init_listens.contains(&room) {
-                self.init_listens.push(room);
+        impl From<wit::Instance> for InstanceRef {
+            fn from(i: wit::Instance) -> Self {
+                InstanceRef {
+                    connection: i.connection,
+                    id: i.id,
+                }
             }
-        } else {
-            self.with(|s| s.listen(&self.name, &room))
         }
-    }
 
-    fn unlisten(&mut self, room: String) {
-        if self.hook == Hook::Init {
-            self.init_listens.retain(|r| r != &room);
-        } else {
-            self.with(|s| s.unlisten(&self.name, &room))
+        impl From<InstanceRef> for wit::Instance {
+            fn from(i: InstanceRef) -> Self {
+                wit::Instance {
+                    connection: i.connection,
+                    id: i.id,
+                }
+            }
         }
-    }
 
-    fn end_instance(&mut self, target: wit::Instance) {
-        self.with(|s| s.end_instance(&self.name, target.into()))
-    }
-
-    fn close_connection(&mut self, connection: u64, reason: String) {
-        self.with(|s| s.close_connection(&self.name, connection, &reason))
-    }
-
-    fn connection_identity(&mut self, connection: u64) -> Option<wit::Identity> {
-        self.with(|s| s.identity(connection)).map(wit_identity)
-    }
-
-    fn set_identity(&mut self, connection: u64, identity: wit::Identity) -> Result<u32, String> {
-        let identity = Identity {
-            user_id: identity.user_id.into(),
-            claims: identity.claims.into(),
-        };
-        // The WIT's error is the refusal's text.
-        match self.services.upgrade() {
-            Some(s) => s
-                .set_identity(&self.name, connection, identity)
-                .map_err(|e| e.to_string()),
-            None => Err("host is shutting down".into()),
+        impl From<wit::Payload> for Payload {
+            fn from(p: wit::Payload) -> Self {
+                Payload {
+                    json: p.json,
+                    attachments: p.attachments,
+                }
+            }
         }
-    }
 
-    fn online_users(&mut self) -> Vec<String> {
-        self.with(|s| s.online_users())
-    }
-
-    fn verify_token(&mut self, token: String) -> Result<wit::Identity, String> {
-        match self.services.upgrade() {
-            Some(s) => s
-                .verify_token(&token)
-                .map(wit_identity)
-                .map_err(|e| e.to_string()),
-            None => Err("host is shutting down".into()),
+        impl From<Payload> for wit::Payload {
+            fn from(p: Payload) -> Self {
+                wit::Payload {
+                    json: p.json,
+                    attachments: p.attachments,
+                }
+            }
         }
-    }
 
-    fn log(&mut self, level: wit::LogLevel, message: String) {
-        let level = match level {
-            wit::LogLevel::Debug => LogLevel::Debug,
-            wit::LogLevel::Info => LogLevel::Info,
-            wit::LogLevel::Warn => LogLevel::Warn,
-            wit::LogLevel::Error => LogLevel::Error,
-        };
-        let plugin = &*self.name;
-        match level {
-            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            LogLevel::Info => tracing::info!(plugin, "{message}"),
-            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            LogLevel::Error => tracing::error!(plugin, "{message}"),
+        pub(super) fn wit_identity(i: Identity) -> wit::Identity {
+            wit::Identity {
+                user_id: i.user_id.to_string(),
+                claims: i.claims.to_string(),
+            }
         }
+
+        impl self::chanhost::plugin::types::Host for StoreState {}
+
+        impl self::chanhost::plugin::host::Host for StoreState {
+                $($extra)*
+
+            fn send(&mut self, target: wit::Instance, event: String, data: wit::Payload) {
+                self.with(|s| s.send(&self.name, target.into(), &event, data.into()))
+            }
+
+            fn emit(&mut self, target: wit::Instance, event: String, args: wit::Payload) {
+                self.with(|s| s.emit(&self.name, target.into(), &event, args.into()))
+            }
+
+            fn ack(&mut self, target: wit::Instance, ack_id: u64, args: wit::Payload) {
+                self.with(|s| s.ack(&self.name, target.into(), ack_id, args.into()))
+            }
+
+            fn join(&mut self, target: wit::Instance, room: String) {
+                self.with(|s| s.join(&self.name, target.into(), &room))
+            }
+
+            fn leave(&mut self, target: wit::Instance, room: String) {
+                self.with(|s| s.leave(&self.name, target.into(), &room))
+            }
+
+            fn broadcast(
+                &mut self,
+                room: String,
+                event: String,
+                data: wit::Payload,
+                except: Option<wit::Instance>,
+            ) {
+                self.broadcast_filtered(room, event, data, except, Vec::new())
+            }
+
+            fn broadcast_filtered(
+                &mut self,
+                room: String,
+                event: String,
+                data: wit::Payload,
+                except: Option<wit::Instance>,
+                conditions: Vec<wit::Condition>,
+            ) {
+                let local_only = self.hook == super::Hook::Event;
+                let conditions = conditions
+                    .into_iter()
+                    .map(|c| Condition {
+                        attribute: c.attribute,
+                        keys: c.keys,
+                        exclude: c.exclude,
+                    })
+                    .collect();
+                self.with(|s| {
+                    s.broadcast(
+                        &self.name,
+                        &room,
+                        &event,
+                        data.into(),
+                        except.map(Into::into),
+                        conditions,
+                        local_only,
+                    )
+                })
+            }
+
+            fn set_attribute(&mut self, connection: u64, name: String, values: Vec<String>) {
+                self.with(|s| s.set_attribute(&self.name, connection, &name, values, None))
+            }
+
+            fn update_attribute(
+                &mut self,
+                connection: u64,
+                name: String,
+                add: Vec<String>,
+                remove: Vec<String>,
+            ) {
+                self.with(|s| s.set_attribute(&self.name, connection, &name, add, Some(remove)))
+            }
+
+            fn set_user_attribute(&mut self, user_id: String, name: String, values: Vec<String>) {
+                self.with(|s| s.set_user_attribute(&self.name, &user_id, &name, values, None))
+            }
+
+            fn update_user_attribute(
+                &mut self,
+                user_id: String,
+                name: String,
+                add: Vec<String>,
+                remove: Vec<String>,
+            ) {
+                self.with(|s| s.set_user_attribute(&self.name, &user_id, &name, add, Some(remove)))
+            }
+
+            fn has_user_attribute(&mut self, user_id: String, name: String) -> bool {
+                self.with(|s| s.has_user_attribute(&self.name, &user_id, &name))
+            }
+
+            fn room_size(&mut self, room: String) -> u32 {
+                self.with(|s| s.room_size(&room))
+            }
+
+            fn listen(&mut self, room: String) {
+                if self.hook == super::Hook::Init {
+                    if !self.init_listens.contains(&room) {
+                        self.init_listens.push(room);
+                    }
+                } else {
+                    self.with(|s| s.listen(&self.name, &room))
+                }
+            }
+
+            fn unlisten(&mut self, room: String) {
+                if self.hook == super::Hook::Init {
+                    self.init_listens.retain(|r| r != &room);
+                } else {
+                    self.with(|s| s.unlisten(&self.name, &room))
+                }
+            }
+
+            fn end_instance(&mut self, target: wit::Instance) {
+                self.with(|s| s.end_instance(&self.name, target.into()))
+            }
+
+            fn close_connection(&mut self, connection: u64, reason: String) {
+                self.with(|s| s.close_connection(&self.name, connection, &reason))
+            }
+
+            fn connection_identity(&mut self, connection: u64) -> Option<wit::Identity> {
+                self.with(|s| s.identity(connection)).map(wit_identity)
+            }
+
+            fn set_identity(&mut self, connection: u64, identity: wit::Identity) -> Result<u32, String> {
+                let identity = Identity {
+                    user_id: identity.user_id.into(),
+                    claims: identity.claims.into(),
+                };
+                // The WIT's error is the refusal's text.
+                match self.services.upgrade() {
+                    Some(s) => s
+                        .set_identity(&self.name, connection, identity)
+                        .map_err(|e| e.to_string()),
+                    None => Err("host is shutting down".into()),
+                }
+            }
+
+            fn online_users(&mut self) -> Vec<String> {
+                self.with(|s| s.online_users())
+            }
+
+            fn verify_token(&mut self, token: String) -> Result<wit::Identity, String> {
+                match self.services.upgrade() {
+                    Some(s) => s
+                        .verify_token(&token)
+                        .map(wit_identity)
+                        .map_err(|e| e.to_string()),
+                    None => Err("host is shutting down".into()),
+                }
+            }
+
+            fn log(&mut self, level: wit::LogLevel, message: String) {
+                let level = match level {
+                    wit::LogLevel::Debug => LogLevel::Debug,
+                    wit::LogLevel::Info => LogLevel::Info,
+                    wit::LogLevel::Warn => LogLevel::Warn,
+                    wit::LogLevel::Error => LogLevel::Error,
+                };
+                let plugin = &*self.name;
+                match level {
+                    LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+                    LogLevel::Info => tracing::info!(plugin, "{message}"),
+                    LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+                    LogLevel::Error => tracing::error!(plugin, "{message}"),
+                }
+            }
+
+            fn kv_get(&mut self, key: String) -> Option<String> {
+                self.with(|s| s.kv().get(&self.name, &key))
+            }
+
+            fn kv_set(&mut self, key: String, value: String) {
+                self.with(|s| s.kv().set(&self.name, &key, value))
+            }
+
+            fn kv_delete(&mut self, key: String) {
+                self.with(|s| s.kv().delete(&self.name, &key))
+            }
+
+            fn kv_incr(&mut self, key: String, delta: i64) -> i64 {
+                self.with(|s| s.kv().incr(&self.name, &key, delta))
+            }
+        }
+
+
+        /// Calls an export of this version with the host's plain types.
+        pub(super) fn describe(p: &Plugin, store: &mut Store<StoreState>) -> wasmtime::Result<Manifest> {
+            let m = p.chanhost_plugin_channel().call_describe(store)?;
+            Ok(Manifest {
+                version: m.version,
+                channels: m
+                    .channels
+                    .into_iter()
+                    .map(|c| ChannelSpec {
+                        name: c.name,
+                        requires_user: c.requires_user,
+                        shared: c.shared,
+                    })
+                    .collect(),
+                namespaces: m.namespaces.into_iter().map(|n| n.name).collect(),
+                frames: m.frames,
+            })
+        }
+
+        pub(super) fn init(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            config: &str,
+        ) -> wasmtime::Result<Result<(), String>> {
+            p.chanhost_plugin_channel().call_init(store, config)
+        }
+
+        pub(super) fn connect(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            req: ConnectRequest,
+        ) -> wasmtime::Result<Result<(), Rejection>> {
+            let req = wit::ConnectRequest {
+                target: req.target.into(),
+                protocol: match req.protocol {
+                    Protocol::Misskey => wit::Protocol::Misskey,
+                    Protocol::SocketIo => wit::Protocol::Socketio,
+                },
+                channel: req.channel,
+                params: req.params,
+                identity: req.identity.map(wit_identity),
+                headers: req.headers.to_vec(),
+                query: req.query.to_vec(),
+                credential: req.credential.map(|c| c.to_string()),
+            };
+            Ok(p
+                .chanhost_plugin_channel()
+                .call_connect(store, &req)?
+                .map_err(|r| Rejection {
+                    message: r.message,
+                    data: r.data,
+                }))
+        }
+
+        pub(super) fn message(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            target: InstanceRef,
+            event: &str,
+            data: Payload,
+            ack_id: Option<u64>,
+        ) -> wasmtime::Result<()> {
+            p.chanhost_plugin_channel()
+                .call_message(store, &target.into(), event, &data.into(), ack_id)
+        }
+
+        pub(super) fn disconnect(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            target: InstanceRef,
+            reason: DisconnectReason,
+        ) -> wasmtime::Result<()> {
+            let reason = match reason {
+                DisconnectReason::Client => wit::DisconnectReason::Client,
+                DisconnectReason::ConnectionClosed => wit::DisconnectReason::ConnectionClosed,
+                DisconnectReason::Replaced => wit::DisconnectReason::Replaced,
+                DisconnectReason::Server => wit::DisconnectReason::Server,
+            };
+            p.chanhost_plugin_channel()
+                .call_disconnect(store, &target.into(), reason)
+        }
+
+        pub(super) fn event(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            room: &str,
+            event: &str,
+            data: Payload,
+        ) -> wasmtime::Result<()> {
+            p.chanhost_plugin_channel()
+                .call_event(store, room, event, &data.into())
+        }
+
+        pub(super) fn frame(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            connection: u64,
+            kind: &str,
+            body: &str,
+        ) -> wasmtime::Result<()> {
+            p.chanhost_plugin_channel()
+                .call_frame(store, connection, kind, body)
+        }
+
+    };
+}
+
+/// `chanhost:plugin@0.1.0`, as frozen in `wit/0.1.0/`.
+mod v1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/0.1.0",
+        world: "plugin",
+    });
+    version!();
+}
+
+/// `chanhost:plugin@0.2.0`, the current version (`wit/`).
+mod v2 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+    version!(
+        fn fetch(&mut self, request: wit::HttpRequest) -> u64 {
+            let request = crate::plugin::later::FetchRequest {
+                method: request.method,
+                url: request.url,
+                headers: request.headers,
+                body: request.body,
+            };
+            let policy = self.http_policy.clone();
+            self.later.fetch(&policy, request)
+        }
+
+        fn defer_connect(&mut self, target: wit::Instance) {
+            self.later.defer_connect(target.into())
+        }
+
+        fn settle_connect(&mut self, target: wit::Instance, answer: Result<(), wit::Rejection>) {
+            let answer = answer.map_err(|r| Rejection {
+                message: r.message,
+                data: r.data,
+            });
+            self.later.settle_connect(&target.into(), answer)
+        }
+
+        fn set_timer(&mut self, key: String, delay_ms: u32) {
+            self.later
+                .set_timer(key, std::time::Duration::from_millis(delay_ms.into()))
+        }
+
+        fn cancel_timer(&mut self, key: String) {
+            self.later.cancel_timer(&key)
+        }
+    );
+
+    pub(super) fn fetched(
+        p: &Plugin,
+        store: &mut Store<StoreState>,
+        id: u64,
+        response: Result<crate::plugin::later::FetchResponse, String>,
+    ) -> wasmtime::Result<()> {
+        let response = response.map(|r| wit::HttpResponse {
+            status: r.status,
+            headers: r.headers,
+            body: r.body,
+        });
+        p.chanhost_plugin_channel().call_fetched(
+            store,
+            id,
+            response.as_ref().map_err(String::as_str),
+        )
     }
 
-    fn kv_get(&mut self, key: String) -> Option<String> {
-        self.with(|s| s.kv().get(&self.name, &key))
-    }
-
-    fn kv_set(&mut self, key: String, value: String) {
-        self.with(|s| s.kv().set(&self.name, &key, value))
-    }
-
-    fn kv_delete(&mut self, key: String) {
-        self.with(|s| s.kv().delete(&self.name, &key))
-    }
-
-    fn kv_incr(&mut self, key: String, delta: i64) -> i64 {
-        self.with(|s| s.kv().incr(&self.name, &key, delta))
+    pub(super) fn timer(
+        p: &Plugin,
+        store: &mut Store<StoreState>,
+        key: &str,
+    ) -> wasmtime::Result<()> {
+        p.chanhost_plugin_channel().call_timer(store, key)
     }
 }
 
 /// A component linked and ready to instantiate cheaply, many times.
 #[derive(Clone)]
-pub struct GuestPre(PluginPre<StoreState>);
+pub struct GuestPre(Pre);
+
+#[derive(Clone)]
+enum Pre {
+    V1(v1::PluginPre<StoreState>),
+    V2(v2::PluginPre<StoreState>),
+}
 
 impl GuestPre {
-    /// Links a component: fails if it does not export the `channel`
-    /// interface or imports something the host does not provide.
+    /// Links a component built against `version`: fails if it imports
+    /// something the host does not provide.
     pub fn new(
         linker: &Linker<StoreState>,
         component: &wasmtime::component::Component,
+        version: WitVersion,
     ) -> wasmtime::Result<Self> {
         let pre = linker.instantiate_pre(component)?;
-        Ok(GuestPre(PluginPre::new(pre)?))
+        Ok(GuestPre(match version {
+            WitVersion::V0_1 => Pre::V1(v1::PluginPre::new(pre)?),
+            WitVersion::V0_2 => Pre::V2(v2::PluginPre::new(pre)?),
+        }))
+    }
+
+    /// The WIT version the component was built against.
+    pub fn version(&self) -> WitVersion {
+        match self.0 {
+            Pre::V1(_) => WitVersion::V0_1,
+            Pre::V2(_) => WitVersion::V0_2,
+        }
     }
 
     pub fn instantiate(&self, store: &mut Store<StoreState>) -> wasmtime::Result<Guest> {
-        Ok(Guest(self.0.instantiate(store)?))
+        Ok(Guest(match &self.0 {
+            Pre::V1(p) => Live::V1(p.instantiate(store)?),
+            Pre::V2(p) => Live::V2(p.instantiate(store)?),
+        }))
     }
 }
 
 /// A live plugin instance.
-pub struct Guest(Plugin);
+pub struct Guest(Live);
+
+enum Live {
+    V1(v1::Plugin),
+    V2(v2::Plugin),
+}
 
 fn set_hook(store: &mut Store<StoreState>, hook: Hook) {
     store.data_mut().hook = hook;
 }
 
+/// Calls the same export of whichever version the guest is.
+macro_rules! call {
+    ($guest:expr, $f:ident($($arg:expr),*)) => {
+        match &$guest.0 {
+            Live::V1(p) => v1::$f(p, $($arg),*),
+            Live::V2(p) => v2::$f(p, $($arg),*),
+        }
+    };
+}
+
 impl Guest {
     pub fn describe(&self, store: &mut Store<StoreState>) -> wasmtime::Result<Manifest> {
         set_hook(store, Hook::Describe);
-        let m = self.0.chanhost_plugin_channel().call_describe(store)?;
-        Ok(Manifest {
-            version: m.version,
-            channels: m
-                .channels
-                .into_iter()
-                .map(|c| ChannelSpec {
-                    name: c.name,
-                    requires_user: c.requires_user,
-                    shared: c.shared,
-                })
-                .collect(),
-            namespaces: m.namespaces.into_iter().map(|n| n.name).collect(),
-            frames: m.frames,
-        })
+        call!(self, describe(store))
     }
 
     pub fn init(
@@ -428,7 +659,7 @@ impl Guest {
         config: &str,
     ) -> wasmtime::Result<Result<(), String>> {
         set_hook(store, Hook::Init);
-        self.0.chanhost_plugin_channel().call_init(store, config)
+        call!(self, init(store, config))
     }
 
     pub fn connect(
@@ -437,27 +668,7 @@ impl Guest {
         req: ConnectRequest,
     ) -> wasmtime::Result<Result<(), Rejection>> {
         set_hook(store, Hook::Connect);
-        let req = wit::ConnectRequest {
-            target: req.target.into(),
-            protocol: match req.protocol {
-                Protocol::Misskey => wit::Protocol::Misskey,
-                Protocol::SocketIo => wit::Protocol::Socketio,
-            },
-            channel: req.channel,
-            params: req.params,
-            identity: req.identity.map(wit_identity),
-            headers: req.headers.to_vec(),
-            query: req.query.to_vec(),
-            credential: req.credential.map(|c| c.to_string()),
-        };
-        Ok(self
-            .0
-            .chanhost_plugin_channel()
-            .call_connect(store, &req)?
-            .map_err(|r| Rejection {
-                message: r.message,
-                data: r.data,
-            }))
+        call!(self, connect(store, req))
     }
 
     pub fn message(
@@ -469,13 +680,7 @@ impl Guest {
         ack_id: Option<u64>,
     ) -> wasmtime::Result<()> {
         set_hook(store, Hook::Message);
-        self.0.chanhost_plugin_channel().call_message(
-            store,
-            &target.into(),
-            event,
-            &data.into(),
-            ack_id,
-        )
+        call!(self, message(store, target, event, data, ack_id))
     }
 
     pub fn disconnect(
@@ -485,15 +690,7 @@ impl Guest {
         reason: DisconnectReason,
     ) -> wasmtime::Result<()> {
         set_hook(store, Hook::Disconnect);
-        let reason = match reason {
-            DisconnectReason::Client => wit::DisconnectReason::Client,
-            DisconnectReason::ConnectionClosed => wit::DisconnectReason::ConnectionClosed,
-            DisconnectReason::Replaced => wit::DisconnectReason::Replaced,
-            DisconnectReason::Server => wit::DisconnectReason::Server,
-        };
-        self.0
-            .chanhost_plugin_channel()
-            .call_disconnect(store, &target.into(), reason)
+        call!(self, disconnect(store, target, reason))
     }
 
     pub fn event(
@@ -504,9 +701,7 @@ impl Guest {
         data: Payload,
     ) -> wasmtime::Result<()> {
         set_hook(store, Hook::Event);
-        self.0
-            .chanhost_plugin_channel()
-            .call_event(store, room, event, &data.into())
+        call!(self, event(store, room, event, data))
     }
 
     pub fn frame(
@@ -517,8 +712,30 @@ impl Guest {
         body: &str,
     ) -> wasmtime::Result<()> {
         set_hook(store, Hook::Frame);
-        self.0
-            .chanhost_plugin_channel()
-            .call_frame(store, connection, kind, body)
+        call!(self, frame(store, connection, kind, body))
+    }
+
+    /// The answer to a `fetch` (0.2.0 guests only: a 0.1.0 guest cannot
+    /// have started one).
+    pub fn fetched(
+        &self,
+        store: &mut Store<StoreState>,
+        id: u64,
+        response: Result<super::later::FetchResponse, String>,
+    ) -> wasmtime::Result<()> {
+        set_hook(store, Hook::Fetched);
+        match &self.0 {
+            Live::V1(_) => Ok(()),
+            Live::V2(p) => v2::fetched(p, store, id, response),
+        }
+    }
+
+    /// A due timer (0.2.0 guests only).
+    pub fn timer(&self, store: &mut Store<StoreState>, key: &str) -> wasmtime::Result<()> {
+        set_hook(store, Hook::Timer);
+        match &self.0 {
+            Live::V1(_) => Ok(()),
+            Live::V2(p) => v2::timer(p, store, key),
+        }
     }
 }

@@ -11,9 +11,10 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
-use super::bindings::{self, Guest, GuestPre, StoreState};
+use super::bindings::{self, Guest, GuestPre, StoreOptions, StoreState};
 use super::http::HttpPolicy;
-use super::{HostServices, Manifest, EXPORT_NAME};
+use super::later::Later;
+use super::{HostServices, Manifest, WitVersion};
 use crate::config::PluginRuntimeConfig;
 
 /// One epoch tick. Deadlines are whole ticks.
@@ -33,9 +34,9 @@ pub enum PluginError {
     NotWasm(PathBuf),
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
-    #[error("built against chanhost:plugin@{found}, but this host implements chanhost:plugin@{ours}; rebuild it against this host's wit/plugin.wit (`chanhost new-plugin` writes a copy)")]
-    WitVersion { found: String, ours: &'static str },
-    #[error("does not export `{EXPORT_NAME}` (it exports {found}); build it against the `plugin` world of wit/plugin.wit")]
+    #[error("built against chanhost:plugin@{found}, but this host implements chanhost:plugin@{} (and links 0.1.0); rebuild it against this host's wit/plugin.wit (`chanhost new-plugin` writes a copy)", WitVersion::CURRENT)]
+    WitVersion { found: String },
+    #[error("does not export `{}` (it exports {found}); build it against the `plugin` world of wit/plugin.wit", WitVersion::CURRENT.export_name())]
     NoExport { found: String },
     #[error("cannot be linked: {0}")]
     Link(String),
@@ -116,6 +117,9 @@ pub struct PluginEngine {
     linker: Linker<StoreState>,
     limits: PluginRuntimeConfig,
     cache_dir: Option<PathBuf>,
+    /// Where plugins' fetches and timers run (none outside a runtime, as
+    /// in `chanhost check`).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 fn engine_config(limits: &PluginRuntimeConfig, pooling: bool) -> Config {
@@ -179,6 +183,7 @@ impl PluginEngine {
             linker,
             limits: limits.clone(),
             cache_dir,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }))
     }
 
@@ -249,29 +254,35 @@ impl PluginEngine {
             .imports(&self.engine)
             .map(|(n, _)| n.to_owned())
             .collect();
-        // Built against another version of the contract?
-        let ours = EXPORT_NAME.rsplit_once('@').map_or("", |(_, v)| v);
-        let other = exports
+        // Built against a version of the contract this host does not link?
+        let versions: Vec<&str> = exports
             .iter()
             .chain(&imports)
             .filter_map(|n| n.strip_prefix("chanhost:plugin/"))
             .filter_map(|n| n.split_once('@').map(|(_, v)| v))
-            .find(|v| *v != ours);
-        if let Some(v) = other {
+            .collect();
+        if let Some(v) = versions.iter().find(|v| WitVersion::parse(v).is_none()) {
             return Err(PluginError::WitVersion {
-                found: v.to_owned(),
-                ours,
+                found: (*v).to_owned(),
             });
         }
-        if !exports.iter().any(|e| e == EXPORT_NAME) {
+        let version = WitVersion::ALL
+            .into_iter()
+            .find(|v| exports.iter().any(|e| *e == v.export_name()));
+        let Some(version) = version else {
             let found = if exports.is_empty() {
                 "nothing".to_owned()
             } else {
                 exports.join(", ")
             };
             return Err(PluginError::NoExport { found });
+        };
+        if let Some(v) = versions.iter().find(|v| **v != version.as_str()) {
+            return Err(PluginError::Link(format!(
+                "mixes chanhost:plugin@{v} with @{version}; build it against one version"
+            )));
         }
-        GuestPre::new(&self.linker, component)
+        GuestPre::new(&self.linker, component, version)
             .map_err(|e| PluginError::Link(one_line(&format!("{e:#}"))))
     }
 
@@ -288,9 +299,16 @@ impl PluginEngine {
             .trap_on_grow_failure(true)
             .build();
         let policy = HttpPolicy::from_config(config, self.limits.http_timeout);
+        let later = Later::new(self.runtime.clone(), self.limits.pending_connect);
         let mut store = Store::new(
             &self.engine,
-            StoreState::new(name, services, limits, policy),
+            StoreState::new(StoreOptions {
+                name,
+                services,
+                limits,
+                http_policy: policy,
+                later,
+            }),
         );
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(|mut ctx| {

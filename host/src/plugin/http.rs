@@ -56,6 +56,11 @@ impl HttpPolicy {
         }
     }
 
+    /// The bound on each phase of a request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The longest a request may take (connect, first byte, then the body).
     pub fn request_allowance(&self) -> Duration {
         self.timeout * 3

@@ -1,9 +1,12 @@
 //! The plugin runtime: everything between the host and WebAssembly channel
 //! plugins.
 //!
-//! - `bindings` holds the one `bindgen!` of the `chanhost:plugin` WIT and
-//!   converts generated types to the plain types of this module; no other
-//!   module touches generated names.
+//! - `bindings` holds the `bindgen!`s of the `chanhost:plugin` WIT (each
+//!   version the host links, [`WitVersion`]) and converts generated types
+//!   to the plain types of this module; no other module touches generated
+//!   names.
+//! - [`later`]: what 0.2.0 plugins ask to happen later: fetches, deferred
+//!   connects, timers.
 //! - [`engine`] configures wasmtime (pooling allocator, epoch deadlines,
 //!   memory and stack limits, deny-by-default WASI) and caches compiled code.
 //! - [`runtime`] runs each plugin on its own thread: one long-lived instance,
@@ -22,6 +25,7 @@ mod bindings;
 pub mod engine;
 pub mod http;
 pub mod kv;
+pub mod later;
 pub mod native;
 pub mod registry;
 pub mod runtime;
@@ -35,10 +39,45 @@ pub use engine::PluginEngine;
 pub use registry::Registry;
 pub use runtime::{CallError, PluginSlot};
 
-/// The WIT package version this host implements.
-pub const WIT_VERSION: &str = "0.1.0";
-/// The interface a plugin must export.
-pub const EXPORT_NAME: &str = "chanhost:plugin/channel@0.1.0";
+/// A version of the `chanhost:plugin` WIT package the host links.
+/// Components built against any of them load side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WitVersion {
+    /// `0.1.0`, frozen in `wit/0.1.0/`.
+    V0_1,
+    /// `0.2.0`, the current version (`wit/plugin.wit`): 0.1.0 plus
+    /// `fetch`, deferred connects and timers.
+    V0_2,
+}
+
+impl WitVersion {
+    /// Every version the host links, newest first.
+    pub const ALL: [WitVersion; 2] = [WitVersion::V0_2, WitVersion::V0_1];
+    /// The version `chanhost new-plugin` and the SDK build against.
+    pub const CURRENT: WitVersion = WitVersion::V0_2;
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WitVersion::V0_1 => "0.1.0",
+            WitVersion::V0_2 => "0.2.0",
+        }
+    }
+
+    /// The interface a component of this version exports.
+    pub fn export_name(self) -> String {
+        format!("chanhost:plugin/channel@{}", self.as_str())
+    }
+
+    pub fn parse(v: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.as_str() == v)
+    }
+}
+
+impl std::fmt::Display for WitVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One channel instance, as plugins address it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -17,6 +17,12 @@
 //! client messages, events and frames are dropped and counted
 //! (`chanhost_plugin_dropped_total`); lifecycle calls never are.
 //!
+//! What a 0.2.0 plugin asked to happen later (fetch answers, timers,
+//! deferred connects running out of time, see [`super::later`]) comes
+//! through the same queue, never dropped, and reaches only the instance
+//! that asked: after a rebuild or a swap, what was due to the old one is
+//! discarded.
+//!
 //! A native plugin ([`NativePlugin`]) runs behind the same slot, queue and
 //! thread; a panic in one of its hooks fails that call alone.
 
@@ -29,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::bindings::{Guest, GuestPre, Hook, StoreState};
 use super::engine::{describe_error, PluginEngine, Started};
+use super::later::{ConnectReply, Due, Event};
 use super::native::{NativeHost, NativePlugin};
 use super::{
     ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, Rejection,
@@ -47,13 +54,15 @@ pub enum CallError {
     Unavailable,
     #[error("plugin is gone")]
     Gone,
+    #[error("the plugin did not answer the connect within {0} ms")]
+    Unanswered(u64),
 }
 
 /// Per-plugin counters, by hook.
 #[derive(Debug, Default)]
 pub struct PluginMetrics {
-    calls: [AtomicU64; 7],
-    errors: [AtomicU64; 7],
+    calls: [AtomicU64; 9],
+    errors: [AtomicU64; 9],
     /// Calls dropped because the plugin's queue was full.
     pub dropped: AtomicU64,
     /// Calls refused while the plugin backed off after failures.
@@ -62,7 +71,7 @@ pub struct PluginMetrics {
     pub rebuilds: AtomicU64,
 }
 
-const HOOKS: [Hook; 7] = [
+const HOOKS: [Hook; 9] = [
     Hook::Describe,
     Hook::Init,
     Hook::Connect,
@@ -70,6 +79,8 @@ const HOOKS: [Hook; 7] = [
     Hook::Disconnect,
     Hook::Event,
     Hook::Frame,
+    Hook::Fetched,
+    Hook::Timer,
 ];
 
 impl PluginMetrics {
@@ -88,8 +99,6 @@ impl PluginMetrics {
     }
 }
 
-type ConnectReply = oneshot::Sender<Result<Result<(), Rejection>, CallError>>;
-
 /// A call for the plugin's thread. The rare, large ones are boxed: every
 /// job is moved through the queue.
 enum Job {
@@ -99,6 +108,8 @@ enum Job {
     Event(Arc<str>, Arc<SharedEvent>),
     Frame(u64, String, String),
     Swap(Box<(Version, Started)>, oneshot::Sender<()>),
+    /// Something a plugin instance asked for is due.
+    Later(Box<Due>),
     /// The back-off after a failure ended: rebuild the instance now.
     Rebuild,
     Stop,
@@ -205,15 +216,13 @@ impl PluginSlot {
             rebuild: slot.tx.downgrade(),
             refused: 0,
             version,
-            live: Some(Live {
-                store: started.store,
-                guest: started.guest,
-            }),
+            live: None,
             failures: 0,
             retry_at: None,
             metrics,
             depth,
         };
+        runner.go_live(started.store, started.guest);
         std::thread::Builder::new()
             .name(format!("plugin-{}", runner.name))
             .spawn(move || run_jobs(rx, |job| runner.handle(job)))?;
@@ -379,6 +388,17 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(ms.min(30_000))
 }
 
+/// Queues a job the host itself makes (a rebuild, something due), if the
+/// slot is still there.
+fn post(tx: &mpsc::WeakUnboundedSender<Job>, depth: &Depth, job: Job) {
+    if let Some(tx) = tx.upgrade() {
+        depth.jobs.fetch_add(1, Ordering::Relaxed);
+        if tx.send(job).is_err() {
+            depth.jobs.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A plugin thread's loop: runs jobs until `Stop` (`handle` returns false)
 /// or until the slot is gone.
 fn run_jobs(mut rx: mpsc::UnboundedReceiver<Job>, mut handle: impl FnMut(Job) -> bool) {
@@ -402,6 +422,45 @@ fn run_jobs(mut rx: mpsc::UnboundedReceiver<Job>, mut handle: impl FnMut(Job) ->
 }
 
 impl Runner {
+    /// Makes a started instance the one that serves; what it asks for
+    /// later comes through the queue from now on.
+    fn go_live(&mut self, store: wasmtime::Store<StoreState>, guest: Guest) {
+        let (tx, depth) = (self.rebuild.clone(), self.depth.clone());
+        store
+            .data()
+            .later
+            .mailbox()
+            .attach(move |due| post(&tx, &depth, Job::Later(Box::new(due))));
+        self.live = Some(Live { store, guest });
+    }
+
+    /// Something due to an instance: given to it if it still serves.
+    fn due(&mut self, due: Due) {
+        let Some(live) = &mut self.live else { return };
+        let later = &mut live.store.data_mut().later;
+        if later.id() != due.store {
+            return;
+        }
+        match due.event {
+            Event::Fetched { id, response } => {
+                let _ = self.call(Hook::Fetched, |g, s| g.fetched(s, id, response));
+            }
+            Event::Timer { key, seq } => {
+                if later.take_timer(&key, seq) {
+                    let _ = self.call(Hook::Timer, |g, s| g.timer(s, &key));
+                }
+            }
+            Event::ConnectExpired { target, seq } => {
+                if later.expire_connect(&target, seq) {
+                    // The plugin learns the instance is gone.
+                    let _ = self.call(Hook::Disconnect, |g, s| {
+                        g.disconnect(s, target, DisconnectReason::Server)
+                    });
+                }
+            }
+        }
+    }
+
     /// Runs one job; false on `Stop`.
     fn handle(&mut self, job: Job) -> bool {
         self.depth.taken(&job);
@@ -410,15 +469,30 @@ impl Runner {
                 let _ = self.ensure_live();
             }
             Job::Connect(req, reply) => {
-                let r = self.call(Hook::Connect, |g, s| g.connect(s, *req));
-                let _ = reply.send(r);
+                let target = req.target.clone();
+                let r = self.call(Hook::Connect, |g, s| {
+                    s.data_mut().later.begin_connect(target);
+                    g.connect(s, *req)
+                });
+                // Deferred: the store keeps the reply for `settle-connect`.
+                let reply = match &mut self.live {
+                    Some(live) if r.is_ok() => live.store.data_mut().later.end_connect(reply),
+                    _ => Some(reply),
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
             }
             Job::Message(t, ev, data, ack) => {
                 let _ = self.call(Hook::Message, |g, s| g.message(s, t, &ev, data, ack));
             }
             Job::Disconnect(t, reason) => {
+                if let Some(live) = &mut self.live {
+                    live.store.data_mut().later.forget_connect(&t);
+                }
                 let _ = self.call(Hook::Disconnect, |g, s| g.disconnect(s, t, reason));
             }
+            Job::Later(due) => self.due(*due),
             Job::Event(room, ev) => {
                 let data = Payload::json(&*ev.data);
                 let _ = self.call(Hook::Event, |g, s| g.event(s, &room, &ev.event, data));
@@ -432,10 +506,7 @@ impl Runner {
                     s.set_listens(&self.name, &started.listens);
                 }
                 self.version = version;
-                self.live = Some(Live {
-                    store: started.store,
-                    guest: started.guest,
-                });
+                self.go_live(started.store, started.guest);
                 self.failures = 0;
                 self.retry_at = None;
                 let _ = done.send(());
@@ -490,10 +561,7 @@ impl Runner {
                 }
                 self.metrics.rebuilds.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(plugin = &*self.name, "plugin instance rebuilt");
-                self.live = Some(Live {
-                    store: started.store,
-                    guest: started.guest,
-                });
+                self.go_live(started.store, started.guest);
                 Ok(())
             }
             Err(e) => {
@@ -523,12 +591,7 @@ impl Runner {
                 .name(format!("plugin-{}-backoff", self.name))
                 .spawn(move || {
                     std::thread::sleep(wait);
-                    if let Some(tx) = tx.upgrade() {
-                        depth.jobs.fetch_add(1, Ordering::Relaxed);
-                        if tx.send(Job::Rebuild).is_err() {
-                            depth.jobs.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    }
+                    post(&tx, &depth, Job::Rebuild);
                 });
         }
         tracing::error!(
@@ -577,7 +640,7 @@ impl NativeRunner {
     fn handle(&mut self, job: Job) -> bool {
         self.depth.taken(&job);
         match job {
-            Job::Rebuild => {}
+            Job::Rebuild | Job::Later(_) => {}
             Job::Connect(req, reply) => {
                 let r = self.call(Hook::Connect, |p, h| p.connect(h, *req));
                 let _ = reply.send(r);

@@ -86,3 +86,14 @@ void exports_chanhost_plugin_channel_frame(exports_chanhost_plugin_channel_conne
   plugin_string_free(kind);
   plugin_string_free(body);
 }
+
+// The answer to a `chanhost_plugin_host_fetch` (this skeleton starts none).
+void exports_chanhost_plugin_channel_fetched(uint64_t id, exports_chanhost_plugin_channel_result_http_response_string_t *response) {
+  (void)id;
+  exports_chanhost_plugin_channel_result_http_response_string_free(response);
+}
+
+// A timer set with `chanhost_plugin_host_set_timer` is due (this skeleton sets none).
+void exports_chanhost_plugin_channel_timer(plugin_string_t *key) {
+  plugin_string_free(key);
+}

@@ -5,7 +5,7 @@
 // sent back to its sender. The contract is wit/plugin.wit: records are
 // objects with camelCase fields, enums strings, u64 BigInts, options
 // undefined when absent; a `result` error is thrown.
-import { join, send, emit, log } from 'chanhost:plugin/host@0.1.0';
+import { join, send, emit, log } from 'chanhost:plugin/host@0.2.0';
 
 const NAME = '{{name}}';
 
@@ -32,4 +32,8 @@ export const channel = {
   disconnect(_target, _reason) {},
   event(_room, _event, _data) {},
   frame(_connection, _kind, _body) {},
+  // The answer to a `fetch` (this skeleton starts none).
+  fetched(_id, _response) {},
+  // A timer set with `setTimer` is due (this skeleton sets none).
+  timer(_key) {},
 };

@@ -46,3 +46,11 @@ class Channel(exports.Channel):
 
     def frame(self, connection, kind, body):
         pass
+
+    def fetched(self, id, response):
+        # The answer to a `host.fetch` (this skeleton starts none).
+        pass
+
+    def timer(self, key):
+        # A timer set with `host.set_timer` is due (this skeleton sets none).
+        pass

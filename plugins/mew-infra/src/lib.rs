@@ -63,6 +63,10 @@ fn set_online(service: &str, online: bool) {
 }
 
 impl Guest for Infra {
+    fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
+
+    fn timer(_key: String) {}
+
     fn describe() -> Manifest {
         Manifest {
             version: env!("CARGO_PKG_VERSION").into(),

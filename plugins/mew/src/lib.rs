@@ -115,6 +115,10 @@ fn create_message(target: &Instance, data: &Value) -> Result<(), String> {
 }
 
 impl Guest for Mew {
+    fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
+
+    fn timer(_key: String) {}
+
     fn describe() -> Manifest {
         Manifest {
             version: env!("CARGO_PKG_VERSION").into(),

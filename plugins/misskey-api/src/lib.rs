@@ -1,9 +1,11 @@
 //! Calls to the Misskey API on a user's behalf (`POST /api/<endpoint>`
-//! with the user's token as `i`), through the host's `wasi:http`; shared
-//! by the Misskey plugins.
+//! with the user's token as `i`); shared by the Misskey plugins. Two ways:
+//! [`Backend::call`] blocks (the host's `wasi:http`: every call queued for
+//! the plugin waits), [`Backend::start`] returns at once and the answer
+//! comes in the plugin's `fetched`, read with [`Backend::answer`].
 
 use chanhost_plugin::http;
-use chanhost_plugin::types::ChannelSpec;
+use chanhost_plugin::types::{ChannelSpec, HttpResponse};
 use serde_json::{json, Value};
 
 /// Most pages read from a paginated endpoint (100 items each).
@@ -58,30 +60,35 @@ impl Backend {
         &self,
         endpoint: &str,
         token: Option<&str>,
-        mut body: Value,
+        body: Value,
     ) -> Result<Value, ApiError> {
-        if let (Some(t), Some(o)) = (token, body.as_object_mut()) {
-            o.insert("i".into(), Value::String(t.to_owned()));
-        }
-        let url = format!("{}/api/{endpoint}", self.origin);
-        let r = http::post_json(&url, &[], &body.to_string())
+        let r = http::post_json(&self.url(endpoint), &[], &with_token(body, token))
             .map_err(|e| ApiError::Failed(format!("{endpoint}: {e}")))?;
-        if !r.ok() {
-            let text = String::from_utf8_lossy(&r.body);
-            return Err(ApiError::Refused {
-                status: r.status,
-                message: format!(
-                    "{endpoint} answered {}: {}",
-                    r.status,
-                    text.chars().take(200).collect::<String>()
-                ),
-            });
+        parse(endpoint, r.status, &r.body)
+    }
+
+    fn url(&self, endpoint: &str) -> String {
+        format!("{}/api/{endpoint}", self.origin)
+    }
+
+    /// Starts `POST /api/<endpoint>` without waiting; the id `fetched`
+    /// will carry.
+    pub fn start(&self, endpoint: &str, token: Option<&str>, body: Value) -> u64 {
+        chanhost_plugin::fetch_json("POST", &self.url(endpoint), &[], &with_token(body, token))
+    }
+
+    /// What an answer given to `fetched` says, as [`Backend::request`]
+    /// would have returned it.
+    pub fn answer(
+        endpoint: &str,
+        response: &Result<HttpResponse, String>,
+    ) -> Result<Value, ApiError> {
+        match response {
+            Ok(r) => parse(endpoint, r.status, &r.body),
+            Err(e) => Err(ApiError::Failed(format!(
+                "{endpoint}: HTTP request failed: {e}"
+            ))),
         }
-        if r.body.is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_slice(&r.body)
-            .map_err(|e| ApiError::Failed(format!("{endpoint}: the answer is not JSON: {e}")))
     }
 
     /// Every item of a paginated list endpoint (`limit` 100, `untilId`).
@@ -115,6 +122,33 @@ impl Backend {
         }
         Ok(out)
     }
+}
+
+/// The request body as JSON text, with the token as `i`.
+fn with_token(mut body: Value, token: Option<&str>) -> String {
+    if let (Some(t), Some(o)) = (token, body.as_object_mut()) {
+        o.insert("i".into(), Value::String(t.to_owned()));
+    }
+    body.to_string()
+}
+
+/// An API answer: its JSON (null for an empty body), or why not.
+fn parse(endpoint: &str, status: u16, body: &[u8]) -> Result<Value, ApiError> {
+    if !(200..300).contains(&status) {
+        let text = String::from_utf8_lossy(body);
+        return Err(ApiError::Refused {
+            status,
+            message: format!(
+                "{endpoint} answered {status}: {}",
+                text.chars().take(200).collect::<String>()
+            ),
+        });
+    }
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::Failed(format!("{endpoint}: the answer is not JSON: {e}")))
 }
 
 /// The `backend` origin of a plugin's config table, if set.

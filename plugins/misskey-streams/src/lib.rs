@@ -294,6 +294,10 @@ impl Streams {
 }
 
 impl Guest for Streams {
+    fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
+
+    fn timer(_key: String) {}
+
     fn describe() -> Manifest {
         Manifest {
             version: env!("CARGO_PKG_VERSION").into(),

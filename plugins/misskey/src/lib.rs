@@ -16,6 +16,8 @@
 //! API answers for users' relations, lists, antennas and roles (also listed
 //! in `allow_http`). Without it, signed-in viewers have no relations (no
 //! follows, mutes or blocks) and `userList`/`antenna` cannot be opened.
+//! `relations_refresh_s` (default 120, 0 = off): how often each signed-in
+//! user's relations are read again (see [`relations`]).
 
 mod note;
 mod relations;
@@ -24,7 +26,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chanhost_plugin::types::{
-    Condition, ConnectRequest, DisconnectReason, Instance, Manifest, Payload, Rejection,
+    Condition, ConnectRequest, DisconnectReason, HttpResponse, Instance, Manifest, Payload,
+    Rejection,
 };
 use chanhost_plugin::{export, host, json, log_warn, Guest};
 use serde_json::{json, Value};
@@ -447,6 +450,10 @@ fn route_main(backend: Option<&Backend>, user: &str, kind: &str, data: &Payload)
         unlisten(&format!("mainStream:{user}"));
         return;
     }
+    if kind == "meUpdated" {
+        // The profile changed (muted instances, ...): read it again.
+        relations::refresh(user);
+    }
     let mut body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
     let repack = match kind {
         "notification" => body
@@ -585,6 +592,17 @@ fn hashtag_query(params: &Value) -> Option<Vec<Vec<String>>> {
 struct Misskey;
 
 impl Misskey {
+    /// Opens an instance whose user's relations are in.
+    fn accept(req: &ConnectRequest) -> Result<(), Rejection> {
+        let sub = Self::open(req)?;
+        let user = req.identity.as_ref().map(|i| i.user_id.clone());
+        with(|s| {
+            s.subs
+                .insert((req.target.connection, req.target.id.clone()), (sub, user))
+        });
+        Ok(())
+    }
+
     fn open(req: &ConnectRequest) -> Result<Sub, Rejection> {
         let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
         let params = if params.is_object() {
@@ -601,10 +619,8 @@ impl Misskey {
         let backend = with(|s| s.backend.clone());
         let credential = req.credential.as_deref();
         if let Some(u) = &me {
-            relations::ensure(backend.as_ref(), u, credential, &claims).map_err(|e| {
-                log_warn(&format!("cannot load the relations of user {u}: {e}"));
-                reject(format!("the relations of user {u} are unavailable"))
-            })?;
+            // Loaded already when there is a backend to ask (see `connect`).
+            relations::ensure_base(u);
         }
         let signed_in = me.is_some();
         let v = viewer(signed_in);
@@ -754,6 +770,13 @@ impl Guest for Misskey {
     fn init(config: String) -> Result<(), String> {
         let config: Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
         let backend = misskey_api::backend_from_config(&config)?;
+        let refresh = match config.get("relations_refresh_s") {
+            None => relations::DEFAULT_REFRESH_S,
+            Some(v) => v
+                .as_u64()
+                .ok_or("`relations_refresh_s` must be a whole number of seconds")?,
+        };
+        relations::configure(backend.clone(), refresh);
         with(|s| {
             s.backend = backend;
             s.lists = load("_lists");
@@ -770,18 +793,52 @@ impl Guest for Misskey {
         Ok(())
     }
 
+    /// A signed-in user whose relations are not here yet: the connect
+    /// waits for them (deferred), while the plugin's other calls go on.
     fn connect(req: ConnectRequest) -> Result<(), Rejection> {
-        let sub = Self::open(&req)?;
         let user = req.identity.as_ref().map(|i| i.user_id.clone());
         if let (Some(u), Some(t)) = (&user, &req.credential) {
             // For calls made later on the user's behalf.
             host::kv_set(&token_key(u), t);
+            if relations::must_load(u, Some(t)) {
+                let claims: Value = req
+                    .identity
+                    .as_ref()
+                    .and_then(|i| serde_json::from_str(&i.claims).ok())
+                    .unwrap_or(Value::Null);
+                host::defer_connect(&req.target);
+                let (u, t) = (u.clone(), t.to_string());
+                relations::load(&u, &t, &claims, Some(req));
+                return Ok(());
+            }
         }
-        with(|s| {
-            s.subs
-                .insert((req.target.connection, req.target.id.clone()), (sub, user))
-        });
-        Ok(())
+        Self::accept(&req)
+    }
+
+    fn fetched(id: u64, response: Result<HttpResponse, String>) {
+        let Some(done) = relations::on_fetched(id, &response) else {
+            return;
+        };
+        for req in done.waiting {
+            let answer = match &done.error {
+                Some(e) => {
+                    log_warn(&format!(
+                        "cannot load the relations of user {}: {e}",
+                        done.user
+                    ));
+                    Err(reject(format!(
+                        "the relations of user {} are unavailable",
+                        done.user
+                    )))
+                }
+                None => Self::accept(&req),
+            };
+            host::settle_connect(&req.target, answer.as_ref().map(|_| ()).map_err(|r| r));
+        }
+    }
+
+    fn timer(key: String) {
+        relations::on_timer(&key);
     }
 
     fn message(_target: Instance, _event: String, _data: Payload, _ack: Option<u64>) {}
@@ -789,7 +846,10 @@ impl Guest for Misskey {
     /// Lets go of what nobody here needs any more: list and hashtag queries,
     /// listens, kept tokens.
     fn disconnect(target: Instance, _reason: DisconnectReason) {
-        let Some((sub, user)) = with(|s| s.subs.remove(&(target.connection, target.id))) else {
+        let Some((sub, user)) = with(|s| s.subs.remove(&(target.connection, target.id.clone())))
+        else {
+            // A connect still waiting for relations: it waits no more.
+            relations::drop_waiting(&target);
             return;
         };
         let empty = |rooms: &[String]| rooms.iter().all(|r| host::room_size(r) == 0);
@@ -818,6 +878,7 @@ impl Guest for Misskey {
             if !host::has_user_attribute(&u, REL) {
                 unlisten(&format!("user:{u}"));
                 host::kv_delete(&token_key(&u));
+                relations::forget(&u);
             }
         }
     }
@@ -829,8 +890,7 @@ impl Guest for Misskey {
             }
         } else if room == INTERNAL {
             let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
-            let backend = with(|s| s.backend.clone());
-            relations::on_internal(backend.as_ref(), &event, &body);
+            relations::on_internal(&event, &body);
             with(|s| on_internal(s, &event, &body));
         } else if let Some(user) = room.strip_prefix("user:") {
             let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);

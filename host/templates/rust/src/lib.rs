@@ -8,8 +8,8 @@ wit_bindgen::generate!({ world: "plugin", path: "wit" });
 
 use chanhost::plugin::host;
 use chanhost::plugin::types::{
-    ChannelSpec, ConnectRequest, DisconnectReason, Instance, LogLevel, Manifest, NamespaceSpec,
-    Payload, Rejection,
+    ChannelSpec, ConnectRequest, DisconnectReason, HttpResponse, Instance, LogLevel, Manifest,
+    NamespaceSpec, Payload, Rejection,
 };
 use exports::chanhost::plugin::channel::Guest;
 
@@ -60,6 +60,12 @@ impl Guest for Plugin {
     fn event(_room: String, _event: String, _data: Payload) {}
 
     fn frame(_connection: u64, _kind: String, _body: String) {}
+
+    /// The answer to a `host::fetch` (this skeleton starts none).
+    fn fetched(_id: u64, _response: Result<HttpResponse, String>) {}
+
+    /// A timer set with `host::set_timer` is due (this skeleton sets none).
+    fn timer(_key: String) {}
 }
 
 export!(Plugin);

@@ -18,6 +18,10 @@ use publish::publish;
 struct Bench;
 
 impl Guest for Bench {
+    fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
+
+    fn timer(_key: String) {}
+
     fn describe() -> Manifest {
         Manifest {
             version: "bench-1".into(),

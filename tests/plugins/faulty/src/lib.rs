@@ -18,6 +18,10 @@ thread_local! {
 struct Faulty;
 
 impl Guest for Faulty {
+    fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
+
+    fn timer(_key: String) {}
+
     fn describe() -> Manifest {
         Manifest {
             version: "1".into(),

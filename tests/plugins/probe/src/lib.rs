@@ -22,20 +22,51 @@
 //!   connection's attribute set, then `attr-set`
 //! - `fbroadcast {room, event, data, conditions}` -> a filtered broadcast
 //!
+//! - `fetch {url}` -> `host::fetch` (GET); the answer comes back as
+//!   `fetched {status, body}` or `fetched {error}`
+//! - `timer {key, ms}` -> `host::set_timer`; `cancel-timer {key}`; a due
+//!   timer is reported as `timer {key}` to the instance that set it
+//!
+//! Deferred connects (WIT 0.2.0): with params `{"deferFetch": URL}` the
+//! connect is deferred, URL fetched, and the connect settled when the
+//! answer comes: accepted on a 2xx (then `fetched {status, body}` is sent to
+//! the new instance first), refused with the status otherwise. With
+//! `{"defer": true}` it is deferred and never settled.
+//!
 //! Every `disconnect` and `frame` call is reported as event
 //! `disconnected`/`frame` to room `probe-log`.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use chanhost_plugin::types::{
-    ChannelSpec, Condition, ConnectRequest, DisconnectReason, Instance, Manifest, Payload,
-    Rejection,
+    ChannelSpec, Condition, ConnectRequest, DisconnectReason, HttpResponse, Instance, Manifest,
+    Payload, Rejection,
 };
 use chanhost_plugin::{export, host, instance, json, Guest};
 use serde_json::{json as j, Value};
 
+/// Who waits for a fetch: a deferred connect, or an instance that asked.
+enum Waiter {
+    Connect(Instance),
+    Message(Instance),
+}
+
 thread_local! {
     static CONFIG: RefCell<String> = const { RefCell::new(String::new()) };
+    static FETCHES: RefCell<HashMap<u64, Waiter>> = RefCell::new(HashMap::new());
+    static TIMERS: RefCell<HashMap<String, Instance>> = RefCell::new(HashMap::new());
+}
+
+fn get(url: &str) -> u64 {
+    chanhost_plugin::fetch_json("GET", url, &[], "")
+}
+
+fn answer(response: &Result<HttpResponse, String>) -> Value {
+    match response {
+        Ok(r) => j!({"status": r.status, "body": String::from_utf8_lossy(&r.body)}),
+        Err(e) => j!({"error": e}),
+    }
 }
 
 struct Probe;
@@ -118,7 +149,52 @@ impl Guest for Probe {
             let cred = req.credential.clone().map_or(Value::Null, Value::String);
             host::send(&req.target, "credential", &json(cred.to_string()));
         }
+        if let Some(url) = params.get("deferFetch").and_then(Value::as_str) {
+            host::defer_connect(&req.target);
+            let id = get(url);
+            FETCHES.with(|f| {
+                f.borrow_mut()
+                    .insert(id, Waiter::Connect(req.target.clone()))
+            });
+        } else if params.get("defer") == Some(&Value::Bool(true)) {
+            host::defer_connect(&req.target);
+        }
         Ok(())
+    }
+
+    fn fetched(id: u64, response: Result<HttpResponse, String>) {
+        let Some(waiter) = FETCHES.with(|f| f.borrow_mut().remove(&id)) else {
+            return;
+        };
+        let data = json(answer(&response).to_string());
+        match waiter {
+            Waiter::Message(target) => host::send(&target, "fetched", &data),
+            Waiter::Connect(target) => match &response {
+                Ok(r) if (200..300).contains(&r.status) => {
+                    host::send(&target, "fetched", &data);
+                    host::settle_connect(&target, Ok(()));
+                }
+                other => {
+                    let message = match other {
+                        Ok(r) => format!("backend answered {}", r.status),
+                        Err(e) => e.clone(),
+                    };
+                    host::settle_connect(
+                        &target,
+                        Err(&Rejection {
+                            message,
+                            data: None,
+                        }),
+                    );
+                }
+            },
+        }
+    }
+
+    fn timer(key: String) {
+        if let Some(target) = TIMERS.with(|t| t.borrow_mut().remove(&key)) {
+            host::send(&target, "timer", &json(j!({ "key": key }).to_string()));
+        }
     }
 
     fn message(target: Instance, event: String, data: Payload, _ack: Option<u64>) {
@@ -199,6 +275,17 @@ impl Guest for Probe {
                     &conditions,
                 );
             }
+            "fetch" => {
+                let id = get(str_of(&body, "url"));
+                FETCHES.with(|f| f.borrow_mut().insert(id, Waiter::Message(target.clone())));
+            }
+            "timer" => {
+                let key = str_of(&body, "key").to_owned();
+                let ms = body.get("ms").and_then(Value::as_u64).unwrap_or(0) as u32;
+                TIMERS.with(|t| t.borrow_mut().insert(key.clone(), target.clone()));
+                host::set_timer(&key, ms);
+            }
+            "cancel-timer" => host::cancel_timer(str_of(&body, "key")),
             "poke" => {
                 let conn = body.get("connection").and_then(Value::as_u64).unwrap_or(0);
                 host::send(&instance(conn, str_of(&body, "id")), "poked", &json("true"));

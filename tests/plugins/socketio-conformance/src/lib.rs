@@ -26,6 +26,10 @@ use serde_json::{json as j, Value};
 struct Conformance;
 
 impl Guest for Conformance {
+    fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
+
+    fn timer(_key: String) {}
+
     fn describe() -> Manifest {
         Manifest {
             version: "1".into(),

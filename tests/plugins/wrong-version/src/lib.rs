@@ -1,4 +1,4 @@
-//! A component built against `chanhost:plugin@0.2.0`, which this host does
+//! A component built against `chanhost:plugin@0.9.0`, which this host does
 //! not implement: loading and `chanhost check` must refuse it clearly.
 
 wit_bindgen::generate!({ world: "plugin", path: "wit" });
@@ -8,7 +8,7 @@ struct Plugin;
 impl exports::chanhost::plugin::channel::Guest for Plugin {
     fn describe() -> String {
         chanhost::plugin::host::log("describe");
-        "0.2.0".into()
+        "0.9.0".into()
     }
 }
 
