@@ -126,12 +126,14 @@ export async function startBackend() {
     origin,
     /** Calls made to an endpoint so far. */
     calls: (endpoint) => db.calls.filter((c) => c.endpoint === endpoint),
-    /** Host config pointing auth and the Misskey plugins at this double. */
-    config: (extra = '') => `[auth.backend]
+    /** Host config pointing auth and the Misskey plugins at this double;
+     * `misskey`: more keys of `[plugins.misskey]`, `extra`: more TOML. */
+    config: (extra = '', misskey = '') => `[auth.backend]
 url = "${origin}/api/i"
 [plugins.misskey]
 backend = "${origin}"
 allow_http = ["${origin}"]
+${misskey}
 [plugins.misskey-streams]
 backend = "${origin}"
 allow_http = ["${origin}"]
