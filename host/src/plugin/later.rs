@@ -296,7 +296,7 @@ impl Later {
     /// A deferred connect's time is up: refuses it if it still waits
     /// (true: the plugin is to be told the instance is gone).
     pub fn expire_connect(&mut self, target: &InstanceRef, seq: u64) -> bool {
-        if !self.deferred.get(target).is_some_and(|(_, s, _)| *s == seq) {
+        if self.deferred.get(target).is_none_or(|(_, s, _)| *s != seq) {
             return false;
         }
         if let Some((reply, ..)) = self.deferred.remove(target) {

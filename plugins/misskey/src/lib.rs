@@ -833,7 +833,7 @@ impl Guest for Misskey {
                 }
                 None => Self::accept(&req),
             };
-            host::settle_connect(&req.target, answer.as_ref().map(|_| ()).map_err(|r| r));
+            host::settle_connect(&req.target, answer.as_ref().map(|_| ()));
         }
     }
 

@@ -338,7 +338,7 @@ pub fn on_fetched(id: u64, response: &Result<HttpResponse, String>) -> Option<Fi
         return None;
     }
     let load = with(|r| r.loads.remove(&user))?;
-    let first = load.waiting.len() > 0 || !with(|r| r.loaded.contains_key(&user));
+    let first = !load.waiting.is_empty() || !with(|r| r.loaded.contains_key(&user));
     match &load.error {
         Some(e) if load.waiting.is_empty() => {
             log_warn(&format!("cannot refresh the relations of user {user}: {e}"));
