@@ -110,6 +110,7 @@ pub struct RawMisskey {
 pub struct RawMisskeyBus {
     pub redis: Option<String>,
     pub channel: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +175,9 @@ pub struct MisskeyBusConfig {
     pub redis: String,
     /// The Redis channel Misskey publishes on: its `config.host`.
     pub channel: String,
+    /// For `rediss://`: the CA certificates (PEM) to trust instead of the
+    /// webpki roots (a private CA, as Misskey's `redis.tls.ca`).
+    pub ca: Option<Vec<u8>>,
 }
 
 /// Checks `[misskey.bus]`: both keys, and a Redis URL the client accepts.
@@ -196,7 +200,28 @@ fn misskey_bus(
             "missing: the Redis channel Misskey publishes on, its config.host (e.g. \"misskey.example\")".into(),
         )
     })?;
-    Ok(MisskeyBusConfig { redis, channel })
+    let ca = match raw.ca_file {
+        None => None,
+        Some(path) => {
+            if !redis.starts_with("rediss://") {
+                return Err(invalid(
+                    "misskey.bus.ca_file",
+                    "only for a TLS URL (rediss://)".into(),
+                ));
+            }
+            let pem = std::fs::read(&path).map_err(|e| {
+                invalid("misskey.bus.ca_file", format!("cannot read {}: {e}", path.display()))
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(invalid(
+                    "misskey.bus.ca_file",
+                    format!("{} holds no PEM certificate", path.display()),
+                ));
+            }
+            Some(pem)
+        }
+    };
+    Ok(MisskeyBusConfig { redis, channel, ca })
 }
 
 /// Engine.IO / Socket.IO settings (defaults as the reference server).

@@ -7,7 +7,8 @@
 //! history.
 //!
 //! URLs are Redis URLs: `redis://[[user]:password@]host[:port][/db]`,
-//! `rediss://` for TLS (certificates checked against the webpki roots).
+//! `rediss://` for TLS (certificates checked against the webpki roots, or
+//! against the subscription's own CA certificates).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,9 @@ pub struct Subscription {
     pub patterns: Vec<String>,
     /// What the subscription is for, in log lines ("misskey bus").
     pub what: &'static str,
+    /// For `rediss://`: CA certificates (PEM) to trust instead of the
+    /// webpki roots.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// The pause before reconnect attempt `n` (0-based).
@@ -68,7 +72,17 @@ pub fn spawn(
     to: Arc<dyn Subscriber>,
     shutdown: CancellationToken,
 ) -> Result<(), UrlError> {
-    let client = redis::Client::open(sub.url.as_str()).map_err(UrlError)?;
+    let client = match &sub.ca {
+        None => redis::Client::open(sub.url.as_str()),
+        Some(pem) => redis::Client::build_with_tls(
+            sub.url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        ),
+    }
+    .map_err(UrlError)?;
     tokio::spawn(async move {
         tokio::select! {
             _ = run(&client, &sub, &*to) => {}

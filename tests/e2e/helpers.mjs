@@ -1,7 +1,7 @@
 // Shared helpers of the end-to-end tests: start a real chanhost process on
 // a free port with a temporary plugins folder and config, talk to it with
 // misskey-js, raw WebSockets and HTTP.
-import { execFile, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import { once } from 'node:events';
 import fs from 'node:fs';
@@ -260,16 +260,38 @@ export async function freePort() {
  * Starts a real `redis-server` (Debian's) on a free port, without
  * persistence. `publish(channel, text)` PUBLISHes with redis-cli and
  * resolves with the number of subscribers that got it; `stop()` kills the
- * server, `start()` starts it again on the same port.
+ * server, `start()` starts it again on the same port. `password`: the
+ * server requires it (AUTH); `tls`: the server speaks TLS only, with a
+ * certificate for `localhost` from a fresh test CA (`redis.ca`, a PEM
+ * file); `db`: the database number the URL names.
  */
-export async function startRedis() {
+export async function startRedis({ password = null, tls = false, db = null } = {}) {
   const port = await freePort();
+  const auth = password ? `:${encodeURIComponent(password)}@` : '';
+  const hostName = tls ? 'localhost' : '127.0.0.1';
+  let tlsArgs = [];
+  let cliTls = [];
+  let ca = null;
+  if (tls) {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chanhost-redis-tls-'));
+    const f = (n) => path.join(dir, n);
+    const ssl = (args) => execFileSync('openssl', args, { stdio: 'ignore' });
+    ssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', f('ca.key'), '-out', f('ca.pem'), '-days', '2', '-subj', '/CN=chanhost test CA']);
+    ssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', f('srv.key'), '-out', f('srv.csr'), '-subj', '/CN=localhost']);
+    fs.writeFileSync(f('ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n');
+    ssl(['x509', '-req', '-in', f('srv.csr'), '-CA', f('ca.pem'), '-CAkey', f('ca.key'), '-CAcreateserial', '-out', f('srv.pem'), '-days', '2', '-extfile', f('ext')]);
+    ca = f('ca.pem');
+    tlsArgs = ['--port', '0', '--tls-port', String(port), '--tls-cert-file', f('srv.pem'), '--tls-key-file', f('srv.key'), '--tls-ca-cert-file', ca, '--tls-auth-clients', 'no'];
+    cliTls = ['--tls', '--cacert', ca, '-h', 'localhost'];
+  }
   const redis = {
     port,
-    url: `redis://127.0.0.1:${port}`,
+    ca,
+    url: `${tls ? 'rediss' : 'redis'}://${auth}${hostName}:${port}${db === null ? '' : `/${db}`}`,
     proc: null,
     async start() {
-      const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+      const args = tls ? tlsArgs : ['--port', String(port)];
+      const proc = spawn('redis-server', [...args, '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...(password ? ['--requirepass', password] : [])], {
         stdio: ['ignore', 'pipe', 'pipe'],
       });
       let out = '';
@@ -292,8 +314,9 @@ export async function startRedis() {
       await exited;
     },
     publish(channel, text) {
+      const cli = [...cliTls, '-p', String(port), ...(password ? ['-a', password, '--no-auth-warning'] : []), 'PUBLISH', channel, text];
       return new Promise((resolve, reject) => {
-        execFile('redis-cli', ['-p', String(port), 'PUBLISH', channel, text], (err, stdout) => {
+        execFile('redis-cli', cli, (err, stdout) => {
           if (err) reject(err);
           else resolve(Number(stdout.trim()));
         });

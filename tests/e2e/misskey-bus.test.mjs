@@ -174,6 +174,37 @@ describe('Misskey event bus on Redis', () => {
     }
   });
 
+  test('a password, a database number and TLS (rediss://, a private CA in ca_file) work as Misskey\'s redisForPubsub allows', async () => {
+    const tlsRedis = await startRedis({ password: 'p@ss word', tls: true, db: 3 });
+    const h = await startHost({ config: `[misskey.bus]\nredis = "${tlsRedis.url}"\nchannel = "${CHANNEL}"\nca_file = "${tlsRedis.ca}"\n` });
+    try {
+      await until(() => busUp(h), 10000, 'subscribed over TLS');
+      const s = h.stream();
+      const tl = s.useChannel('globalTimeline', {});
+      await barrier(s);
+      const notes = collect(tl, 'note');
+      const n = note({ text: 'over tls' });
+      assert.equal(await tlsRedis.publish(CHANNEL, JSON.stringify({ channel: 'notesStream', message: n })), 1);
+      await until(() => notes.length === 1);
+      assert.deepEqual(notes[0], n);
+      assert.ok(!h.stderr.includes('p@ss') && !h.stderr.includes('p%40ss'), 'the password is never logged');
+    } finally {
+      await h.stop();
+      await tlsRedis.stop();
+    }
+    // Without the CA the server's certificate is not trusted: the node
+    // serves, the bus stays down.
+    const untrusted = await startRedis({ tls: true });
+    const h2 = await startHost({ config: `[misskey.bus]\nredis = "${untrusted.url}"\nchannel = "${CHANNEL}"\n` });
+    try {
+      await h2.waitLog('cannot reach Redis');
+      assert.equal((await metrics(h2.url)).chanhost_misskey_bus_up, 0);
+    } finally {
+      await h2.stop();
+      await untrusted.stop();
+    }
+  });
+
   test('[misskey.bus] without a channel, or with a URL that is not Redis, is a clear config error', async () => {
     await assert.rejects(
       startHost({ config: `[misskey.bus]\nredis = "${redis.url}"\n` }),
@@ -182,6 +213,14 @@ describe('Misskey event bus on Redis', () => {
     await assert.rejects(
       startHost({ config: '[misskey.bus]\nredis = "http://127.0.0.1:1"\nchannel = "x"\n' }),
       /misskey\.bus\.redis.*not a Redis URL/s,
+    );
+    await assert.rejects(
+      startHost({ config: `[misskey.bus]\nredis = "${redis.url}"\nchannel = "x"\nca_file = "/nonexistent.pem"\n` }),
+      /misskey\.bus\.ca_file.*only for a TLS URL/s,
+    );
+    await assert.rejects(
+      startHost({ config: '[misskey.bus]\nredis = "rediss://localhost:1"\nchannel = "x"\nca_file = "/nonexistent.pem"\n' }),
+      /misskey\.bus\.ca_file.*cannot read \/nonexistent\.pem/s,
     );
   });
 });

@@ -130,6 +130,7 @@ pub fn spawn(node: &Arc<Node>, config: &MisskeyBusConfig) -> Result<(), UrlError
             channels: vec![config.channel.clone()],
             patterns: Vec::new(),
             what: "misskey bus",
+            ca: config.ca.clone(),
         },
         reader,
         node.shutdown().clone(),
