@@ -171,6 +171,12 @@ describe('misskey channel catalog', () => {
       internal('followChannel', { userId: 'm1', channelId: 'ch7' }),
       internal('unfollow', { followerId: 'm1', followeeId: 'f1' }),
     ]);
+    // Whether the new follow includes replies is looked up (users/show)
+    // without holding up the plugin: it applies once the answer is in.
+    await until(async () => {
+      const reply = by('s7', { replyId: 'r', reply: by('s1') });
+      return (await timeline(host, { home: chans.home }, [reply], by('m1'))).ids.home.length === 1;
+    }, 5000, 'the follow\'s withReplies looked up');
     const notes = {
       newlyFollowed: by('s7'),
       replyByNewFolloweeWithReplies: by('s7', { replyId: 'r', reply: by('s1') }),

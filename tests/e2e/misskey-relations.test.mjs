@@ -112,4 +112,30 @@ describe('Misskey relations while streams are open', () => {
     assert.deepEqual(seen, ['connected', after.id], 'connected first, then notes filtered by the loaded relations');
     assert.equal(backend.calls('mute/list').filter((c) => c.params.i === 'mk-rb').length, 1);
   });
+
+  test('a userList open that waits on a slow users/lists/show does not hold up open timelines either', async () => {
+    const s = await setup('relations_refresh_s = 0\n');
+    started.push(s);
+    const { host, backend } = s;
+    backend.db.lists = { lr: { userId: 'rb', userIds: ['f1'] } };
+    const a = host.stream('mk-ra');
+    const gtl = a.useChannel('globalTimeline', {});
+    await barrier(a);
+    const b = await rawStream(host, '?i=mk-rb');
+    // rb's relations first (fast), then the list lookup (slow).
+    sendJson(b, { type: 'connect', body: { channel: 'probe', id: 'p', params: {}, pong: true } });
+    await frame(b, (f) => f.type === 'connected');
+    const notes = collect(gtl, 'note');
+    backend.db.delays['users/lists/show'] = 500;
+    sendJson(b, { type: 'connect', body: { channel: 'userList', id: 'l', params: { listId: 'lr' }, pong: true } });
+    await until(() => backend.calls('users/lists/show').length === 1, 5000, 'the lookup started');
+    const n = by('f1');
+    await host.publish({ channel: 'notesStream', message: n });
+    await until(() => notes.some((x) => x.id === n.id), 5000, 'the note on the open timeline');
+    assert.ok(!b.frames.some((f) => JSON.parse(f).type === 'connected' && JSON.parse(f).body.id === 'l'), 'the list still loading');
+    await frame(b, (f) => f.type === 'connected' && f.body.id === 'l', 5000);
+    const listed = by('f1');
+    await host.publish({ channel: 'notesStream', message: listed });
+    await frame(b, (f) => f.body?.id === 'l' && f.body.type === 'note' && f.body.body.id === listed.id);
+  });
 });

@@ -19,6 +19,7 @@
 //! `relations_refresh_s` (default 120, 0 = off): how often each signed-in
 //! user's relations are read again (see [`relations`]).
 
+mod held;
 mod note;
 mod relations;
 
@@ -65,6 +66,10 @@ struct State {
     base_policies: Option<Value>,
     /// Rooms listened to beyond `notesStream` and `internal`.
     listens: BTreeSet<String>,
+    /// Deferred connects waiting for an API answer, by fetch id.
+    lookups: HashMap<u64, (ConnectRequest, &'static str)>,
+    /// Requests nothing waits for (their endpoint, to log a failure).
+    unawaited: HashMap<u64, String>,
 }
 
 thread_local! {
@@ -144,30 +149,74 @@ fn viewer(signed_in: bool) -> char {
 /// A role policy of the viewer: from Misskey's `i` answer in the claims,
 /// else the instance's default policies (Misskey's `meta`, read once and
 /// kept current by `policiesUpdated`); allowed when neither is known.
-fn policy(backend: Option<&Backend>, claims: &Value, name: &str) -> bool {
+fn policy(
+    backend: Option<&Backend>,
+    claims: &Value,
+    name: &str,
+    looked_up: Option<&LookedUp>,
+) -> Result<bool, Refusal> {
     let own = claims.get("policies").and_then(|p| p.get(name));
     if let Some(v) = own.and_then(Value::as_bool) {
-        return v;
+        return Ok(v);
     }
     let mut base = with(|s| s.base_policies.clone());
-    if base.is_none() {
-        if let Some(b) = backend {
-            match b.call("meta", None, json!({ "detail": true })) {
-                Ok(meta) => {
-                    base = meta.get("policies").cloned();
-                    with(|s| s.base_policies.clone_from(&base));
-                    if let Some(p) = &base {
-                        save("_policies", p);
-                    }
+    if base.is_none() && backend.is_some() {
+        match lookup(looked_up, "meta", None, json!({ "detail": true }))? {
+            Ok(meta) => {
+                base = meta.get("policies").cloned();
+                with(|s| s.base_policies.clone_from(&base));
+                if let Some(p) = &base {
+                    save("_policies", p);
                 }
-                Err(e) => log_warn(&format!("cannot read the default policies: {e}")),
             }
+            Err(e) => log_warn(&format!("cannot read the default policies: {e}")),
         }
     }
-    base.as_ref()
+    Ok(base
+        .as_ref()
         .and_then(|p| p.get(name))
         .and_then(Value::as_bool)
-        .unwrap_or(true)
+        .unwrap_or(true))
+}
+
+/// Why an open did not complete now.
+enum Refusal {
+    /// Refused (Misskey: silently).
+    Reject(Rejection),
+    /// It needs an API answer first: asked without waiting, the connect
+    /// deferred until the answer comes (see `Misskey::answer_connect`).
+    Lookup {
+        endpoint: &'static str,
+        token: Option<String>,
+        body: Value,
+    },
+}
+
+impl From<Rejection> for Refusal {
+    fn from(r: Rejection) -> Self {
+        Refusal::Reject(r)
+    }
+}
+
+/// An API answer an open asked for: the endpoint and what it said.
+type LookedUp = (&'static str, Result<Value, String>);
+
+/// The answer of `endpoint` if the open already has it, else the lookup
+/// to make first.
+fn lookup(
+    looked_up: Option<&LookedUp>,
+    endpoint: &'static str,
+    token: Option<&str>,
+    body: Value,
+) -> Result<Result<Value, String>, Refusal> {
+    match looked_up {
+        Some((e, answer)) if *e == endpoint => Ok(answer.clone()),
+        _ => Err(Refusal::Lookup {
+            endpoint,
+            token: token.map(str::to_owned),
+            body,
+        }),
+    }
 }
 
 /// The forms of a note for one viewer kind: the text (None: as
@@ -425,9 +474,9 @@ fn list_rooms(id: &str) -> Vec<String> {
         .collect()
 }
 
-/// A note Misskey published hidden (`isHidden`), packed again for the
-/// user through the API, as Misskey's main channel does.
-fn repacked(backend: Option<&Backend>, user: &str, note: &Value) -> Option<Value> {
+/// Starts packing a note Misskey published hidden (`isHidden`) again for
+/// the user through the API, as Misskey's main channel does.
+fn pack_hidden(backend: Option<&Backend>, user: &str, note: &Value) -> Option<u64> {
     if note.get("isHidden").and_then(Value::as_bool) != Some(true) {
         return None;
     }
@@ -436,14 +485,12 @@ fn repacked(backend: Option<&Backend>, user: &str, note: &Value) -> Option<Value
         host::kv_get(&token_key(user))?,
         str_of(note, "id")?,
     );
-    b.call("notes/show", Some(&token), json!({ "noteId": id }))
-        .map_err(|e| log_warn(&format!("cannot repack note {id} for {user}: {e}")))
-        .ok()
+    Some(b.start("notes/show", Some(&token), json!({ "noteId": id })))
 }
 
 /// `mainStream:<user>`: notifications and mentions from muted users or
-/// instances are dropped and hidden notes packed for the user, as
-/// Misskey's main channel does.
+/// instances are dropped and hidden notes packed for the user (without
+/// waiting: see [`held`]), as Misskey's main channel does.
 fn route_main(backend: Option<&Backend>, user: &str, kind: &str, data: &Payload) {
     let room = format!("mk:main:{user}");
     if host::room_size(&room) == 0 {
@@ -454,33 +501,70 @@ fn route_main(backend: Option<&Backend>, user: &str, kind: &str, data: &Payload)
         // The profile changed (muted instances, ...): read it again.
         relations::refresh(user);
     }
-    let mut body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
-    let repack = match kind {
-        "notification" => body
-            .get("note")
-            .and_then(|n| repacked(backend, user, n))
-            .map(|n| {
-                body["note"] = n;
-            }),
-        "mention" => repacked(backend, user, &body).map(|n| body = n),
-        _ => None,
+    let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+    let (pack, at) = match kind {
+        "notification" => (
+            body.get("note").and_then(|n| pack_hidden(backend, user, n)),
+            Some("note"),
+        ),
+        "mention" => (pack_hidden(backend, user, &body), None),
+        _ => (None, None),
     };
-    let data = match repack {
-        Some(()) => &json(body.to_string()),
-        None => data,
+    let event = held::Event::Main {
+        user: user.to_owned(),
+        kind: kind.to_owned(),
+        body,
+        at,
     };
+    deliver_ready(held::push(&room, pack, event));
+}
+
+/// Delivers events whose notes are packed (or needed no packing), in order.
+fn deliver_ready(ready: held::Ready) {
+    for (event, packed) in ready {
+        match event {
+            held::Event::Main {
+                user,
+                kind,
+                mut body,
+                at,
+            } => {
+                match packed {
+                    Some(Ok(n)) => match at {
+                        Some(field) => body[field] = n,
+                        None => body = n,
+                    },
+                    // Delivered as published, as before the repack.
+                    Some(Err(e)) => log_warn(&format!("cannot repack a note for {user}: {e}")),
+                    None => {}
+                }
+                deliver_main(&user, &kind, &body);
+            }
+            held::Event::Antenna { antenna, note } => match packed {
+                Some(Err(e)) => log_warn(&format!("antenna {antenna}: cannot pack a note: {e}")),
+                Some(Ok(n)) => deliver_antenna(&antenna, &n),
+                None => deliver_antenna(&antenna, &note),
+            },
+        }
+    }
+}
+
+/// A main-stream event to the user's `main` instances, filtered by their
+/// mutes and muted instances.
+fn deliver_main(user: &str, kind: &str, body: &Value) {
+    let room = format!("mk:main:{user}");
     let mut conds = Vec::new();
     match kind {
         "notification" => {
             if let Some(h) = body.get("user").and_then(|u| str_of(u, "host")) {
                 conds.push(none_of(MUTED_INSTANCES, vec![h.to_owned()]));
             }
-            if let Some(u) = str_of(&body, "userId") {
+            if let Some(u) = str_of(body, "userId") {
                 conds.push(none_of(REL, vec![key("m", u)]));
             }
         }
         "mention" => {
-            let hosts: Vec<String> = [Some(&body), sub(&body, "reply"), sub(&body, "renote")]
+            let hosts: Vec<String> = [Some(body), sub(body, "reply"), sub(body, "renote")]
                 .into_iter()
                 .flatten()
                 .filter_map(note::host)
@@ -489,11 +573,11 @@ fn route_main(backend: Option<&Backend>, user: &str, kind: &str, data: &Payload)
             if !hosts.is_empty() {
                 conds.push(none_of(MUTED_INSTANCES, hosts));
             }
-            conds.push(none_of(REL, vec![key("m", user_id(&body))]));
+            conds.push(none_of(REL, vec![key("m", user_id(body))]));
         }
         _ => {}
     }
-    host::broadcast_filtered(&room, kind, data, None, &conds);
+    host::broadcast_filtered(&room, kind, &json(body.to_string()), None, &conds);
 }
 
 fn role_rooms(id: &str) -> [String; 2] {
@@ -532,7 +616,8 @@ fn route_role(explorable: bool, role: &str, kind: &str, data: &Payload) {
 }
 
 /// `antennaStream:<antenna>`: Misskey publishes the bare note record; it is
-/// packed for the antenna's owner through the API, then filtered.
+/// packed for the antenna's owner through the API (without waiting: see
+/// [`held`]), then filtered.
 fn route_antenna(backend: Option<&Backend>, antenna: &str, kind: &str, data: &Payload) {
     let room = format!("mk:antenna:{antenna}");
     let token_key = format!("_antenna:{antenna}");
@@ -545,28 +630,33 @@ fn route_antenna(backend: Option<&Backend>, antenna: &str, kind: &str, data: &Pa
         host::broadcast(&room, kind, data, None);
         return;
     }
-    let Ok(mut n) = serde_json::from_str::<Value>(&data.json) else {
+    let Ok(n) = serde_json::from_str::<Value>(&data.json) else {
         return;
     };
+    let mut pack = None;
     if n.get("user").is_none() {
         let (Some(b), Some(token), Some(id)) =
             (backend, host::kv_get(&token_key), str_of(&n, "id"))
         else {
             return;
         };
-        match b.call("notes/show", Some(&token), json!({ "noteId": id })) {
-            Ok(packed) => n = packed,
-            Err(e) => {
-                log_warn(&format!("antenna {antenna}: cannot pack note {id}: {e}"));
-                return;
-            }
-        }
+        pack = Some(b.start("notes/show", Some(&token), json!({ "noteId": id })));
     }
+    let event = held::Event::Antenna {
+        antenna: antenna.to_owned(),
+        note: n,
+    };
+    deliver_ready(held::push(&room, pack, event));
+}
+
+/// An antenna's packed note to its instances, with Misskey's filters.
+fn deliver_antenna(antenna: &str, n: &Value) {
+    let room = format!("mk:antenna:{antenna}");
     let raw = n.to_string();
     let mut c = Vec::new();
-    visible(&n, &mut c);
-    c.extend(note::not_muted(&n, None));
-    Outgoing::new(&n, &raw).deliver(&room, true, c);
+    visible(n, &mut c);
+    c.extend(note::not_muted(n, None));
+    Outgoing::new(n, &raw).deliver(&room, true, c);
 }
 
 /// Misskey's `normalizeForSearch`: NFKC, then lower case.
@@ -592,9 +682,10 @@ fn hashtag_query(params: &Value) -> Option<Vec<Vec<String>>> {
 struct Misskey;
 
 impl Misskey {
-    /// Opens an instance whose user's relations are in.
-    fn accept(req: &ConnectRequest) -> Result<(), Rejection> {
-        let sub = Self::open(req)?;
+    /// Opens an instance whose user's relations are in, with the API
+    /// answer it asked for, if any.
+    fn accept(req: &ConnectRequest, looked_up: Option<&LookedUp>) -> Result<(), Refusal> {
+        let sub = Self::open(req, looked_up)?;
         let user = req.identity.as_ref().map(|i| i.user_id.clone());
         with(|s| {
             s.subs
@@ -603,7 +694,33 @@ impl Misskey {
         Ok(())
     }
 
-    fn open(req: &ConnectRequest) -> Result<Sub, Rejection> {
+    /// Answers a connect now (`Some`), or starts the API lookup it needs
+    /// and answers it later (`None`: deferred, see `fetched`).
+    fn answer_connect(
+        req: ConnectRequest,
+        looked_up: Option<LookedUp>,
+        deferred: bool,
+    ) -> Option<Result<(), Rejection>> {
+        match Self::accept(&req, looked_up.as_ref()) {
+            Ok(()) => Some(Ok(())),
+            Err(Refusal::Reject(r)) => Some(Err(r)),
+            Err(Refusal::Lookup {
+                endpoint,
+                token,
+                body,
+            }) => {
+                let backend = with(|s| s.backend.clone())?;
+                if !deferred {
+                    host::defer_connect(&req.target);
+                }
+                let id = backend.start(endpoint, token.as_deref(), body);
+                with(|s| s.lookups.insert(id, (req, endpoint)));
+                None
+            }
+        }
+    }
+
+    fn open(req: &ConnectRequest, looked_up: Option<&LookedUp>) -> Result<Sub, Refusal> {
         let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
         let params = if params.is_object() {
             params
@@ -651,8 +768,8 @@ impl Misskey {
                 join(format!("mk:home:r{renotes}f{files}"));
             }
             "localTimeline" | "hybridTimeline" => {
-                if !policy(backend.as_ref(), &claims, "ltlAvailable") {
-                    return Err(reject("the local timeline is disabled for this user"));
+                if !policy(backend.as_ref(), &claims, "ltlAvailable", looked_up)? {
+                    return Err(reject("the local timeline is disabled for this user").into());
                 }
                 if req.channel == "localTimeline" {
                     join(format!("mk:ltl:{v}:r{renotes}p{replies}f{files}"));
@@ -662,21 +779,21 @@ impl Misskey {
                 }
             }
             "globalTimeline" => {
-                if !policy(backend.as_ref(), &claims, "gtlAvailable") {
-                    return Err(reject("the global timeline is disabled for this user"));
+                if !policy(backend.as_ref(), &claims, "gtlAvailable", looked_up)? {
+                    return Err(reject("the global timeline is disabled for this user").into());
                 }
                 join(format!("mk:gtl:{v}:r{renotes}f{files}"));
             }
             "userList" => {
                 user()?;
                 let id = param("listId")?;
-                let (Some(b), Some(token)) = (&backend, credential) else {
-                    return Err(reject(
-                        "userList needs the Misskey backend and a Misskey token",
-                    ));
+                let (Some(_), Some(token)) = (&backend, credential) else {
+                    return Err(
+                        reject("userList needs the Misskey backend and a Misskey token").into(),
+                    );
                 };
-                let list = b
-                    .call("users/lists/show", Some(token), json!({ "listId": id }))
+                let body = json!({ "listId": id });
+                let list = lookup(looked_up, "users/lists/show", Some(token), body)?
                     .map_err(|e| reject(format!("no such list: {e}")))?;
                 let members = misskey_api::strings(list.get("userIds"));
                 with(|s| {
@@ -701,9 +818,8 @@ impl Misskey {
             }
             "roleTimeline" => {
                 let id = param("roleId")?;
-                if let Some(b) = &backend {
-                    let role = b
-                        .call("roles/show", None, json!({ "roleId": id }))
+                if backend.is_some() {
+                    let role = lookup(looked_up, "roles/show", None, json!({ "roleId": id }))?
                         .map_err(|e| reject(format!("no such role: {e}")))?;
                     let explorable = role
                         .get("isExplorable")
@@ -714,7 +830,7 @@ impl Misskey {
                         save("_roles", &s.roles);
                     });
                     if !explorable {
-                        return Err(reject("the role's timeline is not public"));
+                        return Err(reject("the role's timeline is not public").into());
                     }
                 }
                 join(format!("mk:role:{id}:{v}"));
@@ -724,12 +840,13 @@ impl Misskey {
             "antenna" => {
                 user()?;
                 let id = param("antennaId")?;
-                let (Some(b), Some(token)) = (&backend, credential) else {
-                    return Err(reject(
-                        "antenna needs the Misskey backend and a Misskey token",
-                    ));
+                let (Some(_), Some(token)) = (&backend, credential) else {
+                    return Err(
+                        reject("antenna needs the Misskey backend and a Misskey token").into(),
+                    );
                 };
-                b.call("antennas/show", Some(token), json!({ "antennaId": id }))
+                let body = json!({ "antennaId": id });
+                lookup(looked_up, "antennas/show", Some(token), body)?
                     .map_err(|e| reject(format!("no such antenna: {e}")))?;
                 host::kv_set(&format!("_antenna:{id}"), token);
                 join(format!("mk:antenna:{id}"));
@@ -740,7 +857,7 @@ impl Misskey {
                 let id = param("channelId")?;
                 join(format!("mk:channel:{id}:{v}"));
             }
-            other => return Err(reject(format!("unknown channel {other}"))),
+            other => return Err(reject(format!("unknown channel {other}")).into()),
         }
         Ok(Sub::Other)
     }
@@ -812,28 +929,49 @@ impl Guest for Misskey {
                 return Ok(());
             }
         }
-        Self::accept(&req)
+        Self::answer_connect(req, None, false).unwrap_or(Ok(()))
     }
 
     fn fetched(id: u64, response: Result<HttpResponse, String>) {
+        if let Some((req, endpoint)) = with(|s| s.lookups.remove(&id)) {
+            let answer = Backend::answer(endpoint, &response).map_err(|e| e.to_string());
+            let target = req.target.clone();
+            if let Some(r) = Self::answer_connect(req, Some((endpoint, answer)), true) {
+                host::settle_connect(&target, r.as_ref().map(|_| ()));
+            }
+            return;
+        }
+        if let Some(what) = with(|s| s.unawaited.remove(&id)) {
+            if let Err(e) = Backend::answer(&what, &response) {
+                log_warn(&e.to_string());
+            }
+            return;
+        }
+        if let Some(ready) = held::answered(id, &response) {
+            deliver_ready(ready);
+            return;
+        }
         let Some(done) = relations::on_fetched(id, &response) else {
             return;
         };
         for req in done.waiting {
+            let target = req.target.clone();
             let answer = match &done.error {
                 Some(e) => {
                     log_warn(&format!(
                         "cannot load the relations of user {}: {e}",
                         done.user
                     ));
-                    Err(reject(format!(
+                    Some(Err(reject(format!(
                         "the relations of user {} are unavailable",
                         done.user
-                    )))
+                    ))))
                 }
-                None => Self::accept(&req),
+                None => Self::answer_connect(req, None, true),
             };
-            host::settle_connect(&req.target, answer.as_ref().map(|_| ()));
+            if let Some(r) = answer {
+                host::settle_connect(&target, r.as_ref().map(|_| ()));
+            }
         }
     }
 
@@ -848,8 +986,14 @@ impl Guest for Misskey {
     fn disconnect(target: Instance, _reason: DisconnectReason) {
         let Some((sub, user)) = with(|s| s.subs.remove(&(target.connection, target.id.clone())))
         else {
-            // A connect still waiting for relations: it waits no more.
+            // A connect still waiting for relations or a lookup: it waits
+            // no more.
             relations::drop_waiting(&target);
+            with(|s| {
+                s.lookups.retain(|_, (r, _)| {
+                    (r.target.connection, &r.target.id) != (target.connection, &target.id)
+                })
+            });
             return;
         };
         let empty = |rooms: &[String]| rooms.iter().all(|r| host::room_size(r) == 0);
@@ -921,9 +1065,12 @@ impl Guest for Misskey {
         ) else {
             return;
         };
-        if let Err(e) = b.call("notifications/mark-all-as-read", Some(&token), json!({})) {
-            log_warn(&format!("readNotification of user {}: {e}", user.user_id));
-        }
+        // Not waited for; a failure is logged when the answer comes.
+        let id = b.start("notifications/mark-all-as-read", Some(&token), json!({}));
+        with(|s| {
+            s.unawaited
+                .insert(id, "notifications/mark-all-as-read".into());
+        });
     }
 }
 
