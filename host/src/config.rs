@@ -210,7 +210,10 @@ fn misskey_bus(
                 ));
             }
             let pem = std::fs::read(&path).map_err(|e| {
-                invalid("misskey.bus.ca_file", format!("cannot read {}: {e}", path.display()))
+                invalid(
+                    "misskey.bus.ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
             })?;
             if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
                 return Err(invalid(
