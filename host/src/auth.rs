@@ -166,6 +166,9 @@ impl Authenticator {
     /// Verifies a token with every provider, asking the backend if the
     /// local providers do not know it.
     pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::UnknownToken);
+        }
         let local = self.verify_local(token);
         match (&local, &self.backend) {
             (Err(_), Some(b)) => b.check(token).await,

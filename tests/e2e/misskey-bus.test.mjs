@@ -51,6 +51,21 @@ describe('Misskey event bus on Redis', () => {
     assert.ok(m['chanhost_misskey_bus_messages_total{result="delivered"}'] >= 3);
   });
 
+  test('broadcast events (emojiAdded, announcementCreated) reach every stream as top-level frames, as Misskey sends them', async () => {
+    const anon = host.stream();
+    const alice = host.stream('tok-alice');
+    await barrier(anon);
+    await barrier(alice);
+    const got = [collect(anon, 'emojiAdded'), collect(alice, 'emojiAdded'), collect(alice, 'announcementCreated')];
+    const emoji = { emoji: { id: 'e1', name: 'blobcat', url: 'https://x.example/blobcat.png' } };
+    await publish('broadcast', { type: 'emojiAdded', body: emoji });
+    await publish('broadcast', { type: 'announcementCreated', body: { announcement: { id: 'a1', text: 'hi' } } });
+    await until(() => got.every((g) => g.length === 1));
+    assert.deepEqual(got[0][0], emoji);
+    assert.deepEqual(got[1][0], emoji);
+    assert.deepEqual(got[2][0], { announcement: { id: 'a1', text: 'hi' } });
+  });
+
   test('a followers-only note update reaches its author, not a user who does not follow them', async () => {
     const alice = host.stream('tok-alice');
     const bob = host.stream('tok-bob');

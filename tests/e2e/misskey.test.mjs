@@ -75,13 +75,21 @@ describe('misskey streaming', () => {
 
     const ws = await rawStream(host, '', { headers: { authorization: 'Bearer tok-bob' } });
     sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'w', params: {} } });
-    sendJson(ws, { type: 'ch', body: { id: 'w', type: 'whoami' } });
+    sendJson(ws, { type: 'ch', body: { id: 'w', type: 'whoami', body: null } });
     const who = await frame(ws, (f) => f.body?.type === 'whoami');
     assert.equal(who.body.body.userId, 'bob');
+
+    // As in Misskey, the header wins over `?i=`.
+    const both = await rawStream(host, '?i=tok-alice', { headers: { authorization: 'Bearer tok-bob' } });
+    sendJson(both, { type: 'connect', body: { channel: 'probe', id: 'w', params: {} } });
+    sendJson(both, { type: 'ch', body: { id: 'w', type: 'whoami', body: null } });
+    assert.equal((await frame(both, (f) => f.body?.type === 'whoami')).body.body.userId, 'bob');
   });
 
   test('an unknown or expired token is refused with HTTP 401 before the upgrade', async () => {
-    for (const token of ['nope', jwt({ id: 'carol', exp: 1000 }), jwt({ id: 'carol' }, 'wrong-secret')]) {
+    // An empty `?i=` is a token too (Misskey authenticates it and fails),
+    // not an anonymous stream.
+    for (const token of ['nope', '', jwt({ id: 'carol', exp: 1000 }), jwt({ id: 'carol' }, 'wrong-secret')]) {
       const ws = new WebSocket(`${host.ws}/streaming?i=${encodeURIComponent(token)}&_t=1`);
       const [, res] = await once(ws, 'unexpected-response');
       assert.equal(res.statusCode, 401);
@@ -93,7 +101,7 @@ describe('misskey streaming', () => {
     // Other query keys are ignored; no token is an anonymous stream.
     const ws = await rawStream(host, '?_t=123&foo=bar');
     sendJson(ws, { type: 'connect', body: { channel: 'probe', id: '1', params: {} } });
-    sendJson(ws, { type: 'ch', body: { id: '1', type: 'whoami' } });
+    sendJson(ws, { type: 'ch', body: { id: '1', type: 'whoami', body: null } });
     const who = await frame(ws, (f) => f.body?.type === 'whoami');
     assert.equal(who.body.body.userId, null);
   });
@@ -247,7 +255,7 @@ describe('misskey streaming', () => {
   test('invalid JSON from a plugin is dropped, not sent', async () => {
     const ws = await rawStream(host);
     sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p', params: {} } });
-    sendJson(ws, { type: 'ch', body: { id: 'p', type: 'badjson' } });
+    sendJson(ws, { type: 'ch', body: { id: 'p', type: 'badjson', body: null } });
     await frame(ws, (f) => f.body?.type === 'after-badjson');
     for (const f of ws.frames) assert.doesNotThrow(() => JSON.parse(f));
     assert.ok(!ws.frames.some((f) => JSON.parse(f).body?.type === 'bad'));
@@ -355,9 +363,9 @@ describe('misskey streaming', () => {
     sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'e', params: { room: 'r-end' }, pong: true } });
     sendJson(ws, { type: 'connect', body: { channel: 'globalTimeline', id: 'g', params: {}, pong: true } });
     await until(() => ws.frames.length === 2);
-    sendJson(ws, { type: 'ch', body: { id: 'e', type: 'whoami' } });
+    sendJson(ws, { type: 'ch', body: { id: 'e', type: 'whoami', body: null } });
     const me = (await frame(ws, (f) => f.body?.type === 'whoami')).body.body;
-    sendJson(ws, { type: 'ch', body: { id: 'e', type: 'end' } });
+    sendJson(ws, { type: 'ch', body: { id: 'e', type: 'end', body: null } });
     sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'after', params: {}, pong: true } });
     await frame(ws, (f) => f.type === 'connected' && f.body.id === 'after');
     await host.publish({ room: 'r-end', event: 'ended?', data: 1 });
@@ -496,7 +504,7 @@ describe('misskey tokens checked by the backend', () => {
     await until(() => got.length === 1);
     const ws = await rawStream(host, '?i=mk-token-ivy');
     sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p', params: {} } });
-    sendJson(ws, { type: 'ch', body: { id: 'p', type: 'whoami' } });
+    sendJson(ws, { type: 'ch', body: { id: 'p', type: 'whoami', body: null } });
     const who = (await frame(ws, (f) => f.body?.type === 'whoami')).body.body;
     assert.equal(who.userId, 'ivy');
     assert.equal(who.claims.isModerator, true, 'the backend\'s answer is the claims');

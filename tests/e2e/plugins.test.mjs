@@ -19,7 +19,7 @@ describe('hot reload', () => {
 
   async function version(ch) {
     const got = new Promise((resolve) => ch.once('version', resolve));
-    ch.send('version');
+    ch.send('version', null);
     return got;
   }
 
@@ -106,7 +106,7 @@ describe('faulty plugins', () => {
       assert.ok(warm.served >= 1);
       const errorsBefore = await errors();
 
-      ch.send(fault);
+      ch.send(fault, null);
       // Deliveries to another plugin's channel flow while the fault runs.
       const n = note();
       await host.publish({ room: 'notesStream', event: 'note', data: n });
@@ -130,7 +130,7 @@ describe('plugin configuration and conflicts', () => {
       const s = host.stream();
       const ch = s.useChannel('probe', {});
       const got = new Promise((resolve) => ch.once('config', resolve));
-      ch.send('config');
+      ch.send('config', null);
       assert.deepEqual(await got, { greeting: 'hi', limits: { n: 3 } });
     } finally {
       await host.stop();

@@ -31,6 +31,7 @@ pub enum Protocol {
 enum SlotKind {
     Instance,
     Capture,
+    Stream,
 }
 
 #[derive(Debug)]
@@ -43,8 +44,8 @@ struct SlotInner {
     open: AtomicBool,
 }
 
-/// What receives events on a connection: a channel instance (by its id) or
-/// a note capture (by the note id). Carries the id pre-quoted as JSON so
+/// What receives events on a connection: a channel instance (by its id), a
+/// note capture (by the note id) or the connection itself (by a name). Carries the id pre-quoted as JSON so
 /// per-recipient framing is a splice.
 #[derive(Debug, Clone)]
 pub struct Slot(Arc<SlotInner>);
@@ -66,6 +67,11 @@ impl Slot {
     pub fn capture(note_id: &str) -> Self {
         Self::new(SlotKind::Capture, note_id)
     }
+    /// The connection itself, for events its protocol frames at the top
+    /// level (Misskey's `broadcast`: `{"type":..,"body":..}`).
+    pub fn stream(name: &str) -> Self {
+        Self::new(SlotKind::Stream, name)
+    }
     pub fn id(&self) -> &str {
         &self.0.id
     }
@@ -75,6 +81,9 @@ impl Slot {
     }
     pub fn is_capture(&self) -> bool {
         self.0.kind == SlotKind::Capture
+    }
+    pub fn is_stream(&self) -> bool {
+        self.0.kind == SlotKind::Stream
     }
     /// Whether the instance (or capture) still receives events.
     pub fn is_open(&self) -> bool {
@@ -709,7 +718,9 @@ impl ConnHandle {
     /// join racing the instance's end is refused.
     pub(super) fn add_membership(&self, room: Arc<str>, slot: Slot) -> bool {
         let mut st = self.state.lock();
+        // An instance's slot joins only while it is that instance's.
         if !slot.is_capture()
+            && !slot.is_stream()
             && !st
                 .instances
                 .get(slot.id())

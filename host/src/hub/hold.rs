@@ -56,7 +56,7 @@ impl Holds {
         let Outbound::Event { slot, .. } = &out else {
             return Some(out);
         };
-        if slot.is_capture() {
+        if slot.is_capture() || slot.is_stream() {
             return Some(out);
         }
         let mut held = self.held.lock();

@@ -103,6 +103,12 @@ pub fn parse(payload: &[u8]) -> Result<BusEvent<'_>, BusError> {
     translate(e.channel, e.message)
 }
 
+/// The bus channel of events for every stream (`emojiAdded`,
+/// `announcementCreated`, ...), sent as top-level frames
+/// `{"type":<type>,"body":<body>}`; every Misskey stream is a member of the
+/// room of that name.
+pub const BROADCAST: &str = "broadcast";
+
 /// Turns one bus message into the event of room `channel`.
 pub fn translate(channel: String, message: &RawValue) -> Result<BusEvent<'_>, BusError> {
     if channel.is_empty() {

@@ -39,11 +39,12 @@ pub enum ClientFrame<'a> {
     },
     /// `disconnect {id}`.
     Disconnect { id: String },
-    /// `channel` / `ch {id, type, body}`.
+    /// `channel` / `ch {id, type, body}`; a frame without `body` is not
+    /// one (Misskey ignores it), `"body": null` is.
     Channel {
         id: String,
         kind: String,
-        /// `body` as JSON text, `null` when absent.
+        /// `body` as JSON text.
         body: String,
     },
     /// `subNote` / `s` / `sr {id}`.
@@ -117,8 +118,14 @@ struct ChannelBody<'a> {
     id: Option<IdValue>,
     #[serde(rename = "type", default)]
     kind: Option<String>,
-    #[serde(borrow, default)]
+    /// Present (`null` included) or absent.
+    #[serde(borrow, default, deserialize_with = "present")]
     body: Option<&'a RawValue>,
+}
+
+/// A field that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 /// Ids are strings in misskey-js; numbers are accepted and read as their text,
@@ -215,10 +222,15 @@ pub fn parse(text: &str) -> Result<ClientFrame<'_>, ParseError> {
                 kind: "channel",
                 field: "type",
             })?;
+            let id = bounded(id, "channel", "id", MAX_ID_BYTES)?;
+            let body = b.body.ok_or(ParseError::MissingField {
+                kind: "channel",
+                field: "body",
+            })?;
             ClientFrame::Channel {
-                id: bounded(id, "channel", "id", MAX_ID_BYTES)?,
+                id,
                 kind,
-                body: raw_or(b.body, "null"),
+                body: body.get().to_owned(),
             }
         }
         "subNote" | "s" | "sr" => ClientFrame::SubNote {
@@ -370,6 +382,23 @@ mod tests {
                 id: "1".into(),
                 kind: "x".into(),
                 body: r#"{"a":1}"#.into()
+            }
+        );
+        // Misskey drops a channel message without a body, not one whose
+        // body is null.
+        assert_eq!(
+            parse(r#"{"type":"ch","body":{"id":"1","type":"x"}}"#),
+            Err(ParseError::MissingField {
+                kind: "channel",
+                field: "body"
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"ch","body":{"id":"1","type":"x","body":null}}"#).unwrap(),
+            ClientFrame::Channel {
+                id: "1".into(),
+                kind: "x".into(),
+                body: "null".into()
             }
         );
     }

@@ -1,5 +1,7 @@
 //! A Misskey stream's note captures (`subNote` / `unsubNote`): ref-counted
-//! per note, at most `max_captures` notes, the oldest evicted first. A
+//! per note, at most `max_captures` notes, the least recently subscribed
+//! evicted first (a note subscribed again becomes the newest, as Misskey's
+//! `Connection` keeps its map in access order). A
 //! captured note is a member of the note's room ([`note_room`]) through a
 //! capture slot, so its updates reach the stream as `noteUpdated`.
 
@@ -48,6 +50,11 @@ impl Captures {
     fn add(&mut self, note: &str) -> Change {
         if let Some(n) = self.counts.get_mut(note) {
             *n += 1;
+            if let Some(pos) = self.order.iter().position(|x| &**x == note) {
+                if let Some(k) = self.order.remove(pos) {
+                    self.order.push_back(k);
+                }
+            }
             return Change::default();
         }
         let mut change = Change {
@@ -121,6 +128,15 @@ mod tests {
         assert!(c.remove("c"));
         assert!(!c.remove("c"));
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_note_subscribed_again_becomes_the_newest() {
+        let mut c = Captures::new(2);
+        c.add("a");
+        c.add("b");
+        c.add("a");
+        assert_eq!(c.add("c").evicted.as_deref(), Some("b"), "a was used last");
     }
 
     #[test]

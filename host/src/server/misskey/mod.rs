@@ -28,11 +28,12 @@ use self::captures::Captures;
 use super::ws::{self, Incoming, Socket, Upgrade, Wire, OP_PING, OP_TEXT};
 use crate::conventions::{follows_key, RELATIONS_SET};
 use crate::hub::{
-    Audience, ConnHandle, DirectOut, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits,
+    Audience, ConnHandle, DirectOut, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits, Slot,
 };
 use crate::metrics::Metrics;
 use crate::node::{Node, OpenInstance, Opened};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
+use crate::protocol::misskey::bus::BROADCAST;
 use crate::protocol::misskey::{self, Addressing, ClientFrame, NoteVisibility};
 
 /// Who may see an update of a non-public note, as Misskey's connection
@@ -53,21 +54,20 @@ pub fn note_audience(v: &NoteVisibility) -> Audience {
     }
 }
 
-/// The credential of a request: `?i=` first, then `Authorization: Bearer`.
+/// The stream's token, as Misskey reads it: `Authorization: Bearer <t>`
+/// first, else `?i=<t>`. A token given empty (`?i=`) is a token, refused
+/// as unknown (401), not an anonymous stream.
 fn token_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    let from_query = uri.query().and_then(|q| {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    bearer.or_else(|| {
+        let q = uri.query()?;
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "i")
             .map(|(_, v)| v.into_owned())
-    });
-    from_query.filter(|t| !t.is_empty()).or_else(|| {
-        headers
-            .get(axum::http::header::AUTHORIZATION)?
-            .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
     })
 }
 
@@ -110,6 +110,8 @@ pub async fn handler(
                 });
                 let conn = ConnHandle::new_direct(id, Protocol::Misskey, identity, out.clone());
                 node.open_conn(conn.clone());
+                // Misskey's `broadcast` events reach every stream.
+                node.hub().join(&conn, Slot::stream(BROADCAST), BROADCAST);
                 let session = Session {
                     out,
                     captures: parking_lot::Mutex::new(Captures::new(
@@ -197,6 +199,15 @@ impl DirectOut for MisskeyOut {
             Outbound::Ack(_) => {
                 tracing::debug!("ack on a Misskey stream (no acks there); dropped");
                 return Ok(());
+            }
+            Outbound::Event { slot, event } if slot.is_stream() => {
+                // `{"type":<event>,"body":<data>}`: the channel tail
+                // `,"type":..,"body":..}}` without its first and last byte.
+                let tail = event.framed(Protocol::Misskey, |e| {
+                    misskey::encode_event_tail(&e.event, &e.data)
+                });
+                self.wire
+                    .send(OP_TEXT, &[b"{", &tail.as_bytes()[1..tail.len() - 1]])
             }
             Outbound::Event { slot, event } => {
                 let addressing = if slot.is_capture() {
