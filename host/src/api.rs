@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::broker::{BrokerError, Publication};
 use crate::hub::Filter;
 use crate::node::Node;
 use crate::protocol::publish::{parse_publish, parse_rooms, PublishError, RoomsError};
@@ -55,6 +56,8 @@ pub enum ApiError {
     PrivateKey { plugin: String, key: String },
     #[error("plugin `{plugin}` has no key `{key}`")]
     NoKey { plugin: String, key: String },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 impl ApiError {
@@ -65,6 +68,7 @@ impl ApiError {
             ApiError::Body(e) => e.status(),
             ApiError::Publish(_) | ApiError::Rooms(_) => StatusCode::BAD_REQUEST,
             ApiError::NoKey { .. } => StatusCode::NOT_FOUND,
+            ApiError::Broker(e) => e.status(),
         }
     }
 }
@@ -117,15 +121,22 @@ async fn publish(
     let body = read_body(&node, body, MAX_BODY_BYTES).await?;
     let items = parse_publish(&body)?;
     let published = items.len();
-    for it in items {
-        let filter = Filter {
-            audience: it
-                .audience
-                .map(|v| Arc::new(crate::server::misskey::note_audience(&v))),
-            ..Filter::default()
-        };
-        node.publish_filtered(&it.room, &it.event, it.data.into(), filter);
-    }
+    let batch = items
+        .into_iter()
+        .map(|it| Publication {
+            room: it.room.into(),
+            event: it.event.into(),
+            data: it.data.into(),
+            attachments: Arc::from(Vec::new()),
+            filter: Filter {
+                audience: it
+                    .audience
+                    .map(|v| Arc::new(crate::server::misskey::note_audience(&v))),
+                ..Filter::default()
+            },
+        })
+        .collect();
+    node.publish_batch(batch)?;
     Ok(Json(json!({ "published": published })).into_response())
 }
 
@@ -189,10 +200,12 @@ async fn plugin_kv(
 }
 
 async fn healthz(State(node): State<Arc<Node>>) -> Response {
+    let (state, nodes) = node.cluster();
     Json(json!({
         "status": "ok",
         "connections": node.hub().conn_count(),
         "plugins": node.plugins().names().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        "cluster": { "redis": state.as_str(), "nodes": nodes },
     }))
     .into_response()
 }

@@ -117,7 +117,9 @@ pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
         tracing::info!("shutting down: closing connections");
         shutdown.cancel();
     });
-    crate::server::serve(node, listener, Duration::from_secs(5)).await?;
+    crate::server::serve(node.clone(), listener, Duration::from_secs(5)).await?;
+    // The other nodes count this one out at once, not after node_ttl_ms.
+    node.leave_cluster().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -58,6 +58,61 @@ pub struct RawConfig {
     pub plugins_config: BTreeMap<String, toml::Table>,
     #[serde(default)]
     pub socketio: RawSocketIo,
+    pub cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis: Option<String>,
+    pub prefix: Option<String>,
+    pub node_ttl_ms: Option<u64>,
+}
+
+/// Several nodes on one Redis (`[cluster]`).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `redis://[:pass@]host[:port][/db]` or `rediss://`.
+    pub redis: String,
+    /// Prefix of every key and channel chanhost uses in that Redis.
+    pub prefix: String,
+    /// A node not heard from for this long is gone.
+    pub node_ttl: Duration,
+}
+
+/// Checks `[cluster]`.
+fn cluster(
+    raw: RawCluster,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<ClusterConfig, ConfigError> {
+    let redis = raw.redis.ok_or_else(|| {
+        invalid(
+            "cluster.redis",
+            "missing: the Redis URL the nodes share, e.g. \"redis://127.0.0.1:6379/0\"".into(),
+        )
+    })?;
+    if let Err(e) = crate::pubsub::check_url(&redis) {
+        return Err(invalid("cluster.redis", e.to_string()));
+    }
+    let prefix = raw.prefix.unwrap_or_else(|| "chanhost".into());
+    if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            "cluster.prefix",
+            "must be a non-empty name without spaces".into(),
+        ));
+    }
+    let node_ttl = Duration::from_millis(raw.node_ttl_ms.unwrap_or(10_000));
+    if node_ttl < Duration::from_millis(300) {
+        return Err(invalid(
+            "cluster.node_ttl_ms",
+            "must be at least 300".into(),
+        ));
+    }
+    Ok(ClusterConfig {
+        redis,
+        prefix,
+        node_ttl,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,7 +243,7 @@ fn misskey_bus(
     let redis = raw.redis.ok_or_else(|| {
         invalid(
             "misskey.bus.redis",
-            "missing: the Redis URL Misskey publishes its events on (its redisForPubsub), e.g. \"redis://127.0.0.1:6379\"".into(),
+            "missing: the Redis URL Misskey publishes its events on (its redisForPubsub), e.g. \"redis://127.0.0.1:6379\" (default: [cluster] redis)".into(),
         )
     })?;
     if let Err(e) = crate::pubsub::check_url(&redis) {
@@ -370,6 +425,8 @@ pub struct Config {
     pub plugin_runtime: PluginRuntimeConfig,
     /// `[plugins.<name>]` tables, handed to each plugin's `init` as JSON.
     pub plugin_tables: BTreeMap<String, serde_json::Value>,
+    /// `[cluster]`: absent, one node in memory.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Overrides from the command line.
@@ -570,6 +627,7 @@ impl Config {
             }
         }
 
+        let cluster = raw.cluster.map(|c| cluster(c, &invalid)).transpose()?;
         let m = raw.misskey;
         let misskey = MisskeyConfig {
             ping_interval: ms(m.ping_interval_ms, 60_000),
@@ -577,7 +635,16 @@ impl Config {
             max_frame_bytes: m.max_frame_bytes.unwrap_or(64 * 1024),
             max_channels: m.max_channels.unwrap_or(32),
             max_captures: m.max_captures.unwrap_or(1536),
-            bus: m.bus.map(|b| misskey_bus(b, &invalid)).transpose()?,
+            bus: m
+                .bus
+                .map(|mut b| {
+                    // Misskey's bus may share the cluster's Redis.
+                    if b.redis.is_none() {
+                        b.redis = cluster.as_ref().map(|c| c.redis.clone());
+                    }
+                    misskey_bus(b, &invalid)
+                })
+                .transpose()?,
         };
         if misskey.ping_interval.is_zero() {
             return Err(invalid("misskey.ping_interval_ms", "must be > 0".into()));
@@ -749,6 +816,7 @@ impl Config {
             limits,
             plugin_runtime,
             plugin_tables,
+            cluster,
         })
     }
 

@@ -76,6 +76,14 @@ pub struct Metrics {
     /// Bus messages delivered, and those ignored as malformed.
     pub misskey_bus_delivered: Counter,
     pub misskey_bus_malformed: Counter,
+    /// The cluster broker (`[cluster]`).
+    pub broker_up: Gauge,
+    pub broker_carried: Counter,
+    pub broker_not_carried: Counter,
+    pub broker_received: Counter,
+    pub broker_malformed: Counter,
+    pub broker_subscriptions: Gauge,
+    pub cluster_nodes: Gauge,
 }
 
 /// A label set, `a="x",b="y"`, its values escaped.
@@ -197,6 +205,45 @@ impl Metrics {
                     self.misskey_bus_malformed.get(),
                 ),
             ],
+        );
+        write_metric(
+            out,
+            "chanhost_broker_up",
+            "gauge",
+            "1 while publishes are carried between nodes (always, for one node without [cluster]); 0 while the cluster's Redis cannot be reached.",
+            self.broker_up.get(),
+        );
+        write_family(
+            out,
+            "chanhost_broker_events_total",
+            "counter",
+            "Events through the cluster broker ([cluster]): carried to Redis, not carried (Redis down or the queue full; delivered on this node only), received from other nodes, malformed (ignored).",
+            &[
+                (labels(&[("result", "carried")]), self.broker_carried.get()),
+                (
+                    labels(&[("result", "not_carried")]),
+                    self.broker_not_carried.get(),
+                ),
+                (labels(&[("result", "received")]), self.broker_received.get()),
+                (
+                    labels(&[("result", "malformed")]),
+                    self.broker_malformed.get(),
+                ),
+            ],
+        );
+        write_metric(
+            out,
+            "chanhost_broker_subscriptions",
+            "gauge",
+            "Rooms this node is subscribed to on the cluster's Redis (those it has members or listeners of).",
+            self.broker_subscriptions.get(),
+        );
+        write_metric(
+            out,
+            "chanhost_cluster_nodes",
+            "gauge",
+            "Nodes whose heartbeat is recent ([cluster]; 0 without).",
+            self.cluster_nodes.get(),
         );
         write_family(
             out,

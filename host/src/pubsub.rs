@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// Why a Redis URL is refused.
 #[derive(Debug, thiserror::Error)]
 #[error("not a Redis URL (redis://[:password@]host[:port][/db] or rediss://...): {0}")]
-pub struct UrlError(redis::RedisError);
+pub struct UrlError(pub(crate) redis::RedisError);
 
 /// Checks a Redis URL without connecting.
 pub fn check_url(url: &str) -> Result<(), UrlError> {
@@ -36,6 +36,42 @@ pub fn redacted(url: &str) -> String {
             u.to_string()
         }
         Err(_) => "<invalid url>".into(),
+    }
+}
+
+/// One log line when an outage of a Redis connection starts and one when
+/// it ends, whatever the number of failed attempts between.
+pub(crate) struct Outage {
+    what: &'static str,
+    at: String,
+    down: bool,
+}
+
+impl Outage {
+    pub(crate) fn new(what: &'static str, at: String) -> Self {
+        Self {
+            what,
+            at,
+            down: false,
+        }
+    }
+
+    /// A connection failed, or could not be made.
+    pub(crate) fn down(&mut self, cause: &str) {
+        if self.down {
+            tracing::debug!(what = self.what, redis = %self.at, "still cannot reach Redis: {cause}");
+        } else {
+            tracing::warn!(what = self.what, redis = %self.at, "cannot reach Redis: {cause}; retrying");
+            self.down = true;
+        }
+    }
+
+    /// A connection is up.
+    pub(crate) fn up(&mut self) {
+        if self.down {
+            tracing::info!(what = self.what, redis = %self.at, "Redis reached again");
+            self.down = false;
+        }
     }
 }
 
@@ -61,7 +97,7 @@ pub struct Subscription {
 }
 
 /// The pause before reconnect attempt `n` (0-based).
-fn backoff(n: u32) -> Duration {
+pub(crate) fn backoff(n: u32) -> Duration {
     let ms = 100u64.saturating_mul(1 << n.min(6));
     Duration::from_millis(ms.min(5_000))
 }

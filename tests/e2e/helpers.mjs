@@ -97,7 +97,7 @@ export async function startHost({ plugins = ['misskey', 'probe'], config = '', e
     streams: [],
     async stop() {
       for (const s of host.streams) { try { s.close(); } catch {} }
-      if (proc.exitCode === null) {
+      if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGTERM');
         await once(proc, 'exit');
       }

@@ -1,13 +1,21 @@
-//! Brokers carry every publish (API and plugin broadcasts) to every node
-//! that has members or listeners of the room. Each node subscribes with a
-//! [`LocalDelivery`] and delivers to its own members.
+//! Brokers carry every publish (API and plugin broadcasts outside `event`)
+//! to every node that has members or listeners of the room. Each node
+//! attaches its [`LocalDelivery`] and delivers to its own members.
 //!
-//! [`MemoryBroker`] is the single-node default: a publish is delivered to
-//! this node directly. A Redis pub/sub broker fits the same trait.
+//! Two sides of one trait, one file each: [`MemoryBroker`] (one node, the
+//! default) delivers on this node directly; [`RedisBroker`] (`[cluster]`)
+//! delivers here at once and carries the event through Redis pub/sub to
+//! the other nodes interested in the room (see its module for the layout).
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
 use crate::hub::Filter;
+
+mod memory;
+pub mod redis;
+
+pub use self::memory::MemoryBroker;
+pub use self::redis::{RedisBroker, RedisBrokerOptions};
 
 /// One event on its way to a room.
 #[derive(Debug, Clone)]
@@ -22,44 +30,80 @@ pub struct Publication {
     pub filter: Filter,
 }
 
-/// Why a publish could not be carried.
-#[derive(Debug, thiserror::Error)]
+/// Why a publish was not carried (and, for [`Broker::publish`], not
+/// delivered anywhere either).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker is not attached to a node")]
     Detached,
+    #[error("the cluster's Redis cannot be reached: nothing was published; try again")]
+    Down,
+    #[error("the queue to the cluster's Redis is full: nothing was published; try again")]
+    Full,
 }
 
-/// Delivers publications to this node's members and listeners.
+impl BrokerError {
+    /// The HTTP status an API answer carries for it.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            BrokerError::Detached => http::StatusCode::INTERNAL_SERVER_ERROR,
+            BrokerError::Down | BrokerError::Full => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Whether publishes travel between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerState {
+    /// One node: nothing to carry.
+    Off,
+    /// Connected to the cluster's Redis.
+    Up,
+    /// The cluster's Redis cannot be reached (retrying).
+    Down,
+}
+
+impl BrokerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerState::Off => "off",
+            BrokerState::Up => "up",
+            BrokerState::Down => "down",
+        }
+    }
+}
+
+/// This node, as a broker sees it.
 pub trait LocalDelivery: Send + Sync {
+    /// Delivers to this node's members and listeners of the room.
     fn deliver_local(&self, p: &Publication);
+    /// Whether the room has members or listeners on this node.
+    fn has_audience(&self, room: &str) -> bool;
 }
 
 /// Carries publications between nodes.
 pub trait Broker: Send + Sync {
     /// Attaches this node's delivery; called once at start.
     fn attach(&self, local: Weak<dyn LocalDelivery>);
-    /// Publishes to every node (this one included).
-    fn publish(&self, p: Publication) -> Result<(), BrokerError>;
-}
-
-/// The in-process broker of a single node.
-#[derive(Default)]
-pub struct MemoryBroker {
-    local: OnceLock<Weak<dyn LocalDelivery>>,
-}
-
-impl Broker for MemoryBroker {
-    fn attach(&self, local: Weak<dyn LocalDelivery>) {
-        let _ = self.local.set(local);
+    /// Delivers every publication here and carries them to the other
+    /// nodes, in order — all of them, or, when they cannot be carried
+    /// now, none of them anywhere (so the publisher may retry without
+    /// duplicates).
+    fn publish(&self, batch: Vec<Publication>) -> Result<(), BrokerError>;
+    /// Delivers here at once and carries it if it can; what cannot be
+    /// carried is counted and logged (a plugin's broadcast reaches this
+    /// node's members whatever happens to Redis).
+    fn publish_best_effort(&self, p: Publication);
+    /// A room may have gained its first or lost its last member or
+    /// listener on this node.
+    fn interest_changed(&self, _room: &str) {}
+    fn state(&self) -> BrokerState;
+    /// Nodes alive in the cluster (1 for a single node).
+    fn nodes(&self) -> u64 {
+        1
     }
-
-    fn publish(&self, p: Publication) -> Result<(), BrokerError> {
-        let local = self
-            .local
-            .get()
-            .and_then(|w| w.upgrade())
-            .ok_or(BrokerError::Detached)?;
-        local.deliver_local(&p);
-        Ok(())
+    /// Takes this node out of the cluster (on shutdown).
+    fn leave(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
     }
 }

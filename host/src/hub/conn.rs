@@ -247,7 +247,7 @@ pub struct InstanceState {
 
 /// One condition of a filtered delivery, tested against a member's
 /// attribute set: does the set contain any of `keys`?
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Condition {
     pub attribute: String,
     pub keys: Vec<String>,
@@ -259,7 +259,7 @@ pub struct Condition {
 /// publishes it: the users it names, and the users whose attribute set
 /// `holding.0` (from any plugin) holds the key `holding.1`. A connection
 /// that is not identified is never in an audience.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Audience {
     pub users: Vec<String>,
     /// (attribute set, key).

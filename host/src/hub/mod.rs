@@ -85,7 +85,13 @@ pub struct Hub {
     /// Plugins listening to a room: room -> plugin names.
     listeners: RwLock<HashMap<Arc<str>, Vec<Arc<str>>>>,
     metrics: Arc<Metrics>,
+    /// Told when a room may have gained its first or lost its last member
+    /// or listener (the cluster broker subscribes to what this node serves).
+    observer: std::sync::OnceLock<RoomObserver>,
 }
+
+/// What [`Hub::observe_rooms`] calls.
+pub type RoomObserver = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Self {
@@ -96,6 +102,20 @@ impl Hub {
             users: RwLock::new(HashMap::new()),
             listeners: RwLock::new(HashMap::new()),
             metrics,
+            observer: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Calls `f` with a room's name whenever it may have gained its first
+    /// or lost its last member or listener here (a hint: `f` checks
+    /// [`Hub::has_audience`]). Set once.
+    pub fn observe_rooms(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.observer.set(Box::new(f));
+    }
+
+    fn room_changed(&self, room: &str) {
+        if let Some(f) = self.observer.get() {
+            f(room);
         }
     }
 
@@ -296,11 +316,17 @@ impl Hub {
             conn: conn.clone(),
             slot: slot.clone(),
         };
-        self.shard(&room)
-            .write()
-            .entry(room.clone())
-            .or_default()
-            .insert((conn.id, slot.clone()), member);
+        let first = {
+            let mut shard = self.shard(&room).write();
+            // A slot hashes by its kind and id, never by its open flag.
+            #[allow(clippy::mutable_key_type)]
+            let members = shard.entry(room.clone()).or_default();
+            members.insert((conn.id, slot.clone()), member);
+            members.len() == 1
+        };
+        if first {
+            self.room_changed(&room);
+        }
         // A plugin may join a connection that is closing on another thread;
         // whatever `unregister` could not see yet is undone here.
         if conn.unregistered.load(Ordering::SeqCst) {
@@ -329,12 +355,18 @@ impl Hub {
     }
 
     fn remove_member(&self, room: &Arc<str>, key: &MemberKey) {
-        let mut shard = self.shard(room).write();
-        if let Some(members) = shard.get_mut(room) {
-            members.remove(key);
-            if members.is_empty() {
-                shard.remove(room);
+        let emptied = {
+            let mut shard = self.shard(room).write();
+            match shard.get_mut(room) {
+                Some(members) => {
+                    members.remove(key);
+                    members.is_empty() && shard.remove(room).is_some()
+                }
+                None => false,
             }
+        };
+        if emptied {
+            self.room_changed(room);
         }
     }
 
@@ -374,21 +406,34 @@ impl Hub {
 
     /// Registers a plugin's interest in a room.
     pub fn listen(&self, plugin: &Arc<str>, room: &str) {
-        let mut l = self.listeners.write();
-        let v = l.entry(room.into()).or_default();
-        if !v.iter().any(|p| p == plugin) {
-            v.push(plugin.clone());
+        let first = {
+            let mut l = self.listeners.write();
+            let v = l.entry(room.into()).or_default();
+            let new = !v.iter().any(|p| p == plugin);
+            if new {
+                v.push(plugin.clone());
+            }
+            new && v.len() == 1
+        };
+        if first {
+            self.room_changed(room);
         }
     }
 
     /// Drops a plugin's interest in a room.
     pub fn unlisten(&self, plugin: &str, room: &str) {
-        let mut l = self.listeners.write();
-        if let Some(v) = l.get_mut(room) {
-            v.retain(|p| &**p != plugin);
-            if v.is_empty() {
-                l.remove(room);
+        let emptied = {
+            let mut l = self.listeners.write();
+            match l.get_mut(room) {
+                Some(v) => {
+                    v.retain(|p| &**p != plugin);
+                    v.is_empty() && l.remove(room).is_some()
+                }
+                None => false,
             }
+        };
+        if emptied {
+            self.room_changed(room);
         }
     }
 
@@ -402,11 +447,17 @@ impl Hub {
 
     /// Drops every listen of a plugin.
     pub fn unlisten_all(&self, plugin: &str) {
-        let mut l = self.listeners.write();
-        l.retain(|_, v| {
+        let mut emptied = Vec::new();
+        self.listeners.write().retain(|room, v| {
             v.retain(|p| &**p != plugin);
+            if v.is_empty() {
+                emptied.push(room.clone());
+            }
             !v.is_empty()
         });
+        for room in emptied {
+            self.room_changed(&room);
+        }
     }
 
     /// The plugins listening to a room.
@@ -460,6 +511,30 @@ mod tests {
         assert!(ra.try_recv().is_none());
         assert!(rb.try_recv().is_none());
         assert_eq!(hub.deliver("r", &ev, &Filter::default()), 2);
+    }
+
+    #[test]
+    fn the_observer_hears_of_rooms_gaining_their_first_and_losing_their_last_member_or_listener() {
+        let hub = hub();
+        let heard = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+        let h = heard.clone();
+        hub.observe_rooms(move |room| h.lock().push(room.to_owned()));
+        let (a, _ra) = conn(1, 8);
+        let (b, _rb) = conn(2, 8);
+        hub.register(a.clone());
+        hub.register(b.clone());
+        hub.join(&a, inst(&a, "x"), "r");
+        hub.join(&b, inst(&b, "x"), "r");
+        hub.leave(&a, &a.instance("x").unwrap().slot, "r");
+        assert_eq!(*heard.lock(), ["r"], "only the first member");
+        hub.unregister(2);
+        assert_eq!(*heard.lock(), ["r", "r"], "and the last");
+        let plugin: Arc<str> = "p".into();
+        hub.listen(&plugin, "l");
+        hub.listen(&plugin, "l");
+        hub.unlisten_all("p");
+        assert_eq!(*heard.lock(), ["r", "r", "l", "l"]);
+        assert!(!hub.has_audience("r") && !hub.has_audience("l"));
     }
 
     #[test]

@@ -20,7 +20,10 @@ use std::sync::{Arc, Weak};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::broker::{Broker, LocalDelivery, MemoryBroker, Publication};
+use crate::broker::{
+    Broker, BrokerError, BrokerState, LocalDelivery, MemoryBroker, Publication, RedisBroker,
+    RedisBrokerOptions,
+};
 use crate::config::Config;
 use crate::hub::{ConnHandle, ConnId, Filter, Hub, SharedEvent};
 use crate::metrics::{Metrics, NodeFigures, PluginFigures};
@@ -45,6 +48,8 @@ const PRESENCE_OFFLINE: &str = "offline";
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("[cluster] redis: {0}")]
+    Cluster(String),
     #[error("plugins folder {0} does not exist (set `plugins` in the config or pass --plugins)")]
     NoPluginsDir(String),
     #[error("plugins path {0} is not a folder")]
@@ -81,7 +86,25 @@ impl Node {
     pub fn new(config: Config) -> Result<Arc<Self>, NodeError> {
         let engine = PluginEngine::new(&config.plugin_runtime, Some(config.cache_dir.clone()))?;
         let metrics = Arc::new(Metrics::default());
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::default());
+        let shutdown = CancellationToken::new();
+        let broker: Arc<dyn Broker> = match &config.cluster {
+            None => {
+                metrics.broker_up.set(1);
+                Arc::new(MemoryBroker::default())
+            }
+            Some(c) => {
+                let b = RedisBroker::start(RedisBrokerOptions {
+                    url: c.redis.clone(),
+                    prefix: c.prefix.clone(),
+                    node_ttl: c.node_ttl,
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                })
+                .map_err(|e| NodeError::Cluster(e.to_string()))?;
+                tracing::info!(node = b.node_id(), redis = %crate::pubsub::redacted(&c.redis), prefix = %c.prefix, "cluster node");
+                Arc::new(b)
+            }
+        };
         let tables: HashMap<String, String> = config
             .plugin_tables
             .keys()
@@ -97,13 +120,17 @@ impl Node {
                 plugins: Registry::new(engine, services, tables),
                 admission: crate::server::admission::Admission::of(&config.limits),
                 kv: KvStore::default(),
-                shutdown: CancellationToken::new(),
+                shutdown,
                 next_conn: AtomicU64::new(1),
                 config,
             }
         });
         let local: Weak<dyn LocalDelivery> = Arc::downgrade(&node) as Weak<Node>;
         broker.attach(local);
+        if node.config.cluster.is_some() {
+            let b = broker.clone();
+            node.hub.observe_rooms(move |room| b.interest_changed(room));
+        }
         Ok(node)
     }
 
@@ -195,9 +222,17 @@ impl Node {
         }
     }
 
-    /// Publishes an event to a room on every node. `data` must be JSON.
+    /// Publishes an event to a room on every node it can reach (this one
+    /// always). `data` must be JSON.
     pub fn publish(&self, room: &str, event: &str, data: Arc<str>) {
-        self.publish_filtered(room, event, data, Filter::default())
+        self.metrics.publishes.inc();
+        self.broker.publish_best_effort(Publication {
+            room: room.into(),
+            event: event.into(),
+            data,
+            attachments: Arc::from(Vec::new()),
+            filter: Filter::default(),
+        });
     }
 
     /// Delivers an event to this node's members and listeners of a room,
@@ -220,19 +255,14 @@ impl Node {
         });
     }
 
-    /// Publishes an event that only the members passing `filter` receive.
-    pub fn publish_filtered(&self, room: &str, event: &str, data: Arc<str>, filter: Filter) {
-        self.metrics.publishes.inc();
-        let p = Publication {
-            room: room.into(),
-            event: event.into(),
-            data,
-            attachments: Arc::from(Vec::new()),
-            filter,
-        };
-        if let Err(e) = self.broker.publish(p) {
-            tracing::error!("publish to {room} failed: {e}");
-        }
+    /// Publishes events to every node: all of them, or none anywhere when
+    /// they cannot be carried now (the API answers 503 and the publisher
+    /// may retry).
+    pub fn publish_batch(&self, batch: Vec<Publication>) -> Result<(), BrokerError> {
+        let n = batch.len() as u64;
+        self.broker.publish(batch)?;
+        self.metrics.publishes.add(n);
+        Ok(())
     }
 
     /// The whole `/metrics` text.
@@ -259,9 +289,23 @@ impl Node {
         };
         crate::metrics::render(&self.metrics, &figures)
     }
+
+    /// Takes this node out of the cluster's count (on shutdown).
+    pub async fn leave_cluster(&self) {
+        self.broker.leave().await;
+    }
+
+    /// The cluster broker's state and the number of live nodes.
+    pub fn cluster(&self) -> (BrokerState, u64) {
+        (self.broker.state(), self.broker.nodes())
+    }
 }
 
 impl LocalDelivery for Node {
+    fn has_audience(&self, room: &str) -> bool {
+        self.hub.has_audience(room)
+    }
+
     fn deliver_local(&self, p: &Publication) {
         let ev = SharedEvent::with_attachments(&p.event, p.data.clone(), p.attachments.clone());
         self.hub.deliver(&p.room, &ev, &p.filter);

@@ -175,8 +175,8 @@ impl HostServices for Node {
         self.metrics.publishes.inc();
         if local_only {
             self.deliver_local(&p);
-        } else if let Err(e) = self.broker.publish(p) {
-            tracing::error!(plugin, room, "broadcast failed: {e}");
+        } else {
+            self.broker.publish_best_effort(p);
         }
     }
 

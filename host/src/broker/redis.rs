@@ -1,0 +1,660 @@
+//! The cluster broker (`[cluster]`): publishes travel between nodes on
+//! Redis pub/sub, and each node reads only the rooms it serves.
+//!
+//! What chanhost keeps in Redis, under `prefix` (default `chanhost`):
+//!
+//! - `<prefix>:room:<room>` — a pub/sub channel per room. A node
+//!   SUBSCRIBEs to it while the room has members or listeners there and
+//!   UNSUBSCRIBEs when the last one leaves, so a room's events reach only
+//!   the nodes that deliver them. Nothing is stored.
+//! - `<prefix>:nodes` — a sorted set: node id → the time (ms since the
+//!   epoch) of its last heartbeat, written every `node_ttl_ms / 3`.
+//!   Entries older than `node_ttl_ms` are removed by any node that sees
+//!   them; `/healthz` counts the rest. One entry per node: a few dozen
+//!   bytes.
+//!
+//! A message is `[u32 header length][header JSON][u32 count]([u32
+//! length][bytes])*` (lengths little-endian): the header names the
+//! publishing node and carries the event, its JSON data and its filter
+//! (the conditions a member must pass, the audience of a note), evaluated
+//! by each receiving node against its own members; the binary attachments
+//! follow. A node delivers what it publishes at once and skips its own
+//! messages when Redis sends them back, so each member gets an event once.
+//! One connection publishes, in order, pipelining what is queued: the
+//! order of a room's events from one publisher holds on every node.
+//!
+//! Faults: while either connection is down the broker is `down` —
+//! [`Broker::publish`] refuses (the API answers 503, nothing delivered
+//! anywhere), plugin broadcasts reach this node's members and are counted
+//! as not carried. Both connections come back by themselves (100 ms
+//! doubling to 5 s; one log line when an outage starts and one when it
+//! ends) and the subscriber subscribes again to every room this node
+//! serves. The publishing queue is bounded ([`QUEUE`]) and every Redis
+//! request has a time limit, so a stuck Redis never holds up local
+//! delivery.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Broker, BrokerError, BrokerState, LocalDelivery, Publication};
+use crate::hub::{Audience, Condition, Filter};
+use crate::metrics::Metrics;
+use crate::pubsub::{backoff, redacted, Outage, UrlError};
+
+/// Events waiting for the publishing connection.
+pub const QUEUE: usize = 65_536;
+/// Most events sent in one pipeline.
+const PIPELINE: usize = 512;
+/// A Redis request taking longer than this counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Channels named in one SUBSCRIBE after a reconnect.
+const SUBSCRIBE_CHUNK: usize = 1_000;
+
+/// What a cluster broker needs.
+pub struct RedisBrokerOptions {
+    pub url: String,
+    pub prefix: String,
+    pub node_ttl: Duration,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+/// The broker of a node in a cluster.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+}
+
+struct Outgoing {
+    channel: String,
+    payload: Vec<u8>,
+}
+
+struct Shared {
+    /// This node's id in the cluster (random per process).
+    node: String,
+    prefix: String,
+    node_ttl: Duration,
+    client: redis::Client,
+    /// For log lines: the URL without its password.
+    at: String,
+    local: OnceLock<Weak<dyn LocalDelivery>>,
+    queue: mpsc::Sender<Outgoing>,
+    interest: mpsc::UnboundedSender<Arc<str>>,
+    publishing: AtomicBool,
+    subscribed: AtomicBool,
+    nodes: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn local(&self) -> Option<Arc<dyn LocalDelivery>> {
+        self.local.get().and_then(Weak::upgrade)
+    }
+
+    fn room_channel(&self, room: &str) -> String {
+        room_channel(&self.prefix, room)
+    }
+
+    fn is_up(&self) -> bool {
+        self.publishing.load(Ordering::SeqCst) && self.subscribed.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, flag: &AtomicBool, up: bool) {
+        flag.store(up, Ordering::SeqCst);
+        self.metrics.broker_up.set(u64::from(self.is_up()));
+    }
+
+    fn outgoing(&self, p: &Publication) -> Outgoing {
+        Outgoing {
+            channel: self.room_channel(&p.room),
+            payload: encode(&self.node, p),
+        }
+    }
+
+    fn not_carried(&self, n: usize, why: &str) {
+        let before = self.metrics.broker_not_carried.get();
+        self.metrics.broker_not_carried.add(n as u64);
+        // The first of a run, then one in a thousand.
+        if before % 1000 == 0 {
+            tracing::warn!(
+                events = n,
+                "cluster broker: events not carried to other nodes: {why}"
+            );
+        }
+    }
+
+    /// A message from Redis: delivered here unless this node sent it.
+    fn receive(&self, channel: &str, payload: &[u8]) {
+        let Some(room) = channel
+            .strip_prefix(&self.prefix)
+            .and_then(|r| r.strip_prefix(":room:"))
+        else {
+            return;
+        };
+        match decode(room, payload) {
+            Ok((node, p)) => {
+                if node == self.node {
+                    return;
+                }
+                self.metrics.broker_received.inc();
+                if let Some(local) = self.local() {
+                    local.deliver_local(&p);
+                }
+            }
+            Err(e) => {
+                let n = self.metrics.broker_malformed.get();
+                self.metrics.broker_malformed.inc();
+                if n % 1000 == 0 {
+                    tracing::warn!(channel, "cluster broker: malformed message ignored: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The pub/sub channel of a room.
+pub fn room_channel(prefix: &str, room: &str) -> String {
+    format!("{prefix}:room:{room}")
+}
+
+/// The sorted set of live nodes.
+pub fn nodes_key(prefix: &str) -> String {
+    format!("{prefix}:nodes")
+}
+
+impl RedisBroker {
+    /// Starts the broker's connections (they come up in the background).
+    pub fn start(o: RedisBrokerOptions) -> Result<Self, UrlError> {
+        let client = redis::Client::open(o.url.as_str()).map_err(UrlError)?;
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let (interest, interest_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            node: crate::server::engineio::random_id(),
+            prefix: o.prefix,
+            node_ttl: o.node_ttl,
+            client,
+            at: redacted(&o.url),
+            local: OnceLock::new(),
+            queue,
+            interest,
+            publishing: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            nodes: AtomicU64::new(0),
+            metrics: o.metrics,
+        });
+        shared.metrics.broker_up.set(0);
+        let spawn = |f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+            let stop = o.shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = f => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        };
+        spawn(Box::pin(publisher(shared.clone(), rx)));
+        spawn(Box::pin(subscriber(shared.clone(), interest_rx)));
+        spawn(Box::pin(heartbeat(shared.clone())));
+        Ok(Self { shared })
+    }
+
+    /// This node's id in the cluster.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node
+    }
+}
+
+impl Broker for RedisBroker {
+    fn attach(&self, local: Weak<dyn LocalDelivery>) {
+        let _ = self.shared.local.set(local);
+    }
+
+    fn publish(&self, batch: Vec<Publication>) -> Result<(), BrokerError> {
+        let local = self.shared.local().ok_or(BrokerError::Detached)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if !self.shared.is_up() {
+            return Err(BrokerError::Down);
+        }
+        let permits = self
+            .shared
+            .queue
+            .try_reserve_many(batch.len())
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(()) => BrokerError::Full,
+                mpsc::error::TrySendError::Closed(()) => BrokerError::Down,
+            })?;
+        for (p, permit) in batch.iter().zip(permits) {
+            local.deliver_local(p);
+            permit.send(self.shared.outgoing(p));
+        }
+        Ok(())
+    }
+
+    fn publish_best_effort(&self, p: Publication) {
+        if let Some(local) = self.shared.local() {
+            local.deliver_local(&p);
+        }
+        if !self.shared.is_up() {
+            self.shared.not_carried(1, "Redis cannot be reached");
+            return;
+        }
+        if self
+            .shared
+            .queue
+            .try_send(self.shared.outgoing(&p))
+            .is_err()
+        {
+            self.shared.not_carried(1, "the queue to Redis is full");
+        }
+    }
+
+    fn interest_changed(&self, room: &str) {
+        let _ = self.shared.interest.send(room.into());
+    }
+
+    fn state(&self) -> BrokerState {
+        if self.shared.is_up() {
+            BrokerState::Up
+        } else {
+            BrokerState::Down
+        }
+    }
+
+    fn nodes(&self) -> u64 {
+        self.shared.nodes.load(Ordering::Relaxed)
+    }
+
+    fn leave(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let key = nodes_key(&self.shared.prefix);
+            let gone = async {
+                let mut conn = self
+                    .shared
+                    .client
+                    .get_multiplexed_async_connection()
+                    .await?;
+                redis::cmd("ZREM")
+                    .arg(&key)
+                    .arg(&self.shared.node)
+                    .query_async::<()>(&mut conn)
+                    .await
+            };
+            // Best effort: a node that cannot say so is counted out after
+            // node_ttl_ms.
+            let _ = tokio::time::timeout(Duration::from_secs(1), gone).await;
+        })
+    }
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
+    }
+}
+
+/// The publishing connection: what is queued goes out in order, in
+/// pipelines of what waits.
+async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
+    let mut outage = Outage::new("cluster broker (publish)", shared.at.clone());
+    let mut attempt = 0u32;
+    loop {
+        let mut conn = match timed(shared.client.get_multiplexed_async_connection()).await {
+            Ok(c) => c,
+            Err(e) => {
+                outage.down(&e);
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+                continue;
+            }
+        };
+        attempt = 0;
+        outage.up();
+        shared.set(&shared.publishing, true);
+        loop {
+            let Some(first) = rx.recv().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < PIPELINE {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let mut pipe = redis::pipe();
+            for m in &batch {
+                pipe.cmd("PUBLISH").arg(&m.channel).arg(&m.payload).ignore();
+            }
+            match timed(pipe.query_async::<()>(&mut conn)).await {
+                Ok(()) => shared.metrics.broker_carried.add(batch.len() as u64),
+                Err(e) => {
+                    shared.set(&shared.publishing, false);
+                    // What was on its way is not sent late: it is counted.
+                    let mut lost = batch.len();
+                    while rx.try_recv().is_ok() {
+                        lost += 1;
+                    }
+                    shared.not_carried(lost, "Redis failed while publishing");
+                    outage.down(&e);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The subscribing connection: the rooms this node serves, kept in step
+/// with the hub's hints, and every message delivered here.
+async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<Arc<str>>) {
+    let mut outage = Outage::new("cluster broker (subscribe)", shared.at.clone());
+    let mut wanted: HashSet<Arc<str>> = HashSet::new();
+    let mut attempt = 0u32;
+    // Whether this node serves a room now.
+    let wants = |room: &str| shared.local().is_some_and(|l| l.has_audience(room));
+    loop {
+        let pubsub = match timed(shared.client.get_async_pubsub()).await {
+            Ok(p) => p,
+            Err(e) => {
+                outage.down(&e);
+                // Keep up with the hints meanwhile.
+                let pause = tokio::time::sleep(backoff(attempt));
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        _ = &mut pause => break,
+                        room = interest.recv() => {
+                            let Some(room) = room else { return };
+                            if wants(&room) { wanted.insert(room); } else { wanted.remove(&room); }
+                        }
+                    }
+                }
+                attempt += 1;
+                continue;
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        while let Ok(room) = interest.try_recv() {
+            if wants(&room) {
+                wanted.insert(room);
+            } else {
+                wanted.remove(&room);
+            }
+        }
+        let channels: Vec<String> = wanted.iter().map(|r| shared.room_channel(r)).collect();
+        let mut ok = true;
+        for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
+            if let Err(e) = timed(sink.subscribe(chunk)).await {
+                outage.down(&e);
+                ok = false;
+                break;
+            }
+        }
+        if !ok {
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt += 1;
+            continue;
+        }
+        attempt = 0;
+        outage.up();
+        shared.metrics.broker_subscriptions.set(wanted.len() as u64);
+        shared.set(&shared.subscribed, true);
+        let lost = loop {
+            tokio::select! {
+                m = stream.next() => match m {
+                    Some(m) => shared.receive(m.get_channel_name(), m.get_payload_bytes()),
+                    None => break "the connection closed".to_owned(),
+                },
+                room = interest.recv() => {
+                    let Some(room) = room else { return };
+                    let channel = shared.room_channel(&room);
+                    let r = if wants(&room) {
+                        if wanted.insert(room) { timed(sink.subscribe(&channel)).await } else { Ok(()) }
+                    } else if wanted.remove(&room) {
+                        timed(sink.unsubscribe(&channel)).await
+                    } else {
+                        Ok(())
+                    };
+                    shared.metrics.broker_subscriptions.set(wanted.len() as u64);
+                    if let Err(e) = r {
+                        break e;
+                    }
+                }
+            }
+        };
+        shared.set(&shared.subscribed, false);
+        outage.down(&lost);
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This node's heartbeat in `<prefix>:nodes`, and the count of live nodes.
+async fn heartbeat(shared: Arc<Shared>) {
+    let key = nodes_key(&shared.prefix);
+    let ttl = shared.node_ttl.as_millis() as u64;
+    let every = (shared.node_ttl / 3).max(Duration::from_millis(100));
+    let mut attempt = 0u32;
+    loop {
+        let mut conn = match timed(shared.client.get_multiplexed_async_connection()).await {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+                continue;
+            }
+        };
+        attempt = 0;
+        loop {
+            let now = now_ms();
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .zadd(&key, &shared.node, now)
+                .ignore()
+                .zrembyscore(&key, "-inf", now.saturating_sub(ttl) as f64)
+                .ignore()
+                .zcard(&key);
+            match timed(pipe.query_async::<(u64,)>(&mut conn)).await {
+                Ok((n,)) => {
+                    shared.nodes.store(n, Ordering::Relaxed);
+                    shared.metrics.cluster_nodes.set(n);
+                }
+                Err(_) => break,
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+/// The header of a message on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+struct Header<'a> {
+    /// The publishing node.
+    #[serde(borrow)]
+    node: Cow<'a, str>,
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    /// The event's JSON data, as text.
+    #[serde(borrow)]
+    data: Cow<'a, str>,
+    /// The plugin whose attribute sets the conditions read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audience: Option<Audience>,
+}
+
+/// Why a message from Redis was not understood.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("the message is cut short")]
+    Short,
+    #[error("bad header: {0}")]
+    Header(String),
+}
+
+/// A publication as its message on the wire. The `except` of its filter
+/// stays behind: it names a connection of the publishing node, which never
+/// delivers its own messages again.
+pub fn encode(node: &str, p: &Publication) -> Vec<u8> {
+    let header = Header {
+        node: node.into(),
+        event: (*p.event).into(),
+        data: (*p.data).into(),
+        owner: p.filter.owner.as_deref().map(str::to_owned),
+        conditions: p.filter.conditions.to_vec(),
+        audience: p.filter.audience.as_deref().cloned(),
+    };
+    let header = serde_json::to_vec(&header).unwrap_or_default();
+    let size = 8 + header.len() + p.attachments.iter().map(|a| 4 + a.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&(p.attachments.len() as u32).to_le_bytes());
+    for a in p.attachments.iter() {
+        out.extend_from_slice(&(a.len() as u32).to_le_bytes());
+        out.extend_from_slice(a);
+    }
+    out
+}
+
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], DecodeError> {
+    if buf.len() < n {
+        return Err(DecodeError::Short);
+    }
+    let (head, rest) = buf.split_at(n);
+    *buf = rest;
+    Ok(head)
+}
+
+fn take_u32(buf: &mut &[u8]) -> Result<usize, DecodeError> {
+    let b = take(buf, 4)?;
+    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+}
+
+/// A message of room `room`: the publishing node and the publication.
+pub fn decode(room: &str, payload: &[u8]) -> Result<(String, Publication), DecodeError> {
+    let mut buf = payload;
+    let n = take_u32(&mut buf)?;
+    let header: Header<'_> = serde_json::from_slice(take(&mut buf, n)?)
+        .map_err(|e| DecodeError::Header(e.to_string()))?;
+    let count = take_u32(&mut buf)?;
+    // Each attachment takes at least its length's four bytes.
+    if count > buf.len() / 4 {
+        return Err(DecodeError::Short);
+    }
+    let mut attachments = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = take_u32(&mut buf)?;
+        attachments.push(take(&mut buf, len)?.to_vec());
+    }
+    let p = Publication {
+        room: room.into(),
+        event: header.event.as_ref().into(),
+        data: header.data.as_ref().into(),
+        attachments: attachments.into(),
+        filter: Filter {
+            except: None,
+            owner: header.owner.map(Into::into),
+            conditions: header.conditions.into(),
+            audience: header.audience.map(Arc::new),
+        },
+    };
+    Ok((header.node.into_owned(), p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication() -> Publication {
+        Publication {
+            room: "chat:1".into(),
+            event: "message".into(),
+            data: r#"{"text":"hé \"quoted\""}"#.into(),
+            attachments: vec![vec![1, 2, 3], vec![], vec![0xff; 300]].into(),
+            filter: Filter {
+                except: Some((7, "/chat".into())),
+                owner: Some("mew".into()),
+                conditions: vec![Condition {
+                    attribute: "rel".into(),
+                    keys: vec!["m:u1".into()],
+                    exclude: true,
+                }]
+                .into(),
+                audience: Some(Arc::new(Audience {
+                    users: vec!["u2".into()],
+                    holding: Some(("rel".into(), "f:u3".into())),
+                })),
+            },
+        }
+    }
+
+    #[test]
+    fn a_publication_crosses_the_wire_whole_but_its_except() {
+        let p = publication();
+        let bytes = encode("node-a", &p);
+        let (node, q) = decode("chat:1", &bytes).unwrap();
+        assert_eq!(node, "node-a");
+        assert_eq!(
+            (&*q.room, &*q.event, &*q.data),
+            ("chat:1", "message", &*p.data)
+        );
+        assert_eq!(q.attachments, p.attachments);
+        assert_eq!(q.filter.owner.as_deref(), Some("mew"));
+        assert_eq!(q.filter.conditions, p.filter.conditions);
+        assert_eq!(q.filter.audience.as_deref(), p.filter.audience.as_deref());
+        assert_eq!(
+            q.filter.except, None,
+            "a connection of the publishing node only"
+        );
+    }
+
+    #[test]
+    fn a_damaged_message_is_an_error_not_a_panic() {
+        let bytes = encode("n", &publication());
+        for cut in [0, 3, 4, 10, bytes.len() - 1] {
+            assert!(decode("r", &bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut lying = bytes.clone();
+        lying[0] = 0xff;
+        assert!(decode("r", &lying).is_err());
+        // A count of attachments larger than what follows.
+        let mut many = encode(
+            "n",
+            &Publication {
+                attachments: Arc::from(Vec::new()),
+                ..publication()
+            },
+        );
+        let at = many.len() - 4;
+        many[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode("r", &many).unwrap_err(), DecodeError::Short);
+    }
+
+    #[test]
+    fn names_live_under_the_prefix() {
+        assert_eq!(
+            room_channel("chanhost", "mk:main:u1"),
+            "chanhost:room:mk:main:u1"
+        );
+        assert_eq!(nodes_key("prod"), "prod:nodes");
+    }
+}

@@ -1,0 +1,145 @@
+// Several chanhost processes on one real redis-server ([cluster]):
+// publishes reach every node's members exactly once and in order, filters
+// travel with the event, a node reads only the rooms it serves, and Redis
+// lost (or absent at start) refuses API publishes with 503 while local
+// delivery goes on, until Redis is back.
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { startHost, startRedis, rawStream, sendJson, frame, until, metrics, API_KEY } from './helpers.mjs';
+
+let prefixes = 0;
+const clusterConfig = (redis, extra = '') => `[cluster]\nredis = "${redis.url}"\nprefix = "t${process.pid}-${++prefixes}"\nnode_ttl_ms = 1000\n${extra}`;
+
+/** A raw Misskey stream with a probe instance `p` in `room`. */
+async function member(host, room, params = {}) {
+  const ws = await rawStream(host);
+  sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p', params: { room, ...params }, pong: true } });
+  await frame(ws, (f) => f.type === 'connected');
+  return ws;
+}
+
+const events = (ws, type) => ws.frames.map((t) => JSON.parse(t)).filter((f) => f.type === 'channel' && f.body.type === type).map((f) => f.body.body);
+const subscriptions = async (host) => (await metrics(host.url)).chanhost_broker_subscriptions;
+const health = async (host) => (await fetch(`${host.url}/healthz`)).json();
+const post = (host, body) => fetch(`${host.url}/api/publish`, {
+  method: 'POST',
+  headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+  body: JSON.stringify(body),
+});
+
+describe('a cluster on Redis', () => {
+  let redis;
+  before(async () => { redis = await startRedis(); });
+  after(async () => { await redis?.stop(); });
+
+  test('API publishes and plugin broadcasts reach every node\'s members once, in order; a node reads only the rooms it serves', async () => {
+    const config = clusterConfig(redis);
+    const [a, b, c] = await Promise.all([0, 1, 2].map(() => startHost({ plugins: ['probe'], config })));
+    try {
+      await until(async () => (await health(a)).cluster.nodes === 3, 10000, 'three nodes');
+      assert.equal((await health(a)).cluster.redis, 'up');
+      const onA = await member(a, 'r');
+      const onB = await member(b, 'r');
+      const onB2 = await member(b, 'r');
+      const onC = await member(c, 'other');
+      // Each node subscribed to its rooms (and `broadcast`, every Misskey stream's).
+      await until(async () => (await subscriptions(a)) === 2 && (await subscriptions(b)) === 2 && (await subscriptions(c)) === 2, 10000, 'subscribed');
+      const before = (await metrics(c.url))['chanhost_broker_events_total{result="received"}'];
+      const batch = Array.from({ length: 20 }, (_, i) => ({ room: 'r', event: 'n', data: i }));
+      assert.equal((await post(a, batch)).status, 200);
+      // Then one for C's room, published after: when C has it, it has
+      // seen everything before it that it was subscribed to.
+      assert.equal((await post(a, { room: 'other', event: 'n', data: 'last' })).status, 200);
+      await until(() => [onA, onB, onB2].every((ws) => events(ws, 'n').length === 20), 10000, 'twenty everywhere');
+      await frame(onC, (f) => f.body?.type === 'n');
+      const want = Array.from({ length: 20 }, (_, i) => i);
+      for (const ws of [onA, onB, onB2]) assert.deepEqual(events(ws, 'n'), want);
+      assert.deepEqual(events(onC, 'n'), ['last']);
+      assert.equal((await metrics(c.url))['chanhost_broker_events_total{result="received"}'] - before, 1, 'C read only its own room');
+
+      // A plugin broadcast from B (outside `event`): everyone in the room once, the sender excepted.
+      sendJson(onB, { type: 'ch', body: { id: 'p', type: 'broadcast', body: { room: 'r', event: 'b', data: { from: 'B' }, exceptSelf: true } } });
+      await until(() => events(onA, 'b').length === 1 && events(onB2, 'b').length === 1, 10000, 'the broadcast on both nodes');
+      assert.deepEqual(events(onA, 'b'), [{ from: 'B' }]);
+      assert.equal(events(onB, 'b').length, 0, 'the sender excepted');
+    } finally {
+      await Promise.all([a, b, c].map((h) => h.stop()));
+    }
+  });
+
+  test('conditions and note audiences travel with the event and are evaluated where the members are', async () => {
+    const config = clusterConfig(redis);
+    const [a, b] = await Promise.all([0, 1].map(() => startHost({ plugins: ['probe'], config })));
+    try {
+      const tagged = await member(b, 'f');
+      const plain = await member(b, 'f');
+      sendJson(tagged, { type: 'ch', body: { id: 'p', type: 'attr', body: { name: 'tags', values: ['x'] } } });
+      await frame(tagged, (f) => f.body?.type === 'attr-set');
+      const sender = await member(a, 'f');
+      await until(async () => (await subscriptions(b)) === 2, 10000, 'B subscribed');
+      sendJson(sender, {
+        type: 'ch',
+        body: { id: 'p', type: 'fbroadcast', body: { room: 'f', event: 'only', data: 1, conditions: [{ attribute: 'tags', keys: ['x'], exclude: false }] } },
+      });
+      sendJson(sender, { type: 'ch', body: { id: 'p', type: 'broadcast', body: { room: 'f', event: 'all', data: 2 } } });
+      await until(() => events(plain, 'all').length === 1 && events(tagged, 'all').length === 1, 10000, 'the unfiltered one');
+      assert.deepEqual(events(tagged, 'only'), [1]);
+      assert.deepEqual(events(plain, 'only'), [], 'the condition held on the receiving node');
+    } finally {
+      await Promise.all([a, b].map((h) => h.stop()));
+    }
+  });
+
+  test('Redis unreachable at start: the node serves locally, reports down, refuses API publishes with 503; when Redis comes, cross-node delivery starts by itself', async () => {
+    const late = await startRedis();
+    await late.stop();
+    const config = clusterConfig(late);
+    const [a, b] = await Promise.all([0, 1].map(() => startHost({ plugins: ['probe'], config })));
+    try {
+      const h = await health(a);
+      assert.equal(h.status, 'ok');
+      assert.equal(h.cluster.redis, 'down');
+      assert.equal((await metrics(a.url)).chanhost_broker_up, 0);
+      const onA = await member(a, 'r');
+      const onA2 = await member(a, 'r');
+      const onB = await member(b, 'r');
+      const r = await post(a, { room: 'r', event: 'api', data: 1 });
+      assert.equal(r.status, 503);
+      assert.match((await r.json()).error, /Redis cannot be reached: nothing was published/);
+      // A plugin broadcast still reaches this node's members, and is counted.
+      sendJson(onA, { type: 'ch', body: { id: 'p', type: 'broadcast', body: { room: 'r', event: 'local', data: 1 } } });
+      await frame(onA2, (f) => f.body?.type === 'local');
+      assert.ok((await metrics(a.url))['chanhost_broker_events_total{result="not_carried"}'] >= 1);
+      assert.equal(events(onA, 'api').length + events(onA2, 'api').length, 0, 'a refused publish is delivered nowhere');
+
+      await late.start();
+      await until(async () => (await health(a)).cluster.redis === 'up' && (await health(b)).cluster.redis === 'up', 15000, 'both nodes up');
+      await until(async () => (await subscriptions(b)) === 2, 10000, 'B subscribed again');
+      assert.equal((await post(a, { room: 'r', event: 'api', data: 2 })).status, 200);
+      await frame(onB, (f) => f.body?.type === 'api');
+      assert.deepEqual(events(onB, 'api'), [2]);
+      assert.deepEqual(events(onB, 'local'), [], 'nothing sent late');
+    } finally {
+      await Promise.all([a, b].map((h) => h.stop()));
+      await late.stop();
+    }
+  });
+
+  test('a node that stops leaves the count at once; one killed (SIGKILL) is gone within node_ttl_ms', async () => {
+    const config = clusterConfig(redis);
+    const [a, b, c] = await Promise.all([0, 1, 2].map(() => startHost({ plugins: ['probe'], config })));
+    try {
+      await until(async () => (await health(a)).cluster.nodes === 3, 10000, 'three nodes');
+      await b.stop();
+      await until(async () => (await health(a)).cluster.nodes === 2, 2000, 'two nodes');
+      const killed = once(c.proc, 'exit');
+      c.proc.kill('SIGKILL');
+      await killed;
+      await until(async () => (await health(a)).cluster.nodes === 1, 5000, 'one node');
+      assert.equal((await metrics(a.url)).chanhost_cluster_nodes, 1);
+    } finally {
+      await Promise.all([a, b, c].map((h) => h.stop()));
+    }
+  });
+});
