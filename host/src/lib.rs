@@ -8,7 +8,8 @@
 //! - [`hub`]: connections, instances, rooms, attributes, filters, fan-out
 //!   (protocol-neutral).
 //! - [`plugin`]: the wasmtime runtime, registry, hot reload.
-//! - [`broker`]: how publishes reach every node (in-memory by default).
+//! - [`broker`]: how publishes reach every node (in-memory by default);
+//!   [`presence`]: who is online, on one node or across the cluster.
 //! - [`node`]: owns all of the above for one process.
 //! - [`server`]: the HTTP server, admission of clients, the WebSocket wire,
 //!   Misskey and Socket.IO sessions; [`api`]: publish and operations.
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbound;
 pub mod plugin;
+pub mod presence;
 pub mod protocol;
 pub mod pubsub;
 pub mod scaffold;

@@ -126,6 +126,46 @@ describe('a cluster on Redis', () => {
     }
   });
 
+  test('presence is cluster-wide: a user online on two nodes is announced once, offline when the last connection anywhere closes, and a dead node\'s users go offline', async () => {
+    const config = clusterConfig(redis);
+    const [a, b, c] = await Promise.all([0, 1, 2].map(() => startHost({ plugins: ['probe'], config })));
+    try {
+      await until(async () => (await health(a)).cluster.nodes === 3, 10000, 'three nodes');
+      const watchA = await member(a, 'chanhost:presence');
+      const watchB = await member(b, 'chanhost:presence');
+      await until(async () => (await subscriptions(a)) === 2 && (await subscriptions(b)) === 2, 10000, 'watchers subscribed');
+      const said = (ws) => ws.frames.map((t) => JSON.parse(t)).filter((f) => f.type === 'channel' && ['online', 'offline'].includes(f.body.type) && f.body.body.userId === 'alice').map((f) => f.body.type);
+      const tab1 = await rawStream(a, '?i=tok-alice');
+      await until(() => said(watchA).length === 1 && said(watchB).length === 1, 10000, 'online on both nodes');
+      const tab2 = await rawStream(b, '?i=tok-alice');
+      // The plugin's view: online-users lists the cluster.
+      sendJson(watchA, { type: 'ch', body: { id: 'p', type: 'online', body: null } });
+      assert.deepEqual((await frame(watchA, (f) => f.body?.type === 'online' && Array.isArray(f.body.body))).body.body, ['alice']);
+      tab1.close();
+      // Bob's arrival after: once both watchers see it, alice's tab1 close
+      // has been processed (one task per node applies changes in order).
+      const bob = await rawStream(a, '?i=tok-bob');
+      const bobOnline = (ws) => ws.frames.some((t) => { const f = JSON.parse(t); return f.body?.type === 'online' && f.body.body?.userId === 'bob'; });
+      await until(() => bobOnline(watchA) && bobOnline(watchB), 10000, 'bob online');
+      assert.deepEqual([said(watchA), said(watchB)], [['online'], ['online']], 'still online: a tab is open on B');
+      tab2.close();
+      await until(() => said(watchA).length === 2 && said(watchB).length === 2, 10000, 'offline on both nodes');
+      assert.deepEqual(said(watchA), ['online', 'offline']);
+      bob.close();
+
+      // Alice only on C, which dies: the others take her offline.
+      await rawStream(c, '?i=tok-alice');
+      await until(() => said(watchA).length === 3, 10000, 'online again');
+      const killed = once(c.proc, 'exit');
+      c.proc.kill('SIGKILL');
+      await killed;
+      await until(() => said(watchA).length === 4 && said(watchB).length === 4, 10000, 'offline after the node died');
+      assert.deepEqual(said(watchB), ['online', 'offline', 'online', 'offline']);
+    } finally {
+      await Promise.all([a, b, c].map((h) => h.stop()));
+    }
+  });
+
   test('a node that stops leaves the count at once; one killed (SIGKILL) is gone within node_ttl_ms', async () => {
     const config = clusterConfig(redis);
     const [a, b, c] = await Promise.all([0, 1, 2].map(() => startHost({ plugins: ['probe'], config })));

@@ -9,9 +9,10 @@
 //!   the nodes that deliver them. Nothing is stored.
 //! - `<prefix>:nodes` — a sorted set: node id → the time (ms since the
 //!   epoch) of its last heartbeat, written every `node_ttl_ms / 3`.
-//!   Entries older than `node_ttl_ms` are removed by any node that sees
-//!   them; `/healthz` counts the rest. One entry per node: a few dozen
-//!   bytes.
+//!   An entry older than `node_ttl_ms` is removed by the first node to see
+//!   it (`ZREM` answers 1 to one of them), which then cleans up after the
+//!   dead node (its presence); `/healthz` counts the rest. One entry per
+//!   node: a few dozen bytes.
 //!
 //! A message is `[u32 header length][header JSON][u32 count]([u32
 //! length][bytes])*` (lengths little-endian): the header names the
@@ -72,6 +73,9 @@ pub struct RedisBroker {
     shared: Arc<Shared>,
 }
 
+/// What [`RedisBroker::on_node_gone`] calls, with a dead node's id.
+pub type NodeGone = Box<dyn Fn(&str) + Send + Sync>;
+
 struct Outgoing {
     channel: String,
     payload: Vec<u8>,
@@ -92,6 +96,9 @@ struct Shared {
     subscribed: AtomicBool,
     nodes: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Told of each dead node this node claimed (to clean up after it):
+    /// called with the node's id.
+    gone: OnceLock<NodeGone>,
 }
 
 impl Shared {
@@ -189,6 +196,7 @@ impl RedisBroker {
             subscribed: AtomicBool::new(false),
             nodes: AtomicU64::new(0),
             metrics: o.metrics,
+            gone: OnceLock::new(),
         });
         shared.metrics.broker_up.set(0);
         let spawn = |f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
@@ -209,6 +217,13 @@ impl RedisBroker {
     /// This node's id in the cluster.
     pub fn node_id(&self) -> &str {
         &self.shared.node
+    }
+
+    /// Calls `f` with the id of each dead node (no heartbeat for
+    /// `node_ttl_ms`) this node takes out of the cluster: one node claims
+    /// each. Set once.
+    pub fn on_node_gone(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.shared.gone.set(Box::new(f));
     }
 }
 
@@ -462,15 +477,32 @@ async fn heartbeat(shared: Arc<Shared>) {
         attempt = 0;
         loop {
             let now = now_ms();
+            let stale = now.saturating_sub(ttl) as f64;
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .zadd(&key, &shared.node, now)
+            pipe.zadd(&key, &shared.node, now)
                 .ignore()
-                .zrembyscore(&key, "-inf", now.saturating_sub(ttl) as f64)
-                .ignore()
-                .zcard(&key);
-            match timed(pipe.query_async::<(u64,)>(&mut conn)).await {
-                Ok((n,)) => {
+                .zrangebyscore(&key, "-inf", stale);
+            let dead = match timed(pipe.query_async::<(Vec<String>,)>(&mut conn)).await {
+                Ok((dead,)) => dead,
+                Err(_) => break,
+            };
+            for d in dead {
+                let claimed = timed(
+                    redis::cmd("ZREM")
+                        .arg(&key)
+                        .arg(&d)
+                        .query_async::<u64>(&mut conn),
+                )
+                .await;
+                if claimed == Ok(1) {
+                    tracing::info!(node = %d, "cluster node gone (no heartbeat); cleaning up after it");
+                    if let Some(f) = shared.gone.get() {
+                        f(&d);
+                    }
+                }
+            }
+            match timed(redis::cmd("ZCARD").arg(&key).query_async::<u64>(&mut conn)).await {
+                Ok(n) => {
                     shared.nodes.store(n, Ordering::Relaxed);
                     shared.metrics.cluster_nodes.set(n);
                 }

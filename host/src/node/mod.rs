@@ -30,6 +30,7 @@ use crate::metrics::{Metrics, NodeFigures, PluginFigures};
 use crate::plugin::engine::PluginError;
 use crate::plugin::kv::KvStore;
 use crate::plugin::{DisconnectReason, HostServices, InstanceRef, PluginEngine, Registry};
+use crate::presence::{MemoryPresence, Presence, RedisPresence};
 
 mod folder;
 pub mod instances;
@@ -41,9 +42,7 @@ pub use instances::{OpenInstance, Opened};
 /// The room where the host announces presence changes: event `online`
 /// when a user's first connection is identified, `offline` when their last
 /// one closes, data `{"userId": ...}`. Plugins listen to it.
-pub const PRESENCE_ROOM: &str = "chanhost:presence";
-const PRESENCE_ONLINE: &str = "online";
-const PRESENCE_OFFLINE: &str = "offline";
+pub use crate::presence::PRESENCE_ROOM;
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +67,8 @@ pub enum NodeError {
 /// One host process.
 pub struct Node {
     config: Config,
+    /// Who is online (this node, or the cluster).
+    presence: Box<dyn Presence>,
     hub: Hub,
     auth: Authenticator,
     metrics: Arc<Metrics>,
@@ -87,6 +88,7 @@ impl Node {
         let engine = PluginEngine::new(&config.plugin_runtime, Some(config.cache_dir.clone()))?;
         let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
+        let mut redis_broker = None;
         let broker: Arc<dyn Broker> = match &config.cluster {
             None => {
                 metrics.broker_up.set(1);
@@ -102,7 +104,9 @@ impl Node {
                 })
                 .map_err(|e| NodeError::Cluster(e.to_string()))?;
                 tracing::info!(node = b.node_id(), redis = %crate::pubsub::redacted(&c.redis), prefix = %c.prefix, "cluster node");
-                Arc::new(b)
+                let b = Arc::new(b);
+                redis_broker = Some(b.clone());
+                b
             }
         };
         let tables: HashMap<String, String> = config
@@ -110,9 +114,42 @@ impl Node {
             .keys()
             .map(|k| (k.clone(), config.plugin_table_json(k)))
             .collect();
+        let mut presence_error = None;
         let node = Arc::new_cyclic(|weak: &Weak<Node>| {
             let services: Weak<dyn HostServices> = weak.clone();
+            let announcer = weak.clone();
+            let announce: crate::presence::Announce = Box::new(move |user, event| {
+                if let Some(n) = announcer.upgrade() {
+                    n.presence_changed(user, event);
+                }
+            });
+            let presence: Box<dyn Presence> = match (&config.cluster, &redis_broker) {
+                (Some(c), Some(b)) => {
+                    let here = weak.clone();
+                    let started =
+                        RedisPresence::start(crate::presence::redis::RedisPresenceOptions {
+                            url: c.redis.clone(),
+                            prefix: c.prefix.clone(),
+                            node: b.node_id().to_owned(),
+                            announce,
+                            here: Box::new(move || {
+                                here.upgrade().map_or_else(Vec::new, |n| {
+                                    n.hub.online_users().iter().map(|u| u.to_string()).collect()
+                                })
+                            }),
+                        });
+                    match started {
+                        Ok(p) => Box::new(p),
+                        Err(e) => {
+                            presence_error = Some(e.to_string());
+                            Box::new(MemoryPresence::new(Box::new(|_, _| {})))
+                        }
+                    }
+                }
+                _ => Box::new(MemoryPresence::new(announce)),
+            };
             Node {
+                presence,
                 auth: Authenticator::new(&config),
                 hub: Hub::new(metrics.clone()),
                 metrics,
@@ -125,8 +162,19 @@ impl Node {
                 config,
             }
         });
+        if let Some(e) = presence_error {
+            return Err(NodeError::Cluster(e));
+        }
         let local: Weak<dyn LocalDelivery> = Arc::downgrade(&node) as Weak<Node>;
         broker.attach(local);
+        if let Some(b) = &redis_broker {
+            let n = Arc::downgrade(&node);
+            b.on_node_gone(move |dead| {
+                if let Some(n) = n.upgrade() {
+                    n.presence.node_gone(dead);
+                }
+            });
+        }
         if node.config.cluster.is_some() {
             let b = broker.clone();
             node.hub.observe_rooms(move |room| b.interest_changed(room));
@@ -177,7 +225,7 @@ impl Node {
     pub fn open_conn(&self, conn: Arc<ConnHandle>) {
         let user = conn.identity().map(|i| i.user_id.clone());
         if self.hub.register(conn) == 1 {
-            self.presence_changed(user.as_deref().unwrap_or_default(), PRESENCE_ONLINE);
+            self.presence.arrived(user.as_deref().unwrap_or_default());
         }
     }
 
@@ -191,11 +239,12 @@ impl Node {
         let user = identity.user_id.clone();
         let n = self.hub.identify(id, identity)?;
         if n == 1 {
-            self.presence_changed(&user, PRESENCE_ONLINE);
+            self.presence.arrived(&user);
         }
         Ok(n)
     }
 
+    /// Announces a presence change in `chanhost:presence`.
     fn presence_changed(&self, user: &str, event: &str) {
         let data = serde_json::json!({ "userId": user }).to_string();
         self.publish(PRESENCE_ROOM, event, data.into());
@@ -218,7 +267,7 @@ impl Node {
             }
         }
         if let Some(user) = gone.went_offline {
-            self.presence_changed(&user, PRESENCE_OFFLINE);
+            self.presence.left(&user);
         }
     }
 
@@ -293,6 +342,17 @@ impl Node {
     /// Takes this node out of the cluster's count (on shutdown).
     pub async fn leave_cluster(&self) {
         self.broker.leave().await;
+    }
+
+    /// Users online (on this node, or across the cluster).
+    pub fn online_users(&self) -> Vec<String> {
+        let here = self
+            .hub
+            .online_users()
+            .iter()
+            .map(|u| u.to_string())
+            .collect();
+        self.presence.online_users(here)
     }
 
     /// The cluster broker's state and the number of live nodes.

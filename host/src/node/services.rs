@@ -258,11 +258,7 @@ impl HostServices for Node {
     }
 
     fn online_users(&self) -> Vec<String> {
-        self.hub
-            .online_users()
-            .iter()
-            .map(|u| u.to_string())
-            .collect()
+        Node::online_users(self)
     }
 
     fn verify_token(&self, token: &str) -> Result<crate::auth::Identity, crate::auth::AuthError> {

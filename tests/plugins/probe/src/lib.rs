@@ -21,6 +21,7 @@
 //! - `attr {name, values}` / `attr-update {name, add, remove}` -> sets this
 //!   connection's attribute set, then `attr-set`
 //! - `fbroadcast {room, event, data, conditions}` -> a filtered broadcast
+//! - `online` -> `online [user ids]` (`host::online_users`)
 //!
 //! - `fetch {url}` -> `host::fetch` (GET); the answer comes back as
 //!   `fetched {status, body}` or `fetched {error}`
@@ -286,6 +287,7 @@ impl Guest for Probe {
                 host::set_timer(&key, ms);
             }
             "cancel-timer" => host::cancel_timer(str_of(&body, "key")),
+            "online" => reply("online", j!(host::online_users())),
             "poke" => {
                 let conn = body.get("connection").and_then(Value::as_u64).unwrap_or(0);
                 host::send(&instance(conn, str_of(&body, "id")), "poked", &json("true"));
