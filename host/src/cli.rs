@@ -94,6 +94,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// `node.plugins()`).
 pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
     let listen = node.config().listen;
+    node.join_cluster().await;
     node.load_plugins().await?;
     node.spawn_watcher()?;
     crate::server::misskey::stats::spawn(Arc::downgrade(&node));

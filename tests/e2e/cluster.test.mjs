@@ -43,6 +43,15 @@ describe('a cluster on Redis', () => {
       const onB = await member(b, 'r');
       const onB2 = await member(b, 'r');
       const onC = await member(c, 'other');
+      // Connection ids are unique across the cluster (plugins key shared
+      // state by them), and safe as JavaScript numbers.
+      const ids = [];
+      for (const ws of [onA, onB, onB2, onC]) {
+        sendJson(ws, { type: 'ch', body: { id: 'p', type: 'whoami', body: null } });
+        ids.push((await frame(ws, (f) => f.body?.type === 'whoami')).body.body.connection);
+      }
+      assert.equal(new Set(ids).size, 4, `distinct: ${ids}`);
+      assert.ok(ids.every(Number.isSafeInteger));
       // Each node subscribed to its rooms (and `broadcast`, every Misskey stream's).
       await until(async () => (await subscriptions(a)) === 2 && (await subscriptions(b)) === 2 && (await subscriptions(c)) === 2, 10000, 'subscribed');
       const before = (await metrics(c.url))['chanhost_broker_events_total{result="received"}'];
@@ -163,6 +172,39 @@ describe('a cluster on Redis', () => {
       assert.deepEqual(said(watchB), ['online', 'offline', 'online', 'offline']);
     } finally {
       await Promise.all([a, b, c].map((h) => h.stop()));
+    }
+  });
+
+  test('the plugin key-value store is one for the cluster: kv-incr is atomic across nodes, the API reads the same value everywhere, and it outlives every node', async () => {
+    const config = clusterConfig(redis);
+    const [a, b] = await Promise.all([0, 1].map(() => startHost({ plugins: ['probe'], config })));
+    const kvOf = async (h) => (await (await fetch(`${h.url}/api/plugins/probe/kv/count`, { headers: { authorization: `Bearer ${API_KEY}` } })).json()).value;
+    try {
+      const onA = await member(a, 'kv');
+      const onB = await member(b, 'kv');
+      for (let i = 0; i < 10; i++) {
+        sendJson(onA, { type: 'ch', body: { id: 'p', type: 'kv-incr', body: { key: 'count', delta: 1 } } });
+        sendJson(onB, { type: 'ch', body: { id: 'p', type: 'kv-incr', body: { key: 'count', delta: 2 } } });
+      }
+      await until(() => events(onA, 'kv-incr').length === 10 && events(onB, 'kv-incr').length === 10, 10000, 'twenty increments');
+      // Every answer distinct: no increment was lost between the nodes.
+      const all = [...events(onA, 'kv-incr'), ...events(onB, 'kv-incr')];
+      assert.equal(new Set(all).size, 20);
+      assert.equal(Math.max(...all), 30);
+      assert.deepEqual([await kvOf(a), await kvOf(b)], [30, 30]);
+      // Private keys (`_...`: tokens, bookkeeping) stay on their node.
+      sendJson(onA, { type: 'ch', body: { id: 'p', type: 'kv-incr', body: { key: '_mine', delta: 1 } } });
+      sendJson(onB, { type: 'ch', body: { id: 'p', type: 'kv-incr', body: { key: '_mine', delta: 1 } } });
+      await until(() => events(onA, 'kv-incr').length === 11 && events(onB, 'kv-incr').length === 11, 10000, 'private increments');
+      assert.deepEqual([events(onA, 'kv-incr')[10], events(onB, 'kv-incr')[10]], [1, 1]);
+    } finally {
+      await Promise.all([a, b].map((h) => h.stop()));
+    }
+    const later = await startHost({ plugins: ['probe'], config });
+    try {
+      assert.equal(await kvOf(later), 30, 'kept in Redis across restarts');
+    } finally {
+      await later.stop();
     }
   });
 

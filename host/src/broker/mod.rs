@@ -102,6 +102,14 @@ pub trait Broker: Send + Sync {
     fn nodes(&self) -> u64 {
         1
     }
+    /// A number no other node of the cluster was given (from Redis), for
+    /// connection ids unique across the cluster; none for one node (or
+    /// when Redis cannot be reached).
+    fn node_number(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>> {
+        Box::pin(async { None })
+    }
     /// Takes this node out of the cluster (on shutdown).
     fn leave(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async {})

@@ -7,6 +7,9 @@
 //!   SUBSCRIBEs to it while the room has members or listeners there and
 //!   UNSUBSCRIBEs when the last one leaves, so a room's events reach only
 //!   the nodes that deliver them. Nothing is stored.
+//! - `<prefix>:node-seq` — a counter: each node takes a number from it at
+//!   start, the upper bits of its connection ids, so that ids are unique
+//!   across the cluster (plugins key shared state by them).
 //! - `<prefix>:nodes` — a sorted set: node id → the time (ms since the
 //!   epoch) of its last heartbeat, written every `node_ttl_ms / 3`.
 //!   An entry older than `node_ttl_ms` is removed by the first node to see
@@ -287,6 +290,26 @@ impl Broker for RedisBroker {
 
     fn nodes(&self) -> u64 {
         self.shared.nodes.load(Ordering::Relaxed)
+    }
+
+    fn node_number(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>> {
+        Box::pin(async move {
+            let key = format!("{}:node-seq", self.shared.prefix);
+            let n = async {
+                let mut conn = self
+                    .shared
+                    .client
+                    .get_multiplexed_async_connection()
+                    .await?;
+                redis::cmd("INCR")
+                    .arg(&key)
+                    .query_async::<u64>(&mut conn)
+                    .await
+            };
+            timed(n).await.ok()
+        })
     }
 
     fn leave(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {

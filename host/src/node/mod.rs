@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::hub::{ConnHandle, ConnId, Filter, Hub, SharedEvent};
 use crate::metrics::{Metrics, NodeFigures, PluginFigures};
 use crate::plugin::engine::PluginError;
-use crate::plugin::kv::KvStore;
+use crate::plugin::kv::{KvStore, MemoryKv, RedisKv};
 use crate::plugin::{DisconnectReason, HostServices, InstanceRef, PluginEngine, Registry};
 use crate::presence::{MemoryPresence, Presence, RedisPresence};
 
@@ -76,7 +76,7 @@ pub struct Node {
     plugins: Registry,
     /// Client connection caps (`[limits] max_connections`, per address).
     admission: Arc<crate::server::admission::Admission>,
-    kv: KvStore,
+    kv: Box<dyn KvStore>,
     /// Cancelled on SIGTERM/SIGINT: sessions close with 1001.
     shutdown: CancellationToken,
     next_conn: AtomicU64,
@@ -114,6 +114,12 @@ impl Node {
             .keys()
             .map(|k| (k.clone(), config.plugin_table_json(k)))
             .collect();
+        let kv: Box<dyn KvStore> = match &config.cluster {
+            Some(c) => Box::new(
+                RedisKv::new(&c.redis, &c.prefix).map_err(|e| NodeError::Cluster(e.to_string()))?,
+            ),
+            None => Box::new(MemoryKv::default()),
+        };
         let mut presence_error = None;
         let node = Arc::new_cyclic(|weak: &Weak<Node>| {
             let services: Weak<dyn HostServices> = weak.clone();
@@ -156,7 +162,7 @@ impl Node {
                 broker: broker.clone(),
                 plugins: Registry::new(engine, services, tables),
                 admission: crate::server::admission::Admission::of(&config.limits),
-                kv: KvStore::default(),
+                kv,
                 shutdown,
                 next_conn: AtomicU64::new(1),
                 config,
@@ -337,6 +343,31 @@ impl Node {
             plugins,
         };
         crate::metrics::render(&self.metrics, &figures)
+    }
+
+    /// In a cluster: takes a node number from Redis, so this node's
+    /// connection ids (`number << 32 | n`, below 2^53 for JavaScript
+    /// plugins) are unique across the cluster. Called before the node
+    /// serves; without Redis a random number is taken (and said).
+    pub async fn join_cluster(&self) {
+        if self.config.cluster.is_none() {
+            return;
+        }
+        let number = match self.broker.node_number().await {
+            Some(n) => n,
+            None => {
+                let mut b = [0u8; 8];
+                let _ = getrandom::fill(&mut b);
+                tracing::warn!("cluster: Redis cannot be reached for a node number; connection ids use a random one (unique with high probability)");
+                u64::from_le_bytes(b)
+            }
+        };
+        let number = (number % ((1 << 21) - 1)) + 1;
+        self.next_conn.store((number << 32) | 1, Ordering::Relaxed);
+        tracing::info!(
+            number,
+            "cluster node number (connection ids start at number << 32)"
+        );
     }
 
     /// Takes this node out of the cluster's count (on shutdown).

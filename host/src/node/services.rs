@@ -265,7 +265,7 @@ impl HostServices for Node {
         self.auth.verify(token)
     }
 
-    fn kv(&self) -> &KvStore {
-        &self.kv
+    fn kv(&self) -> &dyn KvStore {
+        &*self.kv
     }
 }

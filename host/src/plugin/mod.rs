@@ -222,7 +222,7 @@ pub trait HostServices: Send + Sync {
     fn online_users(&self) -> Vec<String>;
     /// Checks a token with the configured auth providers.
     fn verify_token(&self, token: &str) -> Result<Identity, crate::auth::AuthError>;
-    fn kv(&self) -> &kv::KvStore;
+    fn kv(&self) -> &dyn kv::KvStore;
 }
 
 /// Why a plugin could not identify a connection (the WIT's `set-identity`
@@ -245,7 +245,7 @@ pub enum IdentityError {
 /// every effect is dropped, the key-value store is private.
 #[derive(Default)]
 pub struct DetachedServices {
-    kv: kv::KvStore,
+    kv: kv::MemoryKv,
 }
 
 impl HostServices for DetachedServices {
@@ -300,7 +300,7 @@ impl HostServices for DetachedServices {
             "no auth providers outside a running host".into(),
         ))
     }
-    fn kv(&self) -> &kv::KvStore {
+    fn kv(&self) -> &dyn kv::KvStore {
         &self.kv
     }
 }

@@ -22,6 +22,7 @@
 //!   connection's attribute set, then `attr-set`
 //! - `fbroadcast {room, event, data, conditions}` -> a filtered broadcast
 //! - `online` -> `online [user ids]` (`host::online_users`)
+//! - `kv-incr {key, delta}` -> `kv-incr <new value>`
 //!
 //! - `fetch {url}` -> `host::fetch` (GET); the answer comes back as
 //!   `fetched {status, body}` or `fetched {error}`
@@ -288,6 +289,10 @@ impl Guest for Probe {
             }
             "cancel-timer" => host::cancel_timer(str_of(&body, "key")),
             "online" => reply("online", j!(host::online_users())),
+            "kv-incr" => {
+                let delta = body.get("delta").and_then(Value::as_i64).unwrap_or(1);
+                reply("kv-incr", j!(host::kv_incr(str_of(&body, "key"), delta)));
+            }
             "poke" => {
                 let conn = body.get("connection").and_then(Value::as_u64).unwrap_or(0);
                 host::send(&instance(conn, str_of(&body, "id")), "poked", &json("true"));
