@@ -6,7 +6,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { startHost, startRedis, rawStream, sendJson, frame, until, metrics, API_KEY } from './helpers.mjs';
+import { startHost, startRedis, rawStream, sendJson, frame, until, metrics, note, API_KEY } from './helpers.mjs';
 
 let prefixes = 0;
 const clusterConfig = (redis, extra = '') => `[cluster]\nredis = "${redis.url}"\nprefix = "t${process.pid}-${++prefixes}"\nnode_ttl_ms = 1000\n${extra}`;
@@ -205,6 +205,27 @@ describe('a cluster on Redis', () => {
       assert.equal(await kvOf(later), 30, 'kept in Redis across restarts');
     } finally {
       await later.stop();
+    }
+  });
+
+  test('Misskey\'s bus on the cluster\'s Redis (its default): each node reads it and each client gets each event once', async () => {
+    const bus = `[misskey.bus]\nchannel = "mk.cluster.test"\n`;
+    const config = clusterConfig(redis, bus);
+    const [a, b] = await Promise.all([0, 1].map(() => startHost({ plugins: ['misskey', 'probe'], config })));
+    try {
+      await until(async () => (await metrics(a.url)).chanhost_misskey_bus_up === 1 && (await metrics(b.url)).chanhost_misskey_bus_up === 1, 10000, 'both on the bus');
+      const streams = [await rawStream(a), await rawStream(b)];
+      for (const ws of streams) sendJson(ws, { type: 'connect', body: { channel: 'globalTimeline', id: 'g', params: {}, pong: true } });
+      await Promise.all(streams.map((ws) => frame(ws, (f) => f.type === 'connected')));
+      const n1 = note({ id: 'cn1' });
+      assert.equal(await redis.publish('mk.cluster.test', JSON.stringify({ channel: 'notesStream', message: n1 })), 2, 'both nodes subscribed');
+      await Promise.all(streams.map((ws) => frame(ws, (f) => f.body?.type === 'note')));
+      // A sentinel after: nothing more than the one note came before it.
+      await redis.publish('mk.cluster.test', JSON.stringify({ channel: 'notesStream', message: note({ id: 'cn2' }) }));
+      await Promise.all(streams.map((ws) => frame(ws, (f) => f.body?.type === 'note' && f.body.body.id === 'cn2')));
+      for (const ws of streams) assert.deepEqual(events(ws, 'note').map((n) => n.id), ['cn1', 'cn2']);
+    } finally {
+      await Promise.all([a, b].map((h) => h.stop()));
     }
   });
 

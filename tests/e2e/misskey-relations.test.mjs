@@ -85,6 +85,21 @@ describe('Misskey relations while streams are open', () => {
     await until(async () => (await round(host, gtl, [by('r2', 'far.example')], 'f1')).length === 0, 5000, 'the muted instance applied');
   });
 
+  test('meUpdated on the user\'s main stream reads the profile again too', async () => {
+    const s = await setup('relations_refresh_s = 0\n');
+    started.push(s);
+    const { host, backend } = s;
+    const a = host.stream('mk-ra');
+    a.useChannel('main');
+    const gtl = a.useChannel('globalTimeline', {});
+    await barrier(a);
+    const remote = by('r1', 'near.example');
+    assert.deepEqual(await round(host, gtl, [remote], 'f1'), [remote.id]);
+    backend.db.tokens['mk-ra'].user.mutedInstances = ['near.example'];
+    await host.publish({ channel: 'mainStream:ra', message: { type: 'meUpdated', body: { id: 'ra', mutedInstances: ['near.example'] } } });
+    await until(async () => (await round(host, gtl, [by('r2', 'near.example')], 'f1')).length === 0, 5000, 'the muted instance applied');
+  });
+
   test('while a new connection\'s relations load from a slow backend, open timelines keep receiving notes; the new one gets connected, then its notes', async () => {
     const s = await setup('relations_refresh_s = 0\n');
     started.push(s);
