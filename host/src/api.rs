@@ -150,30 +150,11 @@ async fn rooms<const JOIN: bool>(
     authorize(&node, peer, &headers)?;
     let body = read_body(&node, body, MAX_BODY_BYTES).await?;
     let b = parse_rooms(&body)?;
-    let conns = match (&b.user, b.connection) {
-        (Some(u), _) => node.hub().user_conns(u),
-        (None, Some(c)) => node.hub().conn(c).into_iter().collect(),
-        (None, None) => Vec::new(),
-    };
-    let mut instances = 0;
-    for conn in &conns {
-        let slots: Vec<_> = conn
-            .instances_where(|i| b.channel.as_deref().is_none_or(|c| *i.channel == *c))
-            .into_iter()
-            .map(|i| i.slot)
-            .collect();
-        instances += slots.len();
-        for slot in slots {
-            for room in &b.rooms {
-                if JOIN {
-                    node.hub().join(conn, slot.clone(), room);
-                } else {
-                    node.hub().leave(conn, &slot, room);
-                }
-            }
-        }
-    }
-    Ok(Json(json!({ "connections": conns.len(), "instances": instances })).into_response())
+    // The other nodes first: when the cluster cannot be reached, nothing is
+    // applied anywhere (503), as for publishes.
+    let (others_c, others_i) = node.rooms_elsewhere(&b, JOIN).await?;
+    let (c, i) = node.apply_rooms(&b, JOIN);
+    Ok(Json(json!({ "connections": c + others_c, "instances": i + others_i })).into_response())
 }
 
 /// `GET /api/plugins/<plugin>/kv/<key>`: a value of a plugin's key-value

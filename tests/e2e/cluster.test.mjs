@@ -116,6 +116,12 @@ describe('a cluster on Redis', () => {
       const r = await post(a, { room: 'r', event: 'api', data: 1 });
       assert.equal(r.status, 503);
       assert.match((await r.json()).error, /Redis cannot be reached: nothing was published/);
+      const joined = await fetch(`${a.url}/api/rooms/join`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ user: 'alice', rooms: ['x'] }),
+      });
+      assert.equal(joined.status, 503, 'the rooms API cannot reach the other nodes either');
       // A plugin broadcast still reaches this node's members, and is counted.
       sendJson(onA, { type: 'ch', body: { id: 'p', type: 'broadcast', body: { room: 'r', event: 'local', data: 1 } } });
       await frame(onA2, (f) => f.body?.type === 'local');
@@ -172,6 +178,46 @@ describe('a cluster on Redis', () => {
       assert.deepEqual(said(watchB), ['online', 'offline', 'online', 'offline']);
     } finally {
       await Promise.all([a, b, c].map((h) => h.stop()));
+    }
+  });
+
+  test('the rooms API acts on every node: a user\'s instances everywhere, or one connection wherever it is', async () => {
+    const config = clusterConfig(redis);
+    const [a, b] = await Promise.all([0, 1].map(() => startHost({ plugins: ['probe'], config })));
+    const rooms = async (h, action, body) => {
+      const r = await fetch(`${h.url}/api/rooms/${action}`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+      return [r.status, await r.json()];
+    };
+    try {
+      await until(async () => (await health(a)).cluster.nodes === 2 && (await health(b)).cluster.nodes === 2, 10000, 'two nodes');
+      const open = async (h) => {
+        const ws = await rawStream(h, '?i=tok-alice');
+        sendJson(ws, { type: 'connect', body: { channel: 'probe', id: 'p', params: {}, pong: true } });
+        await frame(ws, (f) => f.type === 'connected');
+        sendJson(ws, { type: 'ch', body: { id: 'p', type: 'whoami', body: null } });
+        ws.connection = (await frame(ws, (f) => f.body?.type === 'whoami')).body.body.connection;
+        return ws;
+      };
+      const onA = await open(a);
+      const onB = await open(b);
+      assert.deepEqual(await rooms(a, 'join', { user: 'alice', rooms: ['vip'] }), [200, { connections: 2, instances: 2 }]);
+      await until(async () => (await subscriptions(b)) === 2, 10000, 'B serves vip');
+      assert.equal((await post(a, { room: 'vip', event: 'v', data: 1 })).status, 200);
+      await until(() => events(onA, 'v').length === 1 && events(onB, 'v').length === 1, 10000, 'both in vip');
+      // One connection, on the other node.
+      assert.deepEqual(await rooms(a, 'leave', { connection: onB.connection, rooms: ['vip'] }), [200, { connections: 1, instances: 1 }]);
+      assert.equal((await post(a, { room: 'vip', event: 'v', data: 2 })).status, 200);
+      await until(() => events(onA, 'v').length === 2, 10000, 'A still in vip');
+      // And a sentinel B receives after: it got nothing from vip.
+      assert.equal((await post(a, { room: 'broadcast', event: 'sentinel', data: null })).status, 200);
+      await frame(onB, (f) => f.type === 'sentinel');
+      assert.deepEqual(events(onB, 'v'), [1]);
+    } finally {
+      await Promise.all([a, b].map((h) => h.stop()));
     }
   });
 

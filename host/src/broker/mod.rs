@@ -79,6 +79,10 @@ pub trait LocalDelivery: Send + Sync {
     fn deliver_local(&self, p: &Publication);
     /// Whether the room has members or listeners on this node.
     fn has_audience(&self, room: &str) -> bool;
+    /// This node's answer to another node's [`Broker::ask_all`].
+    fn answer(&self, _ask: &serde_json::Value) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// Carries publications between nodes.
@@ -101,6 +105,22 @@ pub trait Broker: Send + Sync {
     /// Nodes alive in the cluster (1 for a single node).
     fn nodes(&self) -> u64 {
         1
+    }
+    /// Asks every other node of the cluster (`ask` is a JSON value the
+    /// nodes' [`LocalDelivery::answer`] reads) and gathers their answers,
+    /// waiting at most a second; none for one node. Refused when the
+    /// cluster cannot be reached.
+    fn ask_all(
+        &self,
+        _ask: serde_json::Value,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<serde_json::Value>, BrokerError>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async { Ok(Vec::new()) })
     }
     /// A number no other node of the cluster was given (from Redis), for
     /// connection ids unique across the cluster; none for one node (or

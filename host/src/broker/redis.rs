@@ -7,6 +7,10 @@
 //!   SUBSCRIBEs to it while the room has members or listeners there and
 //!   UNSUBSCRIBEs when the last one leaves, so a room's events reach only
 //!   the nodes that deliver them. Nothing is stored.
+//! - `<prefix>:control` and `<prefix>:node:<id>:answers` — pub/sub
+//!   channels every node subscribes to: a question to all nodes (the rooms
+//!   API acting on every node's connections) and the answers to node
+//!   `<id>`. Nothing stored.
 //! - `<prefix>:node-seq` — a counter: each node takes a number from it at
 //!   start, the upper bits of its connection ids, so that ids are unique
 //!   across the cluster (plugins key shared state by them).
@@ -38,7 +42,7 @@
 //! delivery.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -102,7 +106,20 @@ struct Shared {
     /// Told of each dead node this node claimed (to clean up after it):
     /// called with the node's id.
     gone: OnceLock<NodeGone>,
+    /// `ask_all` requests waiting for answers, by id.
+    asks: parking_lot::Mutex<HashMap<u64, Ask>>,
+    next_ask: AtomicU64,
 }
+
+/// An `ask_all` waiting for the other nodes.
+struct Ask {
+    want: usize,
+    got: Vec<serde_json::Value>,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// How long `ask_all` waits for the other nodes.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Shared {
     fn local(&self) -> Option<Arc<dyn LocalDelivery>> {
@@ -141,8 +158,72 @@ impl Shared {
         }
     }
 
+    fn control_channel(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    fn answers_channel(&self, node: &str) -> String {
+        format!("{}:node:{node}:answers", self.prefix)
+    }
+
+    /// Another node asks: this node answers it.
+    fn asked(&self, payload: &[u8]) {
+        #[derive(Deserialize)]
+        struct Question {
+            from: String,
+            id: u64,
+            ask: serde_json::Value,
+        }
+        let Ok(q) = serde_json::from_slice::<Question>(payload) else {
+            self.metrics.broker_malformed.inc();
+            return;
+        };
+        if q.from == self.node {
+            return;
+        }
+        let answer = self
+            .local()
+            .map_or(serde_json::Value::Null, |l| l.answer(&q.ask));
+        let payload = serde_json::json!({ "id": q.id, "answer": answer }).to_string();
+        let out = Outgoing {
+            channel: self.answers_channel(&q.from),
+            payload: payload.into_bytes(),
+        };
+        if self.queue.try_send(out).is_err() {
+            self.not_carried(1, "the queue to Redis is full (an answer to another node)");
+        }
+    }
+
+    /// Another node answered this node's question.
+    fn answered(&self, payload: &[u8]) {
+        #[derive(Deserialize)]
+        struct Answer {
+            id: u64,
+            answer: serde_json::Value,
+        }
+        let Ok(a) = serde_json::from_slice::<Answer>(payload) else {
+            self.metrics.broker_malformed.inc();
+            return;
+        };
+        let mut asks = self.asks.lock();
+        if let Some(ask) = asks.get_mut(&a.id) {
+            ask.got.push(a.answer);
+            if ask.got.len() >= ask.want {
+                if let Some(done) = ask.done.take() {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
     /// A message from Redis: delivered here unless this node sent it.
     fn receive(&self, channel: &str, payload: &[u8]) {
+        if channel == self.control_channel() {
+            return self.asked(payload);
+        }
+        if channel == self.answers_channel(&self.node) {
+            return self.answered(payload);
+        }
         let Some(room) = channel
             .strip_prefix(&self.prefix)
             .and_then(|r| r.strip_prefix(":room:"))
@@ -200,6 +281,8 @@ impl RedisBroker {
             nodes: AtomicU64::new(0),
             metrics: o.metrics,
             gone: OnceLock::new(),
+            asks: parking_lot::Mutex::new(HashMap::new()),
+            next_ask: AtomicU64::new(1),
         });
         shared.metrics.broker_up.set(0);
         let spawn = |f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
@@ -290,6 +373,56 @@ impl Broker for RedisBroker {
 
     fn nodes(&self) -> u64 {
         self.shared.nodes.load(Ordering::Relaxed)
+    }
+
+    fn ask_all(
+        &self,
+        ask: serde_json::Value,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<serde_json::Value>, BrokerError>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let shared = &self.shared;
+            if !shared.is_up() {
+                return Err(BrokerError::Down);
+            }
+            let want = shared.nodes.load(Ordering::Relaxed).saturating_sub(1) as usize;
+            if want == 0 {
+                return Ok(Vec::new());
+            }
+            let id = shared.next_ask.fetch_add(1, Ordering::Relaxed);
+            let (done, wait) = tokio::sync::oneshot::channel();
+            shared.asks.lock().insert(
+                id,
+                Ask {
+                    want,
+                    got: Vec::new(),
+                    done: Some(done),
+                },
+            );
+            let question = serde_json::json!({ "from": shared.node, "id": id, "ask": ask });
+            let out = Outgoing {
+                channel: shared.control_channel(),
+                payload: question.to_string().into_bytes(),
+            };
+            if shared.queue.try_send(out).is_err() {
+                shared.asks.lock().remove(&id);
+                return Err(BrokerError::Full);
+            }
+            // Whatever came within the time: a node that died meanwhile
+            // does not hold the answer up.
+            let _ = tokio::time::timeout(ASK_TIMEOUT, wait).await;
+            Ok(shared
+                .asks
+                .lock()
+                .remove(&id)
+                .map(|a| a.got)
+                .unwrap_or_default())
+        })
     }
 
     fn node_number(
@@ -430,7 +563,10 @@ async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<A
                 wanted.remove(&room);
             }
         }
-        let channels: Vec<String> = wanted.iter().map(|r| shared.room_channel(r)).collect();
+        let mut channels: Vec<String> = wanted.iter().map(|r| shared.room_channel(r)).collect();
+        // Questions from other nodes, and their answers to this one.
+        channels.push(shared.control_channel());
+        channels.push(shared.answers_channel(&shared.node));
         let mut ok = true;
         for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
             if let Err(e) = timed(sink.subscribe(chunk)).await {

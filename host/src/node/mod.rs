@@ -31,6 +31,7 @@ use crate::plugin::engine::PluginError;
 use crate::plugin::kv::{KvStore, MemoryKv, RedisKv};
 use crate::plugin::{DisconnectReason, HostServices, InstanceRef, PluginEngine, Registry};
 use crate::presence::{MemoryPresence, Presence, RedisPresence};
+use crate::protocol::publish::RoomsBody;
 
 mod folder;
 pub mod instances;
@@ -375,6 +376,53 @@ impl Node {
         self.broker.leave().await;
     }
 
+    /// Applies a rooms API request to this node's connections: joins (or
+    /// leaves) the rooms with the instances of the user's connections, or of
+    /// the one connection, here. Returns (connections, instances) touched.
+    pub fn apply_rooms(&self, b: &RoomsBody, join: bool) -> (usize, usize) {
+        let conns = match (&b.user, b.connection) {
+            (Some(u), _) => self.hub.user_conns(u),
+            (None, Some(c)) => self.hub.conn(c).into_iter().collect(),
+            (None, None) => Vec::new(),
+        };
+        let mut instances = 0;
+        for conn in &conns {
+            let slots: Vec<_> = conn
+                .instances_where(|i| b.channel.as_deref().is_none_or(|c| *i.channel == *c))
+                .into_iter()
+                .map(|i| i.slot)
+                .collect();
+            instances += slots.len();
+            for slot in slots {
+                for room in &b.rooms {
+                    if join {
+                        self.hub.join(conn, slot.clone(), room);
+                    } else {
+                        self.hub.leave(conn, &slot, room);
+                    }
+                }
+            }
+        }
+        (conns.len(), instances)
+    }
+
+    /// Applies a rooms API request on every other node of the cluster;
+    /// what they touched. Refused when the cluster cannot be reached.
+    pub async fn rooms_elsewhere(
+        &self,
+        b: &RoomsBody,
+        join: bool,
+    ) -> Result<(usize, usize), BrokerError> {
+        let ask = serde_json::json!({ "rooms": { "join": join, "body": b } });
+        let answers = self.broker.ask_all(ask).await?;
+        let field = |a: &serde_json::Value, k: &str| {
+            a.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0) as usize
+        };
+        Ok(answers.iter().fold((0, 0), |(c, i), a| {
+            (c + field(a, "connections"), i + field(a, "instances"))
+        }))
+    }
+
     /// Users online (on this node, or across the cluster).
     pub fn online_users(&self) -> Vec<String> {
         let here = self
@@ -395,6 +443,22 @@ impl Node {
 impl LocalDelivery for Node {
     fn has_audience(&self, room: &str) -> bool {
         self.hub.has_audience(room)
+    }
+
+    /// Another node's rooms API request, applied here.
+    fn answer(&self, ask: &serde_json::Value) -> serde_json::Value {
+        let Some(r) = ask.get("rooms") else {
+            return serde_json::Value::Null;
+        };
+        let join = r.get("join").and_then(serde_json::Value::as_bool);
+        let body = r
+            .get("body")
+            .and_then(|b| serde_json::from_value::<RoomsBody>(b.clone()).ok());
+        let (Some(join), Some(body)) = (join, body) else {
+            return serde_json::Value::Null;
+        };
+        let (connections, instances) = self.apply_rooms(&body, join);
+        serde_json::json!({ "connections": connections, "instances": instances })
     }
 
     fn deliver_local(&self, p: &Publication) {

@@ -135,8 +135,9 @@ pub fn parse_publish(body: &[u8]) -> Result<Vec<PublishItem<'_>>, PublishError> 
         .collect()
 }
 
-/// Body of `/api/rooms/join` and `/api/rooms/leave`.
-#[derive(Debug, Deserialize)]
+/// Body of `/api/rooms/join` and `/api/rooms/leave` (also carried to the
+/// other nodes of a cluster as is).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomsBody {
     /// Every connection of this user on this node...
