@@ -6,6 +6,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { io } from 'socket.io-client';
 import { startHost, startRedis, rawStream, sendJson, frame, until, metrics, note, API_KEY } from './helpers.mjs';
 
 let prefixes = 0;
@@ -251,6 +252,32 @@ describe('a cluster on Redis', () => {
       assert.equal(await kvOf(later), 30, 'kept in Redis across restarts');
     } finally {
       await later.stop();
+    }
+  });
+
+  test('mew-infra\'s online services are right across nodes: a service online on two nodes stays online until its last socket anywhere leaves', async () => {
+    const config = clusterConfig(redis, '[plugins.mew-infra]\nadmin_secret = "s3cret"\n');
+    const [a, b] = await Promise.all([0, 1].map(() => startHost({ plugins: ['mew-infra'], config })));
+    const online = async (h) => (await (await fetch(`${h.url}/api/plugins/mew-infra/kv/online-services`, {
+      headers: { authorization: `Bearer ${API_KEY}` },
+    })).json()).value;
+    const service = async (h) => {
+      const s = io(`${h.url}/infra`, { transports: ['websocket'], reconnection: false, auth: { adminSecret: 's3cret', serviceType: 'translator' } });
+      await once(s, 'connect');
+      return s;
+    };
+    try {
+      const onA = await service(a);
+      const onB = await service(b);
+      assert.deepEqual([await online(a), await online(b)], [['translator'], ['translator']]);
+      onA.close();
+      const calls = async () => (await metrics(a.url))['chanhost_plugin_calls_total{plugin="mew-infra",hook="disconnect"}'];
+      await until(async () => (await calls()) === 1, 5000, 'A saw its socket leave');
+      assert.deepEqual([await online(a), await online(b)], [['translator'], ['translator']], 'still connected on B, and A knows it');
+      onB.close();
+      await until(async () => (await online(a)).length === 0, 5000, 'offline everywhere');
+    } finally {
+      await Promise.all([a, b].map((h) => h.stop()));
     }
   });
 

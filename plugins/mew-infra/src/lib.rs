@@ -15,7 +15,9 @@
 //!   the service.
 //! - Online services (first connection to last disconnect of a type) are
 //!   kept in the key-value store under `online-services` (a JSON array),
-//!   readable at `GET /api/plugins/mew-infra/kv/online-services`.
+//!   readable at `GET /api/plugins/mew-infra/kv/online-services`; each
+//!   type's connection count is `count:<type>` (`kv-incr`, atomic across
+//!   the nodes of a cluster).
 
 use chanhost_plugin::types::{
     ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload, Rejection,
@@ -46,8 +48,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// Which service a connection is: this node's bookkeeping, a private key
+/// (with `[cluster]` it stays on the node; the counts are shared).
 fn conn_key(connection: u64) -> String {
-    format!("conn:{connection}")
+    format!("_conn:{connection}")
 }
 
 fn set_online(service: &str, online: bool) {
