@@ -9,6 +9,8 @@
 
 use std::sync::{Arc, Weak};
 
+use futures_util::future::BoxFuture;
+
 use crate::hub::Filter;
 
 mod memory;
@@ -113,25 +115,17 @@ pub trait Broker: Send + Sync {
     fn ask_all(
         &self,
         _ask: serde_json::Value,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Vec<serde_json::Value>, BrokerError>>
-                + Send
-                + '_,
-        >,
-    > {
+    ) -> BoxFuture<'_, Result<Vec<serde_json::Value>, BrokerError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
     /// A number no other node of the cluster was given (from Redis), for
     /// connection ids unique across the cluster; none for one node (or
     /// when Redis cannot be reached).
-    fn node_number(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>> {
+    fn node_number(&self) -> BoxFuture<'_, Option<u64>> {
         Box::pin(async { None })
     }
     /// Takes this node out of the cluster (on shutdown).
-    fn leave(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    fn leave(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
 }

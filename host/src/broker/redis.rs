@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -139,6 +140,15 @@ impl Shared {
         self.metrics.broker_up.set(u64::from(self.is_up()));
     }
 
+    /// One request on a connection of its own, within the time limit.
+    async fn once<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, String> {
+        timed(async {
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            cmd.query_async::<T>(&mut conn).await
+        })
+        .await
+    }
+
     fn outgoing(&self, p: &Publication) -> Outgoing {
         Outgoing {
             channel: self.room_channel(&p.room),
@@ -159,11 +169,11 @@ impl Shared {
     }
 
     fn control_channel(&self) -> String {
-        format!("{}:control", self.prefix)
+        control_channel(&self.prefix)
     }
 
     fn answers_channel(&self, node: &str) -> String {
-        format!("{}:node:{node}:answers", self.prefix)
+        answers_channel(&self.prefix, node)
     }
 
     /// Another node asks: this node answers it.
@@ -218,16 +228,24 @@ impl Shared {
 
     /// A message from Redis: delivered here unless this node sent it.
     fn receive(&self, channel: &str, payload: &[u8]) {
-        if channel == self.control_channel() {
-            return self.asked(payload);
-        }
-        if channel == self.answers_channel(&self.node) {
-            return self.answered(payload);
-        }
-        let Some(room) = channel
+        let Some(rest) = channel
             .strip_prefix(&self.prefix)
-            .and_then(|r| r.strip_prefix(":room:"))
+            .and_then(|r| r.strip_prefix(':'))
         else {
+            return;
+        };
+        let Some(room) = rest.strip_prefix("room:") else {
+            // The two other channels a node subscribes to (no allocation
+            // per message to tell them apart).
+            if rest == "control" {
+                self.asked(payload);
+            } else if rest
+                .strip_prefix("node:")
+                .and_then(|r| r.strip_suffix(":answers"))
+                == Some(self.node.as_str())
+            {
+                self.answered(payload);
+            }
             return;
         };
         match decode(room, payload) {
@@ -254,6 +272,16 @@ impl Shared {
 /// The pub/sub channel of a room.
 pub fn room_channel(prefix: &str, room: &str) -> String {
     format!("{prefix}:room:{room}")
+}
+
+/// The channel of questions to every node.
+pub fn control_channel(prefix: &str) -> String {
+    format!("{prefix}:control")
+}
+
+/// The channel of answers to one node.
+pub fn answers_channel(prefix: &str, node: &str) -> String {
+    format!("{prefix}:node:{node}:answers")
 }
 
 /// The sorted set of live nodes.
@@ -285,7 +313,7 @@ impl RedisBroker {
             next_ask: AtomicU64::new(1),
         });
         shared.metrics.broker_up.set(0);
-        let spawn = |f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+        let spawn = |f: BoxFuture<'static, ()>| {
             let stop = o.shutdown.clone();
             tokio::spawn(async move {
                 tokio::select! {
@@ -378,13 +406,7 @@ impl Broker for RedisBroker {
     fn ask_all(
         &self,
         ask: serde_json::Value,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Vec<serde_json::Value>, BrokerError>>
-                + Send
-                + '_,
-        >,
-    > {
+    ) -> BoxFuture<'_, Result<Vec<serde_json::Value>, BrokerError>> {
         Box::pin(async move {
             let shared = &self.shared;
             if !shared.is_up() {
@@ -425,44 +447,22 @@ impl Broker for RedisBroker {
         })
     }
 
-    fn node_number(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>> {
+    fn node_number(&self) -> BoxFuture<'_, Option<u64>> {
         Box::pin(async move {
-            let key = format!("{}:node-seq", self.shared.prefix);
-            let n = async {
-                let mut conn = self
-                    .shared
-                    .client
-                    .get_multiplexed_async_connection()
-                    .await?;
-                redis::cmd("INCR")
-                    .arg(&key)
-                    .query_async::<u64>(&mut conn)
-                    .await
-            };
-            timed(n).await.ok()
+            let mut incr = redis::cmd("INCR");
+            incr.arg(format!("{}:node-seq", self.shared.prefix));
+            self.shared.once::<u64>(&incr).await.ok()
         })
     }
 
-    fn leave(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    fn leave(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let key = nodes_key(&self.shared.prefix);
-            let gone = async {
-                let mut conn = self
-                    .shared
-                    .client
-                    .get_multiplexed_async_connection()
-                    .await?;
-                redis::cmd("ZREM")
-                    .arg(&key)
-                    .arg(&self.shared.node)
-                    .query_async::<()>(&mut conn)
-                    .await
-            };
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(nodes_key(&self.shared.prefix))
+                .arg(&self.shared.node);
             // Best effort: a node that cannot say so is counted out after
             // node_ttl_ms.
-            let _ = tokio::time::timeout(Duration::from_secs(1), gone).await;
+            let _ = self.shared.once::<()>(&zrem).await;
         })
     }
 }
@@ -847,5 +847,7 @@ mod tests {
             "chanhost:room:mk:main:u1"
         );
         assert_eq!(nodes_key("prod"), "prod:nodes");
+        assert_eq!(control_channel("p"), "p:control");
+        assert_eq!(answers_channel("p", "n1"), "p:node:n1:answers");
     }
 }

@@ -19,7 +19,6 @@
 //! and when Redis is back this node's users are added again (users who
 //! left meanwhile stay counted until this node restarts or dies).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -168,26 +167,26 @@ async fn apply(
         c
     };
     let mut conn: Option<redis::aio::MultiplexedConnection> = None;
-    let failed = AtomicBool::new(false);
+    let mut failed = false;
     while let Some(change) = rx.recv().await {
         if conn.is_none() {
             conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
                 .await
                 .ok()
                 .and_then(Result::ok);
-            if let (Some(c), true) = (conn.as_mut(), failed.load(Ordering::Relaxed)) {
+            if let (Some(c), true) = (conn.as_mut(), failed) {
                 // Back after an outage: this node's users, again.
                 for u in (o.here)() {
                     let _ = eval(ARRIVE, &mine, Some(&u)).query_async::<i64>(c).await;
                 }
-                failed.store(false, Ordering::Relaxed);
+                failed = false;
                 tracing::info!(
                     "cluster presence: Redis reached again; this node's users added back"
                 );
             }
         }
         let Some(c) = conn.as_mut() else {
-            local(&o, &change, &failed);
+            local(&o, &change, &mut failed);
             continue;
         };
         let r: Result<Vec<String>, String> = async {
@@ -215,7 +214,7 @@ async fn apply(
                     "cluster presence: Redis failed ({e}); announcing as one node would"
                 );
                 conn = None;
-                local(&o, &change, &failed);
+                local(&o, &change, &mut failed);
             }
         }
     }
@@ -232,8 +231,8 @@ async fn within<T>(
 }
 
 /// A change announced without Redis, as one node would.
-fn local(o: &RedisPresenceOptions, change: &Change, failed: &AtomicBool) {
-    failed.store(true, Ordering::Relaxed);
+fn local(o: &RedisPresenceOptions, change: &Change, failed: &mut bool) {
+    *failed = true;
     match change {
         Change::Arrived(u) => (o.announce)(u, ONLINE),
         Change::Left(u) => (o.announce)(u, OFFLINE),
