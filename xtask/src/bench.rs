@@ -110,8 +110,16 @@ fn host_binary() -> PathBuf {
 }
 
 pub(crate) fn start(server: Server, plugins: &Path) -> Result<Running> {
+    start_node(server, plugins, None)
+}
+
+/// Starts a server on core 0, alone (`redis` None) or as one node of a
+/// cluster on the Redis at that port: chanhost with `[cluster]`, the peers
+/// with their own Redis adapters.
+fn start_node(server: Server, plugins: &Path, redis: Option<u16>) -> Result<Running> {
     let root = root();
     let port = free_port()?;
+    let redis_url = redis.map(|p| format!("redis://127.0.0.1:{p}"));
     let mut cmd = match server {
         Server::ChanhostMisskey | Server::ChanhostSocketio => {
             let mut c = taskset("0", host_binary());
@@ -123,12 +131,19 @@ pub(crate) fn start(server: Server, plugins: &Path) -> Result<Running> {
             ])
             .arg(plugins)
             .env("CHANHOST_LOG", "warn");
+            if let Some(url) = &redis_url {
+                let config = root.join(format!("target/bench/cluster-{port}.toml"));
+                std::fs::create_dir_all(config.parent().unwrap())?;
+                std::fs::write(&config, format!("[cluster]\nredis = \"{url}\"\n"))?;
+                c.arg("--config").arg(config);
+            }
             c
         }
         Server::Node => {
             let mut c = taskset("0", "node");
             c.arg(root.join("tests/bench/peers/node/server.mjs"))
-                .arg(port.to_string());
+                .arg(port.to_string())
+                .args(redis_url);
             c
         }
         Server::Socketioxide => {
@@ -136,7 +151,7 @@ pub(crate) fn start(server: Server, plugins: &Path) -> Result<Running> {
                 "0",
                 root.join("target/bench-peers/release/bench-socketioxide"),
             );
-            c.arg(port.to_string());
+            c.arg(port.to_string()).args(redis_url);
             c
         }
         Server::NativeMisskey | Server::NativeSocketio => {
@@ -145,46 +160,129 @@ pub(crate) fn start(server: Server, plugins: &Path) -> Result<Running> {
             c
         }
     };
+    let child = wait_for_line(&mut cmd, "listening on", server.label())?;
+    Ok(Running { child, port })
+}
+
+/// Spawns `cmd` and waits for a line of its stdout containing `ready`;
+/// its stdout is drained from then on so it never blocks on a full pipe.
+fn wait_for_line(cmd: &mut Command, ready: &str, label: &str) -> Result<Child> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .with_context(|| format!("starting {}", server.label()))?;
+        .with_context(|| format!("starting {label}"))?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match lines.next() {
-            Some(Ok(l)) if l.contains("listening on") => break,
+            Some(Ok(l)) if l.contains(ready) => break,
             Some(Ok(_)) => continue,
-            _ => bail!("{} exited before listening", server.label()),
+            _ => bail!("{label} exited before it was ready"),
         }
     }
     if Instant::now() > deadline {
-        bail!("{} took too long to start", server.label());
+        bail!("{label} took too long to start");
     }
-    // Keep draining its stdout so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
+    Ok(child)
+}
+
+/// A Redis of its own for one cluster run, on core 0 with the servers,
+/// nothing persisted.
+fn start_redis() -> Result<Running> {
+    let port = free_port()?;
+    let mut cmd = taskset("0", "redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
+    let child = wait_for_line(&mut cmd, "Ready to accept connections", "redis-server")?;
     Ok(Running { child, port })
 }
 
-/// Runs the load generator on core 1; its JSON line.
-fn generate(server: Server, running: &Running, args: &[String]) -> Result<Value> {
+/// How a case places the servers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Shape {
+    /// One server, no Redis.
+    Alone,
+    /// Two nodes on one Redis, the room's members spread over both, the
+    /// publisher on the first.
+    Split,
+    /// Two nodes on one Redis, every member and the publisher on the
+    /// first: what the second node pays for a room it does not serve.
+    OneNode,
+}
+
+/// The servers of one run of a case, and the load generator's arguments
+/// that point at them.
+struct Placed {
+    nodes: Vec<Running>,
+    redis: Option<Running>,
+}
+
+impl Placed {
+    fn start(server: Server, plugins: &Path, shape: Shape) -> Result<Placed> {
+        if shape == Shape::Alone {
+            let node = start(server, plugins)?;
+            return Ok(Placed {
+                nodes: vec![node],
+                redis: None,
+            });
+        }
+        let redis = start_redis()?;
+        let nodes = (0..2)
+            .map(|_| start_node(server, plugins, Some(redis.port)))
+            .collect::<Result<Vec<_>>>()?;
+        // Let every node find the cluster (subscriptions, heartbeats).
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Placed {
+            nodes,
+            redis: Some(redis),
+        })
+    }
+
+    fn args(&self, shape: Shape) -> Vec<String> {
+        let mut args = vec![
+            "--url".to_owned(),
+            format!("ws://127.0.0.1:{}", self.nodes[0].port),
+            "--pid".to_owned(),
+            self.nodes[0].child.id().to_string(),
+        ];
+        if shape == Shape::Split {
+            for n in &self.nodes[1..] {
+                args.push("--also".into());
+                args.push(format!("ws://127.0.0.1:{}", n.port));
+            }
+        }
+        if let Some(r) = &self.redis {
+            args.push("--redis".into());
+            args.push(format!("127.0.0.1:{}", r.port));
+        }
+        args
+    }
+}
+
+/// Runs the load generator on core 1 against the placed servers; its JSON
+/// line.
+fn generate(server: Server, placed: &Placed, case: &Case) -> Result<Value> {
     let out = taskset("1", root().join("target/release/chanhost-bench"))
-        .args(args)
-        .args([
-            "--url",
-            &format!("ws://127.0.0.1:{}", running.port),
-            "--proto",
-            server.proto(),
-            "--pid",
-            &running.child.id().to_string(),
-        ])
+        .args(&case.args)
+        .args(placed.args(case.shape))
+        .args(["--proto", server.proto()])
         .output()
         .context("running chanhost-bench")?;
     if !out.status.success() {
         bail!(
-            "chanhost-bench {args:?} against {} failed: {}",
+            "chanhost-bench {:?} against {} failed: {}",
+            case.args,
             server.label(),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -207,6 +305,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Case {
     name: String,
     args: Vec<String>,
+    shape: Shape,
 }
 
 impl Case {
@@ -370,27 +469,15 @@ pub fn bench(args: &[String]) -> Result<()> {
         cases.push(Case {
             name: format!("connect {n}"),
             args: vec!["connect".into(), "--n".into(), n.to_string()],
+            shape: Shape::Alone,
         });
     }
     for &m in sizes_fanout {
         for &p in payloads {
-            // About 60k frames/s offered, whatever the room size.
-            let rate = (60_000.0 / m as f64).max(1.0);
             cases.push(Case {
                 name: format!("fanout {m} x {p} B"),
-                args: vec![
-                    "fanout".into(),
-                    "--members".into(),
-                    m.to_string(),
-                    "--payload".into(),
-                    p.to_string(),
-                    "--rate".into(),
-                    rate.to_string(),
-                    "--secs".into(),
-                    measured_secs(quick).to_string(),
-                    "--warmup".into(),
-                    FANOUT_WARMUP_SECS.to_string(),
-                ],
+                args: fanout_args(m, p, quick),
+                shape: Shape::Alone,
             });
         }
     }
@@ -401,7 +488,33 @@ pub fn bench(args: &[String]) -> Result<()> {
             "--secs".into(),
             measured_secs(quick).to_string(),
         ],
+        shape: Shape::Alone,
     });
+    // The cluster: one room on one node, then on two nodes of one Redis,
+    // run next to each other.
+    for (shape, what) in [
+        (Shape::Alone, "one node"),
+        (Shape::Split, "two nodes, room on both"),
+        (Shape::OneNode, "two nodes, room on one"),
+    ] {
+        cases.push(Case {
+            name: format!("cluster {CLUSTER_MEMBERS} x 100 B, {what}"),
+            args: fanout_args(CLUSTER_MEMBERS, 100, quick),
+            shape,
+        });
+    }
+    // `--only PREFIX`: the cases whose names start with it, their figures
+    // put in place of the saved ones (the others kept as they were).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
+    if let Some(prefix) = only {
+        cases.retain(|c| c.name.starts_with(prefix.as_str()));
+        if cases.is_empty() {
+            bail!("--only {prefix}: no case's name starts with it");
+        }
+    }
     let mut results: Results = cases
         .iter()
         .map(|c| {
@@ -419,21 +532,39 @@ pub fn bench(args: &[String]) -> Result<()> {
             }
             for server in order {
                 eprintln!("bench: {} / {} (run {})", case.name, server.label(), r + 1);
-                let running = start(server, &plugins)?;
-                let v = match generate(server, &running, &case.args) {
+                let placed = Placed::start(server, &plugins, case.shape)?;
+                let mut v = match generate(server, &placed, case) {
                     Ok(v) => v,
                     Err(e) => {
                         eprintln!("bench: {e:#}");
                         serde_json::json!({ "error": format!("{e:#}") })
                     }
                 };
-                drop(running);
+                drop(placed);
+                v["at"] = Value::String(today());
                 let slot = &mut results[ci].1;
                 if let Some((_, runs)) = slot.iter_mut().find(|(s, _)| *s == server) {
                     runs.push(v);
                 }
             }
         }
+    }
+    if only.is_some() {
+        let (mut saved, saved_repeat, saved_quick) = load()?;
+        if (saved_repeat, saved_quick) != (repeat, quick) {
+            bail!(
+                "--only: the saved run measured {saved_repeat} repeat(s){}; run the same way",
+                if saved_quick { " with --quick" } else { "" }
+            );
+        }
+        for (name, by) in results {
+            match saved.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 = by,
+                None => saved.push((name, by)),
+            }
+        }
+        save(&saved, repeat, quick)?;
+        return write_report(&saved, repeat, quick);
     }
     save(&results, repeat, quick)?;
     // Plugin dispatch: one core is enough; the servers are gone by now.
@@ -450,6 +581,37 @@ pub fn bench(args: &[String]) -> Result<()> {
         if quick { "3" } else { "10" },
     ]))?;
     write_report(&results, repeat, quick)
+}
+
+/// The arguments of a fan-out run: about 60k frames/s offered, whatever
+/// the room size.
+fn fanout_args(members: usize, payload: usize, quick: bool) -> Vec<String> {
+    let rate = (60_000.0 / members as f64).max(1.0);
+    vec![
+        "fanout".into(),
+        "--members".into(),
+        members.to_string(),
+        "--payload".into(),
+        payload.to_string(),
+        "--rate".into(),
+        rate.to_string(),
+        "--secs".into(),
+        measured_secs(quick).to_string(),
+        "--warmup".into(),
+        FANOUT_WARMUP_SECS.to_string(),
+    ]
+}
+
+/// The room of the cluster cases.
+const CLUSTER_MEMBERS: usize = 1000;
+
+/// The day of a measurement (UTC), kept with its figures.
+fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Seconds each fan-out and upstream run measures.
@@ -605,6 +767,7 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
         }
         let _ = writeln!(s);
     }
+    cluster(&mut s, results);
     budget(&mut s, results);
     if let Ok(notes) = std::fs::read_to_string(root().join("tests/bench/analysis.md")) {
         let _ = writeln!(s, "{notes}");
@@ -625,6 +788,114 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
         let _ = writeln!(s, "## Failed runs\n\n{}\n", errors.join("\n"));
     }
     s
+}
+
+/// A figure inside a run's `redis` object (what Redis carried per event).
+fn redis_fig(runs: &[Value], key: &str) -> f64 {
+    median(
+        runs.iter()
+            .filter_map(|v| v.get("redis")?.get(key)?.as_f64())
+            .collect(),
+    )
+}
+
+/// The cluster section: one room on one node and on two nodes of one Redis,
+/// every server with its own Redis adapter.
+fn cluster(s: &mut String, results: &Results) {
+    let cases: Vec<_> = results
+        .iter()
+        .filter(|(n, _)| n.starts_with("cluster "))
+        .collect();
+    if cases.is_empty() {
+        return;
+    }
+    let at = cases
+        .iter()
+        .flat_map(|(_, by)| by.iter().flat_map(|(_, runs)| runs.iter()))
+        .find_map(|v| v.get("at").and_then(Value::as_str))
+        .unwrap_or("—")
+        .to_owned();
+    let _ = writeln!(
+        s,
+        "## Several nodes on Redis
+"
+    );
+    let _ = writeln!(
+        s,
+        "Measured on {at}. One room of {CLUSTER_MEMBERS} members, ~100-byte payloads, \
+         ~60k offered frames/s as above, in three placements run one after the other: \
+         one server alone (no Redis); two nodes of one cluster, the members spread \
+         over both (every other connection), the publisher on the first; two nodes, \
+         every member and the publisher on the first (the second node serves nobody \
+         in the room). Each server clusters with its own Redis adapter — chanhost \
+         `[cluster]`, Node `@socket.io/redis-adapter` 8.3 on node-redis 4.7, \
+         socketioxide `socketioxide-redis` 0.4 — on one `redis-server` (Debian 7.0) \
+         started for the run; both nodes and Redis share core 0, the load generator \
+         has core 1. \"Other node\" latencies are those of the members on the node \
+         the publisher is not on: their events crossed Redis.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| placement | server | delivered frames/s | p50 ms | p99 ms | other node p50 ms | other node p99 ms | drops |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let label = |name: &str| {
+        name.split_once(", ")
+            .map_or(name.to_owned(), |(_, w)| w.to_owned())
+    };
+    for (name, by) in &cases {
+        for (server, runs) in by {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                label(name),
+                server.label(),
+                fmt(fig(runs, "frames_per_sec"), 0),
+                fmt(fig(runs, "p50_ms"), 2),
+                fmt(fig(runs, "p99_ms"), 2),
+                fmt(fig(runs, "p50_remote_ms"), 2),
+                fmt(fig(runs, "p99_remote_ms"), 2),
+                fmt(fig(runs, "drops"), 0),
+            );
+        }
+    }
+    let find = |what: &str, server: Server| -> Option<&Vec<Value>> {
+        cases
+            .iter()
+            .find(|(n, _)| n.ends_with(what))
+            .and_then(|(_, by)| by.iter().find(|(s, _)| *s == server))
+            .map(|(_, r)| r)
+    };
+    let _ = writeln!(
+        s,
+        "\nWhat Redis carried per published event (its `INFO` counters before the \
+         first publish and after the last delivery, divided by the events published; \
+         heartbeats and other background traffic included), and the Redis hop: the \
+         other node's p50 less the p50 of the same room on one node.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| server | room on both: publishes | bytes in | bytes out | room on one: publishes | bytes in | bytes out | Redis hop, p50 ms |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for server in Server::PEERS {
+        let both = find("room on both", server).map_or(&[][..], |r| r);
+        let one = find("room on one", server).map_or(&[][..], |r| r);
+        let alone = find("one node", server).map_or(&[][..], |r| r);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            server.label(),
+            fmt(redis_fig(both, "publishes"), 2),
+            fmt(redis_fig(both, "in_bytes"), 0),
+            fmt(redis_fig(both, "out_bytes"), 0),
+            fmt(redis_fig(one, "publishes"), 2),
+            fmt(redis_fig(one, "in_bytes"), 0),
+            fmt(redis_fig(one, "out_bytes"), 0),
+            fmt(fig(both, "p50_remote_ms") - fig(alone, "p50_ms"), 2),
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// The performance budget of DESIGN.md against chanhost's figures.

@@ -72,6 +72,21 @@ struct Target {
     /// Connections opened at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// Further origins of the same cluster: subscribers are spread over
+    /// `--url` and these in turn; publishers connect to `--url`.
+    #[arg(long)]
+    also: Vec<String>,
+    /// The cluster's Redis (`host:port`): what it carries per published
+    /// event is read from its `INFO` before and after publishing.
+    #[arg(long)]
+    redis: Option<String>,
+}
+
+impl Target {
+    /// Every origin: `--url` first, then `--also`.
+    fn origins(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.also.iter().map(String::as_str))
+    }
 }
 
 /// The server of the memory scenarios.
@@ -210,11 +225,17 @@ fn ws_config(room: Option<&str>) -> WebSocketConfig {
         .write_buffer_size(if room.is_some() { 0 } else { 16 * 1024 })
 }
 
-/// Opens one connection and subscribes it to `room` (None: a publisher).
+/// Opens one connection to `--url` and subscribes it to `room` (None: a
+/// publisher).
 async fn open(t: &Target, room: Option<&str>) -> Result<Ws> {
+    open_at(t, &t.url, room).await
+}
+
+/// Opens one connection to `origin` and subscribes it to `room`.
+async fn open_at(t: &Target, origin: &str, room: Option<&str>) -> Result<Ws> {
     let url = match t.proto {
-        Proto::Misskey => format!("{}/streaming", t.url),
-        Proto::Socketio => format!("{}/socket.io/?EIO=4&transport=websocket", t.url),
+        Proto::Misskey => format!("{origin}/streaming"),
+        Proto::Socketio => format!("{origin}/socket.io/?EIO=4&transport=websocket"),
     };
     let (mut ws, _) =
         tokio_tungstenite::connect_async_with_config(&url, Some(ws_config(room)), true)
@@ -265,16 +286,19 @@ async fn open(t: &Target, room: Option<&str>) -> Result<Ws> {
     Ok(ws)
 }
 
-/// Opens `n` connections, `concurrency` at a time.
+/// Opens `n` connections, `concurrency` at a time, spread over the
+/// target's origins in turn (the i-th on origin `i % origins`).
 async fn open_many(t: &Target, n: usize, room: &str) -> Result<(Vec<Ws>, Duration)> {
     let sem = Arc::new(Semaphore::new(t.concurrency));
+    let origins: Vec<String> = t.origins().map(str::to_owned).collect();
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
         let (t, room, sem) = (t.clone(), room.to_owned(), sem.clone());
+        let origin = origins[i % origins.len()].clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await?;
-            open(&t, Some(&room)).await
+            open_at(&t, &origin, Some(&room)).await
         }));
     }
     let mut out = Vec::with_capacity(n);
@@ -362,6 +386,9 @@ async fn fanout_scenario(
     let (conns, _) = open_many(&t, members, room).await?;
     let stop = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
+    let origins = t.origins().count();
+    // Latencies per shard, the members on the publisher's origin in the
+    // even shards, the others (a cluster's further nodes) in the odd ones.
     let shards: Arc<Vec<std::sync::Mutex<Histogram<u64>>>> = Arc::new(
         (0..16)
             .map(|_| {
@@ -388,7 +415,9 @@ async fn fanout_scenario(
                     return;
                 }
                 let us = (ns / 1000).clamp(1, 120_000_000);
-                if let Ok(mut h) = shards[i % shards.len()].lock() {
+                let remote = usize::from(i % origins != 0);
+                let shard = (i / origins * 2 + remote) % shards.len();
+                if let Ok(mut h) = shards[shard].lock() {
                     let _ = h.record(us);
                 }
             },
@@ -397,6 +426,10 @@ async fn fanout_scenario(
     // Let every subscription settle before the first publish.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut publisher = open(&t, None).await?;
+    let redis_before = match &t.redis {
+        Some(addr) => Some(redis_info(addr).await?),
+        None => None,
+    };
     let pad = "x".repeat(payload.saturating_sub(40));
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
@@ -429,18 +462,31 @@ async fn fanout_scenario(
         last = now;
     }
     let total = received.load(Ordering::Relaxed);
+    let redis = match (&t.redis, redis_before) {
+        (Some(addr), Some(before)) => Some(redis_info(addr).await?.per_event(&before, sent)),
+        _ => None,
+    };
     stop.cancel();
     let _ = publisher.close(None).await;
     for task in tasks {
         let _ = task.await;
     }
-    let mut h = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
-    for s in shards.iter() {
+    let new_histogram = || Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+    let (mut h, mut local, mut remote) = (new_histogram(), new_histogram(), new_histogram());
+    for (i, s) in shards.iter().enumerate() {
         if let Ok(s) = s.lock() {
             h.add(&*s).ok();
+            if i % 2 == 0 {
+                local.add(&*s).ok()
+            } else {
+                remote.add(&*s).ok()
+            };
         }
     }
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ms_of = |h: &Histogram<u64>, q: f64| {
+        (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0)
+    };
     Ok(serde_json::json!({
         "scenario": "fanout",
         "proto": format!("{:?}", t.proto).to_lowercase(),
@@ -458,8 +504,98 @@ async fn fanout_scenario(
         "p99_ms": ms(0.99),
         "p999_ms": ms(0.999),
         "max_ms": h.max() as f64 / 1000.0,
+        "origins": origins,
+        "p50_local_ms": ms_of(&local, 0.5),
+        "p99_local_ms": ms_of(&local, 0.99),
+        "p50_remote_ms": ms_of(&remote, 0.5),
+        "p99_remote_ms": ms_of(&remote, 0.99),
+        "redis": redis,
         "server_rss_kib": t.pid.and_then(rss_kib),
     }))
+}
+
+/// A Redis server's traffic counters (`INFO all`).
+#[derive(Debug, Clone, Copy)]
+struct RedisInfo {
+    /// `total_net_input_bytes`.
+    input: u64,
+    /// `total_net_output_bytes`.
+    output: u64,
+    /// `total_commands_processed`.
+    commands: u64,
+    /// Calls of `PUBLISH` and `SPUBLISH`.
+    publishes: u64,
+    /// The size of this `INFO` request and of its reply, so that a later
+    /// reading can leave them out.
+    own: (u64, u64),
+}
+
+impl RedisInfo {
+    /// What Redis carried per published event between `before` and this
+    /// reading, the first `INFO` exchange left out (the second's happens
+    /// after the counters were read).
+    fn per_event(&self, before: &RedisInfo, events: u64) -> serde_json::Value {
+        let per = |a: u64, b: u64, own: u64| {
+            a.saturating_sub(b).saturating_sub(own) as f64 / events.max(1) as f64
+        };
+        serde_json::json!({
+            "events": events,
+            "in_bytes": per(self.input, before.input, before.own.0),
+            "out_bytes": per(self.output, before.output, before.own.1),
+            "commands": per(self.commands, before.commands, 1),
+            "publishes": per(self.publishes, before.publishes, 0),
+        })
+    }
+}
+
+/// Reads a Redis server's counters with one inline `INFO all` (RESP: a
+/// bulk string reply).
+async fn redis_info(addr: &str) -> Result<RedisInfo> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to Redis at {addr}"))?;
+    let request = b"INFO all\r\n";
+    conn.write_all(request).await?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 8192];
+    let text = loop {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            bail!("Redis closed before answering INFO");
+        }
+        reply.extend_from_slice(&buf[..n]);
+        let Some(eol) = reply.windows(2).position(|w| w == b"\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&reply[..eol])?;
+        let len: usize = head
+            .strip_prefix('$')
+            .and_then(|l| l.parse().ok())
+            .with_context(|| format!("unexpected INFO reply {head:?}"))?;
+        if reply.len() >= eol + 2 + len + 2 {
+            break String::from_utf8_lossy(&reply[eol + 2..eol + 2 + len]).into_owned();
+        }
+    };
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let calls = |cmd: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(RedisInfo {
+        input: field("total_net_input_bytes"),
+        output: field("total_net_output_bytes"),
+        commands: field("total_commands_processed"),
+        publishes: calls("publish") + calls("spublish"),
+        own: (request.len() as u64, reply.len() as u64),
+    })
 }
 
 /// A payload carrying its send time (`t`, ns) and padding.

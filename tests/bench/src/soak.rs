@@ -130,6 +130,8 @@ fn misskey(url: &str) -> Target {
         proto: Proto::Misskey,
         pid: None,
         concurrency: 64,
+        also: Vec::new(),
+        redis: None,
     }
 }
 
@@ -333,6 +335,8 @@ pub async fn soak(url: &str, pid: u32, secs: u64) -> Result<serde_json::Value> {
             proto,
             pid: None,
             concurrency: 64,
+            also: Vec::new(),
+            redis: None,
         };
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
@@ -380,6 +384,8 @@ pub async fn soak(url: &str, pid: u32, secs: u64) -> Result<serde_json::Value> {
                 proto,
                 pid: None,
                 concurrency: 1,
+                also: Vec::new(),
+                redis: None,
             };
             while !stop.is_cancelled() {
                 let mut ws = open(&t, Some("churn")).await?;

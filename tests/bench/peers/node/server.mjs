@@ -2,13 +2,25 @@
 // chanhost's `bench` plugin. WebSocket transport only, no per-message
 // deflate, the HTTP request object dropped to save memory (as the
 // socket.io docs advise for many connections).
-// usage: node server.mjs PORT
+// usage: node server.mjs PORT [REDIS_URL]
+// With REDIS_URL, the server is one node of a cluster on
+// @socket.io/redis-adapter (node-redis as its client), as its docs set it up.
 import { createServer } from 'node:http';
 import { Server } from 'socket.io';
 
 const port = Number(process.argv[2] ?? 3001);
+const redisUrl = process.argv[3];
 const http = createServer();
 const io = new Server(http, { transports: ['websocket'], perMessageDeflate: false, serveClient: false });
+
+if (redisUrl) {
+  const { createClient } = await import('redis');
+  const { createAdapter } = await import('@socket.io/redis-adapter');
+  const pub = createClient({ url: redisUrl });
+  const sub = pub.duplicate();
+  await Promise.all([pub.connect(), sub.connect()]);
+  io.adapter(createAdapter(pub, sub));
+}
 
 io.engine.on('connection', (raw) => { raw.request = null; });
 io.use((socket, next) => {

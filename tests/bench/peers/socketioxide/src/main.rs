@@ -1,12 +1,17 @@
 //! The socketioxide peer of the benchmarks: the same broadcast server as
 //! chanhost's `bench` plugin (namespace `/`, CONNECT auth `{room}` joins it,
 //! `publish {room, data}` goes to the room as `message data`).
-//! usage: bench-socketioxide PORT
+//! usage: bench-socketioxide PORT [REDIS_URL]
+//! With REDIS_URL, the server is one node of a cluster on
+//! `socketioxide-redis` (its `redis` driver), as its docs set it up.
 
 use serde::Deserialize;
 use serde_json::Value;
+use socketioxide::adapter::Adapter;
 use socketioxide::extract::{Data, SocketRef};
 use socketioxide::SocketIo;
+use socketioxide_redis::drivers::redis::redis_client as redis;
+use socketioxide_redis::{RedisAdapter, RedisAdapterCtr};
 
 #[derive(Deserialize)]
 struct Auth {
@@ -19,18 +24,38 @@ struct Publish {
     data: Value,
 }
 
+async fn on_connect<A: Adapter>(socket: SocketRef<A>, Data(auth): Data<Auth>) {
+    if let Some(room) = auth.room {
+        socket.join(room);
+    }
+    socket.on(
+        "publish",
+        async |socket: SocketRef<A>, Data(p): Data<Publish>| {
+            let _ = socket.within(p.room).emit("message", &p.data).await;
+        },
+    );
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(3002);
-    let (layer, io) = SocketIo::builder().build_layer();
-    io.ns("/", async |socket: SocketRef, Data(auth): Data<Auth>| {
-        if let Some(room) = auth.room {
-            socket.join(room);
+    let mut args = std::env::args().skip(1);
+    let port: u16 = args.next().and_then(|p| p.parse().ok()).unwrap_or(3002);
+    let layer = match args.next() {
+        None => {
+            let (layer, io) = SocketIo::builder().build_layer();
+            io.ns("/", on_connect);
+            layer
         }
-        socket.on("publish", async |socket: SocketRef, Data(p): Data<Publish>| {
-            let _ = socket.within(p.room).emit("message", &p.data).await;
-        });
-    });
+        Some(url) => {
+            let client = redis::Client::open(url)?;
+            let adapter = RedisAdapterCtr::new_with_redis(&client).await?;
+            let (layer, io) = SocketIo::builder()
+                .with_adapter::<RedisAdapter<_>>(adapter)
+                .build_layer();
+            io.ns("/", on_connect).await?;
+            layer
+        }
+    };
     let app = axum::Router::new().layer(layer);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening on 127.0.0.1:{port}");
