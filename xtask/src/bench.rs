@@ -1,6 +1,17 @@
-//! `cargo xtask bench [--quick] [--repeat N] [--host PATH]`: chanhost side by
-//! side with the Node `socket.io` server and `socketioxide`, on this
-//! machine, in one run; writes `BENCHMARKS.md` and `bench-latency.svg`.
+//! `cargo xtask bench [--quick] [--repeat N] [--host PATH] [--only PREFIX]`:
+//! chanhost side by side with the Node `socket.io` server and
+//! `socketioxide`, on this machine, in one run; writes `BENCHMARKS.md` and
+//! `bench-latency.svg`.
+//!
+//! The cluster cases run each server as two nodes on one `redis-server`
+//! started for the run (chanhost with `[cluster]`, the peers with their own
+//! Redis adapters), next to the same room on one server.
+//!
+//! `--only PREFIX` measures the cases whose names start with `PREFIX`
+//! (`cluster`, `fanout 1000`, ...) and puts their figures in place of those
+//! of the saved run (`target/bench/results.json`, same `--quick` and
+//! `--repeat`), so one section can be measured again without the rest; each
+//! figure keeps the day it was measured on, and the cluster section says it.
 //!
 //! `--host PATH` runs another build of the `chanhost` binary in place of
 //! this tree's (say, a release build of an earlier commit, to compare a
@@ -550,7 +561,15 @@ pub fn bench(args: &[String]) -> Result<()> {
         }
     }
     if only.is_some() {
-        let (mut saved, saved_repeat, saved_quick) = load()?;
+        let Ok((mut saved, saved_repeat, saved_quick)) = load() else {
+            // Nothing to merge into: keep these figures, leave the report.
+            save(&results, repeat, quick)?;
+            eprintln!(
+                "bench: no earlier run saved; figures in {} (BENCHMARKS.md left as it is)",
+                results_path().display()
+            );
+            return Ok(());
+        };
         if (saved_repeat, saved_quick) != (repeat, quick) {
             bail!(
                 "--only: the saved run measured {saved_repeat} repeat(s){}; run the same way",
