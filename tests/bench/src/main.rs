@@ -577,25 +577,35 @@ async fn redis_info(addr: &str) -> Result<RedisInfo> {
             break String::from_utf8_lossy(&reply[eol + 2..eol + 2 + len]).into_owned();
         }
     };
-    let field = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let calls = |cmd: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
-            .and_then(|v| v.split(',').next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok(RedisInfo {
-        input: field("total_net_input_bytes"),
-        output: field("total_net_output_bytes"),
-        commands: field("total_commands_processed"),
-        publishes: calls("publish") + calls("spublish"),
-        own: (request.len() as u64, reply.len() as u64),
-    })
+    Ok(RedisInfo::parse(
+        &text,
+        (request.len() as u64, reply.len() as u64),
+    ))
+}
+
+impl RedisInfo {
+    /// The counters in the text of an `INFO all` reply.
+    fn parse(text: &str, own: (u64, u64)) -> RedisInfo {
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let calls = |cmd: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+                .and_then(|v| v.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        RedisInfo {
+            input: field("total_net_input_bytes"),
+            output: field("total_net_output_bytes"),
+            commands: field("total_commands_processed"),
+            publishes: calls("publish") + calls("spublish"),
+            own,
+        }
+    }
 }
 
 /// A payload carrying its send time (`t`, ns) and padding.
@@ -739,4 +749,35 @@ fn main() -> Result<()> {
     }
     println!("{out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_counters_per_event_leave_out_the_info_exchange() {
+        let before = RedisInfo::parse(
+            "# Stats\r\ntotal_commands_processed:10\r\ntotal_net_input_bytes:1000\r\n\
+             total_net_output_bytes:500\r\n# Commandstats\r\n\
+             cmdstat_publish:calls=4,usec=9,usec_per_call=2.25\r\n",
+            (10, 300),
+        );
+        assert_eq!(
+            (before.input, before.output, before.commands),
+            (1000, 500, 10)
+        );
+        assert_eq!(before.publishes, 4);
+        let after = RedisInfo::parse(
+            "total_commands_processed:111\r\ntotal_net_input_bytes:11010\r\n\
+             total_net_output_bytes:20800\r\ncmdstat_publish:calls=100,usec=1\r\n\
+             cmdstat_spublish:calls=4,usec=1\r\n",
+            (10, 300),
+        );
+        let per = after.per_event(&before, 100);
+        assert_eq!(per["in_bytes"], 100.0);
+        assert_eq!(per["out_bytes"], 200.0);
+        assert_eq!(per["commands"], 1.0);
+        assert_eq!(per["publishes"], 1.0);
+    }
 }
