@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{Data, SocketRef};
+use socketioxide::layer::SocketIoLayer;
 use socketioxide::SocketIo;
 use socketioxide_redis::drivers::redis::redis_client as redis;
 use socketioxide_redis::{RedisAdapter, RedisAdapterCtr};
@@ -40,11 +41,11 @@ async fn on_connect<A: Adapter>(socket: SocketRef<A>, Data(auth): Data<Auth>) {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let port: u16 = args.next().and_then(|p| p.parse().ok()).unwrap_or(3002);
-    let layer = match args.next() {
+    match args.next() {
         None => {
             let (layer, io) = SocketIo::builder().build_layer();
             io.ns("/", on_connect);
-            layer
+            serve(layer, port).await
         }
         Some(url) => {
             let client = redis::Client::open(url)?;
@@ -53,9 +54,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .with_adapter::<RedisAdapter<_>>(adapter)
                 .build_layer();
             io.ns("/", on_connect).await?;
-            layer
+            serve(layer, port).await
         }
-    };
+    }
+}
+
+async fn serve<A: Adapter>(
+    layer: SocketIoLayer<A>,
+    port: u16,
+) -> Result<(), Box<dyn std::error::Error>> {
     let app = axum::Router::new().layer(layer);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening on 127.0.0.1:{port}");
