@@ -48,7 +48,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             serve(layer, port).await
         }
         Some(url) => {
-            let client = redis::Client::open(url)?;
+            // The adapter's redis driver needs RESP3 (push messages).
+            let client = redis::Client::open(format!("{url}?protocol=resp3"))?;
             let adapter = RedisAdapterCtr::new_with_redis(&client).await?;
             let (layer, io) = SocketIo::builder()
                 .with_adapter::<RedisAdapter<_>>(adapter)
