@@ -809,6 +809,11 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
     s
 }
 
+/// One Markdown table row of `cells`.
+fn row(s: &mut String, cells: &[String]) {
+    let _ = writeln!(s, "| {} |", cells.join(" | "));
+}
+
 /// A figure inside a run's `redis` object (what Redis carried per event).
 fn redis_fig(runs: &[Value], key: &str) -> f64 {
     median(
@@ -864,17 +869,18 @@ fn cluster(s: &mut String, results: &Results) {
     };
     for (name, by) in &cases {
         for (server, runs) in by {
-            let _ = writeln!(
+            row(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                label(name),
-                server.label(),
-                fmt(fig(runs, "frames_per_sec"), 0),
-                fmt(fig(runs, "p50_ms"), 2),
-                fmt(fig(runs, "p99_ms"), 2),
-                fmt(fig(runs, "p50_remote_ms"), 2),
-                fmt(fig(runs, "p99_remote_ms"), 2),
-                fmt(fig(runs, "drops"), 0),
+                &[
+                    label(name),
+                    server.label().to_owned(),
+                    fmt(fig(runs, "frames_per_sec"), 0),
+                    fmt(fig(runs, "p50_ms"), 2),
+                    fmt(fig(runs, "p99_ms"), 2),
+                    fmt(fig(runs, "p50_remote_ms"), 2),
+                    fmt(fig(runs, "p99_remote_ms"), 2),
+                    fmt(fig(runs, "drops"), 0),
+                ],
             );
         }
     }
@@ -901,17 +907,18 @@ fn cluster(s: &mut String, results: &Results) {
         let both = find("room on both", server).map_or(&[][..], |r| r);
         let one = find("room on one", server).map_or(&[][..], |r| r);
         let alone = find("one node", server).map_or(&[][..], |r| r);
-        let _ = writeln!(
+        row(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            server.label(),
-            fmt(redis_fig(both, "publishes"), 2),
-            fmt(redis_fig(both, "in_bytes"), 0),
-            fmt(redis_fig(both, "out_bytes"), 0),
-            fmt(redis_fig(one, "publishes"), 2),
-            fmt(redis_fig(one, "in_bytes"), 0),
-            fmt(redis_fig(one, "out_bytes"), 0),
-            fmt(fig(both, "p50_remote_ms") - fig(alone, "p50_ms"), 2),
+            &[
+                server.label().to_owned(),
+                fmt(redis_fig(both, "publishes"), 2),
+                fmt(redis_fig(both, "in_bytes"), 0),
+                fmt(redis_fig(both, "out_bytes"), 0),
+                fmt(redis_fig(one, "publishes"), 2),
+                fmt(redis_fig(one, "in_bytes"), 0),
+                fmt(redis_fig(one, "out_bytes"), 0),
+                fmt(fig(both, "p50_remote_ms") - fig(alone, "p50_ms"), 2),
+            ],
         );
     }
     let _ = writeln!(s);
