@@ -232,6 +232,26 @@ enum Shape {
     OneNode,
 }
 
+impl Shape {
+    /// Every placement of the cluster cases, in the order they run.
+    const CLUSTER: [Shape; 3] = [Shape::Alone, Shape::Split, Shape::OneNode];
+
+    /// What the placement is, in the report's words.
+    fn what(self) -> &'static str {
+        match self {
+            Shape::Alone => "one node",
+            Shape::Split => "two nodes, room on both",
+            Shape::OneNode => "two nodes, room on one",
+        }
+    }
+
+    /// The name of the cluster case of this placement (the one place the
+    /// report and the case list agree on).
+    fn cluster_case(self) -> String {
+        format!("cluster {CLUSTER_MEMBERS} x 100 B, {}", self.what())
+    }
+}
+
 /// The servers of one run of a case, and the load generator's arguments
 /// that point at them.
 struct Placed {
@@ -354,6 +374,8 @@ pub(crate) fn build_host() -> Result<PathBuf> {
 fn build() -> Result<PathBuf> {
     let root = root();
     let plugins = build_host()?;
+    // The cluster cases start their own `redis-server`.
+    crate::ensure_redis()?;
     npm_ci(&root.join("tests/bench/peers/node"))?;
     run(cargo()
         .current_dir(root.join("tests/bench/peers/socketioxide"))
@@ -503,13 +525,9 @@ pub fn bench(args: &[String]) -> Result<()> {
     });
     // The cluster: one room on one node, then on two nodes of one Redis,
     // run next to each other.
-    for (shape, what) in [
-        (Shape::Alone, "one node"),
-        (Shape::Split, "two nodes, room on both"),
-        (Shape::OneNode, "two nodes, room on one"),
-    ] {
+    for shape in Shape::CLUSTER {
         cases.push(Case {
-            name: format!("cluster {CLUSTER_MEMBERS} x 100 B, {what}"),
+            name: shape.cluster_case(),
             args: fanout_args(CLUSTER_MEMBERS, 100, quick),
             shape,
         });
@@ -543,15 +561,17 @@ pub fn bench(args: &[String]) -> Result<()> {
             }
             for server in order {
                 eprintln!("bench: {} / {} (run {})", case.name, server.label(), r + 1);
-                let placed = Placed::start(server, &plugins, case.shape)?;
-                let mut v = match generate(server, &placed, case) {
+                // A server that does not start is a failed run, reported
+                // with the others; the bench goes on.
+                let mut v = match Placed::start(server, &plugins, case.shape)
+                    .and_then(|placed| generate(server, &placed, case))
+                {
                     Ok(v) => v,
                     Err(e) => {
                         eprintln!("bench: {e:#}");
                         serde_json::json!({ "error": format!("{e:#}") })
                     }
                 };
-                drop(placed);
                 v["at"] = Value::String(today());
                 let slot = &mut results[ci].1;
                 if let Some((_, runs)) = slot.iter_mut().find(|(s, _)| *s == server) {
@@ -659,8 +679,14 @@ fn dispatch_ns(which: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The median over `runs` of the figure at `key`; a dotted key reaches
+/// into an object (`redis.publishes`).
 fn fig(runs: &[Value], key: &str) -> f64 {
-    median(runs.iter().filter_map(|v| v.get(key)?.as_f64()).collect())
+    median(
+        runs.iter()
+            .filter_map(|v| key.split('.').try_fold(v, |v, k| v.get(k))?.as_f64())
+            .collect(),
+    )
 }
 
 fn fmt(x: f64, digits: usize) -> String {
@@ -814,15 +840,6 @@ fn row(s: &mut String, cells: &[String]) {
     let _ = writeln!(s, "| {} |", cells.join(" | "));
 }
 
-/// A figure inside a run's `redis` object (what Redis carried per event).
-fn redis_fig(runs: &[Value], key: &str) -> f64 {
-    median(
-        runs.iter()
-            .filter_map(|v| v.get("redis")?.get(key)?.as_f64())
-            .collect(),
-    )
-}
-
 /// The cluster section: one room on one node and on two nodes of one Redis,
 /// every server with its own Redis adapter.
 fn cluster(s: &mut String, results: &Results) {
@@ -884,10 +901,11 @@ fn cluster(s: &mut String, results: &Results) {
             );
         }
     }
-    let find = |what: &str, server: Server| -> Option<&Vec<Value>> {
+    let find = |shape: Shape, server: Server| -> Option<&Vec<Value>> {
+        let name = shape.cluster_case();
         cases
             .iter()
-            .find(|(n, _)| n.ends_with(what))
+            .find(|(n, _)| *n == name)
             .and_then(|(_, by)| by.iter().find(|(s, _)| *s == server))
             .map(|(_, r)| r)
     };
@@ -904,19 +922,19 @@ fn cluster(s: &mut String, results: &Results) {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for server in Server::PEERS {
-        let both = find("room on both", server).map_or(&[][..], |r| r);
-        let one = find("room on one", server).map_or(&[][..], |r| r);
-        let alone = find("one node", server).map_or(&[][..], |r| r);
+        let both = find(Shape::Split, server).map_or(&[][..], |r| r);
+        let one = find(Shape::OneNode, server).map_or(&[][..], |r| r);
+        let alone = find(Shape::Alone, server).map_or(&[][..], |r| r);
         row(
             s,
             &[
                 server.label().to_owned(),
-                fmt(redis_fig(both, "publishes"), 2),
-                fmt(redis_fig(both, "in_bytes"), 0),
-                fmt(redis_fig(both, "out_bytes"), 0),
-                fmt(redis_fig(one, "publishes"), 2),
-                fmt(redis_fig(one, "in_bytes"), 0),
-                fmt(redis_fig(one, "out_bytes"), 0),
+                fmt(fig(both, "redis.publishes"), 2),
+                fmt(fig(both, "redis.in_bytes"), 0),
+                fmt(fig(both, "redis.out_bytes"), 0),
+                fmt(fig(one, "redis.publishes"), 2),
+                fmt(fig(one, "redis.in_bytes"), 0),
+                fmt(fig(one, "redis.out_bytes"), 0),
                 fmt(fig(both, "p50_remote_ms") - fig(alone, "p50_ms"), 2),
             ],
         );

@@ -206,7 +206,7 @@ fn checks() -> Result<()> {
 
 /// Installs Debian's `redis-server` if it is missing: the end-to-end tests
 /// start their own on free ports.
-fn ensure_redis() -> Result<()> {
+pub(crate) fn ensure_redis() -> Result<()> {
     let found = Command::new("redis-server")
         .arg("--version")
         .stdout(std::process::Stdio::null())

@@ -26,8 +26,9 @@
 //! publishing node and carries the event, its JSON data and its filter
 //! (the conditions a member must pass, the audience of a note), evaluated
 //! by each receiving node against its own members; the binary attachments
-//! follow. A node delivers what it publishes at once and skips its own
-//! messages when Redis sends them back, so each member gets an event once.
+//! follow. A node hands what it publishes to Redis, then delivers it to
+//! its own members at once, and skips its own messages when Redis sends
+//! them back, so each member gets an event once.
 //! One connection publishes, in order, pipelining what is queued: the
 //! order of a room's events from one publisher holds on every node.
 //!
@@ -362,28 +363,28 @@ impl Broker for RedisBroker {
                 mpsc::error::TrySendError::Full(()) => BrokerError::Full,
                 mpsc::error::TrySendError::Closed(()) => BrokerError::Down,
             })?;
+        // Redis first: the other nodes' members then wait for the hop,
+        // not for this node's own fan-out as well.
         for (p, permit) in batch.iter().zip(permits) {
-            local.deliver_local(p);
             permit.send(self.shared.outgoing(p));
+            local.deliver_local(p);
         }
         Ok(())
     }
 
     fn publish_best_effort(&self, p: Publication) {
-        if let Some(local) = self.shared.local() {
-            local.deliver_local(&p);
-        }
         if !self.shared.is_up() {
             self.shared.not_carried(1, "Redis cannot be reached");
-            return;
-        }
-        if self
+        } else if self
             .shared
             .queue
             .try_send(self.shared.outgoing(&p))
             .is_err()
         {
             self.shared.not_carried(1, "the queue to Redis is full");
+        }
+        if let Some(local) = self.shared.local() {
+            local.deliver_local(&p);
         }
     }
 

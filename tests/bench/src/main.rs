@@ -546,6 +546,29 @@ impl RedisInfo {
             "publishes": per(self.publishes, before.publishes, 0),
         })
     }
+
+    /// The counters in the text of an `INFO all` reply.
+    fn parse(text: &str, own: (u64, u64)) -> RedisInfo {
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let calls = |cmd: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+                .and_then(|v| v.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        RedisInfo {
+            input: field("total_net_input_bytes"),
+            output: field("total_net_output_bytes"),
+            commands: field("total_commands_processed"),
+            publishes: calls("publish") + calls("spublish"),
+            own,
+        }
+    }
 }
 
 /// Reads a Redis server's counters with one inline `INFO all` (RESP: a
@@ -581,31 +604,6 @@ async fn redis_info(addr: &str) -> Result<RedisInfo> {
         &text,
         (request.len() as u64, reply.len() as u64),
     ))
-}
-
-impl RedisInfo {
-    /// The counters in the text of an `INFO all` reply.
-    fn parse(text: &str, own: (u64, u64)) -> RedisInfo {
-        let field = |name: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let calls = |cmd: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
-                .and_then(|v| v.split(',').next()?.parse().ok())
-                .unwrap_or(0)
-        };
-        RedisInfo {
-            input: field("total_net_input_bytes"),
-            output: field("total_net_output_bytes"),
-            commands: field("total_commands_processed"),
-            publishes: calls("publish") + calls("spublish"),
-            own,
-        }
-    }
 }
 
 /// A payload carrying its send time (`t`, ns) and padding.
