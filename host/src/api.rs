@@ -182,11 +182,17 @@ async fn plugin_kv(
 
 async fn healthz(State(node): State<Arc<Node>>) -> Response {
     let (state, nodes) = node.cluster();
+    let adapter = match node.adapter() {
+        None => "off",
+        Some(a) if a.is_up() => "up",
+        Some(_) => "down",
+    };
     Json(json!({
         "status": "ok",
         "connections": node.hub().conn_count(),
         "plugins": node.plugins().names().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
         "cluster": { "redis": state.as_str(), "nodes": nodes },
+        "socketio_adapter": adapter,
     }))
     .into_response()
 }

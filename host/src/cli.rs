@@ -101,6 +101,9 @@ pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
     if let Some(bus) = &node.config().misskey.bus {
         crate::server::misskey::redis_bus::spawn(&node, bus)?;
     }
+    if let Some(adapter) = &node.config().socketio.adapter {
+        crate::adapter::spawn(&node, adapter)?;
+    }
     crate::memory::spawn_trimmer(node.shutdown().clone());
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -178,6 +178,46 @@ pub struct RawSocketIo {
     pub upgrade_timeout_ms: Option<u64>,
     pub packet_gap_ms: Option<u64>,
     pub cors_origins: Option<Vec<String>>,
+    pub adapter: Option<RawSioAdapter>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSioAdapter {
+    pub redis: Option<String>,
+    pub key: Option<String>,
+}
+
+/// `@socket.io/redis-adapter`'s protocol on a Redis (`[socketio.adapter]`).
+#[derive(Debug, Clone)]
+pub struct SioAdapterConfig {
+    pub redis: String,
+    /// The adapter's `key` option: channels are `<key>#<nsp>#...`.
+    pub key: String,
+}
+
+/// Checks `[socketio.adapter]`.
+fn sio_adapter(
+    raw: RawSioAdapter,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<SioAdapterConfig, ConfigError> {
+    let redis = raw.redis.ok_or_else(|| {
+        invalid(
+            "socketio.adapter.redis",
+            "missing: the Redis URL the socket.io servers' adapter uses, e.g. \"redis://127.0.0.1:6379\" (default: [cluster] redis)".into(),
+        )
+    })?;
+    if let Err(e) = crate::pubsub::check_url(&redis) {
+        return Err(invalid("socketio.adapter.redis", e.to_string()));
+    }
+    let key = raw.key.unwrap_or_else(|| "socket.io".into());
+    if key.is_empty() || key.contains('#') || key.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            "socketio.adapter.key",
+            "must be a non-empty name without `#` or spaces (the adapter's `key` option)".into(),
+        ));
+    }
+    Ok(SioAdapterConfig { redis, key })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -301,6 +341,8 @@ pub struct SocketIoConfig {
     /// Origins allowed cross-site (`"*"` for any). Same-origin requests
     /// and requests without an Origin are always allowed.
     pub cors_origins: Vec<String>,
+    /// `[socketio.adapter]`: absent, chanhost speaks no socket.io adapter.
+    pub adapter: Option<SioAdapterConfig>,
 }
 
 /// Limits of the plugin runtime.
@@ -779,6 +821,16 @@ impl Config {
             upgrade_timeout: ms(sio.upgrade_timeout_ms, 10_000),
             packet_gap: ms(sio.packet_gap_ms, 5),
             cors_origins: sio.cors_origins.unwrap_or_default(),
+            adapter: sio
+                .adapter
+                .map(|mut a| {
+                    // The adapter may share the cluster's Redis.
+                    if a.redis.is_none() {
+                        a.redis = cluster.as_ref().map(|c| c.redis.clone());
+                    }
+                    sio_adapter(a, &invalid)
+                })
+                .transpose()?,
         };
         for (key, d) in [
             ("socketio.ping_interval_ms", socketio.ping_interval),
@@ -939,6 +991,26 @@ rooms_url = "http://backend:8080/rooms"
         assert!(c.plugin_table_json("mew-infra").contains("admin_secret"));
         assert!(c.plugin_table_json("misskey").contains("backend"));
         assert!(c.backend_auth.is_some());
+    }
+
+    #[test]
+    fn the_socketio_adapter_takes_the_clusters_redis_and_a_plain_key() {
+        let c =
+            parse("[cluster]\nredis = \"redis://127.0.0.1:7000\"\n[socketio.adapter]\n").unwrap();
+        let a = c.socketio.adapter.unwrap();
+        assert_eq!(
+            (a.redis.as_str(), a.key.as_str()),
+            ("redis://127.0.0.1:7000", "socket.io")
+        );
+        let c = parse("[socketio.adapter]\nredis = \"redis://r:6379\"\nkey = \"app\"").unwrap();
+        assert_eq!(c.socketio.adapter.unwrap().key, "app");
+        assert!(parse("[socketio.adapter]\n")
+            .unwrap_err()
+            .to_string()
+            .contains("socketio.adapter.redis"));
+        let e = parse("[socketio.adapter]\nredis = \"redis://r\"\nkey = \"a#b\"").unwrap_err();
+        assert!(e.to_string().contains("socketio.adapter.key"), "{e}");
+        assert!(parse("").unwrap().socketio.adapter.is_none());
     }
 
     #[test]

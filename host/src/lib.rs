@@ -19,7 +19,10 @@
 //! - [`logging`]: one-line log records; [`memory`]: freed memory given back.
 //! - [`pubsub`]: Redis subscriptions that outlive Redis outages;
 //!   [`outbound`]: the HTTP requests the host sends.
+//! - [`adapter`]: the node as a server of a socket.io cluster on
+//!   `@socket.io/redis-adapter` (`[socketio.adapter]`).
 
+pub mod adapter;
 pub mod api;
 pub mod auth;
 pub mod broker;

@@ -84,6 +84,15 @@ pub struct Metrics {
     pub broker_malformed: Counter,
     pub broker_subscriptions: Gauge,
     pub cluster_nodes: Gauge,
+    /// The socket.io adapter protocol (`[socketio.adapter]`).
+    pub adapter_up: Gauge,
+    pub adapter_published: Counter,
+    pub adapter_not_carried: Counter,
+    /// Filtered events kept in chanhost (the adapter cannot carry filters).
+    pub adapter_filtered: Counter,
+    pub adapter_received: Counter,
+    pub adapter_requests: Counter,
+    pub adapter_malformed: Counter,
 }
 
 /// A label set, `a="x",b="y"`, its values escaped.
@@ -228,6 +237,33 @@ impl Metrics {
                 (
                     labels(&[("result", "malformed")]),
                     self.broker_malformed.get(),
+                ),
+            ],
+        );
+        write_metric(
+            out,
+            "chanhost_socketio_adapter_up",
+            "gauge",
+            "1 while the socket.io adapter protocol ([socketio.adapter]) is subscribed and can publish; 0 while its Redis cannot be reached, or not configured.",
+            self.adapter_up.get(),
+        );
+        write_family(
+            out,
+            "chanhost_socketio_adapter_messages_total",
+            "counter",
+            "Messages of the socket.io adapter protocol: broadcasts published for the socket.io servers, not carried (Redis down or the queue full), filtered (carrying chanhost-only filters: kept in chanhost), broadcasts received, requests answered, malformed (ignored).",
+            &[
+                (labels(&[("result", "published")]), self.adapter_published.get()),
+                (
+                    labels(&[("result", "not_carried")]),
+                    self.adapter_not_carried.get(),
+                ),
+                (labels(&[("result", "filtered")]), self.adapter_filtered.get()),
+                (labels(&[("result", "received")]), self.adapter_received.get()),
+                (labels(&[("result", "request")]), self.adapter_requests.get()),
+                (
+                    labels(&[("result", "malformed")]),
+                    self.adapter_malformed.get(),
                 ),
             ],
         );

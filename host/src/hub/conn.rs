@@ -128,13 +128,18 @@ pub enum Outbound {
     Ended(Arc<str>),
 }
 
-/// A plugin's acknowledgement of a client message.
+/// A plugin's acknowledgement of a client message, or (`asks`) an event
+/// asking the client for one: a packet whose attachments must follow it
+/// unbroken.
 #[derive(Debug)]
 pub struct Ack {
-    /// The instance the message came to.
+    /// The instance the message came to (or goes to).
     pub instance: Arc<str>,
-    /// The client's ack id.
+    /// The client's ack id (or the one asked for).
     pub id: u64,
+    /// An EVENT asking for ack `id` (its args start with the event name),
+    /// not the ACK of the client's message `id`.
+    pub asks: bool,
     /// The reply's arguments, a JSON array (with placeholders for
     /// attachments).
     pub args: String,
@@ -243,6 +248,17 @@ pub struct InstanceState {
     /// The channel name (Misskey) or namespace (Socket.IO).
     pub channel: Arc<str>,
     pub slot: Slot,
+    /// A Socket.IO socket's id and handshake (none for Misskey).
+    pub socket: Option<Arc<SocketInfo>>,
+}
+
+/// What a Socket.IO socket is known by beyond its connection: the id its
+/// CONNECT reply gave it, and its handshake as socket.io describes one.
+#[derive(Debug)]
+pub struct SocketInfo {
+    pub sid: Arc<str>,
+    /// `{headers, time, address, xdomain, secure, issued, url, query, auth}`.
+    pub handshake: serde_json::Value,
 }
 
 /// One condition of a filtered delivery, tested against a member's
@@ -741,6 +757,38 @@ impl ConnHandle {
             .lock()
             .memberships
             .remove(&(room.clone(), slot.clone()))
+    }
+
+    /// The rooms a slot is in.
+    pub fn rooms_of(&self, slot: &Slot) -> Vec<Arc<str>> {
+        self.state
+            .lock()
+            .memberships
+            .iter()
+            .filter(|(_, s)| s == slot)
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// Whether a slot is in any of `rooms`.
+    pub fn in_any_room(&self, slot: &Slot, rooms: &[String]) -> bool {
+        if rooms.is_empty() {
+            return false;
+        }
+        let st = self.state.lock();
+        rooms.iter().any(|r| {
+            st.memberships
+                .contains(&(Arc::from(r.as_str()), slot.clone()))
+        })
+    }
+
+    /// Whether nothing waits to be written (a queued connection whose
+    /// queue is empty, or one written directly): where a volatile event
+    /// may go.
+    pub fn is_idle(&self) -> bool {
+        self.queue
+            .as_ref()
+            .is_none_or(|q| q.bytes.load(Ordering::Relaxed) == 0)
     }
 
     pub(super) fn take_memberships_of(&self, slot: &Slot) -> Vec<Arc<str>> {

@@ -27,8 +27,8 @@ use parking_lot::RwLock;
 
 pub use conn::{
     Ack, Audience, Condition, ConnHandle, ConnId, Deferred, DirectOut, Filter, Gate, InstanceState,
-    Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot, UserAttributes, WriteBatch,
-    SLOW_CONSUMER_CLOSE,
+    Outbound, OutboundRx, Protocol, QueueFull, QueueLimits, Slot, SocketInfo, UserAttributes,
+    WriteBatch, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
 pub use hold::Holds;
@@ -404,6 +404,62 @@ impl Hub {
             .count()
     }
 
+    /// The Socket.IO sockets of namespace `nsp` on this node that are in
+    /// any of `rooms` (every socket of the namespace when `rooms` is
+    /// empty) and in none of `except` — socket.io's own selection — with
+    /// their instance.
+    pub fn sockets(
+        &self,
+        nsp: &str,
+        rooms: &[String],
+        except: &[String],
+    ) -> Vec<(Arc<ConnHandle>, InstanceState)> {
+        let mut picked: Vec<(Arc<ConnHandle>, InstanceState)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut consider = |conn: &Arc<ConnHandle>| {
+            if conn.protocol != Protocol::SocketIo || !seen.insert(conn.id) {
+                return;
+            }
+            if let Some(inst) = conn.instance(nsp) {
+                if !conn.in_any_room(&inst.slot, except) {
+                    picked.push((conn.clone(), inst));
+                }
+            }
+        };
+        if rooms.is_empty() {
+            for conn in self.conns.read().values() {
+                consider(conn);
+            }
+            return picked;
+        }
+        for room in rooms {
+            let conns: Vec<Arc<ConnHandle>> = {
+                let shard = self.shard(room).read();
+                let Some(members) = shard.get(room.as_str()) else {
+                    continue;
+                };
+                members
+                    .values()
+                    .filter(|m| m.slot.id() == nsp && !m.slot.is_capture() && !m.slot.is_stream())
+                    .map(|m| m.conn.clone())
+                    .collect()
+            };
+            for conn in &conns {
+                consider(conn);
+            }
+        }
+        picked
+    }
+
+    /// Every room a socket of namespace `nsp` is in on this node.
+    pub fn socket_rooms(&self, nsp: &str) -> Vec<Arc<str>> {
+        let mut rooms = std::collections::BTreeSet::new();
+        for (conn, inst) in self.sockets(nsp, &[], &[]) {
+            rooms.extend(conn.rooms_of(&inst.slot));
+        }
+        rooms.into_iter().collect()
+    }
+
     /// Registers a plugin's interest in a room.
     pub fn listen(&self, plugin: &Arc<str>, room: &str) {
         let first = {
@@ -485,9 +541,63 @@ mod tests {
             plugin: "p".into(),
             channel: "c".into(),
             slot: slot.clone(),
+            socket: None,
         };
         c.insert_instance(id, state);
         slot
+    }
+
+    #[test]
+    fn sockets_are_picked_as_socketio_picks_them() {
+        let hub = hub();
+        let sio = |id| ConnHandle::new(id, Protocol::SocketIo, None, QueueLimits::frames(8));
+        let (a, _ra) = sio(1);
+        let (b, _rb) = sio(2);
+        let (m, _rm) = conn(3, 8);
+        for c in [&a, &b, &m] {
+            hub.register(c.clone());
+        }
+        let sa = inst(&a, "/");
+        let sb = inst(&b, "/");
+        let other = inst(&b, "/other");
+        let sm = inst(&m, "/");
+        hub.join(&a, sa.clone(), "r");
+        hub.join(&a, sa.clone(), "x");
+        hub.join(&b, sb.clone(), "r");
+        hub.join(&b, other, "only-other");
+        // A Misskey instance whose id happens to be "/" is no socket.
+        hub.join(&m, sm, "r");
+        let ids = |v: Vec<(Arc<ConnHandle>, InstanceState)>| {
+            let mut ids: Vec<ConnId> = v.iter().map(|(c, _)| c.id).collect();
+            ids.sort_unstable();
+            ids
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(hub.sockets("/", &s(&["r"]), &[])), vec![1, 2]);
+        assert_eq!(
+            ids(hub.sockets("/", &s(&["r", "x"]), &[])),
+            vec![1, 2],
+            "each once"
+        );
+        assert_eq!(ids(hub.sockets("/", &s(&["r"]), &s(&["x"]))), vec![2]);
+        assert_eq!(
+            ids(hub.sockets("/", &[], &[])),
+            vec![1, 2],
+            "the whole namespace"
+        );
+        assert_eq!(
+            ids(hub.sockets("/", &s(&["only-other"]), &[])),
+            Vec::<ConnId>::new()
+        );
+        assert_eq!(ids(hub.sockets("/other", &[], &[])), vec![2]);
+        let rooms: Vec<String> = hub
+            .socket_rooms("/")
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(rooms, vec!["r".to_owned(), "x".to_owned()]);
+        assert!(a.in_any_room(&sa, &s(&["nope", "x"])));
+        assert!(!a.in_any_room(&sa, &[]));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::Node;
-use crate::hub::{ConnHandle, InstanceState, Outbound, Slot};
+use crate::hub::{ConnHandle, InstanceState, Outbound, Slot, SocketInfo};
 use crate::plugin::runtime::CallError;
 use crate::plugin::{ConnectRequest, DisconnectReason, InstanceRef, PluginSlot, Rejection};
 use crate::server::Pairs;
@@ -30,6 +30,8 @@ pub struct OpenInstance<'a> {
     pub query: Pairs,
     /// The bearer token the connection authenticated with, if any.
     pub credential: Option<Arc<str>>,
+    /// A Socket.IO socket's id and handshake.
+    pub socket: Option<Arc<SocketInfo>>,
 }
 
 /// How an open ended.
@@ -55,18 +57,6 @@ impl Node {
                 self.end_instance(&conn, inst.slot.id(), false);
             }
         }
-    }
-
-    /// Registers a new channel instance on a connection (before its
-    /// plugin's `connect`, so the plugin can join rooms from it).
-    fn open_instance(&self, conn: &ConnHandle, id: &str, plugin: &Arc<str>, channel: &str) {
-        let state = InstanceState {
-            plugin: plugin.clone(),
-            channel: channel.into(),
-            slot: Slot::instance(id),
-        };
-        // A connection already forgotten by the hub gets no new instance.
-        self.hub.add_instance(conn, id, state);
     }
 
     /// Ends an instance from the server side; the connection's writer
@@ -116,9 +106,20 @@ impl Node {
             headers,
             query,
             credential,
+            socket,
         } = open;
         self.close_instance(conn, id, DisconnectReason::Replaced, true);
-        self.open_instance(conn, id, &plugin.name, channel);
+        // A connection already forgotten by the hub gets no new instance.
+        self.hub.add_instance(
+            conn,
+            id,
+            InstanceState {
+                plugin: plugin.name.clone(),
+                channel: channel.into(),
+                slot: Slot::instance(id),
+                socket,
+            },
+        );
         let req = ConnectRequest {
             target: InstanceRef {
                 connection: conn.id,

@@ -81,6 +81,8 @@ pub struct Node {
     /// Cancelled on SIGTERM/SIGINT: sessions close with 1001.
     shutdown: CancellationToken,
     next_conn: AtomicU64,
+    /// The socket.io adapter protocol (`[socketio.adapter]`), once started.
+    adapter: std::sync::OnceLock<Arc<crate::adapter::SioAdapter>>,
 }
 
 impl Node {
@@ -166,6 +168,7 @@ impl Node {
                 kv,
                 shutdown,
                 next_conn: AtomicU64::new(1),
+                adapter: std::sync::OnceLock::new(),
                 config,
             }
         });
@@ -192,6 +195,22 @@ impl Node {
     /// The validated config the node was built with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The socket.io adapter protocol, when `[socketio.adapter]` is on.
+    pub fn adapter(&self) -> Option<&Arc<crate::adapter::SioAdapter>> {
+        self.adapter.get()
+    }
+
+    pub(crate) fn set_adapter(&self, a: Arc<crate::adapter::SioAdapter>) {
+        let _ = self.adapter.set(a);
+    }
+
+    /// A publish that starts here, for the socket.io servers too.
+    pub(crate) fn to_adapter(&self, p: &Publication) {
+        if let Some(a) = self.adapter.get() {
+            a.forward(p);
+        }
     }
 
     /// Connections, instances, rooms and fan-out.
@@ -282,13 +301,15 @@ impl Node {
     /// always). `data` must be JSON.
     pub fn publish(&self, room: &str, event: &str, data: Arc<str>) {
         self.metrics.publishes.inc();
-        self.broker.publish_best_effort(Publication {
+        let p = Publication {
             room: room.into(),
             event: event.into(),
             data,
             attachments: Arc::from(Vec::new()),
             filter: Filter::default(),
-        });
+        };
+        self.to_adapter(&p);
+        self.broker.publish_best_effort(p);
     }
 
     /// Delivers an event to this node's members and listeners of a room,
@@ -311,12 +332,34 @@ impl Node {
         });
     }
 
+    /// Delivers an event to this node's members and listeners of a room,
+    /// without the broker or the socket.io adapter.
+    pub fn deliver_event(&self, room: &str, ev: Arc<SharedEvent>) {
+        self.deliver_filtered(&room.into(), ev, &Filter::default());
+    }
+
+    fn deliver_filtered(&self, room: &Arc<str>, ev: Arc<SharedEvent>, filter: &Filter) {
+        self.hub.deliver(room, &ev, filter);
+        for name in self.hub.listeners(room) {
+            if let Some(plugin) = self.plugins.plugin(&name) {
+                plugin.event(room.clone(), ev.clone());
+            }
+        }
+    }
+
     /// Publishes events to every node: all of them, or none anywhere when
     /// they cannot be carried now (the API answers 503 and the publisher
     /// may retry).
     pub fn publish_batch(&self, batch: Vec<Publication>) -> Result<(), BrokerError> {
         let n = batch.len() as u64;
-        self.broker.publish(batch)?;
+        if self.adapter.get().is_some() {
+            self.broker.publish(batch.clone())?;
+            for p in &batch {
+                self.to_adapter(p);
+            }
+        } else {
+            self.broker.publish(batch)?;
+        }
         self.metrics.publishes.add(n);
         Ok(())
     }
@@ -463,11 +506,6 @@ impl LocalDelivery for Node {
 
     fn deliver_local(&self, p: &Publication) {
         let ev = SharedEvent::with_attachments(&p.event, p.data.clone(), p.attachments.clone());
-        self.hub.deliver(&p.room, &ev, &p.filter);
-        for name in self.hub.listeners(&p.room) {
-            if let Some(plugin) = self.plugins.plugin(&name) {
-                plugin.event(p.room.clone(), ev.clone());
-            }
-        }
+        self.deliver_filtered(&p.room, ev, &p.filter);
     }
 }

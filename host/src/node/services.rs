@@ -128,6 +128,7 @@ impl HostServices for Node {
         };
         // Misskey streams have no acks: their writer drops it.
         conn.push(Outbound::Ack(Box::new(Ack {
+            asks: false,
             instance: target.id.into(),
             id: ack_id,
             args: args.json,
@@ -176,6 +177,7 @@ impl HostServices for Node {
         if local_only {
             self.deliver_local(&p);
         } else {
+            self.to_adapter(&p);
             self.broker.publish_best_effort(p);
         }
     }

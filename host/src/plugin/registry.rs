@@ -107,6 +107,13 @@ impl Registry {
         self.routes.read().namespaces.get(nsp).cloned()
     }
 
+    /// Every Socket.IO namespace a running plugin serves, sorted.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.routes.read().namespaces.keys().cloned().collect();
+        n.sort();
+        n
+    }
+
     /// The plugins that declared a top-level Misskey frame type.
     pub fn frame_handlers(&self, kind: &str) -> Vec<Arc<PluginSlot>> {
         self.routes

@@ -389,6 +389,15 @@ pub fn encode_event(nsp: &str, args_json: &str, attachments: usize) -> String {
     s
 }
 
+/// `EVENT` (or `BINARY_EVENT`) asking for an acknowledgement `id`:
+/// `2[<nsp>,]<id>[...]`.
+pub fn encode_event_with_id(nsp: &str, id: u64, args_json: &str, attachments: usize) -> String {
+    let mut s = header(PacketType::Event, attachments, nsp);
+    s.push_str(&id.to_string());
+    s.push_str(args_json);
+    s
+}
+
 /// `ACK` (or `BINARY_ACK`): `3[<nsp>,]<id>[...]`.
 pub fn encode_ack(nsp: &str, id: u64, args_json: &str, attachments: usize) -> String {
     let mut s = header(PacketType::Ack, attachments, nsp);
@@ -582,6 +591,11 @@ mod tests {
         assert_eq!(
             encode_ack("/c", 7, "[{\"_placeholder\":true,\"num\":0}]", 1),
             r#"61-/c,7[{"_placeholder":true,"num":0}]"#
+        );
+        assert_eq!(encode_event_with_id("/", 12, r#"["e"]"#, 0), r#"212["e"]"#);
+        assert_eq!(
+            encode_event_with_id("/c", 3, r#"["e",{"_placeholder":true,"num":0}]"#, 1),
+            r#"51-/c,3["e",{"_placeholder":true,"num":0}]"#
         );
     }
 }

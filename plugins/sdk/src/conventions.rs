@@ -9,6 +9,14 @@
 //! holds [`follows_key`]`(u)`. The Misskey plugins keep a user's relations
 //! there.
 
+/// The room whose listening plugins receive what a socket.io server of
+/// the same Redis sends with `io.of(nsp).serverSideEmit(event, ...args)`
+/// (`[socketio.adapter]`): `event` is its event, the data its argument
+/// (or the array of them when there are several or none).
+pub fn server_side_room(nsp: &str) -> String {
+    format!("socket.io:server-side:{nsp}")
+}
+
 /// The user attribute set holding a user's relations.
 pub const RELATIONS_SET: &str = "rel";
 
@@ -22,5 +30,13 @@ mod tests {
     #[test]
     fn a_follower_holds_f_and_the_followed_id() {
         assert_eq!(super::follows_key("9abc"), "f:9abc");
+    }
+
+    #[test]
+    fn a_namespaces_server_side_room_names_it() {
+        assert_eq!(
+            super::server_side_room("/chat"),
+            "socket.io:server-side:/chat"
+        );
     }
 }

@@ -60,6 +60,13 @@ pub struct Opening {
     pub(super) ticket: Ticket,
 }
 
+impl Opening {
+    /// The client's address (behind a trusted proxy, the one it names).
+    pub fn address(&self) -> std::net::IpAddr {
+        self.ticket.address()
+    }
+}
+
 /// Why a session ends because of what the client sent.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError<E: std::fmt::Display + std::fmt::Debug> {

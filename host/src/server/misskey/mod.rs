@@ -415,6 +415,7 @@ impl Session {
             headers: self.headers.clone(),
             query: self.query.clone(),
             credential: self.credential.clone(),
+            socket: None,
         };
         let outcome = node.connect_instance(open).await;
         let accepted = matches!(outcome, Opened::Accepted);

@@ -25,7 +25,9 @@ use super::engineio::{
 };
 use super::ws::OP_TEXT;
 use super::Pairs;
-use crate::hub::{ConnId, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent};
+use crate::hub::{
+    ConnId, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent, SocketInfo,
+};
 use crate::node::{Node, OpenInstance, Opened};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
 use crate::protocol::socketio::{self as sio, PacketType};
@@ -83,6 +85,9 @@ pub struct SioSocket {
     /// What the handshake kept, handed to plugins at each CONNECT.
     headers: Pairs,
     query: Pairs,
+    address: std::net::IpAddr,
+    /// When the session opened (ms since the epoch).
+    issued: u64,
     /// Namespaces whose CONNECT is being decided: their events are held.
     holds: Holds,
     connected_once: AtomicBool,
@@ -108,14 +113,43 @@ pub enum SioError {
 }
 
 impl SioSocket {
-    fn new(headers: Pairs, query: Pairs) -> Self {
+    fn new(headers: Pairs, query: Pairs, address: std::net::IpAddr) -> Self {
         Self {
             headers,
             query,
+            address,
+            issued: crate::adapter::now_ms(),
             holds: Holds::default(),
             connected_once: AtomicBool::new(false),
             pending: Mutex::new(None),
         }
+    }
+
+    /// The socket a CONNECT opens: a new id, and the handshake as
+    /// socket.io describes it (what `fetchSockets()` shows elsewhere).
+    fn socket_info(&self, auth: Option<&Value>) -> Arc<SocketInfo> {
+        let pairs = |p: &Pairs| -> serde_json::Map<String, Value> {
+            p.iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect()
+        };
+        let headers = pairs(&self.headers);
+        let xdomain = headers.contains_key("origin");
+        let handshake = serde_json::json!({
+            "headers": headers,
+            "time": crate::adapter::notepack::iso8601(self.issued as f64),
+            "address": self.address.to_string(),
+            "xdomain": xdomain,
+            "secure": false,
+            "issued": self.issued,
+            "url": "/socket.io/",
+            "query": pairs(&self.query),
+            "auth": auth.cloned().unwrap_or_else(|| serde_json::json!({})),
+        });
+        Arc::new(SocketInfo {
+            sid: random_id().into(),
+            handshake,
+        })
     }
 
     /// Starts holding a namespace's events; the generation of this CONNECT.
@@ -154,9 +188,14 @@ impl SioSocket {
             }
             Outbound::Ack(ack) => {
                 let n = ack.attachments.len();
+                let encode = if ack.asks {
+                    sio::encode_event_with_id
+                } else {
+                    sio::encode_ack
+                };
                 into.push(EioOut::Text(format!(
                     "4{}",
-                    sio::encode_ack(&ack.instance, ack.id, &ack.args, n)
+                    encode(&ack.instance, ack.id, &ack.args, n)
                 )));
                 into.extend(ack.attachments.into_iter().map(EioOut::Binary));
             }
@@ -224,11 +263,21 @@ impl SioHandler {
                 }
                 Ok(())
             }
-            // The host does not ask clients for acknowledgements; a stray
+            // Acks the host asked for on another socket.io server's
+            // behalf (a broadcast with acks through the adapter); a stray
             // ack for a connected namespace is ignored.
             PacketType::Ack | PacketType::BinaryAck => {
                 if conn.instance(&p.nsp).is_none() {
                     return Err(SioError::NotConnected(p.nsp));
+                }
+                if let (Some(a), Some(id)) = (self.node.adapter(), p.id) {
+                    a.client_ack(crate::adapter::ClientAck {
+                        conn: conn.id,
+                        nsp: &p.nsp,
+                        id,
+                        args: p.data.as_ref(),
+                        attachments: &attachments,
+                    });
                 }
                 Ok(())
             }
@@ -249,6 +298,7 @@ impl SioHandler {
         let key: Arc<str> = nsp.as_str().into();
         let generation = socket.hold(&key);
         // A second CONNECT to the same namespace replaces the socket.
+        let info = socket.socket_info(auth.as_ref());
         let open = OpenInstance {
             conn,
             id: &nsp,
@@ -258,11 +308,19 @@ impl SioHandler {
             headers: socket.headers.clone(),
             query: socket.query.clone(),
             credential: None,
+            socket: Some(info.clone()),
         };
         let (text, accepted) = match node.connect_instance(open).await {
             Opened::Accepted => {
                 socket.connected_once.store(true, Ordering::SeqCst);
-                (sio::encode_connect(&nsp, &random_id()), true)
+                // As in socket.io, a socket's id is a room it is in (the
+                // adapter's `io.to(socketId)`).
+                if node.adapter().is_some() {
+                    if let Some(inst) = conn.instance(&nsp) {
+                        node.hub().join(conn, inst.slot, &info.sid);
+                    }
+                }
+                (sio::encode_connect(&nsp, &info.sid), true)
             }
             Opened::Refused(rej) => {
                 let data = rej
@@ -301,7 +359,11 @@ impl Handler for SioHandler {
     }
 
     fn socket(&self, opening: &Opening) -> SioSocket {
-        SioSocket::new(opening.headers.clone(), opening.query.clone())
+        SioSocket::new(
+            opening.headers.clone(),
+            opening.query.clone(),
+            opening.address(),
+        )
     }
 
     fn opened(&self, session: &Arc<Session<Self>>) {

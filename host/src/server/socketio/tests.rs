@@ -7,7 +7,11 @@ use super::*;
 use crate::hub::{SharedEvent, Slot};
 
 fn socket() -> SioSocket {
-    SioSocket::new(Arc::from(Vec::new()), Arc::from(Vec::new()))
+    SioSocket::new(
+        Arc::from(Vec::new()),
+        Arc::from(Vec::new()),
+        [127, 0, 0, 1].into(),
+    )
 }
 
 fn event(slot: &Slot, name: &str) -> Outbound {
@@ -77,6 +81,7 @@ fn acks_and_ended_instances_are_framed_as_socket_io_packets() {
     let mut out = Vec::new();
     s.render(
         Outbound::Ack(Box::new(crate::hub::Ack {
+            asks: false,
             instance: "/".into(),
             id: 7,
             args: "[\"ok\"]".into(),

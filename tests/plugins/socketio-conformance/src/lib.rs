@@ -14,7 +14,10 @@
 //! exceptSelf}` to a room), `identify` (verifies the token argument and
 //! identifies the connection; acks `{count, connection}` or `{error}`) and
 //! `online` (acks the online user ids). Presence changes announced by the
-//! host are relayed as `presence` events to room `presence-watchers`.
+//! host are relayed as `presence` events to room `presence-watchers`, and
+//! what a socket.io server of the same Redis sends with `serverSideEmit`
+//! on `/` as `server-side` events (`{event, data}`) to room
+//! `server-side-watchers`.
 
 use chanhost_plugin::types::{
     ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload,
@@ -46,6 +49,7 @@ impl Guest for Conformance {
 
     fn init(_config: String) -> Result<(), String> {
         host::listen("chanhost:presence");
+        host::listen(&chanhost_plugin::conventions::server_side_room("/"));
         Ok(())
     }
 
@@ -124,6 +128,10 @@ impl Guest for Conformance {
         if room == "chanhost:presence" {
             let change = format!(r#"{{"status":"{event}","change":{}}}"#, data.json);
             host::broadcast("presence-watchers", "presence", &json(change), None);
+        } else if room == chanhost_plugin::conventions::server_side_room("/") {
+            let ev = serde_json::to_string(&event).unwrap_or_default();
+            let relayed = format!(r#"{{"event":{ev},"data":{}}}"#, data.json);
+            host::broadcast("server-side-watchers", "server-side", &json(relayed), None);
         }
     }
 
