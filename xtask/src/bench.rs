@@ -5,7 +5,10 @@
 //!
 //! The cluster cases run each server as two nodes on one `redis-server`
 //! started for the run (chanhost with `[cluster]`, the peers with their own
-//! Redis adapters), next to the same room on one server.
+//! Redis adapters), next to the same room on one server; and a mixed
+//! cluster: a Node socket.io server publishing to a room whose members are
+//! split between it and chanhost on `[socketio.adapter]`, next to two Node
+//! servers.
 //!
 //! `--only PREFIX` measures the cases whose names start with `PREFIX`
 //! (`cluster`, `fanout 1000`, ...) and puts their figures in place of those
@@ -121,16 +124,30 @@ fn host_binary() -> PathBuf {
 }
 
 pub(crate) fn start(server: Server, plugins: &Path) -> Result<Running> {
-    start_node(server, plugins, None)
+    start_node(server, plugins, Join::Alone)
 }
 
-/// Starts a server on core 0, alone (`redis` None) or as one node of a
-/// cluster on the Redis at that port: chanhost with `[cluster]`, the peers
-/// with their own Redis adapters.
-fn start_node(server: Server, plugins: &Path, redis: Option<u16>) -> Result<Running> {
+/// How a server takes part in a cluster.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Join {
+    Alone,
+    /// A node of a cluster on the Redis at that port: chanhost with
+    /// `[cluster]`, the peers with their own Redis adapters.
+    Cluster(u16),
+    /// chanhost as a server of a socket.io cluster on that Redis
+    /// (`[socketio.adapter]`), beside Node servers.
+    Adapter(u16),
+}
+
+/// Starts a server on core 0, alone or joined to a Redis.
+fn start_node(server: Server, plugins: &Path, join: Join) -> Result<Running> {
     let root = root();
     let port = free_port()?;
-    let redis_url = redis.map(|p| format!("redis://127.0.0.1:{p}"));
+    let (redis_url, table) = match join {
+        Join::Alone => (None, ""),
+        Join::Cluster(p) => (Some(format!("redis://127.0.0.1:{p}")), "cluster"),
+        Join::Adapter(p) => (Some(format!("redis://127.0.0.1:{p}")), "socketio.adapter"),
+    };
     let mut cmd = match server {
         Server::ChanhostMisskey | Server::ChanhostSocketio => {
             let mut c = taskset("0", host_binary());
@@ -145,7 +162,7 @@ fn start_node(server: Server, plugins: &Path, redis: Option<u16>) -> Result<Runn
             if let Some(url) = &redis_url {
                 let config = root.join(format!("target/bench/cluster-{port}.toml"));
                 std::fs::create_dir_all(config.parent().unwrap())?;
-                std::fs::write(&config, format!("[cluster]\nredis = \"{url}\"\n"))?;
+                std::fs::write(&config, format!("[{table}]\nredis = \"{url}\"\n"))?;
                 c.arg("--config").arg(config);
             }
             c
@@ -230,11 +247,14 @@ enum Shape {
     /// Two nodes on one Redis, every member and the publisher on the
     /// first: what the second node pays for a room it does not serve.
     OneNode,
+    /// A Node socket.io server (the publisher's) and chanhost with
+    /// `[socketio.adapter]` on one Redis, the members spread over both.
+    Mixed,
 }
 
 impl Shape {
     /// Every placement of the cluster cases, in the order they run.
-    const CLUSTER: [Shape; 3] = [Shape::Alone, Shape::Split, Shape::OneNode];
+    const CLUSTER: [Shape; 4] = [Shape::Alone, Shape::Split, Shape::OneNode, Shape::Mixed];
 
     /// What the placement is, in the report's words.
     fn what(self) -> &'static str {
@@ -242,6 +262,7 @@ impl Shape {
             Shape::Alone => "one node",
             Shape::Split => "two nodes, room on both",
             Shape::OneNode => "two nodes, room on one",
+            Shape::Mixed => "a Node server and chanhost, room on both",
         }
     }
 
@@ -269,9 +290,16 @@ impl Placed {
             });
         }
         let redis = start_redis()?;
-        let nodes = (0..2)
-            .map(|_| start_node(server, plugins, Some(redis.port)))
-            .collect::<Result<Vec<_>>>()?;
+        let join = Join::Cluster(redis.port);
+        let nodes = match shape {
+            Shape::Mixed => vec![
+                start_node(server, plugins, join)?,
+                start_node(Server::ChanhostSocketio, plugins, Join::Adapter(redis.port))?,
+            ],
+            _ => (0..2)
+                .map(|_| start_node(server, plugins, join))
+                .collect::<Result<Vec<_>>>()?,
+        };
         // Let every node find the cluster (subscriptions, heartbeats).
         std::thread::sleep(Duration::from_millis(500));
         Ok(Placed {
@@ -287,7 +315,7 @@ impl Placed {
             "--pid".to_owned(),
             self.nodes[0].child.id().to_string(),
         ];
-        if shape == Shape::Split {
+        if matches!(shape, Shape::Split | Shape::Mixed) {
             for n in &self.nodes[1..] {
                 args.push("--also".into());
                 args.push(format!("ws://127.0.0.1:{}", n.port));
@@ -343,6 +371,9 @@ impl Case {
     fn servers(&self) -> Vec<Server> {
         if self.name == "upstream" {
             Server::ALL.to_vec()
+        } else if self.shape == Shape::Mixed {
+            // The publisher's server; chanhost beside it.
+            vec![Server::Node]
         } else {
             Server::PEERS.to_vec()
         }
@@ -864,11 +895,13 @@ fn cluster(s: &mut String, results: &Results) {
     let _ = writeln!(
         s,
         "Measured on {at}. One room of {CLUSTER_MEMBERS} members, ~100-byte payloads, \
-         ~60k offered frames/s as above, in three placements run one after the other: \
+         ~60k offered frames/s as above, in placements run one after the other: \
          one server alone (no Redis); two nodes of one cluster, the members spread \
          over both (every other connection), the publisher on the first; two nodes, \
          every member and the publisher on the first (the second node serves nobody \
-         in the room). Each server clusters with its own Redis adapter — chanhost \
+         in the room); and a mixed cluster, a Node socket.io server (the publisher's) \
+         with chanhost beside it on `[socketio.adapter]`, the members spread over \
+         both (its \"other node\" is chanhost), next to two Node servers. Each server clusters with its own Redis adapter — chanhost \
          `[cluster]`, Node `@socket.io/redis-adapter` 8.3 on node-redis 4.7, \
          socketioxide `socketioxide-redis` 0.4 — on one `redis-server` (Debian 7.0) \
          started for the run; both nodes and Redis share core 0, the load generator \
