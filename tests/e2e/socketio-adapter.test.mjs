@@ -256,3 +256,43 @@ describe('chanhost in a socket.io cluster on Redis', () => {
     }
   });
 });
+
+describe('the adapter\'s Redis lost and back', () => {
+  test('chanhost keeps its clients and its own delivery, says "down", counts what it could not publish, and takes part again by itself', async () => {
+    const redis = await startRedis();
+    const host = await startHost({ plugins: ['socketio-conformance'], config: `[socketio.adapter]\nredis = "${redis.url}"\n` });
+    const health = async () => (await (await fetch(`${host.url}/healthz`)).json()).socketio_adapter;
+    const publish = (data) => fetch(`${host.url}/api/publish`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ room: 'o', event: 'e', data }),
+    });
+    let emitterClient;
+    const mine = await client(host.url, { room: 'o' });
+    try {
+      await until(async () => (await health()) === 'up', 15000, 'up');
+      await redis.stop();
+      await until(async () => (await health()) === 'down', 15000, 'down');
+      assert.equal((await publish(1)).status, 200, 'chanhost\'s own delivery does not need the adapter');
+      await until(() => events(mine, 'e').length === 1, 10000, 'delivered here');
+      await until(async () => (await metrics(host.url))['chanhost_socketio_adapter_messages_total{result="not_carried"}'] >= 1, 10000, 'counted');
+      assert.ok(mine.connected, 'the client stayed');
+      await redis.start();
+      await until(async () => (await health()) === 'up', 20000, 'up again');
+      emitterClient = createClient({ url: redis.url });
+      await emitterClient.connect();
+      const emitter = new Emitter(emitterClient);
+      // Subscribed again: the emitter reaches chanhost's socket.
+      await until(async () => {
+        emitter.to('o').emit('again', 2);
+        await new Promise((r) => setTimeout(r, 100));
+        return events(mine, 'again').length > 0;
+      }, 20000, 'the emitter reaches chanhost again');
+    } finally {
+      mine.disconnect();
+      await emitterClient?.quit();
+      await host.stop();
+      await redis.stop();
+    }
+  });
+});

@@ -491,22 +491,22 @@ impl SioAdapter {
         self.acks.lock().retain(|_, a| a.until > now);
     }
 
-    /// Looks at the namespaces served now; what to subscribe to and what
-    /// to drop.
-    fn refresh(&self, node: &Node) -> (Vec<String>, Vec<String>) {
+    /// Looks at the namespaces served now (kept for classifying messages
+    /// and for what goes out); against those `subscribed` on the current
+    /// connection, what to subscribe to and what to drop.
+    fn refresh(&self, node: &Node, subscribed: &[String]) -> (Vec<String>, Vec<String>) {
         let now = node.plugins().namespaces();
-        let mut current = self.namespaces.write();
         let added = now
             .iter()
-            .filter(|n| !current.contains(n))
+            .filter(|n| !subscribed.contains(n))
             .cloned()
             .collect();
-        let gone = current
+        let gone = subscribed
             .iter()
             .filter(|n| !now.contains(n))
             .cloned()
             .collect();
-        *current = now;
+        *self.namespaces.write() = now;
         (added, gone)
     }
 }
@@ -614,8 +614,8 @@ async fn subscriber(a: Arc<SioAdapter>) {
             }
         };
         let (mut sink, mut stream) = pubsub.split();
-        // Everything again, after a reconnect.
-        a.namespaces.write().clear();
+        // Everything again on a new connection.
+        let mut subscribed: Vec<String> = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         let mut first = true;
         let lost: String = loop {
@@ -627,7 +627,7 @@ async fn subscriber(a: Arc<SioAdapter>) {
                 _ = tick.tick() => {
                     let Some(node) = a.node.upgrade() else { return };
                     a.sweep();
-                    let (added, gone) = a.refresh(&node);
+                    let (added, gone) = a.refresh(&node, &subscribed);
                     let mut r = Ok(());
                     for nsp in &added {
                         r = r.and(timed(sink.psubscribe(wire::broadcast_pattern(&a.key, nsp))).await);
@@ -640,6 +640,8 @@ async fn subscriber(a: Arc<SioAdapter>) {
                     if let Err(e) = r {
                         break e;
                     }
+                    subscribed.retain(|n| !gone.contains(n));
+                    subscribed.extend(added);
                     if first {
                         first = false;
                         attempt = 0;
