@@ -93,6 +93,9 @@ pub struct Metrics {
     pub adapter_received: Counter,
     pub adapter_requests: Counter,
     pub adapter_malformed: Counter,
+    /// 1 while a sharded (0) or streams (1) socket.io adapter is seen on
+    /// the adapter's Redis.
+    pub adapter_unsupported: [Gauge; 2],
 }
 
 /// A label set, `a="x",b="y"`, its values escaped.
@@ -264,6 +267,22 @@ impl Metrics {
                 (
                     labels(&[("result", "malformed")]),
                     self.adapter_malformed.get(),
+                ),
+            ],
+        );
+        write_family(
+            out,
+            "chanhost_socketio_adapter_unsupported",
+            "gauge",
+            "1 while a socket.io adapter variant chanhost does not speak is seen on the adapter's Redis (sharded: createShardedAdapter; streams: @socket.io/redis-streams-adapter).",
+            &[
+                (
+                    labels(&[("variant", "sharded")]),
+                    self.adapter_unsupported[0].get(),
+                ),
+                (
+                    labels(&[("variant", "streams")]),
+                    self.adapter_unsupported[1].get(),
                 ),
             ],
         );

@@ -10,7 +10,8 @@ import http from 'node:http';
 import { once } from 'node:events';
 import { io as connect } from 'socket.io-client';
 import { Server } from 'socket.io';
-import { createAdapter } from '@socket.io/redis-adapter';
+import { createAdapter, createShardedAdapter } from '@socket.io/redis-adapter';
+import { createAdapter as createStreamsAdapter } from '@socket.io/redis-streams-adapter';
 import { Emitter } from '@socket.io/redis-emitter';
 import { createClient } from 'redis';
 import { startHost, startRedis, until, metrics, API_KEY } from './helpers.mjs';
@@ -292,6 +293,37 @@ describe('the adapter\'s Redis lost and back', () => {
       mine.disconnect();
       await emitterClient?.quit();
       await host.stop();
+      await redis.stop();
+    }
+  });
+});
+
+describe('adapter variants chanhost does not speak', () => {
+  test('a sharded and a streams adapter on the same Redis are reported, not half-served', async () => {
+    const redis = await startRedis();
+    const clients = [];
+    const servers = [];
+    let host;
+    try {
+      const pub = createClient({ url: redis.url });
+      const sub = pub.duplicate();
+      const streams = pub.duplicate();
+      clients.push(pub, sub, streams);
+      await Promise.all(clients.map((c) => c.connect()));
+      servers.push(new Server(http.createServer(), { adapter: createShardedAdapter(pub, sub) }));
+      servers.push(new Server(http.createServer(), { adapter: createStreamsAdapter(streams) }));
+      // The streams adapter writes its stream with what it broadcasts.
+      servers[1].emit('hello', 1);
+      host = await startHost({ plugins: ['socketio-conformance'], config: `[socketio.adapter]\nredis = "${redis.url}"\n` });
+      await until(async () => {
+        const m = await metrics(host.url);
+        return m['chanhost_socketio_adapter_unsupported{variant="sharded"}'] === 1
+          && m['chanhost_socketio_adapter_unsupported{variant="streams"}'] === 1;
+      }, 15000, 'both variants reported');
+    } finally {
+      for (const io of servers) io.close();
+      await Promise.allSettled(clients.map((c) => c.quit()));
+      await host?.stop();
       await redis.stop();
     }
   });

@@ -30,6 +30,9 @@
 //!   counts its clients, asks each for an acknowledgement and passes each
 //!   on as `BROADCAST_ACK`.
 //!
+//! The sharded and the streams adapters are not spoken; `variants`
+//! reports them when they share the Redis.
+//!
 //! Namespaces are those of the plugins running now, looked at every
 //! second (a plugin loaded later joins within a second). Redis outages are
 //! survived as elsewhere ([`crate::pubsub`]): the subscription and the
@@ -65,6 +68,9 @@ const PIPELINE: usize = 512;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the served namespaces are looked at, and expired acks swept.
 const TICK: Duration = Duration::from_secs(1);
+/// How often the Redis is looked at for adapter variants chanhost does not
+/// speak.
+const VARIANT_CHECK: Duration = Duration::from_secs(30);
 /// How long a client's acknowledgement is awaited when the request names
 /// no timeout.
 const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,7 +169,64 @@ pub fn spawn(node: &Arc<Node>, config: &SioAdapterConfig) -> Result<Arc<SioAdapt
         }
     });
     tokio::spawn(publisher(b, rx));
+    let c = adapter.clone();
+    let shutdown = node.shutdown().clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = variants(c) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    });
     Ok(adapter)
+}
+
+/// Looks for the adapter variants chanhost does not speak on its Redis —
+/// the sharded adapter (sharded pub/sub channels under the key) and the
+/// streams adapter (a stream at the key, its default name) — and says so:
+/// a warning the first time each is seen, and
+/// `chanhost_socketio_adapter_unsupported{variant}` 1 while it is there.
+async fn variants(a: Arc<SioAdapter>) {
+    let mut warned = [false; 2];
+    loop {
+        if let Ok(mut conn) = timed(a.client.get_multiplexed_async_connection()).await {
+            loop {
+                let sharded = timed(
+                    redis::cmd("PUBSUB")
+                        .arg("SHARDCHANNELS")
+                        .arg(format!("{}#*", a.key))
+                        .query_async::<Vec<String>>(&mut conn),
+                )
+                .await;
+                let stream = timed(
+                    redis::cmd("TYPE")
+                        .arg(&a.key)
+                        .query_async::<String>(&mut conn),
+                )
+                .await;
+                let (Ok(sharded), Ok(stream)) = (sharded, stream) else {
+                    break;
+                };
+                let Some(node) = a.node.upgrade() else { return };
+                let seen = [!sharded.is_empty(), stream == "stream"];
+                let what = [
+                    "the sharded adapter (createShardedAdapter) publishes on this Redis",
+                    "a streams adapter (@socket.io/redis-streams-adapter) writes a stream on this Redis",
+                ];
+                let gauges = node.metrics().adapter_unsupported.iter();
+                for ((gauge, warned), (seen, what)) in
+                    gauges.zip(&mut warned).zip(seen.into_iter().zip(what))
+                {
+                    gauge.set(u64::from(seen));
+                    if seen && !*warned {
+                        *warned = true;
+                        tracing::warn!(redis = %a.at, key = %a.key, "socket.io adapter: {what}; chanhost speaks @socket.io/redis-adapter's classic protocol only, so those servers and chanhost do not reach each other's sockets");
+                    }
+                }
+                tokio::time::sleep(VARIANT_CHECK).await;
+            }
+        }
+        tokio::time::sleep(VARIANT_CHECK).await;
+    }
 }
 
 impl SioAdapter {
