@@ -20,7 +20,8 @@
 //!   to their sockets in that room. Events filtered by chanhost-only
 //!   conditions (attribute filters, note audiences) stay in chanhost:
 //!   the Node servers could not apply them (counted as `filtered`).
-//! - **Requests**: it SUBSCRIBEs `<key>-request#<nsp>#` (so it counts in
+//! - **Requests**: while its publishing connection is up (it can answer),
+//!   it SUBSCRIBEs `<key>-request#<nsp>#` (so it counts in
 //!   `serverCount()`) and answers `SOCKETS`, `ALL_ROOMS`, `REMOTE_FETCH`,
 //!   acts on `REMOTE_JOIN`, `REMOTE_LEAVE`, `REMOTE_DISCONNECT` (by
 //!   selection, as the emitter and `io.in(..).socketsJoin(..)` send them,
@@ -71,6 +72,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// How often the Redis is looked at for adapter variants chanhost does not
 /// speak.
 const VARIANT_CHECK: Duration = Duration::from_secs(30);
+/// The longest a client's acknowledgement is awaited, whatever the
+/// request says.
+const MAX_ACK_WAIT: Duration = Duration::from_secs(300);
 /// How long a client's acknowledgement is awaited when the request names
 /// no timeout.
 const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,17 +201,19 @@ async fn variants(a: Arc<SioAdapter>) {
                         .query_async::<Vec<String>>(&mut conn),
                 )
                 .await;
-                let stream = timed(
+                // Each on its own: sharded pub/sub is Redis 7's, streams
+                // are older.
+                let Ok(stream) = timed(
                     redis::cmd("TYPE")
                         .arg(&a.key)
                         .query_async::<String>(&mut conn),
                 )
-                .await;
-                let (Ok(sharded), Ok(stream)) = (sharded, stream) else {
+                .await
+                else {
                     break;
                 };
                 let Some(node) = a.node.upgrade() else { return };
-                let seen = [!sharded.is_empty(), stream == "stream"];
+                let seen = [sharded.is_ok_and(|c| !c.is_empty()), stream == "stream"];
                 let what = [
                     "the sharded adapter (createShardedAdapter) publishes on this Redis",
                     "a streams adapter (@socket.io/redis-streams-adapter) writes a stream on this Redis",
@@ -303,13 +309,17 @@ impl SioAdapter {
     /// A client acknowledged an event another server asked an ack for.
     /// False if no such ack is awaited (the host's own events ask none).
     pub fn client_ack(&self, ack: ClientAck<'_>) -> bool {
-        let Some(pending) = self.acks.lock().remove(&(ack.conn, ack.id)) else {
+        let nsp = ack.nsp;
+        let pending = {
+            let mut acks = self.acks.lock();
+            match acks.get(&(ack.conn, ack.id)) {
+                Some(p) if p.nsp == nsp => acks.remove(&(ack.conn, ack.id)),
+                _ => None,
+            }
+        };
+        let Some(pending) = pending else {
             return false;
         };
-        let nsp = ack.nsp;
-        if pending.nsp != nsp {
-            return false;
-        }
         // The adapter passes on the first argument of the ack.
         let first = ack
             .args
@@ -498,17 +508,29 @@ impl SioAdapter {
         let Some(request_id) = r.request_id.clone() else {
             return;
         };
-        let Some(packet) = r.packet.as_ref() else {
-            return;
+        let count = |n: usize| {
+            serde_json::json!({
+                "type": Kind::BroadcastClientCount as u8,
+                "requestId": request_id,
+                "clientCount": n,
+            })
         };
-        let data = packet.get("data").and_then(Mp::as_array).unwrap_or(&[]);
+        let data = r
+            .packet
+            .as_ref()
+            .and_then(|p| p.get("data")?.as_array())
+            .unwrap_or(&[]);
         let Some((Some(event), args)) = data.split_first().map(|(e, a)| (e.as_str(), a)) else {
+            // Nothing to ask anyone: said at once, so nobody waits for it.
+            node.metrics().adapter_malformed.inc();
+            self.respond(nsp, count(0));
             return;
         };
         let opts = r.opts.clone().unwrap_or_default();
         let timeout = r
             .ack_timeout_ms
-            .map_or(DEFAULT_ACK_TIMEOUT, Duration::from_millis);
+            .map_or(DEFAULT_ACK_TIMEOUT, Duration::from_millis)
+            .min(MAX_ACK_WAIT);
         let mut attachments = Vec::new();
         let mut all = Vec::with_capacity(args.len() + 1);
         all.push(Value::String(event.to_owned()));
@@ -519,14 +541,7 @@ impl SioAdapter {
         );
         let args_json = Value::Array(all).to_string();
         let sockets = node.hub().sockets(nsp, &opts.rooms, &opts.except);
-        self.respond(
-            nsp,
-            serde_json::json!({
-                "type": Kind::BroadcastClientCount as u8,
-                "requestId": request_id,
-                "clientCount": sockets.len(),
-            }),
-        );
+        self.respond(nsp, count(sockets.len()));
         let until = Instant::now() + timeout;
         for (conn, inst) in sockets {
             let ack = self.next_ack.fetch_add(1, Ordering::Relaxed);
@@ -548,10 +563,12 @@ impl SioAdapter {
         }
     }
 
-    /// Forgets acks no longer awaited.
-    fn sweep(&self) {
+    /// Forgets acks no longer awaited, and those of closed connections.
+    fn sweep(&self, node: &Node) {
         let now = Instant::now();
-        self.acks.lock().retain(|_, a| a.until > now);
+        self.acks
+            .lock()
+            .retain(|(conn, _), a| a.until > now && node.hub().conn(*conn).is_some());
     }
 
     /// Looks at the namespaces served now (kept for classifying messages
@@ -679,6 +696,7 @@ async fn subscriber(a: Arc<SioAdapter>) {
         let (mut sink, mut stream) = pubsub.split();
         // Everything again on a new connection.
         let mut subscribed: Vec<String> = Vec::new();
+        let mut answering = false;
         let mut tick = tokio::time::interval(TICK);
         let mut first = true;
         let lost: String = loop {
@@ -689,22 +707,41 @@ async fn subscriber(a: Arc<SioAdapter>) {
                 },
                 _ = tick.tick() => {
                     let Some(node) = a.node.upgrade() else { return };
-                    a.sweep();
+                    a.sweep(&node);
                     let (added, gone) = a.refresh(&node, &subscribed);
+                    // The request channels only while answers can go out:
+                    // a server counted in `serverCount()` that cannot
+                    // answer would make the others wait for nothing.
+                    let answer = a.publishing.load(Ordering::Relaxed);
                     let mut r = Ok(());
-                    for nsp in &added {
-                        r = r.and(timed(sink.psubscribe(wire::broadcast_pattern(&a.key, nsp))).await);
-                        r = r.and(timed(sink.subscribe(wire::request_channel(&a.key, nsp))).await);
-                    }
                     for nsp in &gone {
                         r = r.and(timed(sink.punsubscribe(wire::broadcast_pattern(&a.key, nsp))).await);
-                        r = r.and(timed(sink.unsubscribe(wire::request_channel(&a.key, nsp))).await);
+                        if answering {
+                            r = r.and(timed(sink.unsubscribe(wire::request_channel(&a.key, nsp))).await);
+                        }
                     }
+                    subscribed.retain(|n| !gone.contains(n));
+                    if answer != answering {
+                        for nsp in &subscribed {
+                            let channel = wire::request_channel(&a.key, nsp);
+                            r = r.and(if answer {
+                                timed(sink.subscribe(channel)).await
+                            } else {
+                                timed(sink.unsubscribe(channel)).await
+                            });
+                        }
+                        answering = answer;
+                    }
+                    for nsp in &added {
+                        r = r.and(timed(sink.psubscribe(wire::broadcast_pattern(&a.key, nsp))).await);
+                        if answering {
+                            r = r.and(timed(sink.subscribe(wire::request_channel(&a.key, nsp))).await);
+                        }
+                    }
+                    subscribed.extend(added);
                     if let Err(e) = r {
                         break e;
                     }
-                    subscribed.retain(|n| !gone.contains(n));
-                    subscribed.extend(added);
                     if first {
                         first = false;
                         attempt = 0;

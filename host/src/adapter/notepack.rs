@@ -154,7 +154,9 @@ impl<'a> Reader<'a> {
     }
 
     fn array(&mut self, len: usize, depth: usize) -> Result<Mp, DecodeError> {
-        let mut a = Vec::with_capacity(len);
+        // Reserved against what is left, not what is claimed: an item is
+        // one byte on the wire but a whole `Mp` here.
+        let mut a = Vec::with_capacity(len.min(1024));
         for _ in 0..len {
             a.push(self.value(depth + 1)?);
         }
@@ -162,7 +164,7 @@ impl<'a> Reader<'a> {
     }
 
     fn map(&mut self, len: usize, depth: usize) -> Result<Mp, DecodeError> {
-        let mut m = Vec::with_capacity(len);
+        let mut m = Vec::with_capacity(len.min(1024));
         for _ in 0..len {
             let Mp::Str(k) = self.value(depth + 1)? else {
                 return Err(DecodeError::Key);
@@ -441,11 +443,9 @@ pub fn from_json(v: &Value, attachments: &[Vec<u8>]) -> Mp {
     }
 }
 
-/// `Date.prototype.toISOString` of a time in ms since the epoch.
-pub fn iso8601(ms: f64) -> String {
-    if !ms.is_finite() {
-        return String::new();
-    }
+/// The civil date, time of day (ms) and weekday (0 = Sunday) of a time in
+/// ms since the epoch, in UTC.
+fn civil(ms: f64) -> ((i64, i64, i64), i64, i64) {
     let total = ms.floor() as i64;
     let (days, rest) = (total.div_euclid(86_400_000), total.rem_euclid(86_400_000));
     // Civil from days (H. Hinnant's algorithm).
@@ -458,12 +458,42 @@ pub fn iso8601(ms: f64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
+    ((y, m, d), rest, (days + 4).rem_euclid(7))
+}
+
+/// `Date.prototype.toISOString` of a time in ms since the epoch.
+pub fn iso8601(ms: f64) -> String {
+    if !ms.is_finite() {
+        return String::new();
+    }
+    let ((y, m, d), rest, _) = civil(ms);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
         rest / 3_600_000,
         rest / 60_000 % 60,
         rest / 1000 % 60,
         rest % 1000
+    )
+}
+
+/// A time as `String(new Date(ms))` prints it on a server in UTC
+/// (socket.io's `handshake.time`).
+pub fn js_date_string(ms: f64) -> String {
+    if !ms.is_finite() {
+        return "Invalid Date".into();
+    }
+    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let ((y, m, d), rest, wd) = civil(ms);
+    format!(
+        "{} {} {d:02} {y:04} {:02}:{:02}:{:02} GMT+0000 (Coordinated Universal Time)",
+        DAYS[wd as usize],
+        MONTHS[(m - 1) as usize],
+        rest / 3_600_000,
+        rest / 60_000 % 60,
+        rest / 1000 % 60,
     )
 }
 
@@ -557,6 +587,10 @@ mod tests {
         assert_eq!(
             to_json(Mp::Date(1_700_000_000_123.0), &mut none),
             Value::String("2023-11-14T22:13:20.123Z".into())
+        );
+        assert_eq!(
+            js_date_string(1_700_000_000_123.0),
+            "Tue Nov 14 2023 22:13:20 GMT+0000 (Coordinated Universal Time)"
         );
     }
 

@@ -770,6 +770,14 @@ impl ConnHandle {
             .collect()
     }
 
+    /// Whether a slot is in `room`.
+    pub fn in_room(&self, slot: &Slot, room: &str) -> bool {
+        self.state
+            .lock()
+            .memberships
+            .contains(&(Arc::from(room), slot.clone()))
+    }
+
     /// Whether a slot is in any of `rooms`.
     pub fn in_any_room(&self, slot: &Slot, rooms: &[String]) -> bool {
         if rooms.is_empty() {

@@ -404,10 +404,12 @@ impl Hub {
             .count()
     }
 
-    /// The Socket.IO sockets of namespace `nsp` on this node that are in
-    /// any of `rooms` (every socket of the namespace when `rooms` is
-    /// empty) and in none of `except` — socket.io's own selection — with
-    /// their instance.
+    /// The connected Socket.IO sockets of namespace `nsp` on this node
+    /// that are in any of `rooms` (every socket of the namespace when
+    /// `rooms` is empty) and in none of `except` — socket.io's own
+    /// selection — with their instance. A socket is connected once it is
+    /// in its own id's room (joined after its CONNECT reply, with the
+    /// socket.io adapter on): one whose plugin is still deciding is not.
     pub fn sockets(
         &self,
         nsp: &str,
@@ -420,15 +422,21 @@ impl Hub {
             if conn.protocol != Protocol::SocketIo || !seen.insert(conn.id) {
                 return;
             }
-            if let Some(inst) = conn.instance(nsp) {
-                if !conn.in_any_room(&inst.slot, except) {
-                    picked.push((conn.clone(), inst));
-                }
+            let Some(inst) = conn.instance(nsp) else {
+                return;
+            };
+            let connected = inst
+                .socket
+                .as_ref()
+                .is_some_and(|s| conn.in_room(&inst.slot, &s.sid));
+            if connected && !conn.in_any_room(&inst.slot, except) {
+                picked.push((conn.clone(), inst));
             }
         };
         if rooms.is_empty() {
-            for conn in self.conns.read().values() {
-                consider(conn);
+            // A snapshot: connections come and go meanwhile.
+            for conn in self.all_conns() {
+                consider(&conn);
             }
             return picked;
         }
@@ -557,10 +565,35 @@ mod tests {
         for c in [&a, &b, &m] {
             hub.register(c.clone());
         }
-        let sa = inst(&a, "/");
-        let sb = inst(&b, "/");
-        let other = inst(&b, "/other");
+        // A socket: an instance with an id, connected once in that id's room.
+        let sock = |c: &Arc<ConnHandle>, nsp: &str, sid: &str, connected: bool| {
+            let slot = Slot::instance(nsp);
+            c.insert_instance(
+                nsp,
+                InstanceState {
+                    plugin: "p".into(),
+                    channel: nsp.into(),
+                    slot: slot.clone(),
+                    socket: Some(Arc::new(SocketInfo {
+                        sid: sid.into(),
+                        handshake: serde_json::Value::Null,
+                    })),
+                },
+            );
+            if connected {
+                hub.join(c, slot.clone(), sid);
+            }
+            slot
+        };
+        let sa = sock(&a, "/", "sa", true);
+        let sb = sock(&b, "/", "sb", true);
+        let other = sock(&b, "/other", "so", true);
         let sm = inst(&m, "/");
+        let (d, _rd) = sio(4);
+        hub.register(d.clone());
+        // Its plugin still deciding: not yet a socket of the namespace.
+        let sd = sock(&d, "/", "sd", false);
+        hub.join(&d, sd, "r");
         hub.join(&a, sa.clone(), "r");
         hub.join(&a, sa.clone(), "x");
         hub.join(&b, sb.clone(), "r");
@@ -595,7 +628,12 @@ mod tests {
             .iter()
             .map(|r| r.to_string())
             .collect();
-        assert_eq!(rooms, vec!["r".to_owned(), "x".to_owned()]);
+        assert_eq!(rooms, ["r", "sa", "sb", "x"].map(String::from).to_vec());
+        assert_eq!(
+            ids(hub.sockets("/", &s(&["sb"]), &[])),
+            vec![2],
+            "a socket's id is a room"
+        );
         assert!(a.in_any_room(&sa, &s(&["nope", "x"])));
         assert!(!a.in_any_room(&sa, &[]));
     }

@@ -66,6 +66,20 @@ fn args_of(event: &SharedEvent) -> &str {
     })
 }
 
+/// A URL query component, percent-encoded (unreserved characters kept).
+fn urlencoding(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(char::from(b))
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
 /// The Socket.IO layer of the node's Engine.IO endpoint.
 pub struct SioHandler {
     node: Arc<Node>,
@@ -135,14 +149,25 @@ impl SioSocket {
         };
         let headers = pairs(&self.headers);
         let xdomain = headers.contains_key("origin");
+        // The path and the query kept (what the transport needs is not).
+        let query: Vec<String> = self
+            .query
+            .iter()
+            .map(|(k, v)| format!("{}={}", urlencoding(k), urlencoding(v)))
+            .collect();
+        let url = if query.is_empty() {
+            "/socket.io/".to_owned()
+        } else {
+            format!("/socket.io/?{}", query.join("&"))
+        };
         let handshake = serde_json::json!({
             "headers": headers,
-            "time": crate::adapter::notepack::iso8601(self.issued as f64),
+            "time": crate::adapter::notepack::js_date_string(self.issued as f64),
             "address": self.address.to_string(),
             "xdomain": xdomain,
             "secure": false,
             "issued": self.issued,
-            "url": "/socket.io/",
+            "url": url,
             "query": pairs(&self.query),
             "auth": auth.cloned().unwrap_or_else(|| serde_json::json!({})),
         });
@@ -313,13 +338,6 @@ impl SioHandler {
         let (text, accepted) = match node.connect_instance(open).await {
             Opened::Accepted => {
                 socket.connected_once.store(true, Ordering::SeqCst);
-                // As in socket.io, a socket's id is a room it is in (the
-                // adapter's `io.to(socketId)`).
-                if node.adapter().is_some() {
-                    if let Some(inst) = conn.instance(&nsp) {
-                        node.hub().join(conn, inst.slot, &info.sid);
-                    }
-                }
                 (sio::encode_connect(&nsp, &info.sid), true)
             }
             Opened::Refused(rej) => {
@@ -346,6 +364,15 @@ impl SioHandler {
             text: format!("4{text}"),
             release: accepted,
         })));
+        // As in socket.io, a connected socket's id is a room it is in (the
+        // adapter's `io.to(socketId)`), joined once its CONNECT reply is
+        // on its way: what reaches the socket through it comes after, and
+        // the adapter counts only sockets in their id's room.
+        if accepted && node.adapter().is_some() {
+            if let Some(inst) = conn.instance(&nsp) {
+                node.hub().join(conn, inst.slot, &info.sid);
+            }
+        }
     }
 }
 
