@@ -650,7 +650,21 @@ async fn publisher(a: Arc<SioAdapter>, mut rx: mpsc::Receiver<Outgoing>) {
         outage.up();
         a.set(&a.publishing, true);
         loop {
-            let Some(first) = rx.recv().await else { return };
+            // Idle, the connection is PINGed each tick, so that its state
+            // (and whether this node answers requests) follows Redis.
+            let first = tokio::select! {
+                m = rx.recv() => m,
+                _ = tokio::time::sleep(TICK) => {
+                    let ping = timed(redis::cmd("PING").query_async::<()>(&mut conn)).await;
+                    if let Err(e) = ping {
+                        a.set(&a.publishing, false);
+                        outage.down(&e);
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(first) = first else { return };
             let mut batch = vec![first];
             while batch.len() < PIPELINE {
                 match rx.try_recv() {
