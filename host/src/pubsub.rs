@@ -96,6 +96,21 @@ pub struct Subscription {
     pub ca: Option<Vec<u8>>,
 }
 
+/// A Redis request taking longer than this counts as failed (the
+/// cluster broker's and the socket.io adapter's connections).
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A Redis request bounded by [`REQUEST_TIMEOUT`], its error as text.
+pub(crate) async fn timed<T>(
+    f: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
+    }
+}
+
 /// The pause before reconnect attempt `n` (0-based).
 pub(crate) fn backoff(n: u32) -> Duration {
     let ms = 100u64.saturating_mul(1 << n.min(6));

@@ -59,14 +59,13 @@ use crate::broker::Publication;
 use crate::config::SioAdapterConfig;
 use crate::hub::{Ack, ConnHandle, InstanceState, Outbound, SharedEvent};
 use crate::node::Node;
-use crate::pubsub::{backoff, redacted, Outage, UrlError};
+use crate::protocol::socketio as sio;
+use crate::pubsub::{backoff, redacted, timed, Outage, UrlError};
 
 /// Messages waiting for the publishing connection.
 const QUEUE: usize = 65_536;
 /// Most messages sent in one pipeline.
 const PIPELINE: usize = 512;
-/// A Redis request taking longer than this counts as failed.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the served namespaces are looked at, and expired acks swept.
 const TICK: Duration = Duration::from_secs(1);
 /// How often the Redis is looked at for adapter variants chanhost does not
@@ -123,7 +122,7 @@ pub struct SioAdapter {
     subscribed: AtomicBool,
     publishing: AtomicBool,
     /// The namespaces subscribed to now.
-    namespaces: RwLock<Vec<String>>,
+    namespaces: RwLock<Arc<[String]>>,
     /// Broadcast acks asked of this node's clients: (connection, ack id).
     acks: Mutex<HashMap<(u64, u64), PendingAck>>,
     next_ack: AtomicU64,
@@ -158,7 +157,7 @@ pub fn spawn(node: &Arc<Node>, config: &SioAdapterConfig) -> Result<Arc<SioAdapt
         queue: tx,
         subscribed: AtomicBool::new(false),
         publishing: AtomicBool::new(false),
-        namespaces: RwLock::new(Vec::new()),
+        namespaces: RwLock::new(Arc::from(Vec::new())),
         acks: Mutex::new(HashMap::new()),
         next_ack: AtomicU64::new(1),
     });
@@ -298,9 +297,9 @@ impl SioAdapter {
             rooms: vec![p.room.to_string()],
             except,
         };
-        for nsp in namespaces {
-            let msg = wire::broadcast_message(&self.uid, &nsp, &p.event, vec![arg.clone()], &to);
-            if self.send(wire::room_channel(&self.key, &nsp, &p.room), msg) {
+        for nsp in namespaces.iter() {
+            let msg = wire::broadcast_message(&self.uid, nsp, &p.event, vec![arg.clone()], &to);
+            if self.send(wire::room_channel(&self.key, nsp, &p.room), msg) {
                 node.metrics().adapter_published.inc();
             }
         }
@@ -520,7 +519,10 @@ impl SioAdapter {
             .as_ref()
             .and_then(|p| p.get("data")?.as_array())
             .unwrap_or(&[]);
-        let Some((Some(event), args)) = data.split_first().map(|(e, a)| (e.as_str(), a)) else {
+        let event = data
+            .split_first()
+            .and_then(|(e, args)| event_of(e.as_str()?, args.to_vec()));
+        let Some(event) = event else {
             // Nothing to ask anyone: said at once, so nobody waits for it.
             node.metrics().adapter_malformed.inc();
             self.respond(nsp, count(0));
@@ -531,21 +533,15 @@ impl SioAdapter {
             .ack_timeout_ms
             .map_or(DEFAULT_ACK_TIMEOUT, Duration::from_millis)
             .min(MAX_ACK_WAIT);
-        let mut attachments = Vec::new();
-        let mut all = Vec::with_capacity(args.len() + 1);
-        all.push(Value::String(event.to_owned()));
-        all.extend(
-            args.iter()
-                .cloned()
-                .map(|a| notepack::to_json(a, &mut attachments)),
-        );
-        let args_json = Value::Array(all).to_string();
+        // Framed as the host frames its own events, once for all sockets.
+        let args_json = sio::spread_args(&event.event, event.args.as_deref().unwrap_or("[]"));
         let sockets = node.hub().sockets(nsp, &opts.rooms, &opts.except);
         self.respond(nsp, count(sockets.len()));
         let until = Instant::now() + timeout;
+        let mut acks = self.acks.lock();
         for (conn, inst) in sockets {
             let ack = self.next_ack.fetch_add(1, Ordering::Relaxed);
-            self.acks.lock().insert(
+            acks.insert(
                 (conn.id, ack),
                 PendingAck {
                     request_id: request_id.clone(),
@@ -558,7 +554,7 @@ impl SioAdapter {
                 id: ack,
                 asks: true,
                 args: args_json.clone(),
-                attachments: attachments.clone(),
+                attachments: event.attachments.to_vec(),
             })));
         }
     }
@@ -586,7 +582,7 @@ impl SioAdapter {
             .filter(|n| !now.contains(n))
             .cloned()
             .collect();
-        *self.namespaces.write() = now;
+        *self.namespaces.write() = now.into();
         (added, gone)
     }
 }
@@ -619,16 +615,6 @@ fn socket_json(conn: &ConnHandle, inst: &InstanceState) -> Option<Value> {
         "rooms": rooms,
         "data": data,
     }))
-}
-
-async fn timed<T>(
-    f: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
-    }
 }
 
 /// The publishing connection: what is queued goes out in order, in

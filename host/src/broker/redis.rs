@@ -57,14 +57,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, BrokerError, BrokerState, LocalDelivery, Publication};
 use crate::hub::{Audience, Condition, Filter};
 use crate::metrics::Metrics;
-use crate::pubsub::{backoff, redacted, Outage, UrlError};
+use crate::pubsub::{backoff, redacted, timed, Outage, UrlError};
 
 /// Events waiting for the publishing connection.
 pub const QUEUE: usize = 65_536;
 /// Most events sent in one pipeline.
 const PIPELINE: usize = 512;
-/// A Redis request taking longer than this counts as failed.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Channels named in one SUBSCRIBE after a reconnect.
 const SUBSCRIBE_CHUNK: usize = 1_000;
 
@@ -465,16 +463,6 @@ impl Broker for RedisBroker {
             // node_ttl_ms.
             let _ = self.shared.once::<()>(&zrem).await;
         })
-    }
-}
-
-async fn timed<T>(
-    f: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
     }
 }
 
