@@ -134,6 +134,8 @@ async fn publish(
                     .map(|v| Arc::new(crate::server::misskey::note_audience(&v))),
                 ..Filter::default()
             },
+            args: None,
+            offset: None,
         })
         .collect();
     node.publish_batch(batch)?;

@@ -179,6 +179,26 @@ pub struct RawSocketIo {
     pub packet_gap_ms: Option<u64>,
     pub cors_origins: Option<Vec<String>>,
     pub adapter: Option<RawSioAdapter>,
+    pub recovery: Option<RawSioRecovery>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSioRecovery {
+    pub max_disconnection_ms: Option<u64>,
+    pub history_per_room: Option<usize>,
+}
+
+/// Connection state recovery (`[socketio.recovery]`, socket.io's
+/// `connectionStateRecovery`).
+#[derive(Debug, Clone)]
+pub struct SioRecoveryConfig {
+    /// How long a disconnected socket's session is kept
+    /// (`maxDisconnectionDuration`).
+    pub max_disconnection: Duration,
+    /// The most events a room's history keeps; older ones are cut (and
+    /// a session that would need them connects as new).
+    pub history_per_room: usize,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -322,6 +342,32 @@ fn misskey_bus(
     Ok(MisskeyBusConfig { redis, channel, ca })
 }
 
+/// Checks `[socketio.recovery]` (defaults as the reference server's
+/// `maxDisconnectionDuration`, two minutes).
+fn sio_recovery(
+    raw: RawSioRecovery,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<SioRecoveryConfig, ConfigError> {
+    let max = raw.max_disconnection_ms.unwrap_or(120_000);
+    if max == 0 || max > 86_400_000 {
+        return Err(invalid(
+            "socketio.recovery.max_disconnection_ms",
+            "must be between 1 and 86400000 (a day)".into(),
+        ));
+    }
+    let cap = raw.history_per_room.unwrap_or(1000);
+    if cap == 0 || cap > 1_000_000 {
+        return Err(invalid(
+            "socketio.recovery.history_per_room",
+            "must be between 1 and 1000000".into(),
+        ));
+    }
+    Ok(SioRecoveryConfig {
+        max_disconnection: Duration::from_millis(max),
+        history_per_room: cap,
+    })
+}
+
 /// Engine.IO / Socket.IO settings (defaults as the reference server).
 #[derive(Debug, Clone)]
 pub struct SocketIoConfig {
@@ -343,6 +389,8 @@ pub struct SocketIoConfig {
     pub cors_origins: Vec<String>,
     /// `[socketio.adapter]`: absent, chanhost speaks no socket.io adapter.
     pub adapter: Option<SioAdapterConfig>,
+    /// `[socketio.recovery]`: absent, no connection state recovery.
+    pub recovery: Option<SioRecoveryConfig>,
 }
 
 /// Limits of the plugin runtime.
@@ -831,6 +879,10 @@ impl Config {
                     sio_adapter(a, &invalid)
                 })
                 .transpose()?,
+            recovery: sio
+                .recovery
+                .map(|r| sio_recovery(r, &invalid))
+                .transpose()?,
         };
         for (key, d) in [
             ("socketio.ping_interval_ms", socketio.ping_interval),
@@ -991,6 +1043,29 @@ rooms_url = "http://backend:8080/rooms"
         assert!(c.plugin_table_json("mew-infra").contains("admin_secret"));
         assert!(c.plugin_table_json("misskey").contains("backend"));
         assert!(c.backend_auth.is_some());
+    }
+
+    #[test]
+    fn recovery_is_off_unless_asked_and_bounded() {
+        assert!(parse("").unwrap().socketio.recovery.is_none());
+        let r = parse("[socketio.recovery]\n")
+            .unwrap()
+            .socketio
+            .recovery
+            .unwrap();
+        assert_eq!(r.max_disconnection, Duration::from_secs(120));
+        assert_eq!(r.history_per_room, 1000);
+        let r = parse("[socketio.recovery]\nmax_disconnection_ms = 5000\nhistory_per_room = 3")
+            .unwrap()
+            .socketio
+            .recovery
+            .unwrap();
+        assert_eq!(
+            (r.max_disconnection.as_millis(), r.history_per_room),
+            (5000, 3)
+        );
+        assert!(parse("[socketio.recovery]\nmax_disconnection_ms = 0").is_err());
+        assert!(parse("[socketio.recovery]\nhistory_per_room = 0").is_err());
     }
 
     #[test]

@@ -40,5 +40,6 @@ pub mod plugin;
 pub mod presence;
 pub mod protocol;
 pub mod pubsub;
+pub mod recovery;
 pub mod scaffold;
 pub mod server;

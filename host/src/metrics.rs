@@ -96,6 +96,38 @@ pub struct Metrics {
     /// 1 while a sharded (0) or streams (1) socket.io adapter is seen on
     /// the adapter's Redis.
     pub adapter_unsupported: [Gauge; 2],
+    /// Connection state recovery (`[socketio.recovery]`): sockets recovered,
+    /// sessions kept, and CONNECTs with a pid that connected as new, by
+    /// [`crate::recovery::Refusal`] (same order as `RECOVERY_REFUSALS`).
+    pub recovered: Counter,
+    pub recovery_kept: Counter,
+    pub recovery_refused: [Counter; 5],
+    /// Events replayed to recovered sockets.
+    pub recovery_replayed: Counter,
+    /// History entries cut by `history_per_room` while younger than the
+    /// window.
+    pub recovery_cut: std::sync::Arc<crate::recovery::RecoveryCounters>,
+    /// Sessions and history entries kept on this node (memory side).
+    pub recovery_sessions: Gauge,
+    pub recovery_entries: Gauge,
+}
+
+/// The refusals in the order of [`Metrics::recovery_refused`].
+pub const RECOVERY_REFUSALS: [crate::recovery::Refusal; 5] = [
+    crate::recovery::Refusal::Unknown,
+    crate::recovery::Refusal::Elsewhere,
+    crate::recovery::Refusal::Offset,
+    crate::recovery::Refusal::Cut,
+    crate::recovery::Refusal::Down,
+];
+
+impl Metrics {
+    /// Counts a CONNECT with a pid that connected as new.
+    pub fn recovery_refused(&self, r: crate::recovery::Refusal) {
+        if let Some(i) = RECOVERY_REFUSALS.iter().position(|x| *x == r) {
+            self.recovery_refused[i].inc();
+        }
+    }
 }
 
 /// A label set, `a="x",b="y"`, its values escaped.
@@ -285,6 +317,55 @@ impl Metrics {
                     self.adapter_unsupported[1].get(),
                 ),
             ],
+        );
+        let mut rows = vec![(labels(&[("result", "recovered")]), self.recovered.get())];
+        for (i, r) in RECOVERY_REFUSALS.iter().enumerate() {
+            rows.push((
+                labels(&[("result", r.as_str())]),
+                self.recovery_refused[i].get(),
+            ));
+        }
+        write_family(
+            out,
+            "chanhost_socketio_recovery_total",
+            "counter",
+            "CONNECTs carrying a session's pid ([socketio.recovery]): recovered, or connected as new because the session is unknown or expired, belongs elsewhere, the offset is not ours, a room's history was cut short (history_per_room), or Redis is down.",
+            &rows,
+        );
+        write_metric(
+            out,
+            "chanhost_socketio_recovery_sessions_kept_total",
+            "counter",
+            "Sessions of sockets that lost their connection, kept for [socketio.recovery] max_disconnection_ms.",
+            self.recovery_kept.get(),
+        );
+        write_metric(
+            out,
+            "chanhost_socketio_recovery_replayed_total",
+            "counter",
+            "Missed events replayed to recovered sockets.",
+            self.recovery_replayed.get(),
+        );
+        write_metric(
+            out,
+            "chanhost_socketio_recovery_history_cut_total",
+            "counter",
+            "Events dropped from a room's history by [socketio.recovery] history_per_room before the window passed: a session that needs them connects as new.",
+            self.recovery_cut.cut.load(Ordering::Relaxed),
+        );
+        write_metric(
+            out,
+            "chanhost_socketio_recovery_kept",
+            "gauge",
+            "Sessions kept on this node's memory (without [cluster]; with it they are in Redis).",
+            self.recovery_sessions.get(),
+        );
+        write_metric(
+            out,
+            "chanhost_socketio_recovery_history_entries",
+            "gauge",
+            "Events kept in room histories on this node's memory (without [cluster]).",
+            self.recovery_entries.get(),
         );
         write_metric(
             out,

@@ -17,6 +17,14 @@ impl Guest for Reloadable {
 
     fn timer(_key: String) {}
 
+    /// Recovered sockets need nothing more here: the host restored their
+    /// rooms and identity.
+    fn recover(
+        _req: chanhost_plugin::types::RecoverRequest,
+    ) -> Result<(), chanhost_plugin::types::Rejection> {
+        Ok(())
+    }
+
     fn describe() -> Manifest {
         Manifest {
             version: VERSION.into(),

@@ -37,6 +37,20 @@ impl Guest for Chat {
 
     fn timer(_key: String) {}
 
+    /// A Socket.IO socket back after losing its connection (the host
+    /// restored its room and identity): its room is kept again under its
+    /// new connection.
+    fn recover(req: chanhost_plugin::types::RecoverRequest) -> Result<(), Rejection> {
+        let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
+        let room = params
+            .get("room")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| reject("a room is required"))?;
+        host::kv_set(&member_key(&req.target), room);
+        Ok(())
+    }
+
     fn describe() -> Manifest {
         Manifest {
             version: "1.0.0".into(),

@@ -65,6 +65,8 @@ mod tests {
             data: "null".into(),
             attachments: Arc::from(Vec::new()),
             filter: Default::default(),
+            args: None,
+            offset: None,
         }
     }
 

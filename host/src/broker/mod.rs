@@ -26,10 +26,16 @@ pub struct Publication {
     pub event: Arc<str>,
     /// JSON text.
     pub data: Arc<str>,
+    /// The arguments as a JSON array, for an event emitted with several
+    /// (a plugin's `emit` to a recorded socket); `data` is then the first.
+    pub args: Option<Arc<str>>,
     /// Binary attachments (Socket.IO placeholders in `data` refer to them).
     pub attachments: Arc<[Vec<u8>]>,
     /// Which members receive it.
     pub filter: Filter,
+    /// Its offset in the history of recorded rooms (connection state
+    /// recovery), once numbered.
+    pub offset: Option<u64>,
 }
 
 /// Why a publish was not carried (and, for [`Broker::publish`], not
@@ -103,6 +109,12 @@ pub trait Broker: Send + Sync {
     /// A room may have gained its first or lost its last member or
     /// listener on this node.
     fn interest_changed(&self, _room: &str) {}
+    /// Resolves once this node's subscriptions for the rooms its members
+    /// joined so far are in place (at once for one node; at most a second
+    /// in a cluster), so what is published from then on reaches them.
+    fn settled(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
     fn state(&self) -> BrokerState;
     /// Nodes alive in the cluster (1 for a single node).
     fn nodes(&self) -> u64 {

@@ -73,6 +73,19 @@ pub struct RedisBrokerOptions {
     pub node_ttl: Duration,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// Connection state recovery (`[socketio.recovery]`): every
+    /// publication is numbered in Redis, and recorded rooms keep a history
+    /// (see [`crate::recovery::redis`]).
+    pub recovery: Option<Numbering>,
+}
+
+/// How the broker numbers and records publications.
+#[derive(Debug, Clone, Copy)]
+pub struct Numbering {
+    /// `history_per_room`.
+    pub cap: usize,
+    /// `max_disconnection_ms`.
+    pub window: Duration,
 }
 
 /// The broker of a node in a cluster.
@@ -86,6 +99,20 @@ pub type NodeGone = Box<dyn Fn(&str) + Send + Sync>;
 struct Outgoing {
     channel: String,
     payload: Vec<u8>,
+    /// The room of a publication to number (with recovery on).
+    numbered: Option<Arc<str>>,
+}
+
+/// What the subscribing connection is told.
+enum Interest {
+    /// A room may have gained its first or lost its last member here.
+    Room(Arc<str>),
+    /// Answered once every hint before it is in place on Redis.
+    Settled(tokio::sync::oneshot::Sender<()>),
+    /// A numbered publication of this node, queued for Redis once the
+    /// subscriptions hinted before it are in place: its echo then reaches
+    /// this node's recorded sockets.
+    Publish(Outgoing),
 }
 
 struct Shared {
@@ -98,7 +125,12 @@ struct Shared {
     at: String,
     local: OnceLock<Weak<dyn LocalDelivery>>,
     queue: mpsc::Sender<Outgoing>,
-    interest: mpsc::UnboundedSender<Arc<str>>,
+    interest: mpsc::UnboundedSender<Interest>,
+    /// Hints and publications sent to the subscribing connection and not
+    /// handled yet: while there are some, numbered publications go that
+    /// way too (in order).
+    unsettled: AtomicU64,
+    numbering: Option<Numbering>,
     publishing: AtomicBool,
     subscribed: AtomicBool,
     nodes: AtomicU64,
@@ -152,6 +184,45 @@ impl Shared {
         Outgoing {
             channel: self.room_channel(&p.room),
             payload: encode(&self.node, p),
+            numbered: self.numbering.map(|_| p.room.clone()),
+        }
+    }
+
+    /// Hands an outgoing message to Redis: to the publishing queue, or,
+    /// numbered while subscriptions are being put in place, through the
+    /// subscribing connection after them. False if the queue is full.
+    fn send_out(&self, out: Outgoing) -> bool {
+        if out.numbered.is_some() && self.unsettled.load(Ordering::SeqCst) > 0 {
+            self.unsettled.fetch_add(1, Ordering::SeqCst);
+            if self.interest.send(Interest::Publish(out)).is_ok() {
+                return true;
+            }
+            self.unsettled.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        self.queue.try_send(out).is_ok()
+    }
+
+    /// The subscribing connection handled a hint or a publication.
+    fn handled(&self, hint: Interest) {
+        if let Interest::Publish(out) = hint {
+            if self.queue.try_send(out).is_err() {
+                self.not_carried(1, "the queue to Redis is full");
+            }
+        }
+        self.unsettled.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Delivers a publication of this node to its own members at once:
+    /// all of them, or, when it is numbered in Redis, those that are not
+    /// recorded sockets (those get it from Redis, in offset order).
+    fn deliver_here(&self, local: &dyn LocalDelivery, p: &Publication, carried: bool) {
+        if self.numbering.is_some() && carried {
+            let mut p = p.clone();
+            p.filter.recorded = Some(false);
+            local.deliver_local(&p);
+        } else {
+            local.deliver_local(p);
         }
     }
 
@@ -197,6 +268,7 @@ impl Shared {
         let out = Outgoing {
             channel: self.answers_channel(&q.from),
             payload: payload.into_bytes(),
+            numbered: None,
         };
         if self.queue.try_send(out).is_err() {
             self.not_carried(1, "the queue to Redis is full (an answer to another node)");
@@ -247,12 +319,24 @@ impl Shared {
             }
             return;
         };
+        let (offset, payload) = match crate::recovery::redis::split_numbered(payload) {
+            Some((offset, rest)) => (Some(offset), rest),
+            None => (None, payload),
+        };
         match decode(room, payload) {
-            Ok((node, p)) => {
-                if node == self.node {
+            Ok((node, mut p)) => {
+                let mine = node == self.node;
+                // This node's own publication reached its other members
+                // at once; numbered, it reaches its recorded sockets now.
+                if mine && offset.is_none() {
                     return;
                 }
-                self.metrics.broker_received.inc();
+                if mine {
+                    p.filter.recorded = Some(true);
+                } else {
+                    self.metrics.broker_received.inc();
+                }
+                p.offset = offset;
                 if let Some(local) = self.local() {
                     local.deliver_local(&p);
                 }
@@ -294,6 +378,7 @@ impl RedisBroker {
         let client = redis::Client::open(o.url.as_str()).map_err(UrlError)?;
         let (queue, rx) = mpsc::channel(QUEUE);
         let (interest, interest_rx) = mpsc::unbounded_channel();
+        let numbering = o.recovery;
         let shared = Arc::new(Shared {
             node: crate::server::engineio::random_id(),
             prefix: o.prefix,
@@ -303,6 +388,8 @@ impl RedisBroker {
             local: OnceLock::new(),
             queue,
             interest,
+            unsettled: AtomicU64::new(0),
+            numbering,
             publishing: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
             nodes: AtomicU64::new(0),
@@ -353,6 +440,17 @@ impl Broker for RedisBroker {
         if !self.shared.is_up() {
             return Err(BrokerError::Down);
         }
+        if self.shared.numbering.is_some() && self.shared.unsettled.load(Ordering::SeqCst) > 0 {
+            // Behind subscriptions being put in place (in order; the
+            // channel to the subscribing connection is not bounded).
+            for p in &batch {
+                if !self.shared.send_out(self.shared.outgoing(p)) {
+                    return Err(BrokerError::Down);
+                }
+                self.shared.deliver_here(&*local, p, true);
+            }
+            return Ok(());
+        }
         let permits = self
             .shared
             .queue
@@ -365,29 +463,46 @@ impl Broker for RedisBroker {
         // not for this node's own fan-out as well.
         for (p, permit) in batch.iter().zip(permits) {
             permit.send(self.shared.outgoing(p));
-            local.deliver_local(p);
+            self.shared.deliver_here(&*local, p, true);
         }
         Ok(())
     }
 
     fn publish_best_effort(&self, p: Publication) {
-        if !self.shared.is_up() {
+        let carried = if !self.shared.is_up() {
             self.shared.not_carried(1, "Redis cannot be reached");
-        } else if self
-            .shared
-            .queue
-            .try_send(self.shared.outgoing(&p))
-            .is_err()
-        {
+            false
+        } else if !self.shared.send_out(self.shared.outgoing(&p)) {
             self.shared.not_carried(1, "the queue to Redis is full");
-        }
+            false
+        } else {
+            true
+        };
         if let Some(local) = self.shared.local() {
-            local.deliver_local(&p);
+            self.shared.deliver_here(&*local, &p, carried);
         }
     }
 
     fn interest_changed(&self, room: &str) {
-        let _ = self.shared.interest.send(room.into());
+        self.shared.unsettled.fetch_add(1, Ordering::SeqCst);
+        if self
+            .shared
+            .interest
+            .send(Interest::Room(room.into()))
+            .is_err()
+        {
+            self.shared.unsettled.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn settled(&self) -> BoxFuture<'_, ()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.shared.interest.send(Interest::Settled(tx)).is_ok();
+        Box::pin(async move {
+            if sent {
+                let _ = tokio::time::timeout(Duration::from_secs(1), rx).await;
+            }
+        })
     }
 
     fn state(&self) -> BrokerState {
@@ -429,6 +544,7 @@ impl Broker for RedisBroker {
             let out = Outgoing {
                 channel: shared.control_channel(),
                 payload: question.to_string().into_bytes(),
+                numbered: None,
             };
             if shared.queue.try_send(out).is_err() {
                 shared.asks.lock().remove(&id);
@@ -481,6 +597,21 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
                 continue;
             }
         };
+        // The numbering script, loaded on each connection (EVALSHA then
+        // finds it after a Redis restart too).
+        let script = redis::Script::new(crate::recovery::redis::NUMBER);
+        if shared.numbering.is_some() {
+            let load = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(crate::recovery::redis::NUMBER)
+                .to_owned();
+            if let Err(e) = timed(load.query_async::<String>(&mut conn)).await {
+                outage.down(&e);
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+                continue;
+            }
+        }
         attempt = 0;
         outage.up();
         shared.set(&shared.publishing, true);
@@ -495,10 +626,43 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
             }
             let mut pipe = redis::pipe();
             for m in &batch {
-                pipe.cmd("PUBLISH").arg(&m.channel).arg(&m.payload).ignore();
+                match (&m.numbered, shared.numbering) {
+                    (Some(room), Some(n)) => {
+                        let prefix = &shared.prefix;
+                        pipe.cmd("EVALSHA")
+                            .arg(script.get_hash())
+                            .arg(4)
+                            .arg(crate::recovery::redis::offset_key(prefix))
+                            .arg(crate::recovery::redis::history_key(prefix, room))
+                            .arg(crate::recovery::redis::mark_key(prefix, room))
+                            .arg(crate::recovery::redis::cut_key(prefix, room))
+                            .arg(&m.channel)
+                            .arg(&m.payload)
+                            .arg(n.cap)
+                            .arg(n.window.as_millis() as u64);
+                    }
+                    _ => {
+                        pipe.cmd("PUBLISH").arg(&m.channel).arg(&m.payload);
+                    }
+                }
             }
-            match timed(pipe.query_async::<()>(&mut conn)).await {
-                Ok(()) => shared.metrics.broker_carried.add(batch.len() as u64),
+            match timed(pipe.query_async::<Vec<redis::Value>>(&mut conn)).await {
+                Ok(replies) => {
+                    shared.metrics.broker_carried.add(batch.len() as u64);
+                    // A numbered publication answers {offset, entries cut}.
+                    let cut: u64 = replies
+                        .into_iter()
+                        .filter_map(|v| redis::from_redis_value::<(u64, u64)>(v).ok())
+                        .map(|(_, cut)| cut)
+                        .sum();
+                    if cut > 0 {
+                        shared
+                            .metrics
+                            .recovery_cut
+                            .cut
+                            .fetch_add(cut, Ordering::Relaxed);
+                    }
+                }
                 Err(e) => {
                     shared.set(&shared.publishing, false);
                     // What was on its way is not sent late: it is counted.
@@ -517,7 +681,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
 
 /// The subscribing connection: the rooms this node serves, kept in step
 /// with the hub's hints, and every message delivered here.
-async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<Arc<str>>) {
+async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<Interest>) {
     let mut outage = Outage::new("cluster broker (subscribe)", shared.at.clone());
     let mut wanted: HashSet<Arc<str>> = HashSet::new();
     let mut attempt = 0u32;
@@ -534,9 +698,15 @@ async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<A
                 loop {
                     tokio::select! {
                         _ = &mut pause => break,
-                        room = interest.recv() => {
-                            let Some(room) = room else { return };
-                            if wants(&room) { wanted.insert(room); } else { wanted.remove(&room); }
+                        hint = interest.recv() => match hint {
+                            None => return,
+                            // Nothing can be in place: nobody waits for it.
+                            Some(Interest::Settled(done)) => { let _ = done.send(()); }
+                            Some(Interest::Room(room)) => {
+                                if wants(&room) { wanted.insert(room.clone()); } else { wanted.remove(&room); }
+                                shared.handled(Interest::Room(room));
+                            }
+                            Some(p @ Interest::Publish(_)) => shared.handled(p),
                         }
                     }
                 }
@@ -545,11 +715,21 @@ async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<A
             }
         };
         let (mut sink, mut stream) = pubsub.split();
-        while let Ok(room) = interest.try_recv() {
-            if wants(&room) {
-                wanted.insert(room);
-            } else {
-                wanted.remove(&room);
+        let mut settled = Vec::new();
+        // Publications wait for the subscriptions below.
+        let mut held = Vec::new();
+        while let Ok(hint) = interest.try_recv() {
+            match hint {
+                Interest::Settled(done) => settled.push(done),
+                Interest::Room(room) => {
+                    if wants(&room) {
+                        wanted.insert(room.clone());
+                    } else {
+                        wanted.remove(&room);
+                    }
+                    shared.handled(Interest::Room(room));
+                }
+                p @ Interest::Publish(_) => held.push(p),
             }
         }
         let mut channels: Vec<String> = wanted.iter().map(|r| shared.room_channel(r)).collect();
@@ -571,6 +751,12 @@ async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<A
         }
         attempt = 0;
         outage.up();
+        for done in settled.drain(..) {
+            let _ = done.send(());
+        }
+        for p in held.drain(..) {
+            shared.handled(p);
+        }
         shared.metrics.broker_subscriptions.set(wanted.len() as u64);
         shared.set(&shared.subscribed, true);
         let lost = loop {
@@ -579,8 +765,19 @@ async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<A
                     Some(m) => shared.receive(m.get_channel_name(), m.get_payload_bytes()),
                     None => break "the connection closed".to_owned(),
                 },
-                room = interest.recv() => {
-                    let Some(room) = room else { return };
+                hint = interest.recv() => {
+                    let room = match hint {
+                        None => return,
+                        Some(Interest::Settled(done)) => {
+                            let _ = done.send(());
+                            continue;
+                        }
+                        Some(p @ Interest::Publish(_)) => {
+                            shared.handled(p);
+                            continue;
+                        }
+                        Some(Interest::Room(room)) => room,
+                    };
                     let channel = shared.room_channel(&room);
                     let r = if wants(&room) {
                         if wanted.insert(room) { timed(sink.subscribe(&channel)).await } else { Ok(()) }
@@ -589,6 +786,7 @@ async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<A
                     } else {
                         Ok(())
                     };
+                    shared.unsettled.fetch_sub(1, Ordering::SeqCst);
                     shared.metrics.broker_subscriptions.set(wanted.len() as u64);
                     if let Err(e) = r {
                         break e;
@@ -679,6 +877,13 @@ struct Header<'a> {
     conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     audience: Option<Audience>,
+    /// The arguments, for an event emitted with several.
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    args: Option<Cow<'a, str>>,
+    /// The instance (connection, id) the event skips: carried for the
+    /// history of recorded rooms, where its sender may come back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    except: Option<(u64, String)>,
 }
 
 /// Why a message from Redis was not understood.
@@ -701,6 +906,8 @@ pub fn encode(node: &str, p: &Publication) -> Vec<u8> {
         owner: p.filter.owner.as_deref().map(str::to_owned),
         conditions: p.filter.conditions.to_vec(),
         audience: p.filter.audience.as_deref().cloned(),
+        args: p.args.as_deref().map(Cow::Borrowed),
+        except: p.filter.except.as_ref().map(|(c, id)| (*c, id.to_string())),
     };
     let header = serde_json::to_vec(&header).unwrap_or_default();
     let size = 8 + header.len() + p.attachments.iter().map(|a| 4 + a.len()).sum::<usize>();
@@ -751,11 +958,14 @@ pub fn decode(room: &str, payload: &[u8]) -> Result<(String, Publication), Decod
         data: header.data.as_ref().into(),
         attachments: attachments.into(),
         filter: Filter {
-            except: None,
+            except: header.except.map(|(c, id)| (c, id.into())),
             owner: header.owner.map(Into::into),
             conditions: header.conditions.into(),
             audience: header.audience.map(Arc::new),
+            recorded: None,
         },
+        args: header.args.map(|a| a.as_ref().into()),
+        offset: None,
     };
     Ok((header.node.into_owned(), p))
 }
@@ -783,7 +993,10 @@ mod tests {
                     users: vec!["u2".into()],
                     holding: Some(("rel".into(), "f:u3".into())),
                 })),
+                recorded: None,
             },
+            args: None,
+            offset: None,
         }
     }
 
@@ -801,10 +1014,9 @@ mod tests {
         assert_eq!(q.filter.owner.as_deref(), Some("mew"));
         assert_eq!(q.filter.conditions, p.filter.conditions);
         assert_eq!(q.filter.audience.as_deref(), p.filter.audience.as_deref());
-        assert_eq!(
-            q.filter.except, None,
-            "a connection of the publishing node only"
-        );
+        // Carried: a recorded room's history keeps it, for a sender that
+        // comes back on another node.
+        assert_eq!(q.filter.except, p.filter.except);
     }
 
     #[test]

@@ -42,6 +42,9 @@ struct SlotInner {
     /// Cleared when the instance ends: events still on their way to it are
     /// dropped without looking the instance up.
     open: AtomicBool,
+    /// A Socket.IO socket with connection state recovery: its events
+    /// carry their offset, and the rooms it joins are recorded.
+    recorded: bool,
 }
 
 /// What receives events on a connection: a channel instance (by its id), a
@@ -51,26 +54,37 @@ struct SlotInner {
 pub struct Slot(Arc<SlotInner>);
 
 impl Slot {
-    fn new(kind: SlotKind, id: &str) -> Self {
+    fn new(kind: SlotKind, id: &str, recorded: bool) -> Self {
         Slot(Arc::new(SlotInner {
             kind,
             id: id.into(),
             quoted: json_string(id).into(),
             open: AtomicBool::new(true),
+            recorded,
         }))
     }
     /// A channel instance slot.
     pub fn instance(id: &str) -> Self {
-        Self::new(SlotKind::Instance, id)
+        Self::new(SlotKind::Instance, id, false)
+    }
+    /// The slot of a Socket.IO socket whose connection state is recovered
+    /// (`[socketio.recovery]`): its events carry offsets, its rooms keep
+    /// a history.
+    pub fn recorded_socket(nsp: &str) -> Self {
+        Self::new(SlotKind::Instance, nsp, true)
+    }
+    /// Whether events to this slot carry offsets and its rooms are recorded.
+    pub fn is_recorded(&self) -> bool {
+        self.0.recorded
     }
     /// A note capture slot.
     pub fn capture(note_id: &str) -> Self {
-        Self::new(SlotKind::Capture, note_id)
+        Self::new(SlotKind::Capture, note_id, false)
     }
     /// The connection itself, for events its protocol frames at the top
     /// level (Misskey's `broadcast`: `{"type":..,"body":..}`).
     pub fn stream(name: &str) -> Self {
-        Self::new(SlotKind::Stream, name)
+        Self::new(SlotKind::Stream, name, false)
     }
     pub fn id(&self) -> &str {
         &self.0.id
@@ -238,6 +252,26 @@ pub struct Gate {
     pub generation: u64,
     pub text: String,
     pub release: bool,
+    /// A recovered socket's missed events, written right after the reply
+    /// and before what was held.
+    pub replay: Vec<Outbound>,
+    /// Held events numbered up to this offset were read into `replay`
+    /// (or delivered before): they are not written twice.
+    pub replayed_upto: u64,
+}
+
+impl Gate {
+    /// The reply to an opening, releasing (or dropping) what was held.
+    pub fn reply(slot: Arc<str>, generation: u64, text: String, release: bool) -> Self {
+        Self {
+            slot,
+            generation,
+            text,
+            release,
+            replay: Vec::new(),
+            replayed_upto: 0,
+        }
+    }
 }
 
 /// An open channel instance.
@@ -259,6 +293,32 @@ pub struct SocketInfo {
     pub sid: Arc<str>,
     /// `{headers, time, address, xdomain, secure, issued, url, query, auth}`.
     pub handshake: serde_json::Value,
+    /// The private id of its session, with connection state recovery (the
+    /// CONNECT reply's `pid`).
+    pub pid: Option<Arc<str>>,
+    /// The offset the history had when the socket connected: a client
+    /// that got no event yet missed everything after it.
+    pub since: u64,
+    /// Set once its CONNECT reply is on its way: only connected sockets
+    /// count for the socket.io adapter.
+    pub connected: AtomicBool,
+}
+
+impl SocketInfo {
+    /// A socket's description (not connected yet).
+    pub fn new(sid: Arc<str>, handshake: serde_json::Value) -> Self {
+        Self {
+            sid,
+            handshake,
+            pid: None,
+            since: 0,
+            connected: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
 }
 
 /// One condition of a filtered delivery, tested against a member's
@@ -306,6 +366,10 @@ pub struct Filter {
     pub conditions: Arc<[Condition]>,
     /// Only members in this audience.
     pub audience: Option<Arc<Audience>>,
+    /// Only recorded sockets' slots (true) or only the others (false): a
+    /// cluster node delivers its own publication to its other members at
+    /// once and to its recorded sockets from Redis, in offset order.
+    pub recorded: Option<bool>,
 }
 
 impl Filter {
@@ -757,6 +821,27 @@ impl ConnHandle {
             .lock()
             .memberships
             .remove(&(room.clone(), slot.clone()))
+    }
+
+    /// A plugin's attribute sets on this connection (sorted), as a
+    /// recovered socket's session keeps them.
+    pub fn attributes_of(&self, owner: &str) -> Vec<(String, Vec<String>)> {
+        let st = self.state.lock();
+        let mut out: Vec<(String, Vec<String>)> = st
+            .attributes
+            .get(owner)
+            .map(|sets| {
+                sets.iter()
+                    .map(|(name, set)| {
+                        let mut v: Vec<String> = set.iter().cloned().collect();
+                        v.sort();
+                        (name.clone(), v)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
     }
 
     /// The rooms a slot is in.

@@ -22,8 +22,13 @@ pub struct SharedEvent {
     /// Bytes one recipient's frame takes, about: reckoned once, read per
     /// queued recipient.
     weight: usize,
-    /// Each protocol's framing, built by its writer on first use.
-    framed: [OnceLock<String>; 2],
+    /// Its place in the history of recorded rooms (connection state
+    /// recovery): Socket.IO sockets that recover get it as the last
+    /// argument.
+    pub offset: Option<u64>,
+    /// Each protocol's framing, built by its writer on first use (the
+    /// third: Socket.IO with the offset).
+    framed: [OnceLock<String>; 3],
 }
 
 impl SharedEvent {
@@ -32,7 +37,19 @@ impl SharedEvent {
     }
 
     pub fn with_attachments(event: &str, data: Arc<str>, attachments: Arc<[Vec<u8>]>) -> Arc<Self> {
-        Self::build(event, data, None, attachments)
+        Self::build(event, data, None, attachments, None)
+    }
+
+    /// An event with its offset in the history of recorded rooms (and
+    /// its arguments, when emitted with several).
+    pub fn numbered(
+        event: &str,
+        data: Arc<str>,
+        args: Option<Arc<str>>,
+        attachments: Arc<[Vec<u8>]>,
+        offset: Option<u64>,
+    ) -> Arc<Self> {
+        Self::build(event, data, args, attachments, offset)
     }
 
     fn build(
@@ -40,6 +57,7 @@ impl SharedEvent {
         data: Arc<str>,
         args: Option<Arc<str>>,
         attachments: Arc<[Vec<u8>]>,
+        offset: Option<u64>,
     ) -> Arc<Self> {
         let weight =
             16 + event.len() + data.len() + attachments.iter().map(Vec::len).sum::<usize>();
@@ -49,7 +67,8 @@ impl SharedEvent {
             args,
             attachments,
             weight,
-            framed: [OnceLock::new(), OnceLock::new()],
+            offset,
+            framed: [OnceLock::new(), OnceLock::new(), OnceLock::new()],
         })
     }
 
@@ -70,6 +89,7 @@ impl SharedEvent {
             data,
             Some(args_json.into()),
             attachments,
+            None,
         ))
     }
 
@@ -83,6 +103,12 @@ impl SharedEvent {
     /// recipient.
     pub fn framed(&self, protocol: Protocol, build: impl FnOnce(&SharedEvent) -> String) -> &str {
         self.framed[protocol as usize].get_or_init(|| build(self))
+    }
+
+    /// Like [`SharedEvent::framed`], for the Socket.IO framing that ends
+    /// with the offset (recovered sockets).
+    pub fn framed_with_offset(&self, build: impl FnOnce(&SharedEvent) -> String) -> &str {
+        self.framed[2].get_or_init(|| build(self))
     }
 }
 

@@ -88,6 +88,9 @@ pub struct Hub {
     /// Told when a room may have gained its first or lost its last member
     /// or listener (the cluster broker subscribes to what this node serves).
     observer: std::sync::OnceLock<RoomObserver>,
+    /// Told when a recorded socket ([`Slot::is_recorded`]) joins a room
+    /// (connection state recovery keeps that room's history).
+    recorded: std::sync::OnceLock<RoomObserver>,
 }
 
 /// What [`Hub::observe_rooms`] calls.
@@ -103,7 +106,22 @@ impl Hub {
             listeners: RwLock::new(HashMap::new()),
             metrics,
             observer: std::sync::OnceLock::new(),
+            recorded: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Calls `f` with a room's name whenever a recorded socket joins it.
+    /// Set once.
+    pub fn observe_recorded_joins(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.recorded.set(Box::new(f));
+    }
+
+    /// Whether a recorded socket is a member of the room here.
+    pub fn has_recorded_member(&self, room: &str) -> bool {
+        self.shard(room)
+            .read()
+            .get(room)
+            .is_some_and(|m| m.values().any(|m| m.slot.is_recorded()))
     }
 
     /// Calls `f` with a room's name whenever it may have gained its first
@@ -324,6 +342,11 @@ impl Hub {
             members.insert((conn.id, slot.clone()), member);
             members.len() == 1
         };
+        if slot.is_recorded() {
+            if let Some(f) = self.recorded.get() {
+                f(&room);
+            }
+        }
         if first {
             self.room_changed(&room);
         }
@@ -388,7 +411,9 @@ impl Hub {
                     let excepted = filter.except.as_ref().is_some_and(|(ex_conn, ex_id)| {
                         conn_id == ex_conn && slot.id() == &**ex_id
                     });
-                    !excepted && filter.admits(&m.conn)
+                    !excepted
+                        && filter.recorded.is_none_or(|r| slot.is_recorded() == r)
+                        && filter.admits(&m.conn)
                 })
                 .map(|(_, m)| (m.conn.clone(), m.slot.clone()))
                 .collect()
@@ -407,9 +432,9 @@ impl Hub {
     /// The connected Socket.IO sockets of namespace `nsp` on this node
     /// that are in any of `rooms` (every socket of the namespace when
     /// `rooms` is empty) and in none of `except` — socket.io's own
-    /// selection — with their instance. A socket is connected once it is
-    /// in its own id's room (joined after its CONNECT reply, with the
-    /// socket.io adapter on): one whose plugin is still deciding is not.
+    /// selection — with their instance. A socket is connected once its
+    /// CONNECT reply is on its way ([`SocketInfo::is_connected`]): one
+    /// whose plugin is still deciding is not.
     pub fn sockets(
         &self,
         nsp: &str,
@@ -425,10 +450,7 @@ impl Hub {
             let Some(inst) = conn.instance(nsp) else {
                 return;
             };
-            let connected = inst
-                .socket
-                .as_ref()
-                .is_some_and(|s| conn.in_room(&inst.slot, &s.sid));
+            let connected = inst.socket.as_ref().is_some_and(|s| s.is_connected());
             if connected && !conn.in_any_room(&inst.slot, except) {
                 picked.push((conn.clone(), inst));
             }
@@ -574,15 +596,14 @@ mod tests {
                     plugin: "p".into(),
                     channel: nsp.into(),
                     slot: slot.clone(),
-                    socket: Some(Arc::new(SocketInfo {
-                        sid: sid.into(),
-                        handshake: serde_json::Value::Null,
+                    socket: Some(Arc::new({
+                        let info = SocketInfo::new(sid.into(), serde_json::Value::Null);
+                        info.connected.store(connected, Ordering::SeqCst);
+                        info
                     })),
                 },
             );
-            if connected {
-                hub.join(c, slot.clone(), sid);
-            }
+            hub.join(c, slot.clone(), sid);
             slot
         };
         let sa = sock(&a, "/", "sa", true);
@@ -794,6 +815,7 @@ mod tests {
             owner: Some(p.clone()),
             conditions: conditions.into(),
             audience: None,
+            recorded: None,
         };
         let muted = Condition {
             attribute: "muting".into(),

@@ -109,6 +109,17 @@ impl Node {
             socket,
         } = open;
         self.close_instance(conn, id, DisconnectReason::Replaced, true);
+        // A recovered socket's slot is recorded, and it is in its id's
+        // room from the start: what its plugin emits to it from `connect`
+        // on is numbered like any room event.
+        let recorded = socket
+            .as_ref()
+            .filter(|s| s.pid.is_some())
+            .map(|s| s.sid.clone());
+        let slot = match recorded {
+            Some(_) => Slot::recorded_socket(id),
+            None => Slot::instance(id),
+        };
         // A connection already forgotten by the hub gets no new instance.
         self.hub.add_instance(
             conn,
@@ -116,10 +127,13 @@ impl Node {
             InstanceState {
                 plugin: plugin.name.clone(),
                 channel: channel.into(),
-                slot: Slot::instance(id),
+                slot: slot.clone(),
                 socket,
             },
         );
+        if let (Some(sid), Some(conn)) = (recorded, self.hub.conn(conn.id)) {
+            self.hub.join(&conn, slot, &sid);
+        }
         let req = ConnectRequest {
             target: InstanceRef {
                 connection: conn.id,

@@ -35,10 +35,12 @@ use crate::protocol::publish::RoomsBody;
 
 mod folder;
 pub mod instances;
+mod recovery;
 mod services;
 pub mod watcher;
 
 pub use instances::{OpenInstance, Opened};
+pub use recovery::{RecoverInstance, Recovered};
 
 /// The room where the host announces presence changes: event `online`
 /// when a user's first connection is identified, `offline` when their last
@@ -83,6 +85,8 @@ pub struct Node {
     next_conn: AtomicU64,
     /// The socket.io adapter protocol (`[socketio.adapter]`), once started.
     adapter: std::sync::OnceLock<Arc<crate::adapter::SioAdapter>>,
+    /// Connection state recovery (`[socketio.recovery]`).
+    recovery: Option<Arc<dyn crate::recovery::Recovery>>,
 }
 
 impl Node {
@@ -104,6 +108,12 @@ impl Node {
                     node_ttl: c.node_ttl,
                     metrics: metrics.clone(),
                     shutdown: shutdown.clone(),
+                    recovery: config.socketio.recovery.as_ref().map(|r| {
+                        crate::broker::redis::Numbering {
+                            cap: r.history_per_room,
+                            window: r.max_disconnection,
+                        }
+                    }),
                 })
                 .map_err(|e| NodeError::Cluster(e.to_string()))?;
                 tracing::info!(node = b.node_id(), redis = %crate::pubsub::redacted(&c.redis), prefix = %c.prefix, "cluster node");
@@ -123,6 +133,7 @@ impl Node {
             ),
             None => Box::new(MemoryKv::default()),
         };
+        let recovery = recovery::store(&config, &metrics)?;
         let mut presence_error = None;
         let node = Arc::new_cyclic(|weak: &Weak<Node>| {
             let services: Weak<dyn HostServices> = weak.clone();
@@ -169,6 +180,7 @@ impl Node {
                 shutdown,
                 next_conn: AtomicU64::new(1),
                 adapter: std::sync::OnceLock::new(),
+                recovery,
                 config,
             }
         });
@@ -189,6 +201,7 @@ impl Node {
             let b = broker.clone();
             node.hub.observe_rooms(move |room| b.interest_changed(room));
         }
+        node.start_recovery();
         Ok(node)
     }
 
@@ -279,16 +292,31 @@ impl Node {
     /// Forgets a closed connection: rooms, captures, instances (each
     /// plugin hears `disconnect` with `connection-closed`); the user goes
     /// offline if it was their last connection.
-    pub fn close_conn(&self, id: ConnId) {
+    ///
+    /// `why` is the engine.io reason a Socket.IO session ended for: when
+    /// it is recoverable, the sessions of its recorded sockets are kept
+    /// and their plugins hear `connection-lost`.
+    pub fn close_conn(&self, id: ConnId, why: Option<&str>) {
+        let kept = match (why, self.hub.conn(id)) {
+            (Some(why), Some(conn)) if crate::recovery::recoverable(why) => {
+                self.keep_sessions(&conn)
+            }
+            _ => Vec::new(),
+        };
         let gone = self.hub.unregister(id);
         for (inst_id, inst) in gone.instances {
             if let Some(p) = self.plugins.plugin(&inst.plugin) {
+                let reason = if kept.iter().any(|k| **k == *inst_id) {
+                    DisconnectReason::ConnectionLost
+                } else {
+                    DisconnectReason::ConnectionClosed
+                };
                 p.disconnect(
                     InstanceRef {
                         connection: id,
                         id: inst_id.to_string(),
                     },
-                    DisconnectReason::ConnectionClosed,
+                    reason,
                 );
             }
         }
@@ -307,6 +335,8 @@ impl Node {
             data,
             attachments: Arc::from(Vec::new()),
             filter: Filter::default(),
+            args: None,
+            offset: None,
         };
         self.to_adapter(&p);
         self.broker.publish_best_effort(p);
@@ -329,6 +359,8 @@ impl Node {
             data,
             attachments: Arc::from(Vec::new()),
             filter,
+            args: None,
+            offset: None,
         });
     }
 
@@ -340,6 +372,11 @@ impl Node {
 
     fn deliver_filtered(&self, room: &Arc<str>, ev: Arc<SharedEvent>, filter: &Filter) {
         self.hub.deliver(room, &ev, filter);
+        // Listeners hear a publication once: with the delivery to the
+        // members that are not recorded sockets.
+        if filter.recorded == Some(true) {
+            return;
+        }
         for name in self.hub.listeners(room) {
             if let Some(plugin) = self.plugins.plugin(&name) {
                 plugin.event(room.clone(), ev.clone());
@@ -505,7 +542,23 @@ impl LocalDelivery for Node {
     }
 
     fn deliver_local(&self, p: &Publication) {
-        let ev = SharedEvent::with_attachments(&p.event, p.data.clone(), p.attachments.clone());
-        self.deliver_filtered(&p.room, ev, &p.filter);
+        let deliver = &mut |p: &Publication| {
+            let ev = SharedEvent::numbered(
+                &p.event,
+                p.data.clone(),
+                p.args.clone(),
+                p.attachments.clone(),
+                p.offset,
+            );
+            self.deliver_filtered(&p.room, ev, &p.filter);
+        };
+        // Publications to recorded rooms are numbered on their way here
+        // (by this node's sequencer, or in Redis by the cluster's broker).
+        if let Some(r) = &self.recovery {
+            if p.offset.is_none() && r.records(&p.room) && r.sequence(p, deliver) {
+                return;
+            }
+        }
+        deliver(p)
     }
 }

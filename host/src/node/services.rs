@@ -84,13 +84,14 @@ impl HostServices for Node {
             return;
         }
         if let Some((conn, inst)) = self.owned(plugin, &target) {
+            let (data, attachments): (Arc<str>, Arc<[Vec<u8>]>) =
+                (data.json.into(), data.attachments.into());
+            if self.to_recorded_socket(&inst, event, &data, None, &attachments) {
+                return;
+            }
             conn.push(Outbound::Event {
                 slot: inst.slot,
-                event: SharedEvent::with_attachments(
-                    event,
-                    data.json.into(),
-                    data.attachments.into(),
-                ),
+                event: SharedEvent::with_attachments(event, data, attachments),
             });
         }
     }
@@ -108,6 +109,9 @@ impl HostServices for Node {
             return;
         };
         if let Some((conn, inst)) = self.owned(plugin, &target) {
+            if self.to_recorded_socket(&inst, event, &ev.data, ev.args.clone(), &ev.attachments) {
+                return;
+            }
             conn.push(Outbound::Event {
                 slot: inst.slot,
                 event: ev,
@@ -171,7 +175,10 @@ impl HostServices for Node {
                 except: except.map(|e| (e.connection, e.id.into())),
                 owner: Some(plugin.into()),
                 conditions: conditions.into(),
+                recorded: None,
             },
+            args: None,
+            offset: None,
         };
         self.metrics.publishes.inc();
         if local_only {

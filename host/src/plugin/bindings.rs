@@ -1,5 +1,6 @@
 //! The host's `bindgen!`s, one per WIT version it links (`v1`:
-//! `chanhost:plugin@0.1.0` from `wit/0.1.0/`, `v2`: `0.2.0` from `wit/`),
+//! `chanhost:plugin@0.1.0` from `wit/0.1.0/`, `v2`: `0.2.0` from
+//! `wit/0.2.0/`, `v3`: `0.3.0` from `wit/`),
 //! and the only module that touches generated names. Both implement the
 //! `host` imports on [`StoreState`] by forwarding to [`HostServices`] (one
 //! body, written once in the `version!` macro; 0.2.0 adds its own
@@ -34,6 +35,7 @@ pub enum Hook {
     Frame,
     Fetched,
     Timer,
+    Recover,
 }
 
 impl Hook {
@@ -48,6 +50,7 @@ impl Hook {
             Hook::Frame => "frame",
             Hook::Fetched => "fetched",
             Hook::Timer => "timer",
+            Hook::Recover => "recover",
         }
     }
 }
@@ -146,6 +149,7 @@ pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
     wasmtime_wasi_http::p2::add_only_http_to_linker_sync(linker)?;
     v1::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     v2::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    v3::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     Ok(())
 }
 
@@ -153,7 +157,7 @@ pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
 /// passes its added imports as `$extra`) and calls of the `channel`
 /// exports, expanded inside each version's module.
 macro_rules! version {
-    ($($extra:item)*) => {
+    ($($extra:tt)*) => {
         use wasmtime::Store;
 
         use super::StoreState;
@@ -478,6 +482,7 @@ macro_rules! version {
                 DisconnectReason::ConnectionClosed => wit::DisconnectReason::ConnectionClosed,
                 DisconnectReason::Replaced => wit::DisconnectReason::Replaced,
                 DisconnectReason::Server => wit::DisconnectReason::Server,
+                DisconnectReason::ConnectionLost => lost(),
             };
             p.chanhost_plugin_channel()
                 .call_disconnect(store, &target.into(), reason)
@@ -508,22 +513,10 @@ macro_rules! version {
     };
 }
 
-/// `chanhost:plugin@0.1.0`, as frozen in `wit/0.1.0/`.
-mod v1 {
-    wasmtime::component::bindgen!({
-        path: "../wit/0.1.0",
-        world: "plugin",
-    });
-    version!();
-}
-
-/// `chanhost:plugin@0.2.0`, the current version (`wit/`).
-mod v2 {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "plugin",
-    });
-    version!(
+/// The `host` imports 0.2.0 added (fetch, deferred connects, timers),
+/// expanded inside the `host` impl of 0.2.0 and later.
+macro_rules! later_imports {
+    () => {
         fn fetch(&mut self, request: wit::HttpRequest) -> u64 {
             let request = crate::plugin::later::FetchRequest {
                 method: request.method,
@@ -555,32 +548,107 @@ mod v2 {
         fn cancel_timer(&mut self, key: String) {
             self.later.cancel_timer(&key)
         }
-    );
+    };
+}
 
-    pub(super) fn fetched(
-        p: &Plugin,
-        store: &mut Store<StoreState>,
-        id: u64,
-        response: Result<crate::plugin::later::FetchResponse, String>,
-    ) -> wasmtime::Result<()> {
-        let response = response.map(|r| wit::HttpResponse {
-            status: r.status,
-            headers: r.headers,
-            body: r.body,
-        });
-        p.chanhost_plugin_channel().call_fetched(
-            store,
-            id,
-            response.as_ref().map_err(String::as_str),
-        )
+/// The `channel` exports 0.2.0 added (`fetched`, `timer`), for 0.2.0 and
+/// later.
+macro_rules! later_exports {
+    () => {
+        pub(super) fn fetched(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            id: u64,
+            response: Result<crate::plugin::later::FetchResponse, String>,
+        ) -> wasmtime::Result<()> {
+            let response = response.map(|r| wit::HttpResponse {
+                status: r.status,
+                headers: r.headers,
+                body: r.body,
+            });
+            p.chanhost_plugin_channel().call_fetched(
+                store,
+                id,
+                response.as_ref().map_err(String::as_str),
+            )
+        }
+
+        pub(super) fn timer(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            key: &str,
+        ) -> wasmtime::Result<()> {
+            p.chanhost_plugin_channel().call_timer(store, key)
+        }
+    };
+}
+
+/// `chanhost:plugin@0.1.0`, as frozen in `wit/0.1.0/`.
+mod v1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/0.1.0",
+        world: "plugin",
+    });
+    version!();
+
+    /// 0.1.0 has no `connection-lost`: a lost connection is closed.
+    fn lost() -> wit::DisconnectReason {
+        wit::DisconnectReason::ConnectionClosed
+    }
+}
+
+/// `chanhost:plugin@0.2.0`, as frozen in `wit/0.2.0/`.
+mod v2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/0.2.0",
+        world: "plugin",
+    });
+    version!(later_imports!(););
+    later_exports!();
+
+    /// 0.2.0 has no `connection-lost`: a lost connection is closed.
+    fn lost() -> wit::DisconnectReason {
+        wit::DisconnectReason::ConnectionClosed
+    }
+}
+
+/// `chanhost:plugin@0.3.0`, the current version (`wit/`).
+mod v3 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+    version!(later_imports!(););
+    later_exports!();
+
+    fn lost() -> wit::DisconnectReason {
+        wit::DisconnectReason::ConnectionLost
     }
 
-    pub(super) fn timer(
+    pub(super) fn recover(
         p: &Plugin,
         store: &mut Store<StoreState>,
-        key: &str,
-    ) -> wasmtime::Result<()> {
-        p.chanhost_plugin_channel().call_timer(store, key)
+        req: crate::plugin::RecoverRequest,
+    ) -> wasmtime::Result<Result<(), Rejection>> {
+        let req = wit::RecoverRequest {
+            target: req.target.into(),
+            previous: req.previous.into(),
+            socket_id: req.socket_id,
+            away_ms: req.away_ms,
+            params: req.params,
+            headers: req.headers.to_vec(),
+            query: req.query.to_vec(),
+            identity: req.identity.map(wit_identity),
+            user_connections: req.user_connections,
+            rooms: req.rooms,
+            missed: req.missed,
+        };
+        Ok(p.chanhost_plugin_channel()
+            .call_recover(store, &req)?
+            .map_err(|r| Rejection {
+                message: r.message,
+                data: r.data,
+            }))
     }
 }
 
@@ -592,6 +660,7 @@ pub struct GuestPre(Pre);
 enum Pre {
     V1(v1::PluginPre<StoreState>),
     V2(v2::PluginPre<StoreState>),
+    V3(v3::PluginPre<StoreState>),
 }
 
 impl GuestPre {
@@ -606,6 +675,7 @@ impl GuestPre {
         Ok(GuestPre(match version {
             WitVersion::V0_1 => Pre::V1(v1::PluginPre::new(pre)?),
             WitVersion::V0_2 => Pre::V2(v2::PluginPre::new(pre)?),
+            WitVersion::V0_3 => Pre::V3(v3::PluginPre::new(pre)?),
         }))
     }
 
@@ -614,6 +684,7 @@ impl GuestPre {
         match self.0 {
             Pre::V1(_) => WitVersion::V0_1,
             Pre::V2(_) => WitVersion::V0_2,
+            Pre::V3(_) => WitVersion::V0_3,
         }
     }
 
@@ -621,6 +692,7 @@ impl GuestPre {
         Ok(Guest(match &self.0 {
             Pre::V1(p) => Live::V1(p.instantiate(store)?),
             Pre::V2(p) => Live::V2(p.instantiate(store)?),
+            Pre::V3(p) => Live::V3(p.instantiate(store)?),
         }))
     }
 }
@@ -631,6 +703,7 @@ pub struct Guest(Live);
 enum Live {
     V1(v1::Plugin),
     V2(v2::Plugin),
+    V3(v3::Plugin),
 }
 
 fn set_hook(store: &mut Store<StoreState>, hook: Hook) {
@@ -643,6 +716,7 @@ macro_rules! call {
         match &$guest.0 {
             Live::V1(p) => v1::$f(p, $($arg),*),
             Live::V2(p) => v2::$f(p, $($arg),*),
+            Live::V3(p) => v3::$f(p, $($arg),*),
         }
     };
 }
@@ -727,6 +801,7 @@ impl Guest {
         match &self.0 {
             Live::V1(_) => Ok(()),
             Live::V2(p) => v2::fetched(p, store, id, response),
+            Live::V3(p) => v3::fetched(p, store, id, response),
         }
     }
 
@@ -736,6 +811,24 @@ impl Guest {
         match &self.0 {
             Live::V1(_) => Ok(()),
             Live::V2(p) => v2::timer(p, store, key),
+            Live::V3(p) => v3::timer(p, store, key),
+        }
+    }
+
+    /// A socket back after losing its connection (0.3.0 guests only; the
+    /// host does not offer recovery on older guests' namespaces).
+    pub fn recover(
+        &self,
+        store: &mut Store<StoreState>,
+        req: super::RecoverRequest,
+    ) -> wasmtime::Result<Result<(), Rejection>> {
+        set_hook(store, Hook::Recover);
+        match &self.0 {
+            Live::V1(_) | Live::V2(_) => Ok(Err(Rejection {
+                message: "recovery needs chanhost:plugin@0.3.0".into(),
+                data: None,
+            })),
+            Live::V3(p) => v3::recover(p, store, req),
         }
     }
 }

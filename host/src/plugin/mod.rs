@@ -45,22 +45,32 @@ pub use runtime::{CallError, PluginSlot};
 pub enum WitVersion {
     /// `0.1.0`, frozen in `wit/0.1.0/`.
     V0_1,
-    /// `0.2.0`, the current version (`wit/plugin.wit`): 0.1.0 plus
-    /// `fetch`, deferred connects and timers.
+    /// `0.2.0`, frozen in `wit/0.2.0/`: 0.1.0 plus `fetch`, deferred
+    /// connects and timers.
     V0_2,
+    /// `0.3.0`, the current version (`wit/plugin.wit`): 0.2.0 plus
+    /// `recover` (connection state recovery) and `connection-lost`.
+    V0_3,
 }
 
 impl WitVersion {
     /// Every version the host links, newest first.
-    pub const ALL: [WitVersion; 2] = [WitVersion::V0_2, WitVersion::V0_1];
+    pub const ALL: [WitVersion; 3] = [WitVersion::V0_3, WitVersion::V0_2, WitVersion::V0_1];
     /// The version `chanhost new-plugin` and the SDK build against.
-    pub const CURRENT: WitVersion = WitVersion::V0_2;
+    pub const CURRENT: WitVersion = WitVersion::V0_3;
 
     pub fn as_str(self) -> &'static str {
         match self {
             WitVersion::V0_1 => "0.1.0",
             WitVersion::V0_2 => "0.2.0",
+            WitVersion::V0_3 => "0.3.0",
         }
+    }
+
+    /// Whether the host may recover this version's sockets (it has
+    /// `recover`).
+    pub fn recovers(self) -> bool {
+        self == WitVersion::V0_3
     }
 
     /// The interface a component of this version exports.
@@ -155,6 +165,25 @@ pub enum DisconnectReason {
     ConnectionClosed,
     Replaced,
     Server,
+    /// The connection was lost and the socket's session is kept for
+    /// recovery (0.3.0; older guests hear `connection-closed`).
+    ConnectionLost,
+}
+
+/// A socket back after losing its connection (WIT `recover-request`).
+#[derive(Debug, Clone)]
+pub struct RecoverRequest {
+    pub target: InstanceRef,
+    pub previous: InstanceRef,
+    pub socket_id: String,
+    pub away_ms: u64,
+    pub params: String,
+    pub headers: crate::server::Pairs,
+    pub query: crate::server::Pairs,
+    pub identity: Option<crate::auth::Identity>,
+    pub user_connections: u32,
+    pub rooms: Vec<String>,
+    pub missed: u32,
 }
 
 /// What plugins may do to the host. Implemented by the node; every call

@@ -26,7 +26,7 @@
 //! A native plugin ([`NativePlugin`]) runs behind the same slot, queue and
 //! thread; a panic in one of its hooks fails that call alone.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,8 @@ use super::engine::{describe_error, PluginEngine, Started};
 use super::later::{ConnectReply, Due, Event};
 use super::native::{NativeHost, NativePlugin};
 use super::{
-    ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, Rejection,
+    ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, RecoverRequest,
+    Rejection,
 };
 use crate::hub::{SharedEvent, WriteBatch};
 
@@ -61,8 +62,8 @@ pub enum CallError {
 /// Per-plugin counters, by hook.
 #[derive(Debug, Default)]
 pub struct PluginMetrics {
-    calls: [AtomicU64; 9],
-    errors: [AtomicU64; 9],
+    calls: [AtomicU64; 10],
+    errors: [AtomicU64; 10],
     /// Calls dropped because the plugin's queue was full.
     pub dropped: AtomicU64,
     /// Calls refused while the plugin backed off after failures.
@@ -71,7 +72,7 @@ pub struct PluginMetrics {
     pub rebuilds: AtomicU64,
 }
 
-const HOOKS: [Hook; 9] = [
+const HOOKS: [Hook; 10] = [
     Hook::Describe,
     Hook::Init,
     Hook::Connect,
@@ -81,6 +82,7 @@ const HOOKS: [Hook; 9] = [
     Hook::Frame,
     Hook::Fetched,
     Hook::Timer,
+    Hook::Recover,
 ];
 
 impl PluginMetrics {
@@ -103,6 +105,7 @@ impl PluginMetrics {
 /// job is moved through the queue.
 enum Job {
     Connect(Box<ConnectRequest>, ConnectReply),
+    Recover(Box<RecoverRequest>, ConnectReply),
     Message(InstanceRef, String, Payload, Option<u64>),
     Disconnect(InstanceRef, DisconnectReason),
     Event(Arc<str>, Arc<SharedEvent>),
@@ -128,6 +131,7 @@ impl Job {
             Job::Event(room, ev) => room.len() + ev.weight(),
             Job::Frame(_, kind, body) => kind.len() + body.len(),
             Job::Connect(req, _) => req.params.len(),
+            Job::Recover(req, _) => req.params.len(),
             _ => 0,
         }
     }
@@ -187,6 +191,8 @@ pub struct PluginSlot {
     bound: QueueBound,
     manifest: RwLock<Arc<Manifest>>,
     hash: RwLock<[u8; 32]>,
+    /// Whether the current version has `recover` (WIT 0.3.0).
+    recovers: AtomicBool,
     pub metrics: Arc<PluginMetrics>,
 }
 
@@ -206,6 +212,8 @@ impl PluginSlot {
             version.hash,
         );
         let (depth, metrics) = (slot.depth.clone(), slot.metrics.clone());
+        slot.recovers
+            .store(version.pre.version().recovers(), Ordering::SeqCst);
         if let Some(s) = services.upgrade() {
             s.set_listens(&name, &started.listens);
         }
@@ -266,6 +274,7 @@ impl PluginSlot {
             bound,
             manifest: RwLock::new(manifest),
             hash: RwLock::new(hash),
+            recovers: AtomicBool::new(false),
             metrics: Arc::new(PluginMetrics::default()),
         });
         (slot, rx)
@@ -321,6 +330,22 @@ impl PluginSlot {
         rx.await.unwrap_or(Err(CallError::Gone))
     }
 
+    /// Whether the plugin's current version can be told of a recovered
+    /// socket (WIT 0.3.0): only then does the host offer recovery on its
+    /// namespaces.
+    pub fn recovers(&self) -> bool {
+        self.recovers.load(Ordering::SeqCst)
+    }
+
+    /// Tells the plugin a socket came back; its answer accepts or refuses.
+    pub async fn recover(&self, req: RecoverRequest) -> Result<Result<(), Rejection>, CallError> {
+        let (tx, rx) = oneshot::channel();
+        if !self.submit(Job::Recover(Box::new(req), tx)) {
+            return Err(CallError::Gone);
+        }
+        rx.await.unwrap_or(Err(CallError::Gone))
+    }
+
     /// Hands a client message to the plugin.
     pub fn message(&self, target: InstanceRef, event: String, data: Payload, ack: Option<u64>) {
         self.submit(Job::Message(target, event, data, ack));
@@ -345,6 +370,7 @@ impl PluginSlot {
     pub async fn swap(&self, version: Version, started: Started) -> Result<(), CallError> {
         let manifest = version.manifest.clone();
         let hash = version.hash;
+        let recovers = version.pre.version().recovers();
         let (tx, rx) = oneshot::channel();
         if !self.submit(Job::Swap(Box::new((version, started)), tx)) {
             return Err(CallError::Gone);
@@ -352,6 +378,7 @@ impl PluginSlot {
         rx.await.map_err(|_| CallError::Gone)?;
         *self.manifest.write() = manifest;
         *self.hash.write() = hash;
+        self.recovers.store(recovers, Ordering::SeqCst);
         Ok(())
     }
 
@@ -482,6 +509,9 @@ impl Runner {
                 if let Some(reply) = reply {
                     let _ = reply.send(r);
                 }
+            }
+            Job::Recover(req, reply) => {
+                let _ = reply.send(self.call(Hook::Recover, |g, s| g.recover(s, *req)));
             }
             Job::Message(t, ev, data, ack) => {
                 let _ = self.call(Hook::Message, |g, s| g.message(s, t, &ev, data, ack));
@@ -644,6 +674,14 @@ impl NativeRunner {
             Job::Connect(req, reply) => {
                 let r = self.call(Hook::Connect, |p, h| p.connect(h, *req));
                 let _ = reply.send(r);
+            }
+            // Native plugins are never offered recovery (`recovers` is
+            // false); a stray request is refused.
+            Job::Recover(_, reply) => {
+                let _ = reply.send(Ok(Err(Rejection {
+                    message: "this plugin does not recover sockets".into(),
+                    data: None,
+                })));
             }
             Job::Message(t, ev, data, ack) => {
                 let _ = self.call(Hook::Message, |p, h| p.message(h, t, &ev, data, ack));

@@ -330,11 +330,29 @@ fn header(kind: PacketType, attachments: usize, nsp: &str) -> String {
 
 /// `CONNECT` reply: `0[<nsp>,]{"sid":"..."}`.
 pub fn encode_connect(nsp: &str, sid: &str) -> String {
-    format!(
-        "{}{}",
-        header(PacketType::Connect, 0, nsp),
-        serde_json::json!({ "sid": sid })
-    )
+    encode_connect_with(nsp, sid, None)
+}
+
+/// `CONNECT` reply with the session's private id when the socket's state
+/// is recovered (`{"sid":..,"pid":..}`).
+pub fn encode_connect_with(nsp: &str, sid: &str, pid: Option<&str>) -> String {
+    let body = match pid {
+        Some(pid) => serde_json::json!({ "sid": sid, "pid": pid }),
+        None => serde_json::json!({ "sid": sid }),
+    };
+    format!("{}{}", header(PacketType::Connect, 0, nsp), body)
+}
+
+/// An event's argument array with its offset as a last argument (what
+/// socket.io's connection state recovery adds): `["e",1]` -> `["e",1,"7"]`.
+pub fn args_with_offset(args: &str, offset: &str) -> String {
+    let body = args.strip_suffix(']').unwrap_or(args);
+    let mut out = String::with_capacity(body.len() + offset.len() + 4);
+    out.push_str(body);
+    out.push_str(",\"");
+    out.push_str(offset);
+    out.push_str("\"]");
+    out
 }
 
 /// `CONNECT_ERROR`: `4[<nsp>,]{"message":..,"data":..}`.
@@ -415,6 +433,18 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_recovered_sockets_reply_and_events_carry_pid_and_offset() {
+        assert_eq!(
+            encode_connect_with("/", "s1", Some("p1")),
+            r#"0{"pid":"p1","sid":"s1"}"#
+        );
+        assert_eq!(
+            args_with_offset(r#"["e",{"a":[1]}]"#, "7"),
+            r#"["e",{"a":[1]},"7"]"#
+        );
+    }
 
     #[test]
     fn decodes_the_protocol_examples() {

@@ -56,6 +56,12 @@ pub fn close_code_of(e: &WsError) -> Option<u16> {
     match e {
         WsError::Capacity(_) => Some(1009),
         WsError::Utf8(_) => Some(1007),
+        // The TCP connection ended without a close frame: the network or
+        // the peer went away (socket.io's "transport close"), not a
+        // forbidden frame.
+        WsError::Protocol(
+            tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => None,
         WsError::Protocol(_) => Some(1002),
         _ => None,
     }

@@ -97,3 +97,17 @@ void exports_chanhost_plugin_channel_fetched(uint64_t id, exports_chanhost_plugi
 void exports_chanhost_plugin_channel_timer(plugin_string_t *key) {
   plugin_string_free(key);
 }
+
+// A Socket.IO socket back within `[socketio.recovery] max_disconnection_ms`
+// of losing its connection, instead of a second `connect`: the host restored
+// its rooms and identity and replays what it missed. Returning false (with
+// `err` set) refuses it.
+bool exports_chanhost_plugin_channel_recover(exports_chanhost_plugin_channel_recover_request_t *req,
+                                             exports_chanhost_plugin_channel_rejection_t *err) {
+  (void)err;
+  plugin_string_t line;
+  plugin_string_set(&line, "a socket of " NAME " came back");
+  chanhost_plugin_host_log(CHANHOST_PLUGIN_TYPES_LOG_LEVEL_INFO, &line);
+  exports_chanhost_plugin_channel_recover_request_free(req);
+  return true;
+}

@@ -5,7 +5,7 @@
 // sent back to its sender. The contract is wit/plugin.wit: records are
 // objects with camelCase fields, enums strings, u64 BigInts, options
 // undefined when absent; a `result` error is thrown.
-import { join, send, emit, log } from 'chanhost:plugin/host@0.2.0';
+import { join, send, emit, log } from 'chanhost:plugin/host@0.3.0';
 
 const NAME = '{{name}}';
 
@@ -36,4 +36,11 @@ export const channel = {
   fetched(_id, _response) {},
   // A timer set with `setTimer` is due (this skeleton sets none).
   timer(_key) {},
+  // A Socket.IO socket back within `[socketio.recovery]
+  // max_disconnection_ms` of losing its connection, instead of a second
+  // `connect`: the host restored its rooms and identity and replays what
+  // it missed. Throwing refuses it.
+  recover(request) {
+    log('info', `${request.socketId} came back after ${request.awayMs} ms`);
+  },
 };

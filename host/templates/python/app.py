@@ -54,3 +54,10 @@ class Channel(exports.Channel):
     def timer(self, key):
         # A timer set with `host.set_timer` is due (this skeleton sets none).
         pass
+
+    def recover(self, request):
+        # A Socket.IO socket back within `[socketio.recovery]
+        # max_disconnection_ms` of losing its connection, instead of a second
+        # `connect`: the host restored its rooms and identity and replays
+        # what it missed. Raising `Err` refuses it.
+        host.log(LogLevel.INFO, f"{request.socket_id} came back after {request.away_ms} ms")

@@ -57,6 +57,7 @@ pub fn reason(r: DisconnectReason) -> &'static str {
         DisconnectReason::ConnectionClosed => "connection-closed",
         DisconnectReason::Replaced => "replaced",
         DisconnectReason::Server => "server",
+        DisconnectReason::ConnectionLost => "connection-lost",
     }
 }
 

@@ -71,6 +71,14 @@ impl Guest for Infra {
 
     fn timer(_key: String) {}
 
+    /// Recovered sockets need nothing more here: the host restored their
+    /// rooms and identity.
+    fn recover(
+        _req: chanhost_plugin::types::RecoverRequest,
+    ) -> Result<(), chanhost_plugin::types::Rejection> {
+        Ok(())
+    }
+
     fn describe() -> Manifest {
         Manifest {
             version: env!("CARGO_PKG_VERSION").into(),

@@ -119,6 +119,34 @@ impl Guest for Mew {
 
     fn timer(_key: String) {}
 
+    /// A socket back after losing its connection: the host restored its
+    /// rooms and identity and replays what it missed, so there is no
+    /// second `PRESENCE_INITIAL_STATE` or `ready`. Its token is checked
+    /// again (an expired one refuses the recovery as `connect` would), and
+    /// the user is announced online again if this is their only
+    /// connection.
+    fn recover(req: chanhost_plugin::types::RecoverRequest) -> Result<(), Rejection> {
+        let auth: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
+        let token = auth
+            .get("token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .or_else(|| cookie_token(&req.headers))
+            .ok_or_else(|| refuse("Authentication error: No token provided"))?;
+        let identity = host::verify_token(&token)
+            .map_err(|_| refuse("Authentication error: Invalid token"))?;
+        if req.identity.as_ref().map(|i| &i.user_id) != Some(&identity.user_id) {
+            return Err(refuse("Authentication error: Invalid token"));
+        }
+        host::kv_set(&token_key(req.target.connection), &token);
+        if req.user_connections == 1 {
+            let update = j!({"userId": identity.user_id, "status": "online"}).to_string();
+            host::broadcast(EVERYONE, "PRESENCE_UPDATE", &json(update), None);
+        }
+        Ok(())
+    }
+
     fn describe() -> Manifest {
         Manifest {
             version: env!("CARGO_PKG_VERSION").into(),

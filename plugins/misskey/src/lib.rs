@@ -979,6 +979,13 @@ impl Guest for Misskey {
         relations::on_timer(&key);
     }
 
+    /// Misskey channels are not Socket.IO sockets: never recovered.
+    fn recover(
+        _req: chanhost_plugin::types::RecoverRequest,
+    ) -> Result<(), chanhost_plugin::types::Rejection> {
+        Ok(())
+    }
+
     fn message(_target: Instance, _event: String, _data: Payload, _ack: Option<u64>) {}
 
     /// Lets go of what nobody here needs any more: list and hashtag queries,

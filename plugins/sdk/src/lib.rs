@@ -1,4 +1,4 @@
-//! Rust bindings of the `chanhost:plugin@0.2.0` world, for plugins.
+//! Rust bindings of the `chanhost:plugin@0.3.0` world, for plugins.
 //!
 //! ```ignore
 //! use chanhost_plugin::{export, Guest, types::*};

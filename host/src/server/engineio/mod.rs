@@ -100,8 +100,10 @@ pub trait Handler: Sized + Send + Sync + 'static {
     fn deadline_passed(&self, _session: &Session<Self>) -> Option<&'static str> {
         None
     }
-    /// The session ended (forget its connection).
-    fn closed(&self, session: &Session<Self>);
+    /// The session ended (forget its connection); `why` as the engine.io
+    /// reference names it when it can (`transport close`, `transport
+    /// error`, `ping timeout`, `server shutting down`, ...).
+    fn closed(&self, session: &Session<Self>, why: &str);
 }
 
 /// What an [`EngineServer`] is built with.
@@ -686,6 +688,18 @@ impl<H: Handler> WsOut<H> {
     /// able to read before what follows it. What waits is bounded like the
     /// connection's queue.
     pub fn write_paced(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
+        self.write_turns(packets, true)
+    }
+
+    /// Like [`WsOut::write_paced`], but only the first packet after the
+    /// reply waits for a turn of its own; the rest goes with it (a
+    /// recovered socket's replay, which may be long, is not written one
+    /// packet per pause — pings would wait behind it).
+    pub fn write_after_reply(&self, packets: Vec<EioOut>) -> Result<(), QueueFull> {
+        self.write_turns(packets, false)
+    }
+
+    fn write_turns(&self, packets: Vec<EioOut>, each: bool) -> Result<(), QueueFull> {
         let mut packets = match self.join_waiting(packets, true) {
             Ok(joined) => return joined,
             Err(packets) => packets.into_iter(),
@@ -707,8 +721,8 @@ impl<H: Handler> WsOut<H> {
         let joined = later.take();
         let waiting = later.insert(Box::default());
         let mut full = Ok(());
-        for p in rest {
-            full = full.and(waiting.push(p, true, bound));
+        for (i, p) in rest.into_iter().enumerate() {
+            full = full.and(waiting.push(p, each || i == 0, bound));
         }
         for (p, own_turn) in joined.into_iter().flat_map(|j| j.packets) {
             full = full.and(waiting.push(p, own_turn, bound));

@@ -243,7 +243,7 @@ impl<H: Handler> Session<H> {
         if let Some(server) = self.server.upgrade() {
             server.sessions.lock().remove(&self.sid);
         }
-        self.handler.closed(self);
+        self.handler.closed(self, why);
     }
 
     /// A close asked by the layer above or by the hub (slow consumer): the

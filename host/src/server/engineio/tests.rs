@@ -64,7 +64,7 @@ impl Handler for Echo {
     fn closing(&self, session: &Session<Self>) {
         session.conn.push(Outbound::Text("4bye".into()));
     }
-    fn closed(&self, _session: &Session<Self>) {
+    fn closed(&self, _session: &Session<Self>, _why: &str) {
         self.closed.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -125,7 +125,7 @@ pub async fn handler(
                 };
                 session.run(socket, &wire).await;
                 session.conn.end_direct();
-                node.close_conn(id);
+                node.close_conn(id, None);
                 let captured = session.captures.lock().len();
                 node.metrics().captures.sub(captured as u64);
             },
@@ -429,15 +429,13 @@ impl Session {
             ),
             Opened::Failed(e) => tracing::debug!(conn = conn.id, channel, "connect failed: {e}"),
         }
-        conn.push(Outbound::Gate(Box::new(Gate {
-            slot,
-            generation,
-            text: if accepted && pong {
-                misskey::encode_connected(&id)
-            } else {
-                String::new()
-            },
-            release: accepted,
-        })));
+        let text = if accepted && pong {
+            misskey::encode_connected(&id)
+        } else {
+            String::new()
+        };
+        conn.push(Outbound::Gate(Box::new(Gate::reply(
+            slot, generation, text, accepted,
+        ))));
     }
 }

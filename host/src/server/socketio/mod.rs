@@ -26,9 +26,9 @@ use super::engineio::{
 use super::ws::OP_TEXT;
 use super::Pairs;
 use crate::hub::{
-    ConnId, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent, SocketInfo,
+    ConnId, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent, Slot, SocketInfo,
 };
-use crate::node::{Node, OpenInstance, Opened};
+use crate::node::{Node, OpenInstance, Opened, RecoverInstance, Recovered};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
 use crate::protocol::socketio::{self as sio, PacketType};
 
@@ -64,6 +64,17 @@ fn args_of(event: &SharedEvent) -> &str {
         Some(args) => sio::spread_args(&e.event, args),
         None => sio::event_args(&e.event, &e.data),
     })
+}
+
+/// The argument array a slot gets: with the event's offset last for a
+/// recovered socket (connection state recovery), framed once too.
+fn args_for<'a>(slot: &Slot, event: &'a SharedEvent) -> &'a str {
+    match event.offset {
+        Some(offset) if slot.is_recorded() => event.framed_with_offset(|e| {
+            sio::args_with_offset(args_of(e), &crate::recovery::offset_text(offset))
+        }),
+        _ => args_of(event),
+    }
 }
 
 /// A URL query component, percent-encoded (unreserved characters kept).
@@ -139,9 +150,9 @@ impl SioSocket {
         }
     }
 
-    /// The socket a CONNECT opens: a new id, and the handshake as
-    /// socket.io describes it (what `fetchSockets()` shows elsewhere).
-    fn socket_info(&self, auth: Option<&Value>) -> Arc<SocketInfo> {
+    /// The handshake of a socket as socket.io describes it (what
+    /// `fetchSockets()` shows elsewhere).
+    fn handshake(&self, auth: Option<&Value>) -> Value {
         let pairs = |p: &Pairs| -> serde_json::Map<String, Value> {
             p.iter()
                 .map(|(k, v)| (k.clone(), Value::String(v.clone())))
@@ -160,7 +171,7 @@ impl SioSocket {
         } else {
             format!("/socket.io/?{}", query.join("&"))
         };
-        let handshake = serde_json::json!({
+        serde_json::json!({
             "headers": headers,
             "time": crate::adapter::notepack::js_date_string(self.issued as f64),
             "address": self.address.to_string(),
@@ -170,10 +181,6 @@ impl SioSocket {
             "url": url,
             "query": pairs(&self.query),
             "auth": auth.cloned().unwrap_or_else(|| serde_json::json!({})),
-        });
-        Arc::new(SocketInfo {
-            sid: random_id().into(),
-            handshake,
         })
     }
 
@@ -205,7 +212,7 @@ impl SioSocket {
                 }
                 into.push(EioOut::Text(format!(
                     "4{}",
-                    sio::encode_event(nsp, args_of(&event), event.attachments.len())
+                    sio::encode_event(nsp, args_for(&slot, &event), event.attachments.len())
                 )));
                 for a in event.attachments.iter() {
                     into.push(EioOut::Binary(a.clone()));
@@ -233,14 +240,26 @@ impl SioSocket {
                     generation,
                     text,
                     release,
+                    replay,
+                    replayed_upto,
                 } = *gate;
                 into.push(EioOut::Text(text));
                 // Only this CONNECT's hold: a later CONNECT to the same
                 // namespace keeps its own until its own reply.
                 let held = self.holds.release(&slot, generation);
                 if release {
+                    // A recovered socket's missed events, then what came
+                    // after them (what the history already held is not
+                    // written twice).
+                    for r in replay {
+                        self.render(r, into);
+                    }
                     for h in held {
-                        self.render(h, into);
+                        let replayed = matches!(&h, Outbound::Event { event, .. }
+                            if event.offset.is_some_and(|o| o <= replayed_upto));
+                        if !replayed {
+                            self.render(h, into);
+                        }
                     }
                 }
             }
@@ -322,14 +341,119 @@ impl SioHandler {
         // Events for the namespace are held until the reply is written.
         let key: Arc<str> = nsp.as_str().into();
         let generation = socket.hold(&key);
+        let recovers = node.recovers(&plugin);
+        let params = auth
+            .as_ref()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "{}".into());
+        let handshake = socket.handshake(auth.as_ref());
+        if let Some(pid) = recovers.then(|| pid_of(auth.as_ref())).flatten() {
+            let offset = auth.as_ref().and_then(|a| a.get("offset"));
+            let offset = match offset {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(o)) => crate::recovery::parse_offset(o)
+                    .map(Some)
+                    .ok_or(crate::recovery::Refusal::Offset),
+                Some(_) => Err(crate::recovery::Refusal::Offset),
+            };
+            let outcome = match offset {
+                Ok(offset) => {
+                    let Some(conn) = node.hub().conn(conn.id) else {
+                        return;
+                    };
+                    node.recover_instance(RecoverInstance {
+                        conn: &conn,
+                        nsp: &nsp,
+                        plugin: plugin.clone(),
+                        pid,
+                        offset,
+                        params: params.clone(),
+                        headers: socket.headers.clone(),
+                        query: socket.query.clone(),
+                        handshake: handshake.clone(),
+                    })
+                    .await
+                }
+                Err(e) => Recovered::No(e),
+            };
+            let (text, info, replay, replayed_upto) = match outcome {
+                Recovered::Yes {
+                    info,
+                    replay,
+                    replayed_upto,
+                } => {
+                    node.settled().await;
+                    let text = sio::encode_connect_with(&nsp, &info.sid, info.pid.as_deref());
+                    (text, Some(info), replay, replayed_upto)
+                }
+                Recovered::No(refusal) => {
+                    tracing::debug!(nsp, "connection state not recovered: {refusal}");
+                    node.metrics().recovery_refused(refusal);
+                    return self
+                        .connect_new(session, nsp, key, generation, params, handshake)
+                        .await;
+                }
+                Recovered::Refused(rej) => (refusal_text(&nsp, &rej), None, Vec::new(), 0),
+                Recovered::Failed(e) => {
+                    tracing::warn!(nsp, "namespace recovery failed: {e}");
+                    (
+                        sio::encode_connect_error(&nsp, "Internal server error", None),
+                        None,
+                        Vec::new(),
+                        0,
+                    )
+                }
+            };
+            self.reply(session, key, generation, text, info, replay, replayed_upto);
+            return;
+        }
+        self.connect_new(session, nsp, key, generation, params, handshake)
+            .await
+    }
+
+    /// A CONNECT that opens a new socket (a new id; a new pid when its
+    /// state may be recovered later).
+    async fn connect_new(
+        &self,
+        session: &Session<Self>,
+        nsp: String,
+        key: Arc<str>,
+        generation: u64,
+        params: String,
+        handshake: Value,
+    ) {
+        let (node, socket, conn) = (&self.node, &session.socket, &session.conn);
+        let Some(plugin) = node.plugins().namespace(&nsp) else {
+            self.reply(
+                session,
+                key,
+                generation,
+                sio::encode_connect_error(&nsp, "Invalid namespace", None),
+                None,
+                Vec::new(),
+                0,
+            );
+            return;
+        };
+        let mut info = SocketInfo::new(random_id().into(), handshake);
+        if node.recovers(&plugin) {
+            // Without the newest offset (Redis down) the socket is not
+            // offered recovery.
+            if let Some(since) = node.recovery().map(|r| r.head()) {
+                if let Some(since) = since.await {
+                    info.pid = Some(random_id().into());
+                    info.since = since;
+                }
+            }
+        }
+        let info = Arc::new(info);
         // A second CONNECT to the same namespace replaces the socket.
-        let info = socket.socket_info(auth.as_ref());
         let open = OpenInstance {
             conn,
             id: &nsp,
             plugin,
             channel: &nsp,
-            params: auth.map(|a| a.to_string()).unwrap_or_else(|| "{}".into()),
+            params,
             headers: socket.headers.clone(),
             query: socket.query.clone(),
             credential: None,
@@ -337,19 +461,15 @@ impl SioHandler {
         };
         let (text, accepted) = match node.connect_instance(open).await {
             Opened::Accepted => {
-                socket.connected_once.store(true, Ordering::SeqCst);
-                (sio::encode_connect(&nsp, &info.sid), true)
-            }
-            Opened::Refused(rej) => {
-                let data = rej
-                    .data
-                    .as_deref()
-                    .and_then(|d| serde_json::from_str::<Value>(d).ok());
+                if info.pid.is_some() {
+                    node.settled().await;
+                }
                 (
-                    sio::encode_connect_error(&nsp, &rej.message, data.as_ref()),
-                    false,
+                    sio::encode_connect_with(&nsp, &info.sid, info.pid.as_deref()),
+                    true,
                 )
             }
+            Opened::Refused(rej) => (refusal_text(&nsp, &rej), false),
             Opened::Failed(e) => {
                 tracing::warn!(nsp, "namespace connect failed: {e}");
                 (
@@ -358,22 +478,62 @@ impl SioHandler {
                 )
             }
         };
+        let info = accepted.then_some(info);
+        self.reply(session, key, generation, text, info, Vec::new(), 0);
+    }
+
+    /// Writes a CONNECT's reply (and, accepted, what follows it); the
+    /// socket then counts as connected.
+    #[allow(clippy::too_many_arguments)]
+    fn reply(
+        &self,
+        session: &Session<Self>,
+        key: Arc<str>,
+        generation: u64,
+        text: String,
+        accepted: Option<Arc<SocketInfo>>,
+        replay: Vec<Outbound>,
+        replayed_upto: u64,
+    ) {
+        let conn = &session.conn;
+        let nsp = key.clone();
         conn.push(Outbound::Gate(Box::new(Gate {
-            slot: key,
-            generation,
-            text: format!("4{text}"),
-            release: accepted,
+            replay,
+            replayed_upto,
+            ..Gate::reply(key, generation, format!("4{text}"), accepted.is_some())
         })));
+        let Some(info) = accepted else {
+            return;
+        };
+        session.socket.connected_once.store(true, Ordering::SeqCst);
+        info.connected.store(true, Ordering::SeqCst);
         // As in socket.io, a connected socket's id is a room it is in (the
         // adapter's `io.to(socketId)`), joined once its CONNECT reply is
-        // on its way: what reaches the socket through it comes after, and
-        // the adapter counts only sockets in their id's room.
-        if accepted && node.adapter().is_some() {
-            if let Some(inst) = conn.instance(&nsp) {
-                node.hub().join(conn, inst.slot, &info.sid);
+        // on its way (a recovered socket is in it already).
+        if self.node.adapter().is_some() {
+            if let (Some(inst), Some(conn)) = (conn.instance(&nsp), self.node.hub().conn(conn.id)) {
+                self.node.hub().join(&conn, inst.slot, &info.sid);
             }
         }
     }
+}
+
+/// The pid of a CONNECT's auth (socket.io-client adds it by itself once
+/// it was given one).
+fn pid_of(auth: Option<&Value>) -> Option<&str> {
+    auth?
+        .get("pid")?
+        .as_str()
+        .filter(|p| !p.is_empty() && p.len() <= 64)
+}
+
+/// A plugin's refusal as a CONNECT_ERROR.
+fn refusal_text(nsp: &str, rej: &crate::plugin::Rejection) -> String {
+    let data = rej
+        .data
+        .as_deref()
+        .and_then(|d| serde_json::from_str::<Value>(d).ok());
+    sio::encode_connect_error(nsp, &rej.message, data.as_ref())
 }
 
 impl Handler for SioHandler {
@@ -457,7 +617,7 @@ impl Handler for SioHandler {
                     return Ok(());
                 }
                 let nsp = slot.id();
-                let args = args_of(&event).as_bytes();
+                let args = args_for(&slot, &event).as_bytes();
                 match nsp {
                     "/" => ws.wire().send(OP_TEXT, &[b"42", args]),
                     _ => ws
@@ -468,10 +628,15 @@ impl Handler for SioHandler {
                 Ok(())
             }
             // A CONNECT reply, then what was held behind it, a turn later.
-            gate @ Outbound::Gate(_) => {
+            Outbound::Gate(gate) => {
+                let recovered = !gate.replay.is_empty();
                 let mut rendered = Vec::new();
-                session.socket.render(gate, &mut rendered);
-                ws.write_paced(rendered)
+                session.socket.render(Outbound::Gate(gate), &mut rendered);
+                if recovered {
+                    ws.write_after_reply(rendered)
+                } else {
+                    ws.write_paced(rendered)
+                }
             }
             other => {
                 let mut rendered = Vec::new();
@@ -500,7 +665,7 @@ impl Handler for SioHandler {
             .then_some("no namespace connected in time")
     }
 
-    fn closed(&self, session: &Session<Self>) {
-        self.node.close_conn(session.conn.id);
+    fn closed(&self, session: &Session<Self>, why: &str) {
+        self.node.close_conn(session.conn.id, Some(why));
     }
 }

@@ -22,12 +22,12 @@ fn event(slot: &Slot, name: &str) -> Outbound {
 }
 
 fn gate(nsp: &str, generation: u64, release: bool) -> Outbound {
-    Outbound::Gate(Box::new(Gate {
-        slot: nsp.into(),
+    Outbound::Gate(Box::new(Gate::reply(
+        nsp.into(),
         generation,
-        text: format!("40{nsp},{{\"sid\":\"x\"}}"),
+        format!("40{nsp},{{\"sid\":\"x\"}}"),
         release,
-    }))
+    )))
 }
 
 #[test]

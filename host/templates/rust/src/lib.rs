@@ -9,7 +9,7 @@ wit_bindgen::generate!({ world: "plugin", path: "wit" });
 use chanhost::plugin::host;
 use chanhost::plugin::types::{
     ChannelSpec, ConnectRequest, DisconnectReason, HttpResponse, Instance, LogLevel, Manifest,
-    NamespaceSpec, Payload, Rejection,
+    NamespaceSpec, Payload, RecoverRequest, Rejection,
 };
 use exports::chanhost::plugin::channel::Guest;
 
@@ -66,6 +66,19 @@ impl Guest for Plugin {
 
     /// A timer set with `host::set_timer` is due (this skeleton sets none).
     fn timer(_key: String) {}
+
+    /// A Socket.IO socket back within `[socketio.recovery]
+    /// max_disconnection_ms` of losing its connection, instead of a second
+    /// `connect`: the host restored its rooms and identity and replays what
+    /// it missed. `req.previous` is the instance it had, `req.away_ms` how
+    /// long it was gone; an error refuses it.
+    fn recover(req: RecoverRequest) -> Result<(), Rejection> {
+        host::log(
+            LogLevel::Info,
+            &format!("{} came back after {} ms", req.socket_id, req.away_ms),
+        );
+        Ok(())
+    }
 }
 
 export!(Plugin);

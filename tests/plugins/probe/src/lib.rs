@@ -199,6 +199,12 @@ impl Guest for Probe {
         }
     }
 
+    fn recover(
+        _req: chanhost_plugin::types::RecoverRequest,
+    ) -> Result<(), chanhost_plugin::types::Rejection> {
+        Ok(())
+    }
+
     fn message(target: Instance, event: String, data: Payload, _ack: Option<u64>) {
         let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
         let reply = |ev: &str, v: Value| host::send(&target, ev, &json(v.to_string()));
@@ -308,6 +314,7 @@ impl Guest for Probe {
             DisconnectReason::ConnectionClosed => "connection-closed",
             DisconnectReason::Replaced => "replaced",
             DisconnectReason::Server => "server",
+            DisconnectReason::ConnectionLost => "connection-lost",
         };
         let data = j!({"connection": target.connection, "id": target.id, "reason": reason});
         host::broadcast("probe-log", "disconnected", &json(data.to_string()), None);

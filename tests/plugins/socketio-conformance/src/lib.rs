@@ -18,6 +18,14 @@
 //! what a socket.io server of the same Redis sends with `serverSideEmit`
 //! on `/` as `server-side` events (`{event, data}`) to room
 //! `server-side-watchers`.
+//!
+//! Connection state recovery: a recovered socket gets `recovered`
+//! (`{socketId, previous, awayMs, missed, rooms, userId,
+//! userConnections}`, what `recover` was told) and no second `auth`; an
+//! auth with `refuseRecovery` refuses the recovery; one with `quiet`
+//! gets no `auth` event on connect. Every instance's end
+//! is told to room `disconnect-watchers` as `disconnected` (`{connection,
+//! reason}`).
 
 use chanhost_plugin::types::{
     ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload,
@@ -32,6 +40,27 @@ impl Guest for Conformance {
     fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
 
     fn timer(_key: String) {}
+
+    fn recover(req: chanhost_plugin::types::RecoverRequest) -> Result<(), Rejection> {
+        let auth: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
+        if auth.get("refuseRecovery").is_some() {
+            return Err(Rejection {
+                message: "recovery refused".into(),
+                data: None,
+            });
+        }
+        let told = j!({
+            "socketId": req.socket_id,
+            "previous": req.previous.connection,
+            "awayMs": req.away_ms,
+            "missed": req.missed,
+            "rooms": req.rooms,
+            "userId": req.identity.map(|i| i.user_id),
+            "userConnections": req.user_connections,
+        });
+        host::send(&req.target, "recovered", &json(told.to_string()));
+        Ok(())
+    }
 
     fn describe() -> Manifest {
         Manifest {
@@ -61,7 +90,9 @@ impl Guest for Conformance {
                 data: Some(data.to_string()),
             });
         }
-        host::send(&req.target, "auth", &json(req.params.clone()));
+        if auth.get("quiet").is_none() {
+            host::send(&req.target, "auth", &json(req.params.clone()));
+        }
         if let Some(room) = auth.get("room").and_then(Value::as_str) {
             host::join(&req.target, room);
         }
@@ -122,7 +153,17 @@ impl Guest for Conformance {
         }
     }
 
-    fn disconnect(_target: Instance, _reason: DisconnectReason) {}
+    fn disconnect(target: Instance, reason: DisconnectReason) {
+        let reason = match reason {
+            DisconnectReason::Client => "client",
+            DisconnectReason::ConnectionClosed => "connection-closed",
+            DisconnectReason::Replaced => "replaced",
+            DisconnectReason::Server => "server",
+            DisconnectReason::ConnectionLost => "connection-lost",
+        };
+        let told = j!({"connection": target.connection, "reason": reason}).to_string();
+        host::broadcast("disconnect-watchers", "disconnected", &json(told), None);
+    }
 
     fn event(room: String, event: String, data: Payload) {
         if room == "chanhost:presence" {

@@ -1,0 +1,331 @@
+//! The node's part of connection state recovery (see [`crate::recovery`]):
+//! which store it uses, what a recorded socket leaves behind when its
+//! connection is lost, and how a CONNECT with a pid takes it back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Node;
+use crate::auth::Identity;
+use crate::broker::Publication;
+use crate::hub::{ConnHandle, Filter, InstanceState, Outbound, SharedEvent, Slot, SocketInfo};
+use crate::plugin::runtime::CallError;
+use crate::plugin::{DisconnectReason, InstanceRef, PluginSlot, RecoverRequest, Rejection};
+use crate::recovery::{KeptIdentity, MemoryRecovery, Recovery, Refusal, Session};
+
+/// The store `[socketio.recovery]` asks for: this node's memory, or the
+/// cluster's Redis with `[cluster]`.
+pub(super) fn store(
+    config: &crate::config::Config,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> Result<Option<Arc<dyn Recovery>>, super::NodeError> {
+    let Some(r) = &config.socketio.recovery else {
+        return Ok(None);
+    };
+    let counters = metrics.recovery_cut.clone();
+    Ok(Some(match &config.cluster {
+        None => Arc::new(MemoryRecovery::new(
+            r.max_disconnection,
+            r.history_per_room,
+            counters,
+        )),
+        Some(c) => Arc::new(
+            crate::recovery::RedisRecovery::new(crate::recovery::redis::RedisRecoveryOptions {
+                url: c.redis.clone(),
+                prefix: c.prefix.clone(),
+                window: r.max_disconnection,
+            })
+            .map_err(|e| super::NodeError::Cluster(e.to_string()))?,
+        ),
+    }))
+}
+
+/// A CONNECT that carries a session's pid.
+pub struct RecoverInstance<'a> {
+    pub conn: &'a Arc<ConnHandle>,
+    pub nsp: &'a str,
+    pub plugin: Arc<PluginSlot>,
+    pub pid: &'a str,
+    /// The last offset the client got (none: it got no event yet).
+    pub offset: Option<u64>,
+    /// The CONNECT auth as JSON text.
+    pub params: String,
+    /// What the new connection kept of its opening request.
+    pub headers: crate::server::Pairs,
+    pub query: crate::server::Pairs,
+    /// The socket's handshake on its new connection.
+    pub handshake: serde_json::Value,
+}
+
+/// How a recovery ended.
+pub enum Recovered {
+    /// The socket is back: its events to write after the reply.
+    Yes {
+        info: Arc<SocketInfo>,
+        replay: Vec<Outbound>,
+        replayed_upto: u64,
+    },
+    /// Connect it as a new socket.
+    No(Refusal),
+    /// The plugin refused it.
+    Refused(Rejection),
+    /// The plugin's call failed.
+    Failed(CallError),
+}
+
+fn now_ms() -> u64 {
+    crate::adapter::now_ms()
+}
+
+impl Node {
+    /// The recovery store, when `[socketio.recovery]` is on.
+    pub fn recovery(&self) -> Option<&Arc<dyn Recovery>> {
+        self.recovery.as_ref()
+    }
+
+    /// Resolves once this node's subscriptions for the rooms joined so far
+    /// are in place (a recorded socket's CONNECT reply waits for it, so
+    /// that what is published to its rooms from then on reaches it).
+    pub async fn settled(&self) {
+        self.broker.settled().await
+    }
+
+    /// Whether the sockets of a plugin's namespaces are recovered: the
+    /// host is configured to, and the plugin can be told (WIT 0.3.0).
+    pub fn recovers(&self, plugin: &PluginSlot) -> bool {
+        self.recovery.is_some() && plugin.recovers()
+    }
+
+    /// Marks the rooms recorded sockets join, and forgets what is past
+    /// the window once a second.
+    pub(super) fn start_recovery(self: &Arc<Self>) {
+        let Some(r) = &self.recovery else {
+            return;
+        };
+        let rec = r.clone();
+        self.hub.observe_recorded_joins(move |room| rec.mark(room));
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let node = Arc::downgrade(self);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(n) = node.upgrade() else { return };
+                if n.shutdown.is_cancelled() {
+                    return;
+                }
+                let Some(r) = &n.recovery else { return };
+                r.sweep(&|room| n.hub.has_recorded_member(room));
+                let (sessions, entries) = r.sizes();
+                n.metrics.recovery_sessions.set(sessions as u64);
+                n.metrics.recovery_entries.set(entries as u64);
+            }
+        });
+    }
+
+    /// Keeps the sessions of a connection's recorded sockets (called
+    /// before the hub forgets it); the ids of the instances kept.
+    pub(super) fn keep_sessions(&self, conn: &ConnHandle) -> Vec<Arc<str>> {
+        let Some(r) = &self.recovery else {
+            return Vec::new();
+        };
+        let mut kept = Vec::new();
+        for inst in conn.instances_where(|i| i.slot.is_recorded()) {
+            let Some(info) = &inst.socket else { continue };
+            let (Some(pid), true) = (&info.pid, info.is_connected()) else {
+                continue;
+            };
+            let mut rooms: Vec<String> = conn
+                .rooms_of(&inst.slot)
+                .iter()
+                .map(|r| r.to_string())
+                .collect();
+            rooms.sort();
+            let session = Session {
+                pid: pid.to_string(),
+                sid: info.sid.to_string(),
+                nsp: inst.slot.id().to_owned(),
+                plugin: inst.plugin.to_string(),
+                connection: conn.id,
+                rooms,
+                identity: conn.identity().map(|i| KeptIdentity {
+                    user_id: i.user_id.to_string(),
+                    claims: i.claims.to_string(),
+                }),
+                attributes: conn.attributes_of(&inst.plugin),
+                since: info.since,
+                disconnected_at: now_ms(),
+            };
+            kept.push(inst.slot.id().into());
+            self.metrics.recovery_kept.inc();
+            // The memory side keeps it before this returns; Redis soon.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(r.keep(session));
+            }
+        }
+        kept
+    }
+
+    /// A CONNECT with a pid: takes the session back on this connection
+    /// (same socket id, its rooms, identity and attribute sets), reads
+    /// what it missed and asks its plugin (`recover`). Anything but
+    /// [`Recovered::Yes`] leaves no instance behind.
+    pub async fn recover_instance(&self, r: RecoverInstance<'_>) -> Recovered {
+        let Some(store) = self.recovery.clone() else {
+            return Recovered::No(Refusal::Unknown);
+        };
+        let session = match store.take(r.pid).await {
+            Ok(s) => s,
+            Err(e) => return Recovered::No(e),
+        };
+        if session.nsp != r.nsp || session.plugin != *r.plugin.name {
+            return Recovered::No(Refusal::Elsewhere);
+        }
+        let (identity, user_connections) = match (&session.identity, r.conn.identity()) {
+            (Some(kept), Some(now)) if *now.user_id != *kept.user_id => {
+                return Recovered::No(Refusal::Elsewhere)
+            }
+            (Some(kept), None) => {
+                let identity = Identity {
+                    user_id: kept.user_id.as_str().into(),
+                    claims: kept.claims.as_str().into(),
+                };
+                match self.identify(r.conn.id, identity.clone()) {
+                    Ok(n) => (Some(identity), n as u32),
+                    Err(_) => return Recovered::No(Refusal::Elsewhere),
+                }
+            }
+            (_, Some(now)) => (
+                Some(now.clone()),
+                self.hub.user_conns(&now.user_id).len() as u32,
+            ),
+            (None, None) => (None, 0),
+        };
+        let conn = r.conn;
+        self.close_instance(conn, r.nsp, DisconnectReason::Replaced, true);
+        let info = Arc::new(SocketInfo {
+            pid: Some(session.pid.as_str().into()),
+            since: session.since,
+            ..SocketInfo::new(session.sid.as_str().into(), r.handshake)
+        });
+        let slot = Slot::recorded_socket(r.nsp);
+        self.hub.add_instance(
+            conn,
+            r.nsp,
+            InstanceState {
+                plugin: r.plugin.name.clone(),
+                channel: r.nsp.into(),
+                slot: slot.clone(),
+                socket: Some(info.clone()),
+            },
+        );
+        for (name, values) in &session.attributes {
+            conn.set_attribute(&r.plugin.name, name, values.clone(), None);
+        }
+        for room in &session.rooms {
+            self.hub.join(conn, slot.clone(), room);
+        }
+        // Read once the socket is back in its rooms: what is published
+        // from now on is held for it, what came before is in the history.
+        let after = r.offset.unwrap_or(session.since).max(session.since);
+        let history = match store.missed(&session.rooms, after).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.close_instance(conn, r.nsp, DisconnectReason::Server, false);
+                return Recovered::No(e);
+            }
+        };
+        let replay: Vec<Outbound> = history
+            .missed
+            .into_iter()
+            .filter(|m| admits(&m.publication.filter, conn, session.connection, r.nsp))
+            .map(|m| {
+                let p = m.publication;
+                Outbound::Event {
+                    slot: slot.clone(),
+                    event: SharedEvent::numbered(
+                        &p.event,
+                        p.data,
+                        p.args,
+                        p.attachments,
+                        Some(m.offset),
+                    ),
+                }
+            })
+            .collect();
+        let req = RecoverRequest {
+            target: InstanceRef {
+                connection: conn.id,
+                id: r.nsp.to_owned(),
+            },
+            previous: InstanceRef {
+                connection: session.connection,
+                id: r.nsp.to_owned(),
+            },
+            socket_id: session.sid.clone(),
+            away_ms: now_ms().saturating_sub(session.disconnected_at),
+            params: r.params,
+            headers: r.headers,
+            query: r.query,
+            identity,
+            user_connections,
+            rooms: session.rooms.clone(),
+            missed: replay.len() as u32,
+        };
+        let outcome = match r.plugin.recover(req).await {
+            Ok(Ok(())) => {
+                self.metrics.recovered.inc();
+                self.metrics.recovery_replayed.add(replay.len() as u64);
+                return Recovered::Yes {
+                    info,
+                    replay,
+                    replayed_upto: history.head,
+                };
+            }
+            Ok(Err(rej)) => Recovered::Refused(rej),
+            Err(e) => Recovered::Failed(e),
+        };
+        self.close_instance(conn, r.nsp, DisconnectReason::Server, false);
+        outcome
+    }
+
+    /// A plugin's `emit`/`send` to a recorded socket goes through its id's
+    /// room, so it is numbered and kept like any room event. False (and
+    /// nothing done) for other instances.
+    pub(super) fn to_recorded_socket(
+        &self,
+        inst: &InstanceState,
+        event: &str,
+        data: &Arc<str>,
+        args: Option<Arc<str>>,
+        attachments: &Arc<[Vec<u8>]>,
+    ) -> bool {
+        let Some(info) = inst.socket.as_ref().filter(|_| inst.slot.is_recorded()) else {
+            return false;
+        };
+        let p = Publication {
+            room: info.sid.clone(),
+            event: event.into(),
+            data: data.clone(),
+            args,
+            attachments: attachments.clone(),
+            filter: Filter::default(),
+            offset: None,
+        };
+        self.broker.publish_best_effort(p);
+        true
+    }
+}
+
+/// Whether a missed publication is for this socket: its filter, with the
+/// socket's previous instance as the one `except` may name.
+fn admits(filter: &Filter, conn: &ConnHandle, previous: u64, nsp: &str) -> bool {
+    let excepted = filter
+        .except
+        .as_ref()
+        .is_some_and(|(c, id)| (*c == previous || *c == conn.id) && &**id == nsp);
+    !excepted && filter.admits(conn)
+}
