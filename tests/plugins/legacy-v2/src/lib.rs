@@ -13,8 +13,8 @@ use std::collections::HashMap;
 
 use chanhost::plugin::host;
 use chanhost::plugin::types::{
-    ChannelSpec, ConnectRequest, DisconnectReason, HttpResponse, Instance, Manifest,
-    NamespaceSpec, Payload, Rejection,
+    ChannelSpec, ConnectRequest, DisconnectReason, HttpResponse, Instance, Manifest, NamespaceSpec,
+    Payload, Rejection,
 };
 use exports::chanhost::plugin::channel::Guest;
 
