@@ -138,7 +138,8 @@ async fn publish(
             offset: None,
         })
         .collect();
-    node.publish_batch(batch)?;
+    // Answered once the cluster's Redis took it (at once on one node).
+    node.publish_batch(batch)?.await?;
     Ok(Json(json!({ "published": published })).into_response())
 }
 

@@ -168,9 +168,12 @@ fn check(path: &Path, config: Option<&Path>) -> anyhow::Result<()> {
     println!(
         "  WIT: chanhost:plugin@{wit} (world `plugin`){}",
         if wit == WitVersion::CURRENT {
-            ""
+            String::new()
         } else {
-            "; still linked, the current version is 0.2.0"
+            format!(
+                "; still linked, the current version is {}",
+                WitVersion::CURRENT
+            )
         }
     );
     println!(

@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { once } from 'node:events';
 import { io as connect } from 'socket.io-client';
-import { startHost, startRedis, until, metrics, sleep, API_KEY } from './helpers.mjs';
+import { startHost, startRedis, until, next, collect, metrics, sleep, API_KEY } from './helpers.mjs';
 
 /**
  * A TCP proxy to `target` (`http://host:port`): `cut()` drops every
@@ -112,8 +112,8 @@ async function publish(url, room, n, event = 'tick') {
 }
 
 /** The next `connect` of a socket after its connection was lost. */
-function reconnected(socket) {
-  return new Promise((resolve) => socket.once('connect', resolve));
+function reconnected(socket, timeout = 15000) {
+  return next(socket, 'connect', timeout);
 }
 
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
@@ -188,7 +188,11 @@ for (const transports of [['websocket'], ['polling']]) {
           const before = ticks(s).length;
           await until(() => ticks(s).length > before + 10, 20000, 'ticks flow');
           const back = reconnected(s);
-          px.cut();
+          // Refused until the client sees it: a polling client between two
+          // requests would not see a cut alone.
+          px.down();
+          await until(() => s.connected === false, 10000, 'disconnect seen');
+          px.up();
           await back;
           assert.equal(s.recovered, true, `recovery ${i + 1}`);
         }
@@ -235,7 +239,7 @@ for (const transports of [['websocket'], ['polling']]) {
         assert.deepEqual(events(v1, 'echo')[0], [{ wit: '0.1.0', body: 'one' }]);
         assert.deepEqual(events(v2, 'echo')[0], [{ wit: '0.2.0', body: 'two' }]);
         const ids = [recovering.id, v1.id, v2.id];
-        const back = [recovering, v1, v2].map(reconnected);
+        const back = [recovering, v1, v2].map((s) => reconnected(s));
         px.cut();
         await Promise.all(back);
         assert.equal(recovering.recovered, true);
@@ -339,6 +343,34 @@ describe('connection state recovery: what connects as new', () => {
       s.close();
     }
   });
+
+  test('a refused recovery that brought an identity back ends its transport', async () => {
+    const s = await client(px.url, { auth: { room: 'refused-identified' } });
+    // A second namespace on the same transport keeps the client's manager
+    // open when the first is refused (it closes an unused transport itself).
+    const other = s.io.socket('/custom', { auth: { quiet: true } });
+    other.connect();
+    try {
+      await once(other, 'connect');
+      const who = await s.emitWithAck('identify', 'tok-alice');
+      assert.equal(who.count, 1);
+      s.auth.refuseRecovery = true;
+      const refused = once(s, 'connect_error');
+      const closes = collect(s.io, 'close');
+      px.cut();
+      const [err] = await refused;
+      assert.equal(err.message, 'recovery refused');
+      // The new transport took alice's identity from the session before
+      // the plugin refused: it cannot keep it, so it is closed after the
+      // refusal (the first close was the cut).
+      await until(() => closes.length === 2, 5000, 'the transport closed');
+      // Closed by the server (an Engine.IO close packet).
+      assert.equal(closes[1], 'forced close');
+    } finally {
+      other.close();
+      s.close();
+    }
+  });
 });
 
 describe('connection state recovery in a cluster, the first node SIGKILLed', () => {
@@ -395,4 +427,60 @@ describe('connection state recovery in a cluster, the first node SIGKILLed', () 
       }
     });
   }
+
+  test('events published on both nodes while the connection is cut, then while its node dies, are each received once, in order', async () => {
+    const config = `[cluster]\nredis = "${redis.url}"\n${CONFIG}`;
+    if (a.proc.exitCode !== null || a.proc.signalCode !== null) {
+      a = await startHost({ plugins: ['socketio-conformance'], config });
+    }
+    px.retarget(a.url);
+    const s = await client(px.url, { auth: { room: 'c-busy' } });
+    try {
+      let n = 0;
+      let aAlive = true;
+      let running = true;
+      // The publish in flight, so that node A is killed between two.
+      let inflight = Promise.resolve();
+      const publisher = (async () => {
+        while (running) {
+          n += 1;
+          inflight = publish(aAlive && n % 2 ? a.url : b.url, 'c-busy', n);
+          await inflight;
+          await sleep(5);
+        }
+      })();
+      for (let i = 0; i < 2; i++) {
+        const before = ticks(s).length;
+        await until(() => ticks(s).length > before + 10, 20000, 'ticks flow');
+        const back = reconnected(s);
+        px.cut();
+        await back;
+        assert.equal(s.recovered, true, `recovery ${i + 1}`);
+      }
+      const before = ticks(s).length;
+      await until(() => ticks(s).length > before + 10, 20000, 'ticks flow');
+      aAlive = false;
+      await inflight;
+      // Killed with the connection still up: its session was written to
+      // Redis while it was connected.
+      a.proc.kill('SIGKILL');
+      px.down();
+      await once(a.proc, 'exit');
+      px.retarget(b.url);
+      const back = reconnected(s);
+      px.up();
+      await back;
+      assert.equal(s.recovered, true, 'recovered on the other node');
+      running = false;
+      await publisher;
+      await until(() => ticks(s).length >= n, 20000, `all ${n} ticks`).catch((e) => {
+        const got = new Set(ticks(s));
+        console.log('DEBUG missing', range(1, n).filter((x) => !got.has(x)), 'recoveries', events(s, 'recovered').map(([d]) => d));
+        throw e;
+      });
+      assert.deepEqual(ticks(s), range(1, n));
+    } finally {
+      s.close();
+    }
+  });
 });

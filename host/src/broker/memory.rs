@@ -2,7 +2,7 @@
 
 use std::sync::{OnceLock, Weak};
 
-use super::{Broker, BrokerError, BrokerState, LocalDelivery, Publication};
+use super::{Broker, BrokerError, BrokerState, Carried, LocalDelivery, Publication};
 
 /// The broker of a node without `[cluster]`.
 #[derive(Default)]
@@ -15,7 +15,7 @@ impl Broker for MemoryBroker {
         let _ = self.local.set(local);
     }
 
-    fn publish(&self, batch: Vec<Publication>) -> Result<(), BrokerError> {
+    fn publish(&self, batch: Vec<Publication>) -> Result<Carried, BrokerError> {
         let local = self
             .local
             .get()
@@ -24,7 +24,7 @@ impl Broker for MemoryBroker {
         for p in &batch {
             local.deliver_local(p);
         }
-        Ok(())
+        Ok(Box::pin(std::future::ready(Ok(()))))
     }
 
     fn publish_best_effort(&self, p: Publication) {
@@ -73,11 +73,16 @@ mod tests {
     #[test]
     fn delivers_here_in_order_and_refuses_when_detached() {
         let b = MemoryBroker::default();
-        assert_eq!(b.publish(vec![p("a")]), Err(BrokerError::Detached));
+        assert!(matches!(
+            b.publish(vec![p("a")]),
+            Err(BrokerError::Detached)
+        ));
         let seen = Arc::new(Seen::default());
         let local: Arc<dyn LocalDelivery> = seen.clone();
         b.attach(Arc::downgrade(&local));
-        b.publish(vec![p("a"), p("b")]).unwrap();
+        // Carried as soon as it is delivered: there is no other node.
+        let carried = b.publish(vec![p("a"), p("b")]).unwrap();
+        assert_eq!(futures_util::FutureExt::now_or_never(carried), Some(Ok(())));
         b.publish_best_effort(p("c"));
         assert_eq!(*seen.0.lock(), ["a", "b", "c"]);
         assert_eq!(b.state(), BrokerState::Off);

@@ -48,6 +48,10 @@ pub enum BrokerError {
     Down,
     #[error("the queue to the cluster's Redis is full: nothing was published; try again")]
     Full,
+    /// Accepted, delivered on this node, then Redis failed before it took
+    /// the publications: the other nodes did not get them.
+    #[error("the cluster's Redis failed while taking it: delivered on this node only, not on the others")]
+    Interrupted,
 }
 
 impl BrokerError {
@@ -56,6 +60,8 @@ impl BrokerError {
         match self {
             BrokerError::Detached => http::StatusCode::INTERNAL_SERVER_ERROR,
             BrokerError::Down | BrokerError::Full => http::StatusCode::SERVICE_UNAVAILABLE,
+            // Not "try again": this node's members got it already.
+            BrokerError::Interrupted => http::StatusCode::BAD_GATEWAY,
         }
     }
 }
@@ -93,6 +99,10 @@ pub trait LocalDelivery: Send + Sync {
     }
 }
 
+/// Resolves once a published batch is in the cluster's Redis, or with
+/// [`BrokerError::Interrupted`] when Redis failed before it took it.
+pub type Carried = BoxFuture<'static, Result<(), BrokerError>>;
+
 /// Carries publications between nodes.
 pub trait Broker: Send + Sync {
     /// Attaches this node's delivery; called once at start.
@@ -100,8 +110,10 @@ pub trait Broker: Send + Sync {
     /// Delivers every publication here and carries them to the other
     /// nodes, in order — all of them, or, when they cannot be carried
     /// now, none of them anywhere (so the publisher may retry without
-    /// duplicates).
-    fn publish(&self, batch: Vec<Publication>) -> Result<(), BrokerError>;
+    /// duplicates). The [`Carried`] it hands back resolves once the
+    /// cluster's Redis took them all (at once for one node): a publisher
+    /// that waits for it knows they survive this node's death.
+    fn publish(&self, batch: Vec<Publication>) -> Result<Carried, BrokerError>;
     /// Delivers here at once and carries it if it can; what cannot be
     /// carried is counted and logged (a plugin's broadcast reaches this
     /// node's members whatever happens to Redis).

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, BrokerError, BrokerState, LocalDelivery, Publication};
+use super::{Broker, BrokerError, BrokerState, Carried, LocalDelivery, Publication};
 use crate::hub::{Audience, Condition, Filter};
 use crate::metrics::Metrics;
 use crate::pubsub::{backoff, redacted, timed, Outage, UrlError};
@@ -101,6 +101,9 @@ struct Outgoing {
     payload: Vec<u8>,
     /// The room of a publication to number (with recovery on).
     numbered: Option<Arc<str>>,
+    /// Told once Redis took it (and everything queued before it); dropped
+    /// untold when it is lost.
+    taken: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// What the subscribing connection is told.
@@ -185,6 +188,7 @@ impl Shared {
             channel: self.room_channel(&p.room),
             payload: encode(&self.node, p),
             numbered: self.numbering.map(|_| p.room.clone()),
+            taken: None,
         }
     }
 
@@ -269,6 +273,7 @@ impl Shared {
             channel: self.answers_channel(&q.from),
             payload: payload.into_bytes(),
             numbered: None,
+            taken: None,
         };
         if self.queue.try_send(out).is_err() {
             self.not_carried(1, "the queue to Redis is full (an answer to another node)");
@@ -432,24 +437,36 @@ impl Broker for RedisBroker {
         let _ = self.shared.local.set(local);
     }
 
-    fn publish(&self, batch: Vec<Publication>) -> Result<(), BrokerError> {
+    fn publish(&self, batch: Vec<Publication>) -> Result<Carried, BrokerError> {
         let local = self.shared.local().ok_or(BrokerError::Detached)?;
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Box::pin(std::future::ready(Ok(()))));
         }
         if !self.shared.is_up() {
             return Err(BrokerError::Down);
         }
+        // The last publication is told when Redis took it: the queue and
+        // the pipelines keep their order, and a failure loses everything
+        // queued, so the others were taken before it or lost with it.
+        let (taken, carried) = tokio::sync::oneshot::channel();
+        let mut taken = Some(taken);
+        let last = batch.len() - 1;
+        let mut outgoing = |i: usize, p: &Publication| Outgoing {
+            taken: if i == last { taken.take() } else { None },
+            ..self.shared.outgoing(p)
+        };
+        let carried: Carried =
+            Box::pin(async move { carried.await.map_err(|_| BrokerError::Interrupted) });
         if self.shared.numbering.is_some() && self.shared.unsettled.load(Ordering::SeqCst) > 0 {
             // Behind subscriptions being put in place (in order; the
             // channel to the subscribing connection is not bounded).
-            for p in &batch {
-                if !self.shared.send_out(self.shared.outgoing(p)) {
+            for (i, p) in batch.iter().enumerate() {
+                if !self.shared.send_out(outgoing(i, p)) {
                     return Err(BrokerError::Down);
                 }
                 self.shared.deliver_here(&*local, p, true);
             }
-            return Ok(());
+            return Ok(carried);
         }
         let permits = self
             .shared
@@ -461,11 +478,11 @@ impl Broker for RedisBroker {
             })?;
         // Redis first: the other nodes' members then wait for the hop,
         // not for this node's own fan-out as well.
-        for (p, permit) in batch.iter().zip(permits) {
-            permit.send(self.shared.outgoing(p));
+        for ((i, p), permit) in batch.iter().enumerate().zip(permits) {
+            permit.send(outgoing(i, p));
             self.shared.deliver_here(&*local, p, true);
         }
-        Ok(())
+        Ok(carried)
     }
 
     fn publish_best_effort(&self, p: Publication) {
@@ -545,6 +562,7 @@ impl Broker for RedisBroker {
                 channel: shared.control_channel(),
                 payload: question.to_string().into_bytes(),
                 numbered: None,
+                taken: None,
             };
             if shared.queue.try_send(out).is_err() {
                 shared.asks.lock().remove(&id);
@@ -649,6 +667,11 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
             match timed(pipe.query_async::<Vec<redis::Value>>(&mut conn)).await {
                 Ok(replies) => {
                     shared.metrics.broker_carried.add(batch.len() as u64);
+                    for m in &mut batch {
+                        if let Some(taken) = m.taken.take() {
+                            let _ = taken.send(());
+                        }
+                    }
                     // A numbered publication answers {offset, entries cut}.
                     let cut: u64 = replies
                         .into_iter()

@@ -88,10 +88,15 @@ pub struct Hub {
     /// Told when a room may have gained its first or lost its last member
     /// or listener (the cluster broker subscribes to what this node serves).
     observer: std::sync::OnceLock<RoomObserver>,
-    /// Told when a recorded socket ([`Slot::is_recorded`]) joins a room
-    /// (connection state recovery keeps that room's history).
-    recorded: std::sync::OnceLock<RoomObserver>,
+    /// Told when a recorded socket ([`Slot::is_recorded`]) joins or leaves
+    /// a room (connection state recovery keeps that room's history, and
+    /// the socket's session).
+    recorded: std::sync::OnceLock<RecordedObserver>,
 }
+
+/// A recorded socket joined (true) or left a room: (connection, the
+/// socket's namespace, room, joined).
+pub type RecordedObserver = Box<dyn Fn(ConnId, &str, &str, bool) + Send + Sync>;
 
 /// What [`Hub::observe_rooms`] calls.
 pub type RoomObserver = Box<dyn Fn(&str) + Send + Sync>;
@@ -110,9 +115,9 @@ impl Hub {
         }
     }
 
-    /// Calls `f` with a room's name whenever a recorded socket joins it.
-    /// Set once.
-    pub fn observe_recorded_joins(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+    /// Calls `f` whenever a recorded socket joins or leaves a room. Set
+    /// once.
+    pub fn observe_recorded(&self, f: impl Fn(ConnId, &str, &str, bool) + Send + Sync + 'static) {
         let _ = self.recorded.set(Box::new(f));
     }
 
@@ -344,7 +349,7 @@ impl Hub {
         };
         if slot.is_recorded() {
             if let Some(f) = self.recorded.get() {
-                f(&room);
+                f(conn.id, slot.id(), &room, true);
             }
         }
         if first {
@@ -367,6 +372,11 @@ impl Hub {
             return false;
         }
         self.remove_member(&room, &(conn.id, slot.clone()));
+        if slot.is_recorded() {
+            if let Some(f) = self.recorded.get() {
+                f(conn.id, slot.id(), &room, false);
+            }
+        }
         true
     }
 

@@ -87,6 +87,8 @@ pub struct Node {
     adapter: std::sync::OnceLock<Arc<crate::adapter::SioAdapter>>,
     /// Connection state recovery (`[socketio.recovery]`).
     recovery: Option<Arc<dyn crate::recovery::Recovery>>,
+    /// The session writer, where sessions are kept while connected.
+    session_ops: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<recovery::SessionOp>>,
 }
 
 impl Node {
@@ -181,6 +183,7 @@ impl Node {
                 next_conn: AtomicU64::new(1),
                 adapter: std::sync::OnceLock::new(),
                 recovery,
+                session_ops: std::sync::OnceLock::new(),
                 config,
             }
         });
@@ -305,8 +308,12 @@ impl Node {
         };
         let gone = self.hub.unregister(id);
         for (inst_id, inst) in gone.instances {
+            let lost = kept.iter().any(|k| **k == *inst_id);
+            if !lost {
+                self.forget_session(&inst);
+            }
             if let Some(p) = self.plugins.plugin(&inst.plugin) {
-                let reason = if kept.iter().any(|k| **k == *inst_id) {
+                let reason = if lost {
                     DisconnectReason::ConnectionLost
                 } else {
                     DisconnectReason::ConnectionClosed
@@ -386,19 +393,24 @@ impl Node {
 
     /// Publishes events to every node: all of them, or none anywhere when
     /// they cannot be carried now (the API answers 503 and the publisher
-    /// may retry).
-    pub fn publish_batch(&self, batch: Vec<Publication>) -> Result<(), BrokerError> {
+    /// may retry). What it hands back resolves once the cluster's Redis
+    /// took them.
+    pub fn publish_batch(
+        &self,
+        batch: Vec<Publication>,
+    ) -> Result<crate::broker::Carried, BrokerError> {
         let n = batch.len() as u64;
-        if self.adapter.get().is_some() {
-            self.broker.publish(batch.clone())?;
+        let carried = if self.adapter.get().is_some() {
+            let carried = self.broker.publish(batch.clone())?;
             for p in &batch {
                 self.to_adapter(p);
             }
+            carried
         } else {
-            self.broker.publish(batch)?;
-        }
+            self.broker.publish(batch)?
+        };
         self.metrics.publishes.add(n);
-        Ok(())
+        Ok(carried)
     }
 
     /// The whole `/metrics` text.

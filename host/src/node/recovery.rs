@@ -5,13 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+
 use super::Node;
 use crate::auth::Identity;
 use crate::broker::Publication;
-use crate::hub::{ConnHandle, Filter, InstanceState, Outbound, SharedEvent, Slot, SocketInfo};
+use crate::hub::{
+    ConnHandle, ConnId, Filter, InstanceState, Outbound, SharedEvent, Slot, SocketInfo,
+};
 use crate::plugin::runtime::CallError;
 use crate::plugin::{DisconnectReason, InstanceRef, PluginSlot, RecoverRequest, Rejection};
-use crate::recovery::{KeptIdentity, MemoryRecovery, Recovery, Refusal, Session};
+use crate::recovery::{Keep, KeptIdentity, MemoryRecovery, Recovery, Refusal, Session};
 
 /// The store `[socketio.recovery]` asks for: this node's memory, or the
 /// cluster's Redis with `[cluster]`.
@@ -67,14 +71,116 @@ pub enum Recovered {
     },
     /// Connect it as a new socket.
     No(Refusal),
-    /// The plugin refused it.
-    Refused(Rejection),
-    /// The plugin's call failed.
-    Failed(CallError),
+    /// Not recovered, and not connected as new: the CONNECT is refused.
+    Refused(Refused),
+}
+
+/// A recovery that ended in a refused CONNECT.
+pub struct Refused {
+    /// The plugin's refusal, or why its call failed.
+    pub why: Result<Rejection, CallError>,
+    /// The connection took the session's identity, which cannot be taken
+    /// back from it: its transport is closed once the refusal is written
+    /// (the client connects again, and presents its credentials).
+    pub end_transport: bool,
 }
 
 fn now_ms() -> u64 {
     crate::adapter::now_ms()
+}
+
+fn spawn(f: futures_util::future::BoxFuture<'static, ()>) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(f);
+    }
+}
+
+/// What the node's session writer does, in order (a session is never
+/// written after it was forgotten or kept after a later change).
+pub(super) enum SessionOp {
+    /// A recorded socket connected (`create`), joined or left a room: its
+    /// session as it is now.
+    Changed {
+        conn: ConnId,
+        nsp: Arc<str>,
+        create: bool,
+    },
+    /// It lost its connection: kept from now on.
+    Keep(Session),
+    /// It ended for good.
+    Forget(String),
+}
+
+/// Writes the sessions of this node's recorded sockets to a store that
+/// keeps them while they are connected: as they change, and again every
+/// third of the window (so a dead node's last word is at most that old).
+async fn session_writer(
+    node: std::sync::Weak<Node>,
+    store: Arc<dyn Recovery>,
+    mut ops: mpsc::UnboundedReceiver<SessionOp>,
+) {
+    let window = node
+        .upgrade()
+        .and_then(|n| {
+            n.config
+                .socketio
+                .recovery
+                .as_ref()
+                .map(|r| r.max_disconnection)
+        })
+        .unwrap_or(Duration::from_secs(120));
+    let every = (window / 3).max(Duration::from_millis(100));
+    let ahead = |create| Keep {
+        create,
+        rewritten_every: Some(every),
+    };
+    let mut refresh = tokio::time::interval(every);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Sessions this writer put in the store: a disconnection replaces
+    // those only (one taken meanwhile by a recovery elsewhere stays gone).
+    let mut written: std::collections::HashSet<String> = Default::default();
+    loop {
+        tokio::select! {
+            op = ops.recv() => {
+                let Some(op) = op else { return };
+                let Some(n) = node.upgrade() else { return };
+                match op {
+                    SessionOp::Changed { conn, nsp, create } => {
+                        let session = n.hub.conn(conn).and_then(|c| {
+                            let inst = c.instance(&nsp)?;
+                            n.session_of(&c, &inst, now_ms())
+                        });
+                        if let Some(s) = session {
+                            if create || written.contains(&s.pid) {
+                                written.insert(s.pid.clone());
+                                store.keep(s, ahead(create)).await;
+                            }
+                        }
+                    }
+                    SessionOp::Keep(s) => {
+                        let create = !written.remove(&s.pid);
+                        store.keep(s, Keep { create, rewritten_every: None }).await;
+                    }
+                    SessionOp::Forget(pid) => {
+                        written.remove(&pid);
+                        store.forget(&pid).await;
+                    }
+                }
+            }
+            _ = refresh.tick() => {
+                let Some(n) = node.upgrade() else { return };
+                for conn in n.hub.all_conns() {
+                    for inst in conn.instances_where(|i| i.slot.is_recorded()) {
+                        if let Some(s) = n.session_of(&conn, &inst, now_ms()) {
+                            if written.contains(&s.pid) {
+                                store.keep(s, ahead(false)).await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Node {
@@ -96,17 +202,43 @@ impl Node {
         self.recovery.is_some() && plugin.recovers()
     }
 
-    /// Marks the rooms recorded sockets join, and forgets what is past
-    /// the window once a second.
+    /// Marks the rooms recorded sockets join, keeps the sessions of
+    /// connected sockets current where the store asks for it (the
+    /// cluster's), and forgets what is past the window once a second.
     pub(super) fn start_recovery(self: &Arc<Self>) {
         let Some(r) = &self.recovery else {
             return;
         };
-        let rec = r.clone();
-        self.hub.observe_recorded_joins(move |room| rec.mark(room));
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            let rec = r.clone();
+            self.hub.observe_recorded(move |_, _, room, joined| {
+                if joined {
+                    rec.mark(room)
+                }
+            });
             return;
         };
+        let ops = if r.keeps_connected() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            rt.spawn(session_writer(Arc::downgrade(self), r.clone(), rx));
+            let _ = self.session_ops.set(tx.clone());
+            Some(tx)
+        } else {
+            None
+        };
+        let rec = r.clone();
+        self.hub.observe_recorded(move |conn, nsp, room, joined| {
+            if joined {
+                rec.mark(room);
+            }
+            if let Some(ops) = &ops {
+                let _ = ops.send(SessionOp::Changed {
+                    conn,
+                    nsp: nsp.into(),
+                    create: false,
+                });
+            }
+        });
         let node = Arc::downgrade(self);
         rt.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -126,6 +258,68 @@ impl Node {
         });
     }
 
+    /// A recorded socket's session as it is now.
+    fn session_of(&self, conn: &ConnHandle, inst: &InstanceState, at: u64) -> Option<Session> {
+        let info = inst.socket.as_ref()?;
+        let pid = info.pid.as_ref()?;
+        if !inst.slot.is_recorded() || !info.is_connected() {
+            return None;
+        }
+        let mut rooms: Vec<String> = conn
+            .rooms_of(&inst.slot)
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        rooms.sort();
+        Some(Session {
+            pid: pid.to_string(),
+            sid: info.sid.to_string(),
+            nsp: inst.slot.id().to_owned(),
+            plugin: inst.plugin.to_string(),
+            connection: conn.id,
+            rooms,
+            identity: conn.identity().map(|i| KeptIdentity {
+                user_id: i.user_id.to_string(),
+                claims: i.claims.to_string(),
+            }),
+            attributes: conn.attributes_of(&inst.plugin),
+            since: info.since,
+            disconnected_at: at,
+        })
+    }
+
+    /// A recorded socket connected (`create`) or changed: its session is
+    /// written where sessions are kept while connected.
+    pub fn session_changed(&self, conn: ConnId, nsp: &str, create: bool) {
+        if let Some(ops) = self.session_ops.get() {
+            let _ = ops.send(SessionOp::Changed {
+                conn,
+                nsp: nsp.into(),
+                create,
+            });
+        }
+    }
+
+    /// A recorded socket ended for good (its client left, the host or its
+    /// plugin ended it): its session is not kept.
+    pub(super) fn forget_session(&self, inst: &InstanceState) {
+        let (Some(r), Some(pid)) = (
+            &self.recovery,
+            inst.socket.as_ref().and_then(|s| s.pid.clone()),
+        ) else {
+            return;
+        };
+        if !inst.slot.is_recorded() {
+            return;
+        }
+        match self.session_ops.get() {
+            Some(ops) => {
+                let _ = ops.send(SessionOp::Forget(pid.to_string()));
+            }
+            None => spawn(r.forget(&pid)),
+        }
+    }
+
     /// Keeps the sessions of a connection's recorded sockets (called
     /// before the hub forgets it); the ids of the instances kept.
     pub(super) fn keep_sessions(&self, conn: &ConnHandle) -> Vec<Arc<str>> {
@@ -134,36 +328,17 @@ impl Node {
         };
         let mut kept = Vec::new();
         for inst in conn.instances_where(|i| i.slot.is_recorded()) {
-            let Some(info) = &inst.socket else { continue };
-            let (Some(pid), true) = (&info.pid, info.is_connected()) else {
+            let Some(session) = self.session_of(conn, &inst, now_ms()) else {
                 continue;
-            };
-            let mut rooms: Vec<String> = conn
-                .rooms_of(&inst.slot)
-                .iter()
-                .map(|r| r.to_string())
-                .collect();
-            rooms.sort();
-            let session = Session {
-                pid: pid.to_string(),
-                sid: info.sid.to_string(),
-                nsp: inst.slot.id().to_owned(),
-                plugin: inst.plugin.to_string(),
-                connection: conn.id,
-                rooms,
-                identity: conn.identity().map(|i| KeptIdentity {
-                    user_id: i.user_id.to_string(),
-                    claims: i.claims.to_string(),
-                }),
-                attributes: conn.attributes_of(&inst.plugin),
-                since: info.since,
-                disconnected_at: now_ms(),
             };
             kept.push(inst.slot.id().into());
             self.metrics.recovery_kept.inc();
-            // The memory side keeps it before this returns; Redis soon.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(r.keep(session));
+            match self.session_ops.get() {
+                Some(ops) => {
+                    let _ = ops.send(SessionOp::Keep(session));
+                }
+                // The memory side keeps it before this returns.
+                None => spawn(r.keep(session, Keep::LOST)),
             }
         }
         kept
@@ -184,7 +359,10 @@ impl Node {
         if session.nsp != r.nsp || session.plugin != *r.plugin.name {
             return Recovered::No(Refusal::Elsewhere);
         }
-        let (identity, user_connections) = match (&session.identity, r.conn.identity()) {
+        // An anonymous transport takes the kept identity (the pid proves
+        // the client was that socket); it cannot be taken back, so a
+        // recovery that fails from here on ends the transport.
+        let (identity, user_connections, adopted) = match (&session.identity, r.conn.identity()) {
             (Some(kept), Some(now)) if *now.user_id != *kept.user_id => {
                 return Recovered::No(Refusal::Elsewhere)
             }
@@ -194,15 +372,16 @@ impl Node {
                     claims: kept.claims.as_str().into(),
                 };
                 match self.identify(r.conn.id, identity.clone()) {
-                    Ok(n) => (Some(identity), n as u32),
+                    Ok(n) => (Some(identity), n as u32, true),
                     Err(_) => return Recovered::No(Refusal::Elsewhere),
                 }
             }
             (_, Some(now)) => (
                 Some(now.clone()),
                 self.hub.user_conns(&now.user_id).len() as u32,
+                false,
             ),
-            (None, None) => (None, 0),
+            (None, None) => (None, 0, false),
         };
         let conn = r.conn;
         self.close_instance(conn, r.nsp, DisconnectReason::Replaced, true);
@@ -235,6 +414,17 @@ impl Node {
             Ok(h) => h,
             Err(e) => {
                 self.close_instance(conn, r.nsp, DisconnectReason::Server, false);
+                if adopted {
+                    tracing::warn!(nsp = r.nsp, "connection state not recovered: {e}");
+                    self.metrics.recovery_refused(e);
+                    return Recovered::Refused(Refused {
+                        why: Ok(Rejection {
+                            message: "Connection state could not be read".into(),
+                            data: None,
+                        }),
+                        end_transport: true,
+                    });
+                }
                 return Recovered::No(e);
             }
         };
@@ -285,8 +475,14 @@ impl Node {
                     replayed_upto: history.head,
                 };
             }
-            Ok(Err(rej)) => Recovered::Refused(rej),
-            Err(e) => Recovered::Failed(e),
+            Ok(Err(rej)) => Recovered::Refused(Refused {
+                why: Ok(rej),
+                end_transport: adopted,
+            }),
+            Err(e) => Recovered::Refused(Refused {
+                why: Err(e),
+                end_transport: adopted,
+            }),
         };
         self.close_instance(conn, r.nsp, DisconnectReason::Server, false);
         outcome

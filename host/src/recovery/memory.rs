@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use parking_lot::{Mutex, ReentrantMutex};
 
-use super::{Counters, History, Missed, Recovery, Refusal, Session};
+use super::{Counters, History, Keep, Missed, Recovery, Refusal, Session};
 use crate::broker::Publication;
 
 /// Sessions and histories of a node without `[cluster]`.
@@ -104,8 +104,16 @@ impl Recovery for MemoryRecovery {
         Box::pin(async move { Some(head) })
     }
 
-    fn keep(&self, s: Session) -> BoxFuture<'static, ()> {
-        let until = Instant::now() + self.window;
+    fn forget(&self, pid: &str) -> BoxFuture<'static, ()> {
+        self.sessions.lock().remove(pid);
+        Box::pin(async {})
+    }
+
+    fn keep(&self, s: Session, how: Keep) -> BoxFuture<'static, ()> {
+        if !how.create && !self.sessions.lock().contains_key(&s.pid) {
+            return Box::pin(async {});
+        }
+        let until = Instant::now() + self.window + how.rewritten_every.unwrap_or_default();
         for room in &s.rooms {
             let mut marks = self.marks.lock();
             let m = marks.entry(room.as_str().into()).or_insert(until);
@@ -279,7 +287,7 @@ mod tests {
             since: 0,
             disconnected_at: 0,
         };
-        r.keep(s.clone()).await;
+        r.keep(s.clone(), Keep::LOST).await;
         assert!(r.records("r") && r.records("s") && !r.records("q"));
         assert_eq!(r.take("p").await.unwrap(), s);
         assert_eq!(r.take("p").await.unwrap_err(), Refusal::Unknown);

@@ -108,6 +108,28 @@ pub struct Session {
     pub disconnected_at: u64,
 }
 
+/// How [`Recovery::keep`] writes a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Written even where no such session is kept; false: it only
+    /// replaces one that is still kept (a session taken meanwhile by a
+    /// recovery elsewhere is not brought back).
+    pub create: bool,
+    /// The socket is still connected and its session is written again
+    /// every this long: it is kept that much longer than the window, so a
+    /// client whose node died between two writes still has the whole
+    /// window to come back.
+    pub rewritten_every: Option<std::time::Duration>,
+}
+
+impl Keep {
+    /// A socket that lost its connection just now.
+    pub const LOST: Keep = Keep {
+        create: true,
+        rewritten_every: None,
+    };
+}
+
 /// An event a session missed.
 #[derive(Debug, Clone)]
 pub struct Missed {
@@ -170,8 +192,17 @@ pub trait Recovery: Send + Sync {
     fn mark(&self, room: &str);
     /// The newest offset (None when it cannot be read now).
     fn head(&self) -> BoxFuture<'static, Option<u64>>;
-    /// Keeps a session for `max_disconnection_ms`.
-    fn keep(&self, s: Session) -> BoxFuture<'static, ()>;
+    /// Keeps a session for `max_disconnection_ms` (see [`Keep`]).
+    fn keep(&self, s: Session, how: Keep) -> BoxFuture<'static, ()>;
+    /// Forgets a session (its socket ended for good).
+    fn forget(&self, pid: &str) -> BoxFuture<'static, ()>;
+    /// Whether sessions are kept while their sockets are connected too
+    /// (and kept current as they join and leave rooms): the cluster's, so
+    /// that a node's death loses none. The memory side keeps them from
+    /// the disconnection on.
+    fn keeps_connected(&self) -> bool {
+        false
+    }
     /// Takes a session back (it is gone from the store afterwards).
     fn take(&self, pid: &str) -> BoxFuture<'static, Result<Session, Refusal>>;
     /// What `rooms` got after offset `after`, read once the socket is back

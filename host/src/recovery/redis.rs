@@ -16,8 +16,13 @@
 //! - `<prefix>:rec:mark:<room>` — present while a recorded socket is in
 //!   the room on some node (refreshed by that node) or a kept session
 //!   lists it: only marked rooms are recorded. Expires after the window.
-//! - `<prefix>:rec:session:<pid>` — a kept session (JSON), expiring after
-//!   the window; taken with `GETDEL`, so it is recovered once.
+//! - `<prefix>:rec:session:<pid>` — a session (JSON), taken with
+//!   `GETDEL`, so it is recovered once. Written while its socket is
+//!   connected (at its CONNECT reply, on each join and leave, and again
+//!   every third of the window, expiring a third of the window after the
+//!   window), so that a socket whose node is killed recovers elsewhere;
+//!   written again when it loses its connection (expiring after the
+//!   window) and deleted when it ends for good.
 //!
 //! The broker's publishing connection numbers, records and publishes each
 //! publication in one script ([`NUMBER`]): pub/sub then carries every
@@ -31,7 +36,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 
-use super::{History, Missed, Recovery, Refusal, Session};
+use super::{History, Keep, Missed, Recovery, Refusal, Session};
 use crate::pubsub::{timed, UrlError};
 
 /// The counter of offsets.
@@ -239,15 +244,37 @@ impl Recovery for RedisRecovery {
         Box::pin(async move { run.await.ok().map(|(h,)| h.unwrap_or(0)) })
     }
 
-    fn keep(&self, s: Session) -> BoxFuture<'static, ()> {
+    fn keeps_connected(&self) -> bool {
+        true
+    }
+
+    fn forget(&self, pid: &str) -> BoxFuture<'static, ()> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(session_key(&self.prefix, pid)).ignore();
+        let run = self.run::<()>(pipe);
+        Box::pin(async move {
+            if let Err(e) = run.await {
+                tracing::warn!(
+                    "connection state recovery: a session could not be forgotten in Redis: {e}"
+                );
+            }
+        })
+    }
+
+    fn keep(&self, s: Session, how: Keep) -> BoxFuture<'static, ()> {
         let mut pipe = redis::pipe();
         let json = serde_json::to_string(&s).unwrap_or_default();
-        pipe.cmd("SET")
+        let ahead = how.rewritten_every.map_or(0, |d| d.as_millis() as u64);
+        let set = pipe
+            .cmd("SET")
             .arg(session_key(&self.prefix, &s.pid))
             .arg(json)
             .arg("PX")
-            .arg(self.window_ms())
-            .ignore();
+            .arg(self.window_ms() + ahead);
+        if !how.create {
+            set.arg("XX");
+        }
+        set.ignore();
         for room in &s.rooms {
             pipe.cmd("SET")
                 .arg(mark_key(&self.prefix, room))

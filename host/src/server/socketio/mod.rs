@@ -393,15 +393,22 @@ impl SioHandler {
                         .connect_new(session, nsp, key, generation, params, handshake)
                         .await;
                 }
-                Recovered::Refused(rej) => (refusal_text(&nsp, &rej), None, Vec::new(), 0),
-                Recovered::Failed(e) => {
-                    tracing::warn!(nsp, "namespace recovery failed: {e}");
-                    (
-                        sio::encode_connect_error(&nsp, "Internal server error", None),
-                        None,
-                        Vec::new(),
-                        0,
-                    )
+                Recovered::Refused(refused) => {
+                    let text = match &refused.why {
+                        Ok(rej) => refusal_text(&nsp, rej),
+                        Err(e) => {
+                            tracing::warn!(nsp, "namespace recovery failed: {e}");
+                            sio::encode_connect_error(&nsp, "Internal server error", None)
+                        }
+                    };
+                    self.reply(session, key, generation, text, None, Vec::new(), 0);
+                    if refused.end_transport {
+                        // After the refusal, which is queued before it.
+                        session
+                            .conn
+                            .request_close(1000, "connection state recovery refused");
+                    }
+                    return;
                 }
             };
             self.reply(session, key, generation, text, info, replay, replayed_upto);
@@ -507,6 +514,9 @@ impl SioHandler {
         };
         session.socket.connected_once.store(true, Ordering::SeqCst);
         info.connected.store(true, Ordering::SeqCst);
+        if info.pid.is_some() {
+            self.node.session_changed(conn.id, &nsp, true);
+        }
         // As in socket.io, a connected socket's id is a room it is in (the
         // adapter's `io.to(socketId)`), joined once its CONNECT reply is
         // on its way (a recovered socket is in it already).
