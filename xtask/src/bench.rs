@@ -124,7 +124,12 @@ fn host_binary() -> PathBuf {
 }
 
 pub(crate) fn start(server: Server, plugins: &Path) -> Result<Running> {
-    start_node(server, plugins, Join::Alone)
+    start_node(server, plugins, Join::Alone, false)
+}
+
+/// chanhost alone with `[socketio.recovery]`.
+pub(crate) fn start_recovering(plugins: &Path) -> Result<Running> {
+    start_node(Server::ChanhostSocketio, plugins, Join::Alone, true)
 }
 
 /// How a server takes part in a cluster.
@@ -139,8 +144,14 @@ enum Join {
     Adapter(u16),
 }
 
-/// Starts a server on core 0, alone or joined to a Redis.
-fn start_node(server: Server, plugins: &Path, join: Join) -> Result<Running> {
+/// The `[socketio.recovery]` window of the recovery cases (socket.io's
+/// default `maxDisconnectionDuration`).
+const RECOVERY_WINDOW_MS: u64 = 120_000;
+
+/// Starts a server on core 0, alone or joined to a Redis; with
+/// `recovery`, connection state recovery on (chanhost's
+/// `[socketio.recovery]`, the Node server's `connectionStateRecovery`).
+fn start_node(server: Server, plugins: &Path, join: Join, recovery: bool) -> Result<Running> {
     let root = root();
     let port = free_port()?;
     let (redis_url, table) = match join {
@@ -148,6 +159,13 @@ fn start_node(server: Server, plugins: &Path, join: Join) -> Result<Running> {
         Join::Cluster(p) => (Some(format!("redis://127.0.0.1:{p}")), "cluster"),
         Join::Adapter(p) => (Some(format!("redis://127.0.0.1:{p}")), "socketio.adapter"),
     };
+    let mut config = String::new();
+    if let Some(url) = &redis_url {
+        config += &format!("[{table}]\nredis = \"{url}\"\n");
+    }
+    if recovery {
+        config += &format!("[socketio.recovery]\nmax_disconnection_ms = {RECOVERY_WINDOW_MS}\n");
+    }
     let mut cmd = match server {
         Server::ChanhostMisskey | Server::ChanhostSocketio => {
             let mut c = taskset("0", host_binary());
@@ -159,11 +177,11 @@ fn start_node(server: Server, plugins: &Path, join: Join) -> Result<Running> {
             ])
             .arg(plugins)
             .env("CHANHOST_LOG", "warn");
-            if let Some(url) = &redis_url {
-                let config = root.join(format!("target/bench/cluster-{port}.toml"));
-                std::fs::create_dir_all(config.parent().unwrap())?;
-                std::fs::write(&config, format!("[{table}]\nredis = \"{url}\"\n"))?;
-                c.arg("--config").arg(config);
+            if !config.is_empty() {
+                let file = root.join(format!("target/bench/node-{port}.toml"));
+                std::fs::create_dir_all(file.parent().unwrap())?;
+                std::fs::write(&file, &config)?;
+                c.arg("--config").arg(file);
             }
             c
         }
@@ -172,6 +190,9 @@ fn start_node(server: Server, plugins: &Path, join: Join) -> Result<Running> {
             c.arg(root.join("tests/bench/peers/node/server.mjs"))
                 .arg(port.to_string())
                 .args(redis_url);
+            if recovery {
+                c.env("RECOVERY_WINDOW_MS", RECOVERY_WINDOW_MS.to_string());
+            }
             c
         }
         Server::Socketioxide => {
@@ -281,9 +302,10 @@ struct Placed {
 }
 
 impl Placed {
-    fn start(server: Server, plugins: &Path, shape: Shape) -> Result<Placed> {
+    fn start(server: Server, plugins: &Path, case: &Case) -> Result<Placed> {
+        let (shape, recovery) = (case.shape, case.recovery);
         if shape == Shape::Alone {
-            let node = start(server, plugins)?;
+            let node = start_node(server, plugins, Join::Alone, recovery)?;
             return Ok(Placed {
                 nodes: vec![node],
                 redis: None,
@@ -293,11 +315,16 @@ impl Placed {
         let join = Join::Cluster(redis.port);
         let nodes = match shape {
             Shape::Mixed => vec![
-                start_node(server, plugins, join)?,
-                start_node(Server::ChanhostSocketio, plugins, Join::Adapter(redis.port))?,
+                start_node(server, plugins, join, recovery)?,
+                start_node(
+                    Server::ChanhostSocketio,
+                    plugins,
+                    Join::Adapter(redis.port),
+                    recovery,
+                )?,
             ],
             _ => (0..2)
-                .map(|_| start_node(server, plugins, join))
+                .map(|_| start_node(server, plugins, join, recovery))
                 .collect::<Result<Vec<_>>>()?,
         };
         // Let every node find the cluster (subscriptions, heartbeats).
@@ -365,11 +392,21 @@ struct Case {
     name: String,
     args: Vec<String>,
     shape: Shape,
+    /// Connection state recovery on.
+    recovery: bool,
 }
 
 impl Case {
     fn servers(&self) -> Vec<Server> {
-        if self.name == "upstream" {
+        if self.name.starts_with(RECOVERY_CASES) {
+            // Socket.IO's; Node's recovery has no Redis adapter (only its
+            // streams adapter), so it runs on one node.
+            if self.shape == Shape::Alone {
+                vec![Server::ChanhostSocketio, Server::Node]
+            } else {
+                vec![Server::ChanhostSocketio]
+            }
+        } else if self.name == "upstream" {
             Server::ALL.to_vec()
         } else if self.shape == Shape::Mixed {
             // The publisher's server; chanhost beside it.
@@ -534,6 +571,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             name: format!("connect {n}"),
             args: vec!["connect".into(), "--n".into(), n.to_string()],
             shape: Shape::Alone,
+            recovery: false,
         });
     }
     for &m in sizes_fanout {
@@ -542,6 +580,7 @@ pub fn bench(args: &[String]) -> Result<()> {
                 name: format!("fanout {m} x {p} B"),
                 args: fanout_args(m, p, quick),
                 shape: Shape::Alone,
+                recovery: false,
             });
         }
     }
@@ -553,6 +592,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             measured_secs(quick).to_string(),
         ],
         shape: Shape::Alone,
+        recovery: false,
     });
     // The cluster: one room on one node, then on two nodes of one Redis,
     // run next to each other.
@@ -561,7 +601,20 @@ pub fn bench(args: &[String]) -> Result<()> {
             name: shape.cluster_case(),
             args: fanout_args(CLUSTER_MEMBERS, 100, quick),
             shape,
+            recovery: false,
         });
+    }
+    // Connection state recovery off and on, one node and two: what
+    // numbering and keeping every event costs the fan-out.
+    for shape in [Shape::Alone, Shape::Split] {
+        for recovery in [false, true] {
+            cases.push(Case {
+                name: recovery_case(shape, recovery),
+                args: fanout_args(CLUSTER_MEMBERS, 100, quick),
+                shape,
+                recovery,
+            });
+        }
     }
     // `--only PREFIX`: the cases whose names start with it, their figures
     // put in place of the saved ones (the others kept as they were).
@@ -594,7 +647,7 @@ pub fn bench(args: &[String]) -> Result<()> {
                 eprintln!("bench: {} / {} (run {})", case.name, server.label(), r + 1);
                 // A server that does not start is a failed run, reported
                 // with the others; the bench goes on.
-                let mut v = match Placed::start(server, &plugins, case.shape)
+                let mut v = match Placed::start(server, &plugins, case)
                     .and_then(|placed| generate(server, &placed, case))
                 {
                     Ok(v) => v,
@@ -613,11 +666,29 @@ pub fn bench(args: &[String]) -> Result<()> {
     }
     if only.is_some() {
         let Ok((mut saved, saved_repeat, saved_quick)) = load() else {
-            // Nothing to merge into: keep these figures, leave the report.
+            // Nothing to merge into: keep these figures, and put the
+            // sections they make up (cluster, recovery) in place in
+            // BENCHMARKS.md; the rest of it is left as it is.
             save(&results, repeat, quick)?;
+            let mut part = String::new();
+            cluster(&mut part, &results);
+            recovery(&mut part, &results);
+            let path = root().join("BENCHMARKS.md");
+            let mut doc = std::fs::read_to_string(&path).unwrap_or_default();
+            for section in sections(&part) {
+                doc = splice_section(&doc, section);
+            }
+            if !part.is_empty() {
+                std::fs::write(&path, doc)?;
+            }
             eprintln!(
-                "bench: no earlier run saved; figures in {} (BENCHMARKS.md left as it is)",
-                results_path().display()
+                "bench: no earlier run saved; figures in {}{}",
+                results_path().display(),
+                if part.is_empty() {
+                    " (BENCHMARKS.md left as it is)"
+                } else {
+                    "; their sections of BENCHMARKS.md replaced"
+                }
             );
             return Ok(());
         };
@@ -653,6 +724,47 @@ pub fn bench(args: &[String]) -> Result<()> {
     write_report(&results, repeat, quick)
 }
 
+/// The `## ` sections of a rendered part, each with its heading.
+fn sections(part: &str) -> Vec<&str> {
+    let mut starts: Vec<usize> = part.match_indices("## ").map(|(i, _)| i).collect();
+    starts.retain(|&i| i == 0 || part.as_bytes()[i - 1] == b'\n');
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| &part[i..starts.get(k + 1).copied().unwrap_or(part.len())])
+        .collect()
+}
+
+/// The report with `section` (a `## ` heading and its text) in place of
+/// the generated section of the same heading (the first one: the analysis
+/// appended after the figures may reuse a heading), or before the budget
+/// section when there is none.
+fn splice_section(doc: &str, section: &str) -> String {
+    let heading = section.lines().next().unwrap_or_default();
+    let find = |h: &str| {
+        doc.match_indices(h).map(|(i, _)| i).find(|&i| {
+            (i == 0 || doc.as_bytes()[i - 1] == b'\n') && doc[i..].lines().next() == Some(h)
+        })
+    };
+    let (start, end) = match find(heading) {
+        Some(i) => {
+            let rest = &doc[i + heading.len()..];
+            let end = rest
+                .find("\n## ")
+                .map_or(doc.len(), |j| i + heading.len() + j + 1);
+            (i, end)
+        }
+        None => {
+            let at = find(BUDGET_HEADING).unwrap_or(doc.len());
+            (at, at)
+        }
+    };
+    format!("{}{}{}", &doc[..start], section, &doc[end..])
+}
+
+/// The budget section's heading (the recovery section goes before it).
+const BUDGET_HEADING: &str = "## chanhost against the budget (DESIGN.md)";
+
 /// The arguments of a fan-out run: about 60k frames/s offered, whatever
 /// the room size.
 fn fanout_args(members: usize, payload: usize, quick: bool) -> Vec<String> {
@@ -674,6 +786,19 @@ fn fanout_args(members: usize, payload: usize, quick: bool) -> Vec<String> {
 
 /// The room of the cluster cases.
 const CLUSTER_MEMBERS: usize = 1000;
+
+/// The prefix of the recovery cases' names.
+const RECOVERY_CASES: &str = "recovery ";
+
+/// The name of a recovery case (the one place the report and the case
+/// list agree on).
+fn recovery_case(shape: Shape, recovery: bool) -> String {
+    format!(
+        "{RECOVERY_CASES}{CLUSTER_MEMBERS} x 100 B, {}, {}",
+        shape.what(),
+        if recovery { "on" } else { "off" }
+    )
+}
 
 /// The day of a measurement (UTC), kept with its figures.
 fn today() -> String {
@@ -844,6 +969,7 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
         let _ = writeln!(s);
     }
     cluster(&mut s, results);
+    recovery(&mut s, results);
     budget(&mut s, results);
     if let Ok(notes) = std::fs::read_to_string(root().join("tests/bench/analysis.md")) {
         let _ = writeln!(s, "{notes}");
@@ -975,6 +1101,66 @@ fn cluster(s: &mut String, results: &Results) {
     let _ = writeln!(s);
 }
 
+/// The recovery section: the same room with connection state recovery
+/// off and on.
+fn recovery(s: &mut String, results: &Results) {
+    let cases: Vec<_> = results
+        .iter()
+        .filter(|(n, _)| n.starts_with(RECOVERY_CASES))
+        .collect();
+    if cases.is_empty() {
+        return;
+    }
+    let at = cases
+        .iter()
+        .flat_map(|(_, by)| by.iter().flat_map(|(_, runs)| runs.iter()))
+        .find_map(|v| v.get("at").and_then(Value::as_str))
+        .unwrap_or("—")
+        .to_owned();
+    let _ = writeln!(s, "## Connection state recovery\n");
+    let _ = writeln!(
+        s,
+        "Measured on {at}. One Socket.IO room of {CLUSTER_MEMBERS} members, ~100-byte payloads, ~60k offered \
+         frames/s, with connection state recovery off and on (chanhost \
+         `[socketio.recovery] max_disconnection_ms = {RECOVERY_WINDOW_MS}`, the Node \
+         server `connectionStateRecovery` with the same window): every event is \
+         numbered, kept in the room's history and carries its offset to each member. \
+         On two nodes (chanhost `[cluster]`, members spread over both) the history \
+         lives in Redis; Node's recovery needs its streams adapter there, so it \
+         runs on one node only. Redis figures are per published event.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| placement | recovery | server | delivered frames/s | p50 ms | p99 ms | drops | Redis bytes in | Redis bytes out |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for (name, by) in &cases {
+        let mut parts = name.rsplitn(2, ", ");
+        let on = parts.next().unwrap_or("");
+        let placement = parts
+            .next()
+            .and_then(|p| p.split_once(", "))
+            .map_or("", |(_, w)| w);
+        for (server, runs) in by {
+            row(
+                s,
+                &[
+                    placement.to_owned(),
+                    on.to_owned(),
+                    server.label().to_owned(),
+                    fmt(fig(runs, "frames_per_sec"), 0),
+                    fmt(fig(runs, "p50_ms"), 2),
+                    fmt(fig(runs, "p99_ms"), 2),
+                    fmt(fig(runs, "drops"), 0),
+                    fmt(fig(runs, "redis.in_bytes"), 0),
+                    fmt(fig(runs, "redis.out_bytes"), 0),
+                ],
+            );
+        }
+    }
+    let _ = writeln!(s);
+}
+
 /// The performance budget of DESIGN.md against chanhost's figures.
 fn budget(s: &mut String, results: &Results) {
     let of = |case: &str, server: Server, key: &str| -> f64 {
@@ -1018,7 +1204,7 @@ fn budget(s: &mut String, results: &Results) {
     };
     let (mn, mk) = largest(Server::ChanhostMisskey);
     let (sn, sk) = largest(Server::ChanhostSocketio);
-    let _ = writeln!(s, "## chanhost against the budget (DESIGN.md)\n");
+    let _ = writeln!(s, "{BUDGET_HEADING}\n");
     let _ = writeln!(s, "| target | chanhost | verdict |");
     let _ = writeln!(s, "|---|---|---|");
     let _ = writeln!(
@@ -1188,4 +1374,38 @@ fn plot(results: &Results) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_section_replaces_the_generated_one_of_its_heading() {
+        let doc = "# B\n\n## Several nodes on Redis\n\nold\n\n## chanhost against the budget (DESIGN.md)\n\nb\n\n## Several nodes on Redis\n\nanalysis\n";
+        let out = splice_section(doc, "## Several nodes on Redis\n\nnew\n\n");
+        assert_eq!(
+            out,
+            "# B\n\n## Several nodes on Redis\n\nnew\n\n## chanhost against the budget (DESIGN.md)\n\nb\n\n## Several nodes on Redis\n\nanalysis\n"
+        );
+    }
+
+    #[test]
+    fn a_new_section_goes_before_the_budget() {
+        let doc = "# B\n\n## Upstream\n\nu\n\n## chanhost against the budget (DESIGN.md)\n\nb\n";
+        let out = splice_section(doc, "## Connection state recovery\n\nr\n\n");
+        assert_eq!(
+            out,
+            "# B\n\n## Upstream\n\nu\n\n## Connection state recovery\n\nr\n\n## chanhost against the budget (DESIGN.md)\n\nb\n"
+        );
+    }
+
+    #[test]
+    fn a_part_splits_into_its_sections() {
+        let part = "## A\n\na ## not a heading\n\n## B\n\nb\n";
+        assert_eq!(
+            sections(part),
+            ["## A\n\na ## not a heading\n\n", "## B\n\nb\n"]
+        );
+    }
 }

@@ -14,12 +14,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::bench::{build_host, machine, start, taskset, Server};
+use crate::bench::{build_host, machine, start, start_recovering, taskset, Server};
 use crate::root;
 
 struct Scenario {
     title: &'static str,
     args: Vec<String>,
+    /// The host runs with `[socketio.recovery]`.
+    recovery: bool,
 }
 
 fn scenarios(quick: bool) -> Vec<Scenario> {
@@ -29,30 +31,42 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         Scenario {
             title: "10 Misskey streams, 32 connects + 1,536 subNote each, 60 KB ids",
             args: a(&["attack-ids", "--conns", "10", "--id-bytes", "60000"]),
+            recovery: false,
         },
         Scenario {
             title: "10 Misskey streams, 32 connects + 1,536 subNote each, 128-byte ids (the longest kept)",
             args: a(&["attack-ids", "--conns", "10", "--id-bytes", "128"]),
+            recovery: false,
         },
         Scenario {
             title: "2 clients that never read, 600 events of 1 MB",
             args: a(&["attack-slow", "--clients", "2", "--events", "600", "--size", "1000000"]),
+            recovery: false,
         },
         Scenario {
             title: "100 clients that never read, 1,000 events of 10 KB",
             args: a(&["attack-slow", "--clients", "100", "--events", "1000", "--size", "10000"]),
+            recovery: false,
         },
         Scenario {
             title: "2,000 polling handshakes with 361 KB of headers, closed at once",
             args: a(&["attack-headers", "--n", "2000", "--header-bytes", "361000"]),
+            recovery: false,
         },
         Scenario {
             title: "2,000 polling handshakes with 60 KB of headers (under max_header_bytes), closed at once",
             args: a(&["attack-headers", "--n", "2000", "--header-bytes", "60000"]),
+            recovery: false,
+        },
+        Scenario {
+            title: "5,000 Socket.IO sockets lost and kept ([socketio.recovery]), then 20,000 events of 100 B kept in 20 room histories",
+            args: a(&["recovery-memory", "--sockets", "5000", "--rooms", "20", "--events", "20000", "--size", "100"]),
+            recovery: true,
         },
         Scenario {
             title: "mixed soak: 2,000 idle, a 200-member room at 20 events/s, slow consumers, churn, malformed clients",
             args: a(&["soak", "--secs", soak_secs]),
+            recovery: false,
         },
     ]
 }
@@ -85,6 +99,16 @@ fn render(results: &[(String, Value)], quick: bool) -> String {
                 mib(v, "rss_loaded_kib"),
                 mib(v, "rss_closed_kib"),
                 format!("{:.1} MiB of growth at the peak", v["growth_peak_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0),
+            ),
+            Some("recovery-memory") => (
+                mib(v, "rss_history_kib"),
+                "–".into(),
+                format!(
+                    "{:.0} B per kept session, {:.0} B per kept {} B event",
+                    v["bytes_per_session"].as_f64().unwrap_or(f64::NAN),
+                    v["bytes_per_entry"].as_f64().unwrap_or(f64::NAN),
+                    v["size"]
+                ),
             ),
             Some("attack-headers") => (
                 mib(v, "rss_after_kib"),
@@ -148,7 +172,11 @@ pub fn soak(args: &[String]) -> Result<()> {
     let mut results = Vec::new();
     for sc in scenarios(quick) {
         eprintln!("soak: {}", sc.title);
-        let host = start(Server::ChanhostMisskey, &plugins)?;
+        let host = if sc.recovery {
+            start_recovering(&plugins)?
+        } else {
+            start(Server::ChanhostMisskey, &plugins)?
+        };
         std::thread::sleep(Duration::from_secs(1));
         let out = taskset("1", root.join("target/release/chanhost-bench"))
             .args(&sc.args)

@@ -165,6 +165,21 @@ enum Cmd {
         #[arg(long, default_value_t = 361_000)]
         header_bytes: usize,
     },
+    /// Socket.IO sockets whose connections are lost, kept by connection
+    /// state recovery, and events kept in their rooms' histories (the host
+    /// must run with `[socketio.recovery]`).
+    RecoveryMemory {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 5000)]
+        sockets: usize,
+        #[arg(long, default_value_t = 20)]
+        rooms: usize,
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+    },
     /// A mixed load for `secs`, then everything closed.
     Soak {
         #[command(flatten)]
@@ -736,6 +751,21 @@ fn main() -> Result<()> {
                 n,
                 header_bytes,
             } => soak::attack_headers(&server.url, server.pid, n, header_bytes).await,
+            Cmd::RecoveryMemory {
+                server,
+                sockets,
+                rooms,
+                events,
+                size,
+            } => {
+                let load = soak::RecoveryLoad {
+                    sockets,
+                    rooms,
+                    events,
+                    size,
+                };
+                soak::recovery_memory(&server.url, server.pid, load).await
+            }
             Cmd::Soak { server, secs } => soak::soak(&server.url, server.pid, secs).await,
             Cmd::ServeNative { listen } => native::serve(listen)
                 .await

@@ -459,3 +459,105 @@ pub async fn soak(url: &str, pid: u32, secs: u64) -> Result<serde_json::Value> {
         "malformed_clients": counters[2].load(Ordering::Relaxed),
     }))
 }
+
+/// `GET <path>` on its own connection; the body.
+async fn get(url: &str, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(authority(url)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await?;
+    let text = String::from_utf8_lossy(&got);
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned()))
+}
+
+/// A metric of `/metrics` without labels.
+async fn metric(url: &str, name: &str) -> Result<f64> {
+    let body = get(url, "/metrics").await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("no {name} in /metrics"))
+}
+
+/// Polls a metric until it reaches `at_least` (bounded); its last value.
+async fn metric_reaches(url: &str, name: &str, at_least: f64) -> Result<f64> {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = metric(url, name).await?;
+        if v >= at_least {
+            return Ok(v);
+        }
+        if Instant::now() > end {
+            bail!("{name} stayed at {v}, under {at_least}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The load of [`recovery_memory`].
+pub struct RecoveryLoad {
+    pub sockets: usize,
+    pub rooms: usize,
+    pub events: usize,
+    pub size: usize,
+}
+
+/// Connection state recovery (the host runs with `[socketio.recovery]`):
+/// `sockets` Socket.IO sockets spread over `rooms` rooms lose their
+/// connections (TCP closed without a close frame, so their sessions are
+/// kept), then `events` of `size` bytes are published over the rooms and
+/// kept in their histories. What the host holds per kept session and per
+/// history entry, from its RSS.
+pub async fn recovery_memory(url: &str, pid: u32, load: RecoveryLoad) -> Result<serde_json::Value> {
+    let RecoveryLoad {
+        sockets,
+        rooms,
+        events,
+        size,
+    } = load;
+    let rooms = rooms.max(1);
+    let t = Target {
+        proto: Proto::Socketio,
+        ..misskey(url)
+    };
+    let before = rss(pid);
+    let mut conns = Vec::with_capacity(sockets);
+    for i in 0..sockets {
+        conns.push(open(&t, Some(&format!("kept-{}", i % rooms))).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let connected = rss(pid);
+    // Lost, not closed: the TCP connections end without a close frame.
+    drop(conns);
+    metric_reaches(url, "chanhost_socketio_recovery_kept", sockets as f64).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kept = rss(pid);
+    for r in 0..rooms {
+        let share = events / rooms + usize::from(r < events % rooms);
+        publish_many(url, &format!("kept-{r}"), share, size).await?;
+    }
+    let entries = metric_reaches(
+        url,
+        "chanhost_socketio_recovery_history_entries",
+        events as f64,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let history = rss(pid);
+    Ok(serde_json::json!({
+        "scenario": "recovery-memory",
+        "sockets": sockets,
+        "events": events,
+        "entries": entries,
+        "size": size,
+        "rss_before_kib": before,
+        "rss_peak_kib": connected.max(kept).max(history),
+        "rss_connected_kib": connected,
+        "rss_kept_kib": kept,
+        "rss_history_kib": history,
+        "bytes_per_session": kept.saturating_sub(before) as f64 * 1024.0 / sockets.max(1) as f64,
+        "bytes_per_entry": history.saturating_sub(kept) as f64 * 1024.0 / entries.max(1.0),
+    }))
+}

@@ -5,13 +5,21 @@
 // usage: node server.mjs PORT [REDIS_URL]
 // With REDIS_URL, the server is one node of a cluster on
 // @socket.io/redis-adapter (node-redis as its client), as its docs set it up.
+// With RECOVERY_WINDOW_MS in the environment, connection state recovery is
+// on (the in-memory adapter's; one node only).
 import { createServer } from 'node:http';
 import { Server } from 'socket.io';
 
 const port = Number(process.argv[2] ?? 3001);
 const redisUrl = process.argv[3];
 const http = createServer();
-const io = new Server(http, { transports: ['websocket'], perMessageDeflate: false, serveClient: false });
+const recoveryWindow = Number(process.env.RECOVERY_WINDOW_MS ?? 0);
+const io = new Server(http, {
+  transports: ['websocket'],
+  perMessageDeflate: false,
+  serveClient: false,
+  ...(recoveryWindow > 0 ? { connectionStateRecovery: { maxDisconnectionDuration: recoveryWindow } } : {}),
+});
 
 if (redisUrl) {
   const { createClient } = await import('redis');
