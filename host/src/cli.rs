@@ -109,6 +109,7 @@ pub async fn serve_node(node: Arc<Node>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    node.set_bound(addr);
     tracing::info!(
         plugins = ?node.plugins().names(),
         "chanhost listening on http://{addr} (Misskey streaming at ws://{addr}/streaming)"

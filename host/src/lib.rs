@@ -23,6 +23,7 @@
 //!   `@socket.io/redis-adapter` (`[socketio.adapter]`).
 
 pub mod adapter;
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod broker;

@@ -58,6 +58,75 @@ impl Gauge {
     }
 }
 
+/// Durations, in buckets of a quarter of a power of two of nanoseconds
+/// (from 128 ns to ~8.6 s; longer ones go in the last): quantiles within
+/// 19 % at a fixed cost of a few atomic adds per value and 864 bytes.
+pub struct LatencyHistogram([AtomicU64; LatencyHistogram::BUCKETS]);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl std::fmt::Debug for LatencyHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LatencyHistogram")
+            .field("count", &self.count())
+            .finish()
+    }
+}
+
+impl LatencyHistogram {
+    /// The first bucket's octave (2^7 ns).
+    const FIRST_OCTAVE: u32 = 7;
+    const BUCKETS: usize = 27 * 4;
+
+    /// The bucket of a duration in nanoseconds.
+    fn bucket(ns: u64) -> usize {
+        let ns = ns.max(1 << Self::FIRST_OCTAVE);
+        let octave = 63 - ns.leading_zeros();
+        // The two bits after the leading one: which quarter of the octave.
+        let quarter = ((ns >> (octave - 2)) & 3) as u32;
+        (((octave - Self::FIRST_OCTAVE) * 4 + quarter) as usize).min(Self::BUCKETS - 1)
+    }
+
+    /// The upper bound of a bucket, in nanoseconds.
+    fn upper(i: usize) -> u64 {
+        let octave = i as u32 / 4 + Self::FIRST_OCTAVE;
+        let quarter = i as u64 % 4;
+        (1u64 << octave) + (quarter + 1) * (1u64 << (octave - 2))
+    }
+
+    pub fn record(&self, d: std::time::Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0[Self::bucket(ns)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The `q` quantile (0..=1) in nanoseconds, as its bucket's upper
+    /// bound; None without values.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.0.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::upper(i));
+            }
+        }
+        Some(Self::upper(Self::BUCKETS - 1))
+    }
+}
+
 /// Host-wide metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -65,6 +134,8 @@ pub struct Metrics {
     pub instances: Gauge,
     pub captures: Gauge,
     pub publishes: Counter,
+    /// Messages received from clients (Misskey frames, Socket.IO packets).
+    pub messages_received: Counter,
     pub frames_sent: Counter,
     pub slow_consumer_closes: Counter,
     /// Requests whose body did not arrive within `[limits] body_timeout_ms`.
@@ -205,6 +276,13 @@ impl Metrics {
             "counter",
             "Events published (API and plugin broadcasts).",
             self.publishes.get(),
+        );
+        write_metric(
+            out,
+            "chanhost_messages_received_total",
+            "counter",
+            "Messages received from clients (Misskey frames, Socket.IO packets).",
+            self.messages_received.get(),
         );
         write_metric(
             out,
@@ -539,6 +617,35 @@ pub fn render(metrics: &Metrics, node: &NodeFigures) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_quantiles_fall_within_a_quarter_octave() {
+        let h = LatencyHistogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for us in 1..=100u64 {
+            h.record(std::time::Duration::from_micros(us));
+        }
+        let p50 = h.quantile(0.5).unwrap();
+        assert!((50_000..=50_000 * 5 / 4).contains(&p50), "{p50}");
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((99_000..=99_000 * 5 / 4).contains(&p99), "{p99}");
+        assert_eq!(h.count(), 100);
+        // Below the first bucket and past the last.
+        h.record(std::time::Duration::from_nanos(3));
+        h.record(std::time::Duration::from_secs(3600));
+        assert_eq!(h.quantile(0.0), Some(LatencyHistogram::upper(0)));
+        assert_eq!(
+            h.quantile(1.0),
+            Some(LatencyHistogram::upper(LatencyHistogram::BUCKETS - 1))
+        );
+        // Every bucket's bound is above the values it holds.
+        for ns in [128u64, 129, 160, 255, 256, 1000, 123_456_789] {
+            assert!(
+                LatencyHistogram::upper(LatencyHistogram::bucket(ns)) > ns,
+                "{ns}"
+            );
+        }
+    }
 
     #[test]
     fn label_values_are_escaped() {

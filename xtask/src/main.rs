@@ -18,6 +18,8 @@
 //!   its memory (see [`soak`]); writes `docs/soak.md`.
 //! - `fuzz [SECONDS]`: every target of `fuzz/` for SECONDS each (default
 //!   30), with cargo-fuzz installed into `target/toolchains`.
+//! - `screenshots`: the README's pictures of the operator page
+//!   (`docs/admin*.png`), taken by Debian's chromium.
 
 mod bench;
 mod examples;
@@ -204,12 +206,12 @@ fn checks() -> Result<()> {
         .args(["doc", "--workspace", "--no-deps"]))
 }
 
-/// Installs Debian's `redis-server` if it is missing: the end-to-end tests
-/// start their own on free ports.
-pub(crate) fn ensure_redis() -> Result<()> {
-    let found = Command::new("redis-server")
+/// Installs a Debian package when `program --version` does not run.
+fn ensure_debian(program: &str, package: &str) -> Result<()> {
+    let found = Command::new(program)
         .arg("--version")
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if found {
@@ -230,17 +232,31 @@ pub(crate) fn ensure_redis() -> Result<()> {
         c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
         c
     };
-    let install = ["install", "-y", "--no-install-recommends", "redis-server"];
+    let install = ["install", "-y", "--no-install-recommends", package];
     if run(&mut apt(&install)).is_err() {
         run(&mut apt(&["update"]))?;
-        run(&mut apt(&install)).context("installing redis-server (Debian package)")?;
+        run(&mut apt(&install))
+            .with_context(|| format!("installing {package} (Debian package)"))?;
     }
     Ok(())
+}
+
+/// Installs Debian's `redis-server` if it is missing: the end-to-end tests
+/// start their own on free ports.
+pub(crate) fn ensure_redis() -> Result<()> {
+    ensure_debian("redis-server", "redis-server")
+}
+
+/// Installs Debian's `chromium` if it is missing: the operator page's
+/// tests drive it headless with puppeteer-core.
+pub(crate) fn ensure_chromium() -> Result<()> {
+    ensure_debian("chromium", "chromium")
 }
 
 fn test(filter: &[String]) -> Result<()> {
     let root = root();
     ensure_redis()?;
+    ensure_chromium()?;
     if filter.is_empty() {
         checks()?;
     }
@@ -342,6 +358,23 @@ fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// The README's screenshots of the operator page (`docs/admin.png`,
+/// `docs/admin-phone.png`): a host with test plugins and a few clients,
+/// seen by Debian's chromium.
+fn screenshots() -> Result<()> {
+    let root = root();
+    ensure_chromium()?;
+    plugins()?;
+    run(cargo().current_dir(&root).args(["build", "-p", "chanhost"]))?;
+    let e2e = root.join("tests/e2e");
+    npm_ci(&e2e)?;
+    run(Command::new("node")
+        .current_dir(&e2e)
+        .env("CHANHOST_BIN", root.join("target/debug/chanhost"))
+        .env("CHANHOST_ROOT", &root)
+        .arg("screenshots.mjs"))
+}
+
 fn run_host() -> Result<()> {
     let root = root();
     plugins()?;
@@ -364,6 +397,7 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("run") => run_host(),
         Some("examples") => examples::examples().map(|_| ()),
+        Some("screenshots") => screenshots(),
         Some("bench") => bench::bench(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
         Some("fuzz") => {
@@ -374,7 +408,7 @@ fn main() -> Result<()> {
             fuzz(secs)
         }
         _ => {
-            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run|bench [--quick] [--repeat N] [--host PATH]|soak [--quick]|fuzz [SECONDS]>");
+            eprintln!("usage: cargo xtask <plugins|examples|test [E2E FILES...]|run|bench [--quick] [--repeat N] [--host PATH] [--only PREFIX]|soak [--quick]|fuzz [SECONDS]|screenshots>");
             std::process::exit(2);
         }
     }

@@ -87,8 +87,23 @@ impl BrokerState {
     }
 }
 
+/// A live node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    /// Its last heartbeat (ms since the epoch).
+    pub heartbeat_at: u64,
+    /// Its client connections at that heartbeat (None if it did not say).
+    pub connections: Option<u64>,
+}
+
 /// This node, as a broker sees it.
 pub trait LocalDelivery: Send + Sync {
+    /// Client connections open on this node (told to the other nodes with
+    /// each heartbeat).
+    fn connections(&self) -> u64 {
+        0
+    }
     /// Delivers to this node's members and listeners of the room.
     fn deliver_local(&self, p: &Publication);
     /// Whether the room has members or listeners on this node.
@@ -131,6 +146,15 @@ pub trait Broker: Send + Sync {
     /// Nodes alive in the cluster (1 for a single node).
     fn nodes(&self) -> u64 {
         1
+    }
+    /// This node's id in the cluster (none for a single node).
+    fn node_id(&self) -> Option<&str> {
+        None
+    }
+    /// The cluster's live nodes as the last heartbeat read them (none for
+    /// a single node).
+    fn node_list(&self) -> Vec<NodeInfo> {
+        Vec::new()
     }
     /// Asks every other node of the cluster (`ask` is a JSON value the
     /// nodes' [`LocalDelivery::answer`] reads) and gathers their answers,

@@ -20,6 +20,9 @@
 //!   it (`ZREM` answers 1 to one of them), which then cleans up after the
 //!   dead node (its presence); `/healthz` counts the rest. One entry per
 //!   node: a few dozen bytes.
+//! - `<prefix>:node-connections` — a hash: node id → its client
+//!   connections at its last heartbeat (the operator page's cluster view);
+//!   removed with the node's entry above.
 //!
 //! A message is `[u32 header length][header JSON][u32 count]([u32
 //! length][bytes])*` (lengths little-endian): the header names the
@@ -137,6 +140,8 @@ struct Shared {
     publishing: AtomicBool,
     subscribed: AtomicBool,
     nodes: AtomicU64,
+    /// The live nodes at the last heartbeat.
+    node_list: parking_lot::Mutex<Vec<super::NodeInfo>>,
     metrics: Arc<Metrics>,
     /// Told of each dead node this node claimed (to clean up after it):
     /// called with the node's id.
@@ -377,6 +382,11 @@ pub fn nodes_key(prefix: &str) -> String {
     format!("{prefix}:nodes")
 }
 
+/// A hash: node id → its client connections at its last heartbeat.
+pub fn node_connections_key(prefix: &str) -> String {
+    format!("{prefix}:node-connections")
+}
+
 impl RedisBroker {
     /// Starts the broker's connections (they come up in the background).
     pub fn start(o: RedisBrokerOptions) -> Result<Self, UrlError> {
@@ -398,6 +408,7 @@ impl RedisBroker {
             publishing: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
             nodes: AtomicU64::new(0),
+            node_list: parking_lot::Mutex::new(Vec::new()),
             metrics: o.metrics,
             gone: OnceLock::new(),
             asks: parking_lot::Mutex::new(HashMap::new()),
@@ -534,6 +545,14 @@ impl Broker for RedisBroker {
         self.shared.nodes.load(Ordering::Relaxed)
     }
 
+    fn node_id(&self) -> Option<&str> {
+        Some(&self.shared.node)
+    }
+
+    fn node_list(&self) -> Vec<super::NodeInfo> {
+        self.shared.node_list.lock().clone()
+    }
+
     fn ask_all(
         &self,
         ask: serde_json::Value,
@@ -596,6 +615,10 @@ impl Broker for RedisBroker {
             // Best effort: a node that cannot say so is counted out after
             // node_ttl_ms.
             let _ = self.shared.once::<()>(&zrem).await;
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(node_connections_key(&self.shared.prefix))
+                .arg(&self.shared.node);
+            let _ = self.shared.once::<()>(&hdel).await;
         })
     }
 }
@@ -831,6 +854,7 @@ fn now_ms() -> u64 {
 /// This node's heartbeat in `<prefix>:nodes`, and the count of live nodes.
 async fn heartbeat(shared: Arc<Shared>) {
     let key = nodes_key(&shared.prefix);
+    let counts_key = node_connections_key(&shared.prefix);
     let ttl = shared.node_ttl.as_millis() as u64;
     let every = (shared.node_ttl / 3).max(Duration::from_millis(100));
     let mut attempt = 0u32;
@@ -847,8 +871,11 @@ async fn heartbeat(shared: Arc<Shared>) {
         loop {
             let now = now_ms();
             let stale = now.saturating_sub(ttl) as f64;
+            let connections = shared.local().map_or(0, |l| l.connections());
             let mut pipe = redis::pipe();
             pipe.zadd(&key, &shared.node, now)
+                .ignore()
+                .hset(&counts_key, &shared.node, connections)
                 .ignore()
                 .zrangebyscore(&key, "-inf", stale);
             let dead = match timed(pipe.query_async::<(Vec<String>,)>(&mut conn)).await {
@@ -864,16 +891,40 @@ async fn heartbeat(shared: Arc<Shared>) {
                 )
                 .await;
                 if claimed == Ok(1) {
+                    let _ = timed(
+                        redis::cmd("HDEL")
+                            .arg(&counts_key)
+                            .arg(&d)
+                            .query_async::<u64>(&mut conn),
+                    )
+                    .await;
                     tracing::info!(node = %d, "cluster node gone (no heartbeat); cleaning up after it");
                     if let Some(f) = shared.gone.get() {
                         f(&d);
                     }
                 }
             }
-            match timed(redis::cmd("ZCARD").arg(&key).query_async::<u64>(&mut conn)).await {
-                Ok(n) => {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .hgetall(&counts_key);
+            type Live = (Vec<(String, f64)>, HashMap<String, u64>);
+            match timed(pipe.query_async::<Live>(&mut conn)).await {
+                Ok((live, counts)) => {
+                    let n = live.len() as u64;
                     shared.nodes.store(n, Ordering::Relaxed);
                     shared.metrics.cluster_nodes.set(n);
+                    *shared.node_list.lock() = live
+                        .into_iter()
+                        .map(|(id, at)| super::NodeInfo {
+                            connections: counts.get(&id).copied(),
+                            heartbeat_at: at as u64,
+                            id,
+                        })
+                        .collect();
                 }
                 Err(_) => break,
             }

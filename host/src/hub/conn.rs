@@ -632,6 +632,24 @@ impl ConnHandle {
         self.direct.write().take();
     }
 
+    /// The transport its frames go out on now: `websocket` (written
+    /// directly, or a Misskey stream) or `polling` (a queue its session
+    /// drains).
+    pub fn transport(&self) -> &'static str {
+        if self.protocol == Protocol::Misskey || self.direct.read().is_some() {
+            "websocket"
+        } else {
+            "polling"
+        }
+    }
+
+    /// Bytes waiting in the connection's queue (0 when written directly).
+    pub fn queued_bytes(&self) -> usize {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| q.bytes.load(Ordering::Relaxed))
+    }
+
     /// Who the connection belongs to, if known.
     pub fn identity(&self) -> Option<&Identity> {
         self.identity.get()

@@ -323,6 +323,30 @@ impl Hub {
         self.room_size(room) > 0 || self.listeners.read().contains_key(room)
     }
 
+    /// The largest rooms whose names contain `query` (every room for an
+    /// empty one), largest first and then by name, at most `limit`; and
+    /// how many rooms matched. One pass over the rooms (for operators).
+    pub fn rooms_by_size(&self, query: &str, limit: usize) -> (usize, Vec<(Arc<str>, usize)>) {
+        let mut matched = 0;
+        let mut all: Vec<(Arc<str>, usize)> = Vec::new();
+        for shard in self.rooms.iter() {
+            for (name, members) in shard.read().iter() {
+                if name.contains(query) {
+                    matched += 1;
+                    all.push((name.clone(), members.len()));
+                }
+            }
+        }
+        let by_size =
+            |a: &(Arc<str>, usize), b: &(Arc<str>, usize)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+        if all.len() > limit && limit > 0 {
+            all.select_nth_unstable_by(limit - 1, by_size);
+        }
+        all.truncate(limit);
+        all.sort_by(by_size);
+        (matched, all)
+    }
+
     /// Number of non-empty rooms.
     pub fn room_count(&self) -> usize {
         self.rooms.iter().map(|s| s.read().len()).sum()
@@ -585,6 +609,31 @@ mod tests {
         };
         c.insert_instance(id, state);
         slot
+    }
+
+    #[test]
+    fn rooms_come_largest_first_and_are_searched_by_name() {
+        let hub = hub();
+        let (a, _ra) = conn(1, 8);
+        let (b, _rb) = conn(2, 8);
+        hub.register(a.clone());
+        hub.register(b.clone());
+        let (sa, sb) = (inst(&a, "1"), inst(&b, "1"));
+        for room in ["chat:big", "chat:small", "notes"] {
+            hub.join(&a, sa.clone(), room);
+        }
+        hub.join(&b, sb.clone(), "chat:big");
+        hub.join(&b, sb, "notes");
+        let (n, rooms) = hub.rooms_by_size("", 2);
+        assert_eq!(n, 3);
+        let names: Vec<(&str, usize)> = rooms.iter().map(|(r, m)| (&**r, *m)).collect();
+        assert_eq!(names, [("chat:big", 2), ("notes", 2)]);
+        let (n, rooms) = hub.rooms_by_size("chat:", 10);
+        assert_eq!(n, 2);
+        assert_eq!(rooms.len(), 2);
+        assert_eq!(&*rooms[1].0, "chat:small");
+        assert_eq!(hub.rooms_by_size("nothing", 10), (0, Vec::new()));
+        assert_eq!(a.transport(), "websocket");
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub struct Node {
     recovery: Option<Arc<dyn crate::recovery::Recovery>>,
     /// The session writer, where sessions are kept while connected.
     session_ops: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<recovery::SessionOp>>,
+    /// The address the node listens on, once bound.
+    bound: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl Node {
@@ -184,6 +186,7 @@ impl Node {
                 adapter: std::sync::OnceLock::new(),
                 recovery,
                 session_ops: std::sync::OnceLock::new(),
+                bound: std::sync::OnceLock::new(),
                 config,
             }
         });
@@ -526,9 +529,55 @@ impl Node {
         self.presence.online_users(here)
     }
 
+    /// Records the address the node listens on (port 0 configured: the
+    /// one the system chose).
+    pub fn set_bound(&self, addr: std::net::SocketAddr) {
+        let _ = self.bound.set(addr);
+    }
+
+    /// The address the node listens on (the configured one until bound).
+    pub fn bound_addr(&self) -> std::net::SocketAddr {
+        self.bound.get().copied().unwrap_or(self.config.listen)
+    }
+
     /// The cluster broker's state and the number of live nodes.
     pub fn cluster(&self) -> (BrokerState, u64) {
         (self.broker.state(), self.broker.nodes())
+    }
+
+    /// This node's id in the cluster (none without `[cluster]`).
+    pub fn broker_node_id(&self) -> Option<String> {
+        self.broker.node_id().map(str::to_owned)
+    }
+
+    /// The cluster's live nodes at the last heartbeat (none without
+    /// `[cluster]`).
+    pub fn broker_node_list(&self) -> Vec<crate::broker::NodeInfo> {
+        self.broker.node_list()
+    }
+
+    /// Closes every connection of `user` on this node; how many.
+    fn disconnect_user_here(&self, user: &str) -> usize {
+        let conns = self.hub.user_conns(user);
+        for c in &conns {
+            c.request_close(1000, "disconnected by an operator");
+        }
+        conns.len()
+    }
+
+    /// Closes every connection of `user` on every node (the other nodes
+    /// first: when the cluster cannot be reached, nothing is done); how
+    /// many.
+    pub async fn disconnect_user(&self, user: &str) -> Result<usize, BrokerError> {
+        let answers = self
+            .broker
+            .ask_all(serde_json::json!({ "disconnect_user": user }))
+            .await?;
+        let elsewhere: u64 = answers
+            .iter()
+            .filter_map(|a| a.get("connections").and_then(serde_json::Value::as_u64))
+            .sum();
+        Ok(self.disconnect_user_here(user) + elsewhere as usize)
     }
 }
 
@@ -537,8 +586,20 @@ impl LocalDelivery for Node {
         self.hub.has_audience(room)
     }
 
-    /// Another node's rooms API request, applied here.
+    fn connections(&self) -> u64 {
+        self.hub.conn_count() as u64
+    }
+
+    /// Another node's rooms API request or operator action, applied
+    /// here.
     fn answer(&self, ask: &serde_json::Value) -> serde_json::Value {
+        if let Some(user) = ask
+            .get("disconnect_user")
+            .and_then(serde_json::Value::as_str)
+        {
+            let n = self.disconnect_user_here(user);
+            return serde_json::json!({ "connections": n });
+        }
         let Some(r) = ask.get("rooms") else {
             return serde_json::Value::Null;
         };

@@ -37,7 +37,7 @@ use crate::hub::Protocol;
 
 pub use engine::PluginEngine;
 pub use registry::Registry;
-pub use runtime::{CallError, PluginSlot};
+pub use runtime::{CallError, HookFigures, Origin, PluginSlot};
 
 /// A version of the `chanhost:plugin` WIT package the host links.
 /// Components built against any of them load side by side.

@@ -200,6 +200,7 @@ impl Registry {
         .map_err(|e| PluginError::start(StartStage::Loader, e))??;
         let manifest = Arc::new(started.manifest.clone());
         self.check_conflicts(&name, &manifest)?;
+        let wit = pre.version();
         let version = Version {
             pre,
             manifest: manifest.clone(),
@@ -212,6 +213,7 @@ impl Registry {
                 slot.swap(version, started)
                     .await
                     .map_err(|e| PluginError::start(StartStage::Swap, e))?;
+                slot.loaded(Some(path), Some(wit));
                 self.set_routes(&slot, Some(&old), &manifest);
                 let mut dropped_channels: Vec<String> = old
                     .channels
@@ -239,6 +241,7 @@ impl Registry {
                     started,
                 )
                 .map_err(PluginError::Thread)?;
+                slot.loaded(Some(path), Some(wit));
                 self.plugins.write().insert(name, slot.clone());
                 self.set_routes(&slot, None, &manifest);
                 Ok(LoadOutcome::Added(manifest))
@@ -327,6 +330,7 @@ impl Registry {
             super::runtime::QueueBound::of(self.engine.limits()),
         )
         .map_err(PluginError::Thread)?;
+        slot.loaded(None, None);
         self.native.write().insert(name.clone());
         self.plugins.write().insert(name, slot.clone());
         self.set_routes(&slot, None, &manifest);

@@ -64,12 +64,30 @@ pub enum CallError {
 pub struct PluginMetrics {
     calls: [AtomicU64; 10],
     errors: [AtomicU64; 10],
+    /// How long calls took, by hook.
+    latency: [crate::metrics::LatencyHistogram; 10],
     /// Calls dropped because the plugin's queue was full.
     pub dropped: AtomicU64,
     /// Calls refused while the plugin backed off after failures.
     pub refused_backoff: AtomicU64,
     /// Instances rebuilt after a failure.
     pub rebuilds: AtomicU64,
+    /// Whether calls are refused now, until the instance is rebuilt.
+    backing_off: AtomicBool,
+    /// The last failure: when (ms since the epoch) and why.
+    last_error: parking_lot::Mutex<Option<(u64, String)>>,
+}
+
+/// One hook's figures, for operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookFigures {
+    pub hook: &'static str,
+    pub calls: u64,
+    pub errors: u64,
+    /// Median and 99th percentile call time, in nanoseconds (None
+    /// without calls).
+    pub p50_ns: Option<u64>,
+    pub p99_ns: Option<u64>,
 }
 
 const HOOKS: [Hook; 10] = [
@@ -89,6 +107,52 @@ impl PluginMetrics {
     fn idx(h: Hook) -> usize {
         HOOKS.iter().position(|x| *x == h).unwrap_or(0)
     }
+    /// Every hook's calls, errors and call times.
+    pub fn hooks(&self) -> Vec<HookFigures> {
+        HOOKS
+            .iter()
+            .enumerate()
+            .map(|(i, h)| HookFigures {
+                hook: h.name(),
+                calls: self.calls[i].load(Ordering::Relaxed),
+                errors: self.errors[i].load(Ordering::Relaxed),
+                p50_ns: self.latency[i].quantile(0.5),
+                p99_ns: self.latency[i].quantile(0.99),
+            })
+            .collect()
+    }
+
+    /// Whether the plugin's calls are refused now (backing off after
+    /// repeated failures).
+    pub fn backing_off(&self) -> bool {
+        self.backing_off.load(Ordering::Relaxed)
+    }
+
+    /// The last failure: when (ms since the epoch) and why.
+    pub fn last_error(&self) -> Option<(u64, String)> {
+        self.last_error.lock().clone()
+    }
+
+    fn failed(&self, hook: Hook, cause: &str) {
+        self.errors[Self::idx(hook)].fetch_add(1, Ordering::Relaxed);
+        // Bounded: a plugin's message may be long.
+        let mut text: String = cause.chars().take(2000).collect();
+        if text.len() < cause.len() {
+            text.push('…');
+        }
+        *self.last_error.lock() = Some((crate::adapter::now_ms(), text));
+    }
+
+    /// Runs a call, counting it and its time under `hook`.
+    fn timed<R>(&self, hook: Hook, f: impl FnOnce() -> R) -> R {
+        let i = Self::idx(hook);
+        self.calls[i].fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        let r = f();
+        self.latency[i].record(start.elapsed());
+        r
+    }
+
     /// (hook name, calls, errors) for every hook.
     pub fn by_hook(&self) -> impl Iterator<Item = (&'static str, u64, u64)> + '_ {
         HOOKS.iter().enumerate().map(|(i, h)| {
@@ -183,8 +247,23 @@ impl Depth {
     }
 }
 
+/// Where a plugin's current version came from, for operators.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Its file (none for a native plugin).
+    pub file: Option<std::path::PathBuf>,
+    /// The WIT version it was built against (none for a native plugin).
+    pub wit: Option<super::WitVersion>,
+    /// When the current version started serving (ms since the epoch).
+    pub loaded_at: u64,
+    /// Versions loaded under this name since the host started (1, then
+    /// one more per replacement).
+    pub loads: u64,
+}
+
 /// The handle the rest of the host uses to call a plugin.
 pub struct PluginSlot {
+    origin: RwLock<Origin>,
     pub name: Arc<str>,
     tx: mpsc::UnboundedSender<Job>,
     depth: Arc<Depth>,
@@ -268,6 +347,7 @@ impl PluginSlot {
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let slot = Arc::new(PluginSlot {
+            origin: RwLock::new(Origin::default()),
             name,
             tx,
             depth: Arc::new(Depth::default()),
@@ -278,6 +358,25 @@ impl PluginSlot {
             metrics: Arc::new(PluginMetrics::default()),
         });
         (slot, rx)
+    }
+
+    /// Calls waiting in the plugin's queue.
+    pub fn queue_depth(&self) -> usize {
+        self.depth.jobs.load(Ordering::Relaxed)
+    }
+
+    /// Where the current version came from.
+    pub fn origin(&self) -> Origin {
+        self.origin.read().clone()
+    }
+
+    /// A version from `file` (built against `wit`) started serving.
+    pub fn loaded(&self, file: Option<&std::path::Path>, wit: Option<super::WitVersion>) {
+        let mut o = self.origin.write();
+        o.file = file.map(std::path::Path::to_path_buf);
+        o.wit = wit;
+        o.loaded_at = crate::adapter::now_ms();
+        o.loads += 1;
     }
 
     /// What the current version serves.
@@ -459,6 +558,7 @@ impl Runner {
             .mailbox()
             .attach(move |due| post(&tx, &depth, Job::Later(Box::new(due))));
         self.live = Some(Live { store, guest });
+        self.metrics.backing_off.store(false, Ordering::Relaxed);
     }
 
     /// Something due to an instance: given to it if it still serves.
@@ -613,8 +713,9 @@ impl Runner {
                     Duration::ZERO
                 },
         );
-        self.metrics.errors[PluginMetrics::idx(hook)].fetch_add(1, Ordering::Relaxed);
+        self.metrics.failed(hook, &cause);
         if self.failures > 1 {
+            self.metrics.backing_off.store(true, Ordering::Relaxed);
             // Rebuild when the back-off ends, not only on the next call.
             let (tx, depth) = (self.rebuild.clone(), self.depth.clone());
             let _ = std::thread::Builder::new()
@@ -638,10 +739,10 @@ impl Runner {
         f: impl FnOnce(&Guest, &mut wasmtime::Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         self.ensure_live()?;
-        self.metrics.calls[PluginMetrics::idx(hook)].fetch_add(1, Ordering::Relaxed);
         let live = self.live.as_mut().expect("ensured above");
         self.engine.arm_call(&mut live.store);
-        match f(&live.guest, &mut live.store) {
+        let result = self.metrics.timed(hook, || f(&live.guest, &mut live.store));
+        match result {
             Ok(r) => {
                 self.failures = 0;
                 self.retry_at = None;
@@ -712,29 +813,30 @@ impl NativeRunner {
         f: impl FnOnce(&mut dyn NativePlugin, &NativeHost<'_>) -> R,
     ) -> Result<R, CallError> {
         let services = self.services.upgrade().ok_or(CallError::Gone)?;
-        let i = PluginMetrics::idx(hook);
-        self.metrics.calls[i].fetch_add(1, Ordering::Relaxed);
         let host = NativeHost {
             plugin: &self.name,
             services: &*services,
         };
         let plugin = &mut *self.plugin;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(plugin, &host))).map_err(
-            |panic| {
+        let metrics = &self.metrics;
+        metrics
+            .timed(hook, || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(plugin, &host)))
+            })
+            .map_err(|panic| {
                 let cause = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "panic".to_owned());
-                self.metrics.errors[i].fetch_add(1, Ordering::Relaxed);
+                self.metrics.failed(hook, &cause);
                 tracing::error!(
                     plugin = &*self.name,
                     hook = hook.name(),
                     "native plugin call panicked: {cause}"
                 );
                 CallError::Failed(cause)
-            },
-        )
+            })
     }
 }
 

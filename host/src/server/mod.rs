@@ -93,6 +93,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/streaming", get(misskey::handler))
         .merge(crate::api::router())
         .with_state(node.clone())
+        .merge(crate::admin::router(node.clone()))
         .merge(socketio::router(node))
 }
 

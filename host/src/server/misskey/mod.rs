@@ -323,6 +323,7 @@ impl Session {
     }
 
     async fn on_text(&self, text: &str) {
+        self.node.metrics().messages_received.inc();
         let frame = match misskey::parse(text) {
             Ok(f) => f,
             Err(e) => {

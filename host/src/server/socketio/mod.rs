@@ -568,6 +568,7 @@ impl Handler for SioHandler {
     }
 
     async fn on_message(&self, session: &Arc<Session<Self>>, text: String) -> Result<(), SioError> {
+        self.node.metrics().messages_received.inc();
         if session.socket.pending.lock().is_some() {
             return Err(SioError::ExpectedBinary);
         }
