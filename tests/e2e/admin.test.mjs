@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import { once } from 'node:events';
 import puppeteer from 'puppeteer-core';
 import { io as connect } from 'socket.io-client';
-import { startHost, until, API_KEY } from './helpers.mjs';
+import { startHost, startRedis, until, API_KEY } from './helpers.mjs';
 
 const CHROMIUM = ['/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p) => fs.existsSync(p));
 
@@ -35,6 +35,39 @@ async function sioClient(url, token) {
 }
 
 const text = (page, sel) => page.$eval(sel, (e) => e.textContent.trim());
+
+/** The first snapshot of a node's /admin stream, read with the bearer key. */
+async function snapshot(url) {
+  const ctl = new AbortController();
+  const res = await fetch(`${url}/admin/api/stream`, { headers: { authorization: `Bearer ${API_KEY}` }, signal: ctl.signal });
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get('content-type'), /text\/event-stream/);
+  const reader = res.body.getReader();
+  let buf = '';
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error('stream ended before a snapshot');
+      buf += new TextDecoder().decode(value);
+      const end = buf.indexOf('\n\n');
+      if (end >= 0) {
+        const data = buf.slice(0, end).split('\n').filter((l) => l.startsWith('data:')).map((l) => l.slice(5).trim()).join('\n');
+        return JSON.parse(data);
+      }
+    }
+  } finally {
+    ctl.abort();
+  }
+}
+
+/** Logs a browser page in to a host's /admin. */
+async function logIn(page, url) {
+  await page.goto(`${url}/admin`);
+  if (await page.$('#key')) {
+    await page.type('#key', API_KEY);
+    await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+  }
+}
 
 describe('the operator page behind the API key', () => {
   let host; let browser; let page;
@@ -162,5 +195,72 @@ describe('the operator page without an API key', () => {
       body: '{"user":"alice"}',
     });
     assert.equal(res.status, 403);
+  });
+});
+
+describe('the operator page and a failing plugin', () => {
+  let host; let browser;
+  before(async () => {
+    host = await startHost({ plugins: ['faulty'] });
+    browser = await launch();
+  });
+  after(async () => {
+    await browser?.close();
+    await host?.stop();
+  });
+
+  test('shows its failures and its last error as text', async () => {
+    const s = host.stream();
+    const ch = s.useChannel('faulty');
+    ch.send('trap', {});
+    await until(async () => (await snapshot(host.url)).plugins.find((p) => p.name === 'faulty')?.last_error, 10000, 'the error recorded');
+    const p = (await snapshot(host.url)).plugins.find((x) => x.name === 'faulty');
+    assert.ok(p.failures >= 1);
+    assert.match(p.last_error.text, /asked to trap|unreachable/);
+    assert.equal(p.wit, '0.3.0');
+    assert.match(p.sha256, /^[0-9a-f]{64}$/);
+    const page = await browser.newPage();
+    await logIn(page, host.url);
+    await page.waitForSelector('#plugins [data-plugin="faulty"] pre');
+    // Shown as the text it is (Rust names in a wasm backtrace carry < and >).
+    const shown = await page.$eval('#plugins [data-plugin="faulty"] pre', (e) => ({ text: e.textContent, elements: e.children.length }));
+    assert.equal(shown.elements, 0);
+    assert.ok(shown.text.includes(p.last_error.text.slice(0, 40)));
+  });
+});
+
+describe('the operator page of a cluster', () => {
+  let redis; let a; let b;
+  before(async () => {
+    redis = await startRedis();
+    const config = `[cluster]\nredis = "${redis.url}"\nnode_ttl_ms = 1500\n`;
+    a = await startHost({ plugins: ['socketio-conformance'], config });
+    b = await startHost({ plugins: ['socketio-conformance'], config });
+  });
+  after(async () => {
+    await a?.stop();
+    await b?.stop();
+    await redis?.stop();
+  });
+
+  test('lists every node with its connections, and disconnects a user on another node', async () => {
+    const alice = await sioClient(b.url, 'tok-alice');
+    try {
+      await until(async () => {
+        const nodes = (await snapshot(a.url)).cluster.nodes;
+        return nodes.length === 2 && nodes.some((n) => n.self && n.connections === 0) && nodes.some((n) => !n.self && n.connections === 1);
+      }, 15000, 'both nodes with their connections');
+      const gone = once(alice, 'disconnect');
+      const res = await fetch(`${a.url}/admin/api/disconnect`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ user: 'alice' }),
+      });
+      assert.equal(res.status, 200);
+      assert.deepEqual(await res.json(), { connections: 1 });
+      await gone;
+    } finally {
+      alice.close();
+    }
   });
 });

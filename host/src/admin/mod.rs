@@ -353,7 +353,7 @@ async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, AdminError> {
     a.access(peer, &headers)?;
-    let first = a.sampler.snapshot(&a.node).to_string();
+    let first = a.sampler.snapshot(&a.node).await.to_string();
     let rx = a.sampler.watch();
     let updates = futures_util::stream::unfold(rx, |mut rx| async move {
         loop {

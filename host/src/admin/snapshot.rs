@@ -91,10 +91,24 @@ impl Sampler {
     }
 
     /// The snapshot of `node` now.
-    pub fn snapshot(&self, node: &Node) -> Value {
+    pub async fn snapshot(&self, node: &Arc<Node>) -> Value {
+        let online = users_online(node).await;
         let rates = self.rates.lock();
-        snapshot(node, &rates, self.started_at)
+        snapshot(node, &rates, self.started_at, online)
     }
+}
+
+/// Users online: across the cluster (read from its Redis, off the async
+/// runtime), or on this node when that cannot be read.
+async fn users_online(node: &Arc<Node>) -> usize {
+    let here = node.hub().online_users().len();
+    if node.config().cluster.is_none() {
+        return here;
+    }
+    let n = node.clone();
+    tokio::task::spawn_blocking(move || n.online_users().len())
+        .await
+        .unwrap_or(here)
 }
 
 async fn run(node: Weak<Node>, sampler: Weak<Sampler>) {
@@ -110,7 +124,7 @@ async fn run(node: Weak<Node>, sampler: Weak<Sampler>) {
         }
         sampler.rates.lock().sample(&node);
         if sampler.snapshots.receiver_count() > 0 {
-            let text: Arc<str> = sampler.snapshot(&node).to_string().into();
+            let text: Arc<str> = sampler.snapshot(&node).await.to_string().into();
             sampler.snapshots.send_replace(Some(text));
         }
     }
@@ -124,7 +138,7 @@ fn state(up: Option<bool>) -> &'static str {
     }
 }
 
-fn snapshot(node: &Node, rates: &Rates, started_at: u64) -> Value {
+fn snapshot(node: &Node, rates: &Rates, started_at: u64, users_online: usize) -> Value {
     let hub = node.hub();
     let m = node.metrics();
     let (mut misskey, mut sio_ws, mut sio_polling) = (0u64, 0u64, 0u64);
@@ -189,7 +203,7 @@ fn snapshot(node: &Node, rates: &Rates, started_at: u64) -> Value {
             "socketio_websocket": sio_ws,
             "socketio_polling": sio_polling,
         },
-        "users_online": hub.online_users().len(),
+        "users_online": users_online,
         "instances": m.instances.get(),
         "rates": {
             "every_ms": 1000,
