@@ -475,8 +475,7 @@ describe('connection state recovery in a cluster, the first node SIGKILLed', () 
       await publisher;
       await until(() => ticks(s).length >= n, 20000, `all ${n} ticks`).catch((e) => {
         const got = new Set(ticks(s));
-        console.log('DEBUG missing', range(1, n).filter((x) => !got.has(x)), 'recoveries', events(s, 'recovered').map(([d]) => d));
-        throw e;
+        throw new Error(`${e.message}; missing ${JSON.stringify(range(1, n).filter((x) => !got.has(x)))}`);
       });
       assert.deepEqual(ticks(s), range(1, n));
     } finally {

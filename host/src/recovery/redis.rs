@@ -178,12 +178,13 @@ impl RedisRecovery {
         })
     }
 
-    /// Writes the marks of `rooms` (expiring after the window).
-    fn write_marks(&self, rooms: &[String]) {
-        if rooms.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
+    /// Adds the writes of the marks of `rooms` (expiring after the
+    /// window) to a pipeline.
+    fn add_marks<'r>(
+        &self,
+        pipe: &mut redis::Pipeline,
+        rooms: impl IntoIterator<Item = &'r String>,
+    ) {
         for room in rooms {
             pipe.cmd("SET")
                 .arg(mark_key(&self.prefix, room))
@@ -192,6 +193,15 @@ impl RedisRecovery {
                 .arg(self.window_ms())
                 .ignore();
         }
+    }
+
+    /// Writes the marks of `rooms` (expiring after the window).
+    fn write_marks(&self, rooms: &[String]) {
+        if rooms.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        self.add_marks(&mut pipe, rooms);
         self.spawn(pipe);
     }
 
@@ -275,14 +285,7 @@ impl Recovery for RedisRecovery {
             set.arg("XX");
         }
         set.ignore();
-        for room in &s.rooms {
-            pipe.cmd("SET")
-                .arg(mark_key(&self.prefix, room))
-                .arg(1)
-                .arg("PX")
-                .arg(self.window_ms())
-                .ignore();
-        }
+        self.add_marks(&mut pipe, &s.rooms);
         let run = self.run::<()>(pipe);
         Box::pin(async move {
             if let Err(e) = run.await {

@@ -114,6 +114,25 @@ fn create_message(target: &Instance, data: &Value) -> Result<(), String> {
     }
 }
 
+/// The token of a CONNECT (its auth's `token`, else the `mew_access_token`
+/// cookie) and who it names, or the refusal Mew's gateway answers.
+fn authenticate(
+    params: &str,
+    headers: &[(String, String)],
+) -> Result<(String, chanhost_plugin::types::Identity), Rejection> {
+    let auth: Value = serde_json::from_str(params).unwrap_or(Value::Null);
+    let token = auth
+        .get("token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .or_else(|| cookie_token(headers))
+        .ok_or_else(|| refuse("Authentication error: No token provided"))?;
+    let identity =
+        host::verify_token(&token).map_err(|_| refuse("Authentication error: Invalid token"))?;
+    Ok((token, identity))
+}
+
 impl Guest for Mew {
     fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
 
@@ -126,16 +145,7 @@ impl Guest for Mew {
     /// the user is announced online again if this is their only
     /// connection.
     fn recover(req: chanhost_plugin::types::RecoverRequest) -> Result<(), Rejection> {
-        let auth: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
-        let token = auth
-            .get("token")
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .or_else(|| cookie_token(&req.headers))
-            .ok_or_else(|| refuse("Authentication error: No token provided"))?;
-        let identity = host::verify_token(&token)
-            .map_err(|_| refuse("Authentication error: Invalid token"))?;
+        let (token, identity) = authenticate(&req.params, &req.headers)?;
         if req.identity.as_ref().map(|i| &i.user_id) != Some(&identity.user_id) {
             return Err(refuse("Authentication error: Invalid token"));
         }
@@ -163,16 +173,7 @@ impl Guest for Mew {
     }
 
     fn connect(req: ConnectRequest) -> Result<(), Rejection> {
-        let auth: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
-        let token = auth
-            .get("token")
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .or_else(|| cookie_token(&req.headers))
-            .ok_or_else(|| refuse("Authentication error: No token provided"))?;
-        let identity = host::verify_token(&token)
-            .map_err(|_| refuse("Authentication error: Invalid token"))?;
+        let (token, identity) = authenticate(&req.params, &req.headers)?;
         let user = identity.user_id.clone();
         host::kv_set(&token_key(req.target.connection), &token);
 
