@@ -7,6 +7,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import http from 'node:http';
 import { once } from 'node:events';
 import puppeteer from 'puppeteer-core';
 import { io as connect } from 'socket.io-client';
@@ -195,6 +196,19 @@ describe('the operator page without an API key', () => {
       body: '{"user":"alice"}',
     });
     assert.equal(res.status, 403);
+  });
+
+  test('refuses a loopback request made to another name (DNS rebinding) or passed on by a proxy', async () => {
+    const get = (headers) => new Promise((resolve, reject) => {
+      const u = new URL(`${host.url}/admin/api/rooms`);
+      http.get({ host: u.hostname, port: u.port, path: u.pathname, headers }, (res) => {
+        res.resume();
+        resolve(res.statusCode);
+      }).on('error', reject);
+    });
+    assert.equal(await get({}), 200);
+    assert.equal(await get({ host: 'rebound.example' }), 403);
+    assert.equal(await get({ 'x-forwarded-for': '203.0.113.7' }), 403);
   });
 });
 

@@ -102,6 +102,10 @@ pub enum AdminError {
     Csrf,
     #[error("too many failed logins; wait a minute")]
     Throttled,
+    #[error("without an API key /admin answers requests made to a loopback address only, not through a proxy")]
+    NotLocalRequest,
+    #[error("the request comes from another site (its Origin is not this page's)")]
+    CrossOrigin,
     #[error("bad request: {0}")]
     Bad(String),
     #[error("no such connection on this node")]
@@ -114,7 +118,10 @@ impl AdminError {
     pub fn status(&self) -> StatusCode {
         match self {
             AdminError::LoginNeeded => StatusCode::UNAUTHORIZED,
-            AdminError::NotLoopback | AdminError::Csrf => StatusCode::FORBIDDEN,
+            AdminError::NotLoopback
+            | AdminError::Csrf
+            | AdminError::NotLocalRequest
+            | AdminError::CrossOrigin => StatusCode::FORBIDDEN,
             AdminError::Throttled => StatusCode::TOO_MANY_REQUESTS,
             AdminError::Bad(_) => StatusCode::BAD_REQUEST,
             AdminError::NoConnection => StatusCode::NOT_FOUND,
@@ -141,25 +148,35 @@ struct Granted {
 impl Admin {
     fn access(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<Granted, AdminError> {
         let Some(key) = &self.node.config().api_key else {
-            return if peer.ip().is_loopback() {
-                Ok(Granted {
-                    csrf: Some(self.sessions.node_csrf().to_owned()),
-                    session: false,
-                })
-            } else {
-                Err(AdminError::NotLoopback)
-            };
+            if !peer.ip().is_loopback() {
+                return Err(AdminError::NotLoopback);
+            }
+            // A loopback peer may still be a proxy for anyone, or a
+            // browser sent here by a name rebound to 127.0.0.1.
+            if forwarded(headers) || !loopback_host(headers) {
+                return Err(AdminError::NotLocalRequest);
+            }
+            return Ok(Granted {
+                csrf: Some(self.sessions.node_csrf().to_owned()),
+                session: false,
+            });
         };
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        if bearer.is_some_and(|b| session::same(b, key)) {
-            return Ok(Granted {
-                csrf: None,
-                session: false,
-            });
+        if let Some(b) = bearer {
+            if self.sessions.throttled(peer.ip()) {
+                return Err(AdminError::Throttled);
+            }
+            if session::same(b, key) {
+                return Ok(Granted {
+                    csrf: None,
+                    session: false,
+                });
+            }
+            self.sessions.failed_login(peer.ip());
         }
         session::cookie_token(headers)
             .and_then(|t| self.sessions.csrf(&t))
@@ -170,19 +187,64 @@ impl Admin {
             .ok_or(AdminError::LoginNeeded)
     }
 
-    /// Lets an action through: access, and its CSRF token.
+    /// Lets an action through: access, from this page's origin, with its
+    /// CSRF token.
     fn act(
         &self,
         peer: SocketAddr,
         headers: &HeaderMap,
         given: Option<&str>,
     ) -> Result<(), AdminError> {
-        match self.access(peer, headers)?.csrf {
+        let granted = self.access(peer, headers)?;
+        if !same_origin(headers) {
+            return Err(AdminError::CrossOrigin);
+        }
+        match granted.csrf {
             None => Ok(()),
             Some(want) if given.is_some_and(|g| session::same(g, &want)) => Ok(()),
             Some(_) => Err(AdminError::Csrf),
         }
     }
+}
+
+/// Whether a proxy passed the request on (it names a client).
+fn forwarded(headers: &HeaderMap) -> bool {
+    ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|h| headers.contains_key(*h))
+}
+
+/// Whether the request was made to a loopback name (`localhost`,
+/// `127.0.0.1`, `[::1]`, with any port).
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a state-changing request comes from this page: no `Origin`
+/// (not sent by a browser), or one naming the host it was sent to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    !host.is_empty()
+        && origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|o| o.eq_ignore_ascii_case(host))
 }
 
 /// Headers every answer of the page carries.
@@ -193,7 +255,9 @@ fn secured(mut r: Response) -> Response {
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    // Not `no-referrer`: with it browsers send `Origin: null` on the
+    // page's own form posts, which the origin check refuses.
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
@@ -290,7 +354,10 @@ async fn login(
     if a.access(peer, &headers).is_ok() {
         return see_other("/admin");
     }
-    if a.sessions.throttled() {
+    if !same_origin(&headers) {
+        return login_page(StatusCode::FORBIDDEN, &AdminError::CrossOrigin.to_string());
+    }
+    if a.sessions.throttled(peer.ip()) {
         return login_page(
             StatusCode::TOO_MANY_REQUESTS,
             &AdminError::Throttled.to_string(),
@@ -312,7 +379,7 @@ async fn login(
         }
         _ => {
             tracing::warn!(peer = %peer.ip(), "failed login to /admin");
-            if a.sessions.failed_login() {
+            if a.sessions.failed_login(peer.ip()) {
                 login_page(StatusCode::UNAUTHORIZED, "Wrong API key.")
             } else {
                 login_page(
@@ -352,18 +419,32 @@ async fn stream(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, AdminError> {
-    a.access(peer, &headers)?;
+    let granted = a.access(peer, &headers)?;
+    // A stream opened by a session ends with it (logout, expiry), and
+    // every stream with the host.
+    let token = granted
+        .session
+        .then(|| session::cookie_token(&headers))
+        .flatten();
     let first = a.sampler.snapshot(&a.node).await.to_string();
-    let rx = a.sampler.watch();
-    let updates = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            rx.changed().await.ok()?;
-            let text = rx.borrow_and_update().clone();
-            if let Some(text) = text {
-                return Some((text, rx));
+    let shutdown = a.node.shutdown().clone();
+    let watching = (a.sampler.watch(), a.clone(), token, shutdown);
+    let updates =
+        futures_util::stream::unfold(watching, |(mut rx, a, token, shutdown)| async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    changed = rx.changed() => changed.ok()?,
+                }
+                if token.as_ref().is_some_and(|t| a.sessions.csrf(t).is_none()) {
+                    return None;
+                }
+                let text = rx.borrow_and_update().clone();
+                if let Some(text) = text {
+                    return Some((text, (rx, a, token, shutdown)));
+                }
             }
-        }
-    });
+        });
     let events = futures_util::stream::once(async move { Arc::<str>::from(first) })
         .chain(updates)
         .map(|text| Ok::<_, Infallible>(Event::default().event("snapshot").data(&*text)));
@@ -520,6 +601,60 @@ mod tests {
             escape_html(r#"<a href="x">'&'</a>"#),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_requests_to_a_loopback_name_are_local() {
+        for host in [
+            "127.0.0.1:3000",
+            "localhost",
+            "LOCALHOST:80",
+            "[::1]:3000",
+            "127.1.2.3",
+        ] {
+            assert!(loopback_host(&headers(&[("host", host)])), "{host}");
+        }
+        for host in [
+            "evil.example:3000",
+            "10.0.0.1",
+            "localhost.evil.example",
+            "",
+        ] {
+            assert!(!loopback_host(&headers(&[("host", host)])), "{host}");
+        }
+        assert!(!loopback_host(&HeaderMap::new()));
+        assert!(forwarded(&headers(&[("x-forwarded-for", "1.2.3.4")])));
+        assert!(!forwarded(&headers(&[("host", "localhost")])));
+    }
+
+    #[test]
+    fn an_action_from_another_site_is_told_apart() {
+        let host = ("host", "127.0.0.1:3000");
+        assert!(
+            same_origin(&headers(&[host])),
+            "no Origin: not a browser's cross-site request"
+        );
+        assert!(same_origin(&headers(&[
+            host,
+            ("origin", "http://127.0.0.1:3000")
+        ])));
+        assert!(!same_origin(&headers(&[
+            host,
+            ("origin", "http://evil.example")
+        ])));
+        assert!(!same_origin(&headers(&[host, ("origin", "null")])));
+        assert!(!same_origin(&headers(&[(
+            "origin",
+            "http://127.0.0.1:3000"
+        )])));
     }
 
     #[test]

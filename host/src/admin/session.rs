@@ -7,6 +7,7 @@
 //! no login; its actions then carry this node's own CSRF token.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -20,9 +21,14 @@ pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Sessions kept at most; the oldest goes first.
 const MAX_SESSIONS: usize = 256;
 
-/// Failed logins allowed per [`FAILURE_WINDOW`] (all clients together).
+/// Failed logins (or bearer keys) allowed per address per
+/// [`FAILURE_WINDOW`].
 const MAX_FAILURES: u32 = 20;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Addresses whose failures are remembered at most (beyond, the oldest
+/// windows go first).
+const MAX_ADDRESSES: usize = 4096;
 
 /// 32 random bytes, hex.
 pub fn random_token() -> String {
@@ -51,7 +57,8 @@ struct Entry {
 /// The operator sessions of this node.
 pub struct Sessions {
     by_token: Mutex<HashMap<String, Entry>>,
-    failures: Mutex<(Instant, u32)>,
+    /// Failed attempts by address: (window start, count).
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// The CSRF token of the sessionless (loopback, no key) page.
     node_csrf: String,
 }
@@ -60,7 +67,7 @@ impl Default for Sessions {
     fn default() -> Self {
         Self {
             by_token: Mutex::new(HashMap::new()),
-            failures: Mutex::new((Instant::now(), 0)),
+            failures: Mutex::new(HashMap::new()),
             node_csrf: random_token(),
         }
     }
@@ -115,20 +122,32 @@ impl Sessions {
         &self.node_csrf
     }
 
-    /// Counts a failed login; false once too many failed recently.
-    pub fn failed_login(&self) -> bool {
+    /// Counts a failed login from `ip`; false once it failed too often
+    /// recently.
+    pub fn failed_login(&self, ip: IpAddr) -> bool {
         let mut f = self.failures.lock();
-        if f.0.elapsed() > FAILURE_WINDOW {
-            *f = (Instant::now(), 0);
+        if f.len() >= MAX_ADDRESSES && !f.contains_key(&ip) {
+            f.retain(|_, (at, _)| at.elapsed() <= FAILURE_WINDOW);
+            if f.len() >= MAX_ADDRESSES {
+                if let Some(oldest) = f.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| *k) {
+                    f.remove(&oldest);
+                }
+            }
         }
-        f.1 += 1;
-        f.1 <= MAX_FAILURES
+        let e = f.entry(ip).or_insert((Instant::now(), 0));
+        if e.0.elapsed() > FAILURE_WINDOW {
+            *e = (Instant::now(), 0);
+        }
+        e.1 += 1;
+        e.1 <= MAX_FAILURES
     }
 
-    /// Whether logins are refused for now (too many failed).
-    pub fn throttled(&self) -> bool {
-        let f = self.failures.lock();
-        f.0.elapsed() <= FAILURE_WINDOW && f.1 >= MAX_FAILURES
+    /// Whether `ip`'s logins are refused for now (too many failed).
+    pub fn throttled(&self, ip: IpAddr) -> bool {
+        self.failures
+            .lock()
+            .get(&ip)
+            .is_some_and(|(at, n)| at.elapsed() <= FAILURE_WINDOW && *n >= MAX_FAILURES)
     }
 }
 
@@ -202,13 +221,16 @@ mod tests {
     }
 
     #[test]
-    fn failed_logins_are_throttled() {
+    fn failed_logins_are_throttled_by_address() {
         let s = Sessions::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         for _ in 0..MAX_FAILURES {
-            assert!(s.failed_login());
+            assert!(s.failed_login(a));
         }
-        assert!(s.throttled());
-        assert!(!s.failed_login());
+        assert!(s.throttled(a));
+        assert!(!s.failed_login(a));
+        assert!(!s.throttled(b), "another address is not locked out");
+        assert!(s.failed_login(b));
     }
 
     #[test]

@@ -101,12 +101,12 @@ impl Sampler {
 /// Users online: across the cluster (read from its Redis, off the async
 /// runtime), or on this node when that cannot be read.
 async fn users_online(node: &Arc<Node>) -> usize {
-    let here = node.hub().online_users().len();
+    let here = node.hub().online_count();
     if node.config().cluster.is_none() {
         return here;
     }
     let n = node.clone();
-    tokio::task::spawn_blocking(move || n.online_users().len())
+    tokio::task::spawn_blocking(move || n.online_count())
         .await
         .unwrap_or(here)
 }

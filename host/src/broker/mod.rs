@@ -50,7 +50,7 @@ pub enum BrokerError {
     Full,
     /// Accepted, delivered on this node, then Redis failed before it took
     /// the publications: the other nodes did not get them.
-    #[error("the cluster's Redis failed while taking it: delivered on this node only, not on the others")]
+    #[error("the cluster's Redis failed while taking it: delivered on this node; the other nodes may not have it")]
     Interrupted,
 }
 

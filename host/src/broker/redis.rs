@@ -104,9 +104,60 @@ struct Outgoing {
     payload: Vec<u8>,
     /// The room of a publication to number (with recovery on).
     numbered: Option<Arc<str>>,
-    /// Told once Redis took it (and everything queued before it); dropped
-    /// untold when it is lost.
-    taken: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Its share of a published batch: told once Redis took it; dropped
+    /// untold when it is lost, which fails the whole batch.
+    taken: Option<Taken>,
+}
+
+/// A batch's publications waiting for Redis: the batch is carried once
+/// every one was taken, and fails as soon as one is lost.
+struct BatchWait {
+    left: std::sync::atomic::AtomicUsize,
+    done: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<Result<(), BrokerError>>>>,
+}
+
+impl BatchWait {
+    fn finish(&self, r: Result<(), BrokerError>) {
+        if let Some(tx) = self.done.lock().take() {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// One publication's share of a [`BatchWait`].
+struct Taken(Option<Arc<BatchWait>>);
+
+impl Taken {
+    /// One share per publication of a batch of `n`, and what resolves
+    /// when they are all taken (or one is lost).
+    fn batch(n: usize) -> (Vec<Taken>, Carried) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let wait = Arc::new(BatchWait {
+            left: std::sync::atomic::AtomicUsize::new(n),
+            done: parking_lot::Mutex::new(Some(tx)),
+        });
+        let shares = (0..n).map(|_| Taken(Some(wait.clone()))).collect();
+        let carried: Carried =
+            Box::pin(async move { rx.await.unwrap_or(Err(BrokerError::Interrupted)) });
+        (shares, carried)
+    }
+
+    /// Redis took this publication.
+    fn done(mut self) {
+        if let Some(w) = self.0.take() {
+            if w.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                w.finish(Ok(()));
+            }
+        }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            w.finish(Err(BrokerError::Interrupted));
+        }
+    }
 }
 
 /// What the subscribing connection is told.
@@ -456,23 +507,19 @@ impl Broker for RedisBroker {
         if !self.shared.is_up() {
             return Err(BrokerError::Down);
         }
-        // The last publication is told when Redis took it: the queue and
-        // the pipelines keep their order, and a failure loses everything
-        // queued, so the others were taken before it or lost with it.
-        let (taken, carried) = tokio::sync::oneshot::channel();
-        let mut taken = Some(taken);
-        let last = batch.len() - 1;
-        let mut outgoing = |i: usize, p: &Publication| Outgoing {
-            taken: if i == last { taken.take() } else { None },
+        // Every publication is told when Redis took it; the batch is
+        // carried when all were, and fails as soon as one is lost.
+        let (shares, carried) = Taken::batch(batch.len());
+        let mut shares = shares.into_iter();
+        let mut outgoing = |p: &Publication| Outgoing {
+            taken: shares.next(),
             ..self.shared.outgoing(p)
         };
-        let carried: Carried =
-            Box::pin(async move { carried.await.map_err(|_| BrokerError::Interrupted) });
         if self.shared.numbering.is_some() && self.shared.unsettled.load(Ordering::SeqCst) > 0 {
             // Behind subscriptions being put in place (in order; the
             // channel to the subscribing connection is not bounded).
-            for (i, p) in batch.iter().enumerate() {
-                if !self.shared.send_out(outgoing(i, p)) {
+            for p in &batch {
+                if !self.shared.send_out(outgoing(p)) {
                     return Err(BrokerError::Down);
                 }
                 self.shared.deliver_here(&*local, p, true);
@@ -489,8 +536,8 @@ impl Broker for RedisBroker {
             })?;
         // Redis first: the other nodes' members then wait for the hop,
         // not for this node's own fan-out as well.
-        for ((i, p), permit) in batch.iter().enumerate().zip(permits) {
-            permit.send(outgoing(i, p));
+        for (p, permit) in batch.iter().zip(permits) {
+            permit.send(outgoing(p));
             self.shared.deliver_here(&*local, p, true);
         }
         Ok(carried)
@@ -623,6 +670,18 @@ impl Broker for RedisBroker {
     }
 }
 
+/// What waits for a publishing connection that could not be made is not
+/// sent late: it is counted (and its publishers told).
+fn drop_queued(shared: &Shared, rx: &mut mpsc::Receiver<Outgoing>) {
+    let mut lost = 0;
+    while rx.try_recv().is_ok() {
+        lost += 1;
+    }
+    if lost > 0 {
+        shared.not_carried(lost, "Redis cannot be reached");
+    }
+}
+
 /// The publishing connection: what is queued goes out in order, in
 /// pipelines of what waits.
 async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
@@ -633,6 +692,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
             Ok(c) => c,
             Err(e) => {
                 outage.down(&e);
+                drop_queued(&shared, &mut rx);
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
                 continue;
@@ -648,6 +708,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
                 .to_owned();
             if let Err(e) = timed(load.query_async::<String>(&mut conn)).await {
                 outage.down(&e);
+                drop_queued(&shared, &mut rx);
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
                 continue;
@@ -692,7 +753,7 @@ async fn publisher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
                     shared.metrics.broker_carried.add(batch.len() as u64);
                     for m in &mut batch {
                         if let Some(taken) = m.taken.take() {
-                            let _ = taken.send(());
+                            taken.done();
                         }
                     }
                     // A numbered publication answers {offset, entries cut}.
@@ -791,6 +852,14 @@ async fn subscriber(shared: Arc<Shared>, mut interest: mpsc::UnboundedReceiver<I
             }
         }
         if !ok {
+            // Held publications cannot go out in order now: lost, and
+            // counted (their publishers are told).
+            let lost = held.len();
+            held.clear();
+            if lost > 0 {
+                shared.unsettled.fetch_sub(lost as u64, Ordering::SeqCst);
+                shared.not_carried(lost, "Redis failed while subscribing");
+            }
             tokio::time::sleep(backoff(attempt)).await;
             attempt += 1;
             continue;

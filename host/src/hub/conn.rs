@@ -302,6 +302,9 @@ pub struct SocketInfo {
     /// Set once its CONNECT reply is on its way: only connected sockets
     /// count for the socket.io adapter.
     pub connected: AtomicBool,
+    /// Taken back from a kept session (its client holds its pid already,
+    /// before the CONNECT reply).
+    pub recovered: bool,
 }
 
 impl SocketInfo {
@@ -313,6 +316,7 @@ impl SocketInfo {
             pid: None,
             since: 0,
             connected: AtomicBool::new(false),
+            recovered: false,
         }
     }
 

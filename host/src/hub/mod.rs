@@ -347,6 +347,11 @@ impl Hub {
         (matched, all)
     }
 
+    /// Number of users with identified connections here.
+    pub fn online_count(&self) -> usize {
+        self.users.read().len()
+    }
+
     /// Number of non-empty rooms.
     pub fn room_count(&self) -> usize {
         self.rooms.iter().map(|s| s.read().len()).sum()

@@ -80,7 +80,7 @@ impl Node {
         notify_plugin: bool,
     ) -> Option<InstanceState> {
         let inst = self.hub.remove_instance(conn, id)?;
-        self.forget_session(&inst);
+        self.forget_session(conn.id, &inst);
         if notify_plugin {
             if let Some(p) = self.plugins.plugin(&inst.plugin) {
                 p.disconnect(

@@ -313,7 +313,7 @@ impl Node {
         for (inst_id, inst) in gone.instances {
             let lost = kept.iter().any(|k| **k == *inst_id);
             if !lost {
-                self.forget_session(&inst);
+                self.forget_session(id, &inst);
             }
             if let Some(p) = self.plugins.plugin(&inst.plugin) {
                 let reason = if lost {
@@ -538,6 +538,13 @@ impl Node {
     /// The address the node listens on (the configured one until bound).
     pub fn bound_addr(&self) -> std::net::SocketAddr {
         self.bound.get().copied().unwrap_or(self.config.listen)
+    }
+
+    /// How many users are online (on this node, or across the cluster).
+    /// With `[cluster]` it asks Redis and waits for the answer: call it
+    /// off the async runtime.
+    pub fn online_count(&self) -> usize {
+        self.presence.online_count(self.hub.online_count())
     }
 
     /// The cluster broker's state and the number of live nodes.

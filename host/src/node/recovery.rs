@@ -107,8 +107,8 @@ pub(super) enum SessionOp {
     },
     /// It lost its connection: kept from now on.
     Keep(Session),
-    /// It ended for good.
-    Forget(String),
+    /// It ended for good: (pid, its connection).
+    Forget(String, ConnId),
 }
 
 /// Writes the sessions of this node's recorded sockets to a store that
@@ -161,9 +161,9 @@ async fn session_writer(
                         let create = !written.remove(&s.pid);
                         store.keep(s, Keep { create, rewritten_every: None }).await;
                     }
-                    SessionOp::Forget(pid) => {
+                    SessionOp::Forget(pid, conn) => {
                         written.remove(&pid);
-                        store.forget(&pid).await;
+                        store.forget(&pid, conn).await;
                     }
                 }
             }
@@ -258,11 +258,12 @@ impl Node {
         });
     }
 
-    /// A recorded socket's session as it is now.
+    /// A recorded socket's session as it is now: once its client holds
+    /// the pid (connected, or being recovered).
     fn session_of(&self, conn: &ConnHandle, inst: &InstanceState, at: u64) -> Option<Session> {
         let info = inst.socket.as_ref()?;
         let pid = info.pid.as_ref()?;
-        if !inst.slot.is_recorded() || !info.is_connected() {
+        if !inst.slot.is_recorded() || !(info.is_connected() || info.recovered) {
             return None;
         }
         let mut rooms: Vec<String> = conn
@@ -302,7 +303,7 @@ impl Node {
 
     /// A recorded socket ended for good (its client left, the host or its
     /// plugin ended it): its session is not kept.
-    pub(super) fn forget_session(&self, inst: &InstanceState) {
+    pub(super) fn forget_session(&self, conn: ConnId, inst: &InstanceState) {
         let (Some(r), Some(pid)) = (
             &self.recovery,
             inst.socket.as_ref().and_then(|s| s.pid.clone()),
@@ -314,9 +315,9 @@ impl Node {
         }
         match self.session_ops.get() {
             Some(ops) => {
-                let _ = ops.send(SessionOp::Forget(pid.to_string()));
+                let _ = ops.send(SessionOp::Forget(pid.to_string(), conn));
             }
-            None => spawn(r.forget(&pid)),
+            None => spawn(r.forget(&pid, conn)),
         }
     }
 
@@ -356,7 +357,12 @@ impl Node {
             Ok(s) => s,
             Err(e) => return Recovered::No(e),
         };
+        // Taken from the store: put back wherever this CONNECT cannot use
+        // it (the socket may still come back), but not when its plugin
+        // refused it.
+        let put_back = |s: &Session| spawn(store.keep(s.clone(), Keep::LOST));
         if session.nsp != r.nsp || session.plugin != *r.plugin.name {
+            put_back(&session);
             return Recovered::No(Refusal::Elsewhere);
         }
         // An anonymous transport takes the kept identity (the pid proves
@@ -364,7 +370,8 @@ impl Node {
         // recovery that fails from here on ends the transport.
         let (identity, user_connections, adopted) = match (&session.identity, r.conn.identity()) {
             (Some(kept), Some(now)) if *now.user_id != *kept.user_id => {
-                return Recovered::No(Refusal::Elsewhere)
+                put_back(&session);
+                return Recovered::No(Refusal::Elsewhere);
             }
             (Some(kept), None) => {
                 let identity = Identity {
@@ -373,7 +380,10 @@ impl Node {
                 };
                 match self.identify(r.conn.id, identity.clone()) {
                     Ok(n) => (Some(identity), n as u32, true),
-                    Err(_) => return Recovered::No(Refusal::Elsewhere),
+                    Err(_) => {
+                        put_back(&session);
+                        return Recovered::No(Refusal::Elsewhere);
+                    }
                 }
             }
             (_, Some(now)) => (
@@ -388,6 +398,7 @@ impl Node {
         let info = Arc::new(SocketInfo {
             pid: Some(session.pid.as_str().into()),
             since: session.since,
+            recovered: true,
             ..SocketInfo::new(session.sid.as_str().into(), r.handshake)
         });
         let slot = Slot::recorded_socket(r.nsp);
@@ -414,6 +425,7 @@ impl Node {
             Ok(h) => h,
             Err(e) => {
                 self.close_instance(conn, r.nsp, DisconnectReason::Server, false);
+                put_back(&session);
                 if adopted {
                     tracing::warn!(nsp = r.nsp, "connection state not recovered: {e}");
                     self.metrics.recovery_refused(e);
@@ -479,10 +491,13 @@ impl Node {
                 why: Ok(rej),
                 end_transport: adopted,
             }),
-            Err(e) => Recovered::Refused(Refused {
-                why: Err(e),
-                end_transport: adopted,
-            }),
+            Err(e) => {
+                put_back(&session);
+                Recovered::Refused(Refused {
+                    why: Err(e),
+                    end_transport: adopted,
+                })
+            }
         };
         self.close_instance(conn, r.nsp, DisconnectReason::Server, false);
         outcome

@@ -28,6 +28,11 @@ pub trait Presence: Send + Sync {
     fn left(&self, user: &str);
     /// Users online; `here` lists those with a connection on this node.
     fn online_users(&self, here: Vec<String>) -> Vec<String>;
+    /// How many users are online; `here` counts those with a connection
+    /// on this node.
+    fn online_count(&self, here: usize) -> usize {
+        here
+    }
     /// Another node died: its users' connections are gone.
     fn node_gone(&self, _node: &str) {}
 }

@@ -104,6 +104,11 @@ impl RedisPresence {
     }
 
     fn read_online(&self) -> redis::RedisResult<Vec<String>> {
+        self.read(redis::cmd("HKEYS").arg(&self.key))
+    }
+
+    /// One request on the reading connection (made again after a failure).
+    fn read<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         let mut reader = self.reader.lock();
         if reader.is_none() {
             let c = self.client.get_connection_with_timeout(TIMEOUT)?;
@@ -112,9 +117,7 @@ impl RedisPresence {
             *reader = Some(c);
         }
         let conn = reader.as_mut().expect("set above");
-        let r = redis::cmd("HKEYS")
-            .arg(&self.key)
-            .query::<Vec<String>>(conn);
+        let r = cmd.query::<T>(conn);
         if r.is_err() {
             *reader = None;
         }
@@ -133,6 +136,16 @@ impl Presence for RedisPresence {
 
     fn node_gone(&self, node: &str) {
         let _ = self.changes.send(Change::NodeGone(node.to_owned()));
+    }
+
+    fn online_count(&self, here: usize) -> usize {
+        match self.read(redis::cmd("HLEN").arg(&self.key)) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("cluster presence unreadable ({e}); counting this node's users");
+                here
+            }
+        }
     }
 
     fn online_users(&self, here: Vec<String>) -> Vec<String> {

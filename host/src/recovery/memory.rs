@@ -104,13 +104,22 @@ impl Recovery for MemoryRecovery {
         Box::pin(async move { Some(head) })
     }
 
-    fn forget(&self, pid: &str) -> BoxFuture<'static, ()> {
-        self.sessions.lock().remove(pid);
+    fn forget(&self, pid: &str, connection: u64) -> BoxFuture<'static, ()> {
+        let mut sessions = self.sessions.lock();
+        if sessions
+            .get(pid)
+            .is_some_and(|(s, _)| s.connection == connection)
+        {
+            sessions.remove(pid);
+        }
         Box::pin(async {})
     }
 
     fn keep(&self, s: Session, how: Keep) -> BoxFuture<'static, ()> {
-        if !how.create && !self.sessions.lock().contains_key(&s.pid) {
+        let owned = |kept: Option<&(Session, Instant)>| {
+            kept.is_some_and(|(k, _)| k.connection == s.connection)
+        };
+        if !how.create && !owned(self.sessions.lock().get(&s.pid)) {
             return Box::pin(async {});
         }
         let until = Instant::now() + self.window + how.rewritten_every.unwrap_or_default();

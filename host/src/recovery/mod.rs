@@ -111,9 +111,10 @@ pub struct Session {
 /// How [`Recovery::keep`] writes a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keep {
-    /// Written even where no such session is kept; false: it only
-    /// replaces one that is still kept (a session taken meanwhile by a
-    /// recovery elsewhere is not brought back).
+    /// Written whatever is kept; false: it replaces only a session its
+    /// own connection wrote, or one that is gone without having been
+    /// taken (a Redis that lost it) — a session taken meanwhile by a
+    /// recovery elsewhere is not brought back, nor overwritten.
     pub create: bool,
     /// The socket is still connected and its session is written again
     /// every this long: it is kept that much longer than the window, so a
@@ -194,8 +195,10 @@ pub trait Recovery: Send + Sync {
     fn head(&self) -> BoxFuture<'static, Option<u64>>;
     /// Keeps a session for `max_disconnection_ms` (see [`Keep`]).
     fn keep(&self, s: Session, how: Keep) -> BoxFuture<'static, ()>;
-    /// Forgets a session (its socket ended for good).
-    fn forget(&self, pid: &str) -> BoxFuture<'static, ()>;
+    /// Forgets a session (its socket ended for good) — if it is still
+    /// the one `connection` wrote: a session taken back on another
+    /// connection (or node) is that one's now.
+    fn forget(&self, pid: &str, connection: u64) -> BoxFuture<'static, ()>;
     /// Whether sessions are kept while their sockets are connected too
     /// (and kept current as they join and leave rooms): the cluster's, so
     /// that a node's death loses none. The memory side keeps them from

@@ -15,14 +15,22 @@
 //!   history (cap or age): a session that would need it connects as new.
 //! - `<prefix>:rec:mark:<room>` — present while a recorded socket is in
 //!   the room on some node (refreshed by that node) or a kept session
-//!   lists it: only marked rooms are recorded. Expires after the window.
+//!   lists it: only marked rooms are recorded. Expires a third of the
+//!   window (and a second) after the window, so it outlives every session
+//!   that lists the room.
 //! - `<prefix>:rec:session:<pid>` — a session (JSON), taken with
 //!   `GETDEL`, so it is recovered once. Written while its socket is
 //!   connected (at its CONNECT reply, on each join and leave, and again
 //!   every third of the window, expiring a third of the window after the
 //!   window), so that a socket whose node is killed recovers elsewhere;
 //!   written again when it loses its connection (expiring after the
-//!   window) and deleted when it ends for good.
+//!   window) and deleted when it ends for good. Every write but the first
+//!   of a connection ([`KEEP`]) and every delete ([`FORGET`]) applies only
+//!   to the session that connection wrote: a node that has not noticed
+//!   its socket is gone cannot overwrite or delete the session another
+//!   node took back.
+//! - `<prefix>:rec:taken:<pid>` — a session was taken back (for as long as
+//!   a mark lives): its old writers do not bring it back.
 //!
 //! The broker's publishing connection numbers, records and publishes each
 //! publication in one script ([`NUMBER`]): pub/sub then carries every
@@ -63,6 +71,39 @@ pub fn mark_key(prefix: &str, room: &str) -> String {
 pub fn session_key(prefix: &str, pid: &str) -> String {
     format!("{prefix}:rec:session:{pid}")
 }
+
+/// Left for the window when a session is taken back: its old writers must
+/// not bring it back.
+pub fn taken_key(prefix: &str, pid: &str) -> String {
+    format!("{prefix}:rec:taken:{pid}")
+}
+
+/// Writes a session. KEYS: the session, its taken mark. ARGV: the
+/// session (JSON), its time to live (ms), create (`1`/`0`), the writing
+/// connection's id. Without create, it writes only over a session that
+/// connection wrote, or where there is none and none was taken (a Redis
+/// that lost it). Returns 1 when written.
+pub const KEEP: &str = r#"
+if ARGV[3] == '0' then
+  local cur = redis.call('GET', KEYS[1])
+  if cur then
+    if not string.find(cur, '"connection":' .. ARGV[4] .. ',', 1, true) then return 0 end
+  elseif redis.call('EXISTS', KEYS[2]) == 1 then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1"#;
+
+/// Deletes a session if the given connection wrote it. KEYS: the session.
+/// ARGV: the connection's id. Returns 1 when deleted.
+pub const FORGET: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.find(cur, '"connection":' .. ARGV[1] .. ',', 1, true) then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0"#;
 
 /// Numbers a publication, records it when its room is marked, and
 /// publishes it with its offset (`\xff\xff\xff\xff<offset>:` before the
@@ -152,6 +193,13 @@ impl RedisRecovery {
         self.window.as_millis() as u64
     }
 
+    /// How long a mark lives: past the longest a session is kept (the
+    /// window and a third: written again every third while connected), so
+    /// that a room stays recorded for as long as a session may need it.
+    fn mark_ms(&self) -> u64 {
+        self.window_ms() + self.window_ms() / 3 + 1000
+    }
+
     /// A pipeline, run on the shared connection (made again after a
     /// failure), within the time limit.
     fn run<T: redis::FromRedisValue + Send + 'static>(
@@ -178,8 +226,7 @@ impl RedisRecovery {
         })
     }
 
-    /// Adds the writes of the marks of `rooms` (expiring after the
-    /// window) to a pipeline.
+    /// Adds the writes of the marks of `rooms` to a pipeline.
     fn add_marks<'r>(
         &self,
         pipe: &mut redis::Pipeline,
@@ -190,12 +237,12 @@ impl RedisRecovery {
                 .arg(mark_key(&self.prefix, room))
                 .arg(1)
                 .arg("PX")
-                .arg(self.window_ms())
+                .arg(self.mark_ms())
                 .ignore();
         }
     }
 
-    /// Writes the marks of `rooms` (expiring after the window).
+    /// Writes the marks of `rooms`.
     fn write_marks(&self, rooms: &[String]) {
         if rooms.is_empty() {
             return;
@@ -258,9 +305,14 @@ impl Recovery for RedisRecovery {
         true
     }
 
-    fn forget(&self, pid: &str) -> BoxFuture<'static, ()> {
+    fn forget(&self, pid: &str, connection: u64) -> BoxFuture<'static, ()> {
         let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(session_key(&self.prefix, pid)).ignore();
+        pipe.cmd("EVAL")
+            .arg(FORGET)
+            .arg(1)
+            .arg(session_key(&self.prefix, pid))
+            .arg(connection)
+            .ignore();
         let run = self.run::<()>(pipe);
         Box::pin(async move {
             if let Err(e) = run.await {
@@ -275,16 +327,16 @@ impl Recovery for RedisRecovery {
         let mut pipe = redis::pipe();
         let json = serde_json::to_string(&s).unwrap_or_default();
         let ahead = how.rewritten_every.map_or(0, |d| d.as_millis() as u64);
-        let set = pipe
-            .cmd("SET")
+        pipe.cmd("EVAL")
+            .arg(KEEP)
+            .arg(2)
             .arg(session_key(&self.prefix, &s.pid))
+            .arg(taken_key(&self.prefix, &s.pid))
             .arg(json)
-            .arg("PX")
-            .arg(self.window_ms() + ahead);
-        if !how.create {
-            set.arg("XX");
-        }
-        set.ignore();
+            .arg(self.window_ms() + ahead)
+            .arg(if how.create { "1" } else { "0" })
+            .arg(s.connection)
+            .ignore();
         self.add_marks(&mut pipe, &s.rooms);
         let run = self.run::<()>(pipe);
         Box::pin(async move {
@@ -298,7 +350,15 @@ impl Recovery for RedisRecovery {
 
     fn take(&self, pid: &str) -> BoxFuture<'static, Result<Session, Refusal>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("GETDEL").arg(session_key(&self.prefix, pid));
+        pipe.atomic()
+            .cmd("GETDEL")
+            .arg(session_key(&self.prefix, pid))
+            .cmd("SET")
+            .arg(taken_key(&self.prefix, pid))
+            .arg(1)
+            .arg("PX")
+            .arg(self.mark_ms())
+            .ignore();
         let run = self.run::<(Option<String>,)>(pipe);
         Box::pin(async move {
             match run.await {
