@@ -59,7 +59,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             recovery: false,
         },
         Scenario {
-            title: "5,000 Socket.IO sockets lost and kept ([socketio.recovery]), then 20,000 events of 100 B kept in 20 room histories",
+            title: "2 × 5,000 Socket.IO sockets lost and kept ([socketio.recovery]), then 20,000 events of 100 B kept in 20 room histories",
             args: a(&["recovery-memory", "--sockets", "5000", "--rooms", "20", "--events", "20000", "--size", "100"]),
             recovery: true,
         },
