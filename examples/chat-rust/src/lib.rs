@@ -32,6 +32,18 @@ fn member_key(t: &Instance) -> String {
     format!("member:{}:{}", t.connection, t.id)
 }
 
+/// The params of a connect (or a recovery), and the room they name.
+fn room_of(params: &str) -> Result<(Value, String), Rejection> {
+    let params: Value = serde_json::from_str(params).unwrap_or(Value::Null);
+    let room = params
+        .get("room")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| reject("a room is required"))?;
+    Ok((params, room))
+}
+
 impl Guest for Chat {
     fn fetched(_id: u64, _response: Result<chanhost_plugin::types::HttpResponse, String>) {}
 
@@ -41,13 +53,8 @@ impl Guest for Chat {
     /// restored its room and identity): its room is kept again under its
     /// new connection.
     fn recover(req: chanhost_plugin::types::RecoverRequest) -> Result<(), Rejection> {
-        let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
-        let room = params
-            .get("room")
-            .and_then(Value::as_str)
-            .filter(|r| !r.is_empty())
-            .ok_or_else(|| reject("a room is required"))?;
-        host::kv_set(&member_key(&req.target), room);
+        let (_, room) = room_of(&req.params)?;
+        host::kv_set(&member_key(&req.target), &room);
         Ok(())
     }
 
@@ -71,12 +78,7 @@ impl Guest for Chat {
     }
 
     fn connect(req: ConnectRequest) -> Result<(), Rejection> {
-        let params: Value = serde_json::from_str(&req.params).unwrap_or(Value::Null);
-        let room = params
-            .get("room")
-            .and_then(Value::as_str)
-            .filter(|r| !r.is_empty())
-            .ok_or_else(|| reject("a room is required"))?;
+        let (params, room) = room_of(&req.params)?;
         if req.protocol == Protocol::Socketio {
             // Socket.IO connections start anonymous: check the token.
             let token = params
@@ -87,7 +89,7 @@ impl Guest for Chat {
                 host::verify_token(token).map_err(|e| reject(&format!("invalid token: {e}")))?;
             host::set_identity(req.target.connection, &who).map_err(|e| reject(&e))?;
         }
-        host::kv_set(&member_key(&req.target), room);
+        host::kv_set(&member_key(&req.target), &room);
         host::join(&req.target, &format!("{NAME}:{room}"));
         Ok(())
     }
