@@ -84,28 +84,30 @@ impl IntoResponse for ApiError {
 }
 
 /// Compares in time independent of where the strings differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The key of an `Authorization: Bearer <key>` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// Checks the API key (or, without one, that the caller is local).
 pub fn authorize(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ApiError> {
     match &node.config().api_key {
-        Some(key) => {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
-            match given {
-                Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => Ok(()),
-                Some(_) => Err(ApiError::WrongKey),
-                None => Err(ApiError::MissingKey),
-            }
-        }
+        Some(key) => match bearer(headers) {
+            Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::WrongKey),
+            None => Err(ApiError::MissingKey),
+        },
         None if peer.ip().is_loopback() => Ok(()),
         None => Err(ApiError::NotLoopback),
     }

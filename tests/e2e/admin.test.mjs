@@ -134,8 +134,10 @@ describe('the operator page behind the API key', () => {
       await page.click('#inspect-button');
       // The user's connections, then one of them.
       await page.waitForFunction(() => /socketio/.test(document.querySelector('#inspect-result')?.textContent ?? ''));
+      // Alice has one connection: listed, then looked at.
       const listed = await page.$$('#inspect-result button');
-      if (listed.length > 0) await listed[0].click();
+      assert.equal(listed.length, 1);
+      await listed[0].click();
       await page.waitForFunction(() => /alice/.test(document.querySelector('#inspect-result')?.textContent ?? '') && /websocket/.test(document.querySelector('#inspect-result')?.textContent ?? ''));
 
       const gone = once(a, 'disconnect');

@@ -42,6 +42,11 @@ use crate::node::Node;
 use session::Sessions;
 use snapshot::Sampler;
 
+/// Compares secrets in time independent of where they differ.
+fn same(a: &str, b: &str) -> bool {
+    crate::api::constant_time_eq(a.as_bytes(), b.as_bytes())
+}
+
 const PAGE: &str = include_str!("page.html");
 const LOGIN: &str = include_str!("login.html");
 const CSS: &str = include_str!("admin.css");
@@ -161,16 +166,11 @@ impl Admin {
                 session: false,
             });
         };
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if let Some(b) = bearer {
+        if let Some(b) = crate::api::bearer(headers) {
             if self.sessions.throttled(peer.ip()) {
                 return Err(AdminError::Throttled);
             }
-            if session::same(b, key) {
+            if same(b, key) {
                 return Ok(Granted {
                     csrf: None,
                     session: false,
@@ -201,7 +201,7 @@ impl Admin {
         }
         match granted.csrf {
             None => Ok(()),
-            Some(want) if given.is_some_and(|g| session::same(g, &want)) => Ok(()),
+            Some(want) if given.is_some_and(|g| same(g, &want)) => Ok(()),
             Some(_) => Err(AdminError::Csrf),
         }
     }
@@ -368,7 +368,7 @@ async fn login(
         Err(e) => return login_page(e.status(), &e.to_string()),
     };
     match field(&fields, "key") {
-        Some(given) if session::same(given.trim(), &key) => {
+        Some(given) if same(given.trim(), &key) => {
             let (token, _) = a.sessions.open();
             tracing::info!(peer = %peer.ip(), "operator logged in to /admin");
             let mut r = see_other("/admin");

@@ -234,9 +234,10 @@ fn snapshot(node: &Node, rates: &Rates, started_at: u64, users_online: usize) ->
 fn plugin(p: &crate::plugin::PluginSlot, rates: &Rates) -> Value {
     let origin = p.origin();
     let manifest = p.manifest();
-    let hooks: Vec<Value> = p
-        .metrics
-        .hooks()
+    // Read once: each hook's quantiles walk its histogram.
+    let figures = p.metrics.hooks();
+    let failures: u64 = figures.iter().map(|h| h.errors).sum();
+    let hooks: Vec<Value> = figures
         .into_iter()
         .filter(|h| h.calls > 0)
         .map(|h| {
@@ -254,7 +255,6 @@ fn plugin(p: &crate::plugin::PluginSlot, rates: &Rates) -> Value {
             })
         })
         .collect();
-    let failures: u64 = p.metrics.hooks().iter().map(|h| h.errors).sum();
     let state = if p.metrics.backing_off() {
         "backing off"
     } else {
