@@ -190,7 +190,6 @@ struct Shared {
     numbering: Option<Numbering>,
     publishing: AtomicBool,
     subscribed: AtomicBool,
-    nodes: AtomicU64,
     /// The live nodes at the last heartbeat.
     node_list: parking_lot::Mutex<Vec<super::NodeInfo>>,
     metrics: Arc<Metrics>,
@@ -458,7 +457,6 @@ impl RedisBroker {
             numbering,
             publishing: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
-            nodes: AtomicU64::new(0),
             node_list: parking_lot::Mutex::new(Vec::new()),
             metrics: o.metrics,
             gone: OnceLock::new(),
@@ -589,7 +587,7 @@ impl Broker for RedisBroker {
     }
 
     fn nodes(&self) -> u64 {
-        self.shared.nodes.load(Ordering::Relaxed)
+        self.shared.node_list.lock().len() as u64
     }
 
     fn node_id(&self) -> Option<&str> {
@@ -609,7 +607,7 @@ impl Broker for RedisBroker {
             if !shared.is_up() {
                 return Err(BrokerError::Down);
             }
-            let want = shared.nodes.load(Ordering::Relaxed).saturating_sub(1) as usize;
+            let want = shared.node_list.lock().len().saturating_sub(1);
             if want == 0 {
                 return Ok(Vec::new());
             }
@@ -984,7 +982,6 @@ async fn heartbeat(shared: Arc<Shared>) {
             match timed(pipe.query_async::<Live>(&mut conn)).await {
                 Ok((live, counts)) => {
                     let n = live.len() as u64;
-                    shared.nodes.store(n, Ordering::Relaxed);
                     shared.metrics.cluster_nodes.set(n);
                     *shared.node_list.lock() = live
                         .into_iter()
