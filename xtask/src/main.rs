@@ -278,12 +278,8 @@ fn test(filter: &[String]) -> Result<()> {
     // end-to-end tests build `chanhost new-plugin` skeletons with them).
     examples::examples()?;
     let e2e = root.join("tests/e2e");
-    npm_ci(&e2e)?;
-    let mut node = Command::new("node");
-    node.current_dir(&e2e)
-        .env("CHANHOST_BIN", root.join("target/debug/chanhost"))
-        .env("CHANHOST_ROOT", &root)
-        .args(["--test", "--test-reporter=spec"]);
+    let mut node = e2e_node()?;
+    node.args(["--test", "--test-reporter=spec"]);
     if filter.is_empty() {
         let mut files: Vec<_> = std::fs::read_dir(&e2e)?
             .filter_map(|e| e.ok())
@@ -366,13 +362,20 @@ fn screenshots() -> Result<()> {
     ensure_chromium()?;
     plugins()?;
     run(cargo().current_dir(&root).args(["build", "-p", "chanhost"]))?;
+    run(e2e_node()?.arg("screenshots.mjs"))
+}
+
+/// `node` in `tests/e2e` (its packages installed), pointed at this tree's
+/// debug host.
+fn e2e_node() -> Result<Command> {
+    let root = root();
     let e2e = root.join("tests/e2e");
     npm_ci(&e2e)?;
-    run(Command::new("node")
-        .current_dir(&e2e)
+    let mut node = Command::new("node");
+    node.current_dir(&e2e)
         .env("CHANHOST_BIN", root.join("target/debug/chanhost"))
-        .env("CHANHOST_ROOT", &root)
-        .arg("screenshots.mjs"))
+        .env("CHANHOST_ROOT", &root);
+    Ok(node)
 }
 
 fn run_host() -> Result<()> {
