@@ -111,6 +111,42 @@ pub(super) enum SessionOp {
     Forget(String, ConnId),
 }
 
+/// `first` and the ops waiting behind it, in order, less each `Changed`
+/// that a later one of the same socket repeats (a socket joining ten
+/// rooms at its connect is written once, with all of them). A `Changed`
+/// reads the socket as it is when it is handled, so handling only the
+/// last is the same; it carries `create` if any of them did.
+fn coalesce(first: SessionOp, ops: &mut mpsc::UnboundedReceiver<SessionOp>) -> Vec<SessionOp> {
+    let mut batch = vec![first];
+    while batch.len() < 4096 {
+        match ops.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    let mut out: Vec<SessionOp> = Vec::with_capacity(batch.len());
+    // The last Changed of each socket, by its place in `out`.
+    let mut last: std::collections::HashMap<(ConnId, Arc<str>), usize> = Default::default();
+    for op in batch.into_iter().rev() {
+        if let SessionOp::Changed { conn, nsp, create } = &op {
+            match last.get(&(*conn, nsp.clone())) {
+                Some(&i) => {
+                    if let SessionOp::Changed { create: later, .. } = &mut out[i] {
+                        *later |= *create;
+                    }
+                    continue;
+                }
+                None => {
+                    last.insert((*conn, nsp.clone()), out.len());
+                }
+            }
+        }
+        out.push(op);
+    }
+    out.reverse();
+    out
+}
+
 /// Writes the sessions of this node's recorded sockets to a store that
 /// keeps them while they are connected: as they change, and again every
 /// third of the window (so a dead node's last word is at most that old).
@@ -144,6 +180,7 @@ async fn session_writer(
             op = ops.recv() => {
                 let Some(op) = op else { return };
                 let Some(n) = node.upgrade() else { return };
+                for op in coalesce(op, &mut ops) {
                 match op {
                     SessionOp::Changed { conn, nsp, create } => {
                         let session = n.hub.conn(conn).and_then(|c| {
@@ -165,6 +202,7 @@ async fn session_writer(
                         written.remove(&pid);
                         store.forget(&pid, conn).await;
                     }
+                }
                 }
             }
             _ = refresh.tick() => {
@@ -539,4 +577,54 @@ fn admits(filter: &Filter, conn: &ConnHandle, previous: u64, nsp: &str) -> bool 
         .as_ref()
         .is_some_and(|(c, id)| (*c == previous || *c == conn.id) && &**id == nsp);
     !excepted && filter.admits(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changed(conn: ConnId, nsp: &str, create: bool) -> SessionOp {
+        SessionOp::Changed {
+            conn,
+            nsp: nsp.into(),
+            create,
+        }
+    }
+
+    fn shape(ops: &[SessionOp]) -> Vec<String> {
+        ops.iter()
+            .map(|o| match o {
+                SessionOp::Changed { conn, nsp, create } => format!("changed {conn}{nsp} {create}"),
+                SessionOp::Keep(s) => format!("keep {}", s.pid),
+                SessionOp::Forget(pid, _) => format!("forget {pid}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sockets_changes_waiting_together_are_written_once_in_the_last_place() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for op in [
+            changed(2, "/", false),
+            changed(1, "/", false),
+            SessionOp::Forget("p".into(), 3),
+            changed(1, "/", false),
+            changed(1, "/x", false),
+        ] {
+            tx.send(op).unwrap();
+        }
+        let out = coalesce(changed(1, "/", true), &mut rx);
+        assert_eq!(
+            shape(&out),
+            [
+                "changed 2/ false",
+                "forget p",
+                "changed 1/ true",
+                "changed 1/x false"
+            ]
+        );
+        // Nothing waits: the one op alone.
+        let out = coalesce(changed(5, "/", false), &mut rx);
+        assert_eq!(shape(&out), ["changed 5/ false"]);
+    }
 }
