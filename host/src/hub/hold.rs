@@ -3,6 +3,11 @@
 //! reply to the client is written first, then what waited (the plugin
 //! accepted) or nothing (it refused). A later opening of the same id holds
 //! on its own (its generation), so an earlier reply releases only its own.
+//!
+//! Connections are written from whichever thread produces an item, so the
+//! end of a hold is one step with its writing: a writer that finds the
+//! hold ending waits until what it released is written (it would overtake
+//! the reply or the held events otherwise).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -72,17 +77,30 @@ impl Holds {
         }
     }
 
-    /// Ends the hold of this opening of `id`; what waited (nothing when a
-    /// later opening of the same id holds now: that one keeps it).
-    pub fn release(&self, id: &str, generation: u64) -> Vec<Outbound> {
+    /// Ends the hold of this opening of `id` and gives what waited
+    /// (nothing when a later opening of the same id holds now: that one
+    /// keeps it) to `write`, with the reply. Until `write` returns, an item
+    /// for a held instance that another thread writes waits in
+    /// [`Holds::keep`], so nothing overtakes what `write` writes; `write`
+    /// must not call `keep` itself.
+    pub fn release_with<R>(
+        &self,
+        id: &str,
+        generation: u64,
+        write: impl FnOnce(Vec<Outbound>) -> R,
+    ) -> R {
         let mut held = self.held.lock();
-        match held.get(id) {
-            Some((g, _)) if *g == generation => {
-                self.count.fetch_sub(1, Ordering::SeqCst);
-                held.remove(id).map(|(_, w)| w).unwrap_or_default()
-            }
-            _ => Vec::new(),
+        let released = match held.get(id) {
+            Some((g, _)) if *g == generation => held.remove(id).map(|(_, w)| w),
+            _ => None,
+        };
+        let ended = released.is_some();
+        let r = write(released.unwrap_or_default());
+        if ended {
+            // Writers that skip the lock see the hold end only now.
+            self.count.fetch_sub(1, Ordering::SeqCst);
         }
+        r
     }
 }
 
@@ -110,11 +128,30 @@ mod tests {
             "only events wait"
         );
         assert!(
-            h.release("a", first).is_empty(),
+            h.release_with("a", first, |w| w.is_empty()),
             "a later opening holds now"
         );
         assert!(h.any());
-        assert_eq!(h.release("a", second).len(), 1);
+        assert_eq!(h.release_with("a", second, |w| w.len()), 1);
+        assert!(!h.any());
+    }
+
+    #[test]
+    fn an_item_written_while_a_hold_ends_waits_for_the_release() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let h = Arc::new(Holds::default());
+        let g = h.hold(&"a".into());
+        let (tx, rx) = mpsc::channel();
+        h.release_with("a", g, |_| {
+            let (h, tx) = (h.clone(), tx.clone());
+            std::thread::spawn(move || tx.send(h.keep(event("a")).is_some()));
+            assert!(
+                rx.recv_timeout(Duration::from_millis(50)).is_err(),
+                "a live item must not be written before what was released"
+            );
+        });
+        assert_eq!(rx.recv().ok(), Some(true), "then it is written");
         assert!(!h.any());
     }
 }

@@ -174,24 +174,32 @@ struct MisskeyOut {
 
 impl DirectOut for MisskeyOut {
     fn send(&self, out: Outbound) -> Result<(), QueueFull> {
-        let Some(out) = self.holds.keep(out) else {
-            return Ok(());
-        };
+        match self.holds.keep(out) {
+            Some(out) => self.write(out),
+            None => Ok(()),
+        }
+    }
+}
+
+impl MisskeyOut {
+    /// Frames an item that is not held and writes it.
+    fn write(&self, out: Outbound) -> Result<(), QueueFull> {
         let r = match &out {
             Outbound::Text(t) => self.wire.send(OP_TEXT, &[t.as_bytes()]),
             // The end of an opening: `connected` (if the client asked for
             // it), then what reached the instance meanwhile, or nothing if
             // the plugin refused.
             Outbound::Gate(g) => {
-                if !g.text.is_empty() {
-                    self.wire.send(OP_TEXT, &[g.text.as_bytes()])?;
-                    self.metrics.frames_sent.inc();
-                }
-                let held = self.holds.release(&g.slot, g.generation);
-                if g.release {
-                    held.into_iter().try_for_each(|h| self.send(h))?;
-                }
-                return Ok(());
+                return self.holds.release_with(&g.slot, g.generation, |held| {
+                    if !g.text.is_empty() {
+                        self.wire.send(OP_TEXT, &[g.text.as_bytes()])?;
+                        self.metrics.frames_sent.inc();
+                    }
+                    match g.release {
+                        true => held.into_iter().try_for_each(|h| self.write(h)),
+                        false => Ok(()),
+                    }
+                });
             }
             // Misskey streams have no binary frames, acks, or frame for an
             // instance the server ended.

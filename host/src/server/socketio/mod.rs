@@ -199,13 +199,17 @@ impl SioSocket {
     /// namespaces still connecting. Nothing for an item held or addressed
     /// to a socket that is gone.
     fn render(&self, out: Outbound, into: &mut Vec<EioOut>) {
+        if let Some(out) = self.holds.keep(out) {
+            self.render_unheld(out, into);
+        }
+    }
+
+    /// Renders an item that is not held.
+    fn render_unheld(&self, out: Outbound, into: &mut Vec<EioOut>) {
         match out {
             Outbound::Text(t) => into.push(EioOut::Text(t)),
             Outbound::Binary(b) => into.push(EioOut::Binary(b)),
-            ev @ Outbound::Event { .. } => {
-                let Some(Outbound::Event { slot, event }) = self.holds.keep(ev) else {
-                    return;
-                };
+            Outbound::Event { slot, event } => {
                 let nsp = slot.id();
                 if !slot.is_open() {
                     return;
@@ -234,36 +238,43 @@ impl SioSocket {
             Outbound::Ended(nsp) => {
                 into.push(EioOut::Text(format!("4{}", sio::encode_disconnect(&nsp))));
             }
-            Outbound::Gate(gate) => {
-                let Gate {
-                    slot,
-                    generation,
-                    text,
-                    release,
-                    replay,
-                    replayed_upto,
-                } = *gate;
-                into.push(EioOut::Text(text));
-                // Only this CONNECT's hold: a later CONNECT to the same
-                // namespace keeps its own until its own reply.
-                let held = self.holds.release(&slot, generation);
-                if release {
-                    // A recovered socket's missed events, then what came
-                    // after them (what the history already held is not
-                    // written twice).
-                    for r in replay {
-                        self.render(r, into);
-                    }
-                    for h in held {
-                        let replayed = matches!(&h, Outbound::Event { event, .. }
-                            if event.offset.is_some_and(|o| o <= replayed_upto));
-                        if !replayed {
-                            self.render(h, into);
-                        }
+            Outbound::Gate(gate) => self.gate(*gate, |packets| into.extend(packets)),
+        }
+    }
+
+    /// A CONNECT's reply and, accepted, a recovered socket's missed events
+    /// and what was held, handed to `write` in one step with the end of
+    /// this CONNECT's hold (a later CONNECT to the same namespace keeps its
+    /// own): an event another thread writes meanwhile waits, so it follows
+    /// them (see [`Holds::release_with`]).
+    fn gate<R>(&self, gate: Gate, write: impl FnOnce(Vec<EioOut>) -> R) -> R {
+        let Gate {
+            slot,
+            generation,
+            text,
+            release,
+            replay,
+            replayed_upto,
+        } = gate;
+        self.holds.release_with(&slot, generation, |held| {
+            let mut packets = vec![EioOut::Text(text)];
+            if release {
+                // A recovered socket's missed events, then what came after
+                // them (what the history already held is not written
+                // twice).
+                for r in replay {
+                    self.render_unheld(r, &mut packets);
+                }
+                for h in held {
+                    let replayed = matches!(&h, Outbound::Event { event, .. }
+                        if event.offset.is_some_and(|o| o <= replayed_upto));
+                    if !replayed {
+                        self.render_unheld(h, &mut packets);
                     }
                 }
             }
-        }
+            write(packets)
+        })
     }
 }
 
@@ -641,13 +652,12 @@ impl Handler for SioHandler {
             // A CONNECT reply, then what was held behind it, a turn later.
             Outbound::Gate(gate) => {
                 let recovered = !gate.replay.is_empty();
-                let mut rendered = Vec::new();
-                session.socket.render(Outbound::Gate(gate), &mut rendered);
-                if recovered {
-                    ws.write_after_reply(rendered)
-                } else {
-                    ws.write_paced(rendered)
-                }
+                // Written before the hold ends, so that events other
+                // threads write now join what waits behind the reply.
+                session.socket.gate(*gate, |rendered| match recovered {
+                    true => ws.write_after_reply(rendered),
+                    false => ws.write_paced(rendered),
+                })
             }
             other => {
                 let mut rendered = Vec::new();
