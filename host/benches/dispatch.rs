@@ -8,7 +8,9 @@
 //! bare call: the same arguments, an event the plugin ignores.
 //! `plugin-forward` / `native-forward` broadcast the payload as it came,
 //! without reading it: what a call and one host call back cost with no work
-//! in between.
+//! in between. `plugin-batch` gives the plugin 32 messages in one
+//! `messages` call (a busy plugin's queue, WIT 0.4.0): the figure is per
+//! message, the broadcasts going back in one `apply`.
 //!
 //! `cargo bench -p chanhost --bench dispatch`; `cargo xtask bench` runs it
 //! and reports the difference.
@@ -16,8 +18,13 @@
 use std::sync::Arc;
 
 use chanhost::config::Config;
-use chanhost::plugin::{DetachedServices, HostServices, InstanceRef, Payload, PluginEngine};
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use chanhost::plugin::{
+    ClientMessage, DetachedServices, HostServices, InstanceRef, Messages, Payload, PluginEngine,
+};
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+
+/// Messages per batched call in `plugin-batch`.
+const BATCH: usize = 32;
 
 #[path = "../../tests/plugins/bench/src/publish.rs"]
 mod publish;
@@ -84,19 +91,37 @@ fn dispatch(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 engine.arm_call(&mut started.store);
-                started
-                    .guest
-                    .message(
-                        &mut started.store,
-                        target.clone(),
-                        event,
-                        Payload::json(black_box(json.as_str())),
-                        None,
-                    )
-                    .expect("call")
+                let m = ClientMessage {
+                    target: target.clone(),
+                    event: event.into(),
+                    data: Payload::json(black_box(json.as_str())),
+                    ack_id: None,
+                };
+                started.guest.message(&mut started.store, m).expect("call")
             })
         });
     }
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("plugin-batch", |b| {
+        b.iter(|| {
+            engine.arm_call(&mut started.store);
+            let batch = Messages::new(
+                (0..BATCH)
+                    .map(|_| ClientMessage {
+                        target: target.clone(),
+                        event: "publish".into(),
+                        data: Payload::json(black_box(json.as_str())),
+                        ack_id: None,
+                    })
+                    .collect(),
+            );
+            started
+                .guest
+                .messages(&mut started.store, &batch, 0..BATCH)
+                .expect("call")
+        })
+    });
+    group.throughput(Throughput::Elements(1));
     group.bench_function("native", |b| {
         b.iter(|| native(&*services, black_box(&json)))
     });

@@ -476,11 +476,15 @@ impl Metrics {
 #[derive(Debug, Clone, Default)]
 pub struct PluginFigures {
     pub name: String,
-    /// (hook, calls, failed calls).
-    pub hooks: Vec<(&'static str, u64, u64)>,
+    /// Calls, items and failed calls by hook.
+    pub hooks: Vec<crate::plugin::HookCounts>,
     pub dropped: u64,
     pub refused_backoff: u64,
     pub rebuilds: u64,
+    /// Calls of `messages` / `events` with more than one item.
+    pub batches: u64,
+    /// Items given again alone after their batch's call failed.
+    pub retried: u64,
 }
 
 /// What `/metrics` shows beyond [`Metrics`], read from the node's parts.
@@ -548,16 +552,13 @@ pub fn render(metrics: &Metrics, node: &NodeFigures) -> String {
         "Plugin files being compiled and started (off the event loop).",
         node.compiling,
     );
-    let by_hook = |errors: bool| -> Vec<(String, u64)> {
+    let by_hook = |get: fn(&crate::plugin::HookCounts) -> u64| -> Vec<(String, u64)> {
         plugins
             .iter()
             .flat_map(|p| {
-                p.hooks.iter().map(move |(hook, calls, errs)| {
-                    (
-                        labels(&[("plugin", &p.name), ("hook", hook)]),
-                        if errors { *errs } else { *calls },
-                    )
-                })
+                p.hooks
+                    .iter()
+                    .map(move |h| (labels(&[("plugin", &p.name), ("hook", h.hook)]), get(h)))
             })
             .collect()
     };
@@ -572,14 +573,21 @@ pub fn render(metrics: &Metrics, node: &NodeFigures) -> String {
         "chanhost_plugin_calls_total",
         "counter",
         "Calls into plugins by hook.",
-        &by_hook(false),
+        &by_hook(|h| h.calls),
+    );
+    write_family(
+        &mut out,
+        "chanhost_plugin_items_total",
+        "counter",
+        "What calls into plugins gave them by hook: a batched `messages` or `events` call gives several messages or events, any other call one.",
+        &by_hook(|h| h.items),
     );
     write_family(
         &mut out,
         "chanhost_plugin_errors_total",
         "counter",
         "Failed plugin calls (trap, timeout, out of memory) by hook.",
-        &by_hook(true),
+        &by_hook(|h| h.errors),
     );
     write_family(
         &mut out,
@@ -610,6 +618,20 @@ pub fn render(metrics: &Metrics, node: &NodeFigures) -> String {
         "counter",
         "Plugin instances rebuilt after a failure.",
         &per_plugin(|p| p.rebuilds),
+    );
+    write_family(
+        &mut out,
+        "chanhost_plugin_batches_total",
+        "counter",
+        "Calls of `messages` or `events` (WIT 0.4.0) that gave a plugin more than one item.",
+        &per_plugin(|p| p.batches),
+    );
+    write_family(
+        &mut out,
+        "chanhost_plugin_retried_total",
+        "counter",
+        "Messages and events given to a plugin again, one per call, after the batched call that carried them failed.",
+        &per_plugin(|p| p.retried),
     );
     out
 }
@@ -671,10 +693,17 @@ mod tests {
             compiling: 0,
             plugins: vec![PluginFigures {
                 name: "chat".into(),
-                hooks: vec![("connect", 5, 1)],
+                hooks: vec![crate::plugin::HookCounts {
+                    hook: "connect",
+                    calls: 5,
+                    items: 5,
+                    errors: 1,
+                }],
                 dropped: 7,
                 refused_backoff: 0,
                 rebuilds: 1,
+                batches: 2,
+                retried: 3,
             }],
         };
         let text = render(&m, &node);
@@ -689,6 +718,9 @@ mod tests {
             "chanhost_plugin_errors_total{plugin=\"chat\",hook=\"connect\"} 1",
             "chanhost_plugin_dropped_total{plugin=\"chat\"} 7",
             "chanhost_plugin_rebuilds_total{plugin=\"chat\"} 1",
+            "chanhost_plugin_items_total{plugin=\"chat\",hook=\"connect\"} 5",
+            "chanhost_plugin_batches_total{plugin=\"chat\"} 2",
+            "chanhost_plugin_retried_total{plugin=\"chat\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}");
         }

@@ -233,7 +233,7 @@ describe('the operator page and a failing plugin', () => {
     const p = (await snapshot(host.url)).plugins.find((x) => x.name === 'faulty');
     assert.ok(p.failures >= 1);
     assert.match(p.last_error.text, /asked to trap|unreachable/);
-    assert.equal(p.wit, '0.3.0');
+    assert.equal(p.wit, '0.4.0');
     assert.match(p.sha256, /^[0-9a-f]{64}$/);
     const page = await browser.newPage();
     await logIn(page, host.url);

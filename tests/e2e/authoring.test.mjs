@@ -40,7 +40,7 @@ describe('plugin authoring', () => {
       assert.equal(r.code, 0, r.stderr);
       // The Rust example builds with the SDK (the current WIT); the others
       // are built against 0.1.0, which the host still links.
-      const wit = lang === 'rust' ? '0\\.3\\.0' : '0\\.1\\.0';
+      const wit = lang === 'rust' ? '0\\.4\\.0' : '0\\.1\\.0';
       assert.match(r.stdout, new RegExp(`WIT: chanhost:plugin@${wit} \\(world \`plugin\`\\)`));
       assert.match(r.stdout, new RegExp(`chat-${lang} \\(requires a user\\)`));
       assert.match(r.stdout, new RegExp(`Socket\\.IO namespaces: /chat-${lang}`));
@@ -50,7 +50,7 @@ describe('plugin authoring', () => {
   test('a component built against another WIT version is refused clearly, by check and by a running host', async () => {
     const r = await runBin(['check', pluginPath('wrong-version')]);
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /built against chanhost:plugin@0\.9\.0, but this host implements chanhost:plugin@0\.3\.0 \(and links 0\.1\.0 and 0\.2\.0 beside it\)/);
+    assert.match(r.stderr, /built against chanhost:plugin@0\.9\.0, but this host implements chanhost:plugin@0\.4\.0 \(and links 0\.1\.0, 0\.2\.0 and 0\.3\.0 beside it\)/);
     const host = await startHost({ plugins: ['probe', 'wrong-version'] });
     try {
       const h = await (await fetch(`${host.url}/healthz`)).json();

@@ -539,7 +539,7 @@ describe('misskey channel catalog', () => {
         await frame(ws, (f) => f.type === 'connected');
       }));
     }
-    const key = 'chanhost_plugin_calls_total{plugin="misskey",hook="event"}';
+    const key = 'chanhost_plugin_items_total{plugin="misskey",hook="event"}';
     const before = (await host.metrics())[key];
     // Two notes by a followed user reach everyone, one by a stranger nobody.
     await host.publish([by('f1'), by('s1'), by('f1')].map((n) => ({ channel: 'notesStream', message: n })));

@@ -163,11 +163,11 @@ describe('misskey streaming', () => {
     const chans = streams.map((s, i) => s.useChannel('globalTimeline', { withRenotes: i % 2 === 0 }));
     for (const s of streams) await barrier(s);
     const got = chans.map((c) => collect(c, 'note'));
-    const before = (await host.metrics())['chanhost_plugin_calls_total{plugin="misskey",hook="event"}'];
+    const before = (await host.metrics())['chanhost_plugin_items_total{plugin="misskey",hook="event"}'];
     const n = note();
     await host.publish({ room: 'notesStream', event: 'note', data: n });
     await until(() => got.every((g) => g.length === 1));
-    const after = (await host.metrics())['chanhost_plugin_calls_total{plugin="misskey",hook="event"}'];
+    const after = (await host.metrics())['chanhost_plugin_items_total{plugin="misskey",hook="event"}'];
     assert.equal(after - before, 1);
   });
 
@@ -188,7 +188,7 @@ describe('misskey streaming', () => {
     const sender = host.stream();
     const ch = sender.useChannel('probe', {});
     await barrier(sender);
-    const before = (await host.metrics())['chanhost_plugin_calls_total{plugin="probe",hook="message"}'];
+    const before = (await host.metrics())['chanhost_plugin_items_total{plugin="probe",hook="message"}'];
     const send = (id, conditions) => ch.send('fbroadcast', { room: 'filtered', event: 'note', data: { id }, conditions });
     send('by-u9', [{ attribute: 'muting', keys: ['u9'], exclude: true }]);
     send('from-u2', [{ attribute: 'following', keys: ['u2'] }]);
@@ -200,7 +200,7 @@ describe('misskey streaming', () => {
     assert.deepEqual(ids(members.mutesU9), ['everyone']);
     assert.deepEqual(ids(members.followsU2), ['by-u9', 'from-u2', 'from-u2-renoting-u8', 'everyone']);
     assert.deepEqual(ids(members.followsU2mutesU9), ['from-u2', 'everyone']);
-    const after = (await host.metrics())['chanhost_plugin_calls_total{plugin="probe",hook="message"}'];
+    const after = (await host.metrics())['chanhost_plugin_items_total{plugin="probe",hook="message"}'];
     assert.equal(after - before, 4, 'one plugin call per broadcast');
   });
 
@@ -216,7 +216,7 @@ describe('misskey streaming', () => {
         await frame(ws, (f) => f.type === 'connected');
       }));
     }
-    const key = 'chanhost_plugin_calls_total{plugin="misskey",hook="event"}';
+    const key = 'chanhost_plugin_items_total{plugin="misskey",hook="event"}';
     const before = (await host.metrics())[key];
     for (let i = 0; i < 3; i++) await host.publish({ room: 'notesStream', event: 'note', data: note() });
     await until(() => received === 3000, 20000, `3000 deliveries (got ${received})`);

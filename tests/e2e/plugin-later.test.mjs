@@ -162,6 +162,6 @@ describe('plugins on WIT 0.2.0: fetch, deferred connects, timers', () => {
 
     const r = await runBin(['check', pluginPath('legacy')]);
     assert.equal(r.code, 0, r.stderr);
-    assert.match(r.stdout, /WIT: chanhost:plugin@0\.1\.0 \(world `plugin`\); still linked, the current version is 0\.3\.0/);
+    assert.match(r.stdout, /WIT: chanhost:plugin@0\.1\.0 \(world `plugin`\); still linked, the current version is 0\.4\.0/);
   });
 });

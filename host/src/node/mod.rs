@@ -428,6 +428,8 @@ impl Node {
                 dropped: p.metrics.dropped.load(Ordering::Relaxed),
                 refused_backoff: p.metrics.refused_backoff.load(Ordering::Relaxed),
                 rebuilds: p.metrics.rebuilds.load(Ordering::Relaxed),
+                batches: p.metrics.batches.load(Ordering::Relaxed),
+                retried: p.metrics.retried.load(Ordering::Relaxed),
             })
             .collect();
         let figures = NodeFigures {

@@ -1,6 +1,7 @@
 //! The host's `bindgen!`s, one per WIT version it links (`v1`:
 //! `chanhost:plugin@0.1.0` from `wit/0.1.0/`, `v2`: `0.2.0` from
-//! `wit/0.2.0/`, `v3`: `0.3.0` from `wit/`),
+//! `wit/0.2.0/`, `v3`: `0.3.0` from `wit/0.3.0/`, `v4`: `0.4.0` from
+//! `wit/`),
 //! and the only module that touches generated names. Both implement the
 //! `host` imports on [`StoreState`] by forwarding to [`HostServices`] (one
 //! body, written once in the `version!` macro; 0.2.0 adds its own
@@ -150,6 +151,7 @@ pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
     v1::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     v2::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     v3::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    v4::Plugin::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     Ok(())
 }
 
@@ -459,17 +461,6 @@ macro_rules! version {
                 }))
         }
 
-        pub(super) fn message(
-            p: &Plugin,
-            store: &mut Store<StoreState>,
-            target: InstanceRef,
-            event: &str,
-            data: Payload,
-            ack_id: Option<u64>,
-        ) -> wasmtime::Result<()> {
-            p.chanhost_plugin_channel()
-                .call_message(store, &target.into(), event, &data.into(), ack_id)
-        }
 
         pub(super) fn disconnect(
             p: &Plugin,
@@ -488,16 +479,6 @@ macro_rules! version {
                 .call_disconnect(store, &target.into(), reason)
         }
 
-        pub(super) fn event(
-            p: &Plugin,
-            store: &mut Store<StoreState>,
-            room: &str,
-            event: &str,
-            data: Payload,
-        ) -> wasmtime::Result<()> {
-            p.chanhost_plugin_channel()
-                .call_event(store, room, event, &data.into())
-        }
 
         pub(super) fn frame(
             p: &Plugin,
@@ -510,6 +491,40 @@ macro_rules! version {
                 .call_frame(store, connection, kind, body)
         }
 
+    };
+}
+
+/// The one-at-a-time `message` and `event` exports of 0.1.0 to 0.3.0
+/// (0.4.0 has `messages` and `events`).
+macro_rules! single_exports {
+    () => {
+        pub(super) fn message(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            target: InstanceRef,
+            event: &str,
+            data: Payload,
+            ack_id: Option<u64>,
+        ) -> wasmtime::Result<()> {
+            p.chanhost_plugin_channel().call_message(
+                store,
+                &target.into(),
+                event,
+                &data.into(),
+                ack_id,
+            )
+        }
+
+        pub(super) fn event(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            room: &str,
+            event: &str,
+            data: Payload,
+        ) -> wasmtime::Result<()> {
+            p.chanhost_plugin_channel()
+                .call_event(store, room, event, &data.into())
+        }
     };
 }
 
@@ -583,6 +598,37 @@ macro_rules! later_exports {
     };
 }
 
+/// The `recover` export of 0.3.0 and later.
+macro_rules! recover_export {
+    () => {
+        pub(super) fn recover(
+            p: &Plugin,
+            store: &mut Store<StoreState>,
+            req: crate::plugin::RecoverRequest,
+        ) -> wasmtime::Result<Result<(), Rejection>> {
+            let req = wit::RecoverRequest {
+                target: req.target.into(),
+                previous: req.previous.into(),
+                socket_id: req.socket_id,
+                away_ms: req.away_ms,
+                params: req.params,
+                headers: req.headers.to_vec(),
+                query: req.query.to_vec(),
+                identity: req.identity.map(wit_identity),
+                user_connections: req.user_connections,
+                rooms: req.rooms,
+                missed: req.missed,
+            };
+            Ok(p.chanhost_plugin_channel()
+                .call_recover(store, &req)?
+                .map_err(|r| Rejection {
+                    message: r.message,
+                    data: r.data,
+                }))
+        }
+    };
+}
+
 /// `chanhost:plugin@0.1.0`, as frozen in `wit/0.1.0/`.
 mod v1 {
     wasmtime::component::bindgen!({
@@ -590,6 +636,7 @@ mod v1 {
         world: "plugin",
     });
     version!();
+    single_exports!();
 
     /// 0.1.0 has no `connection-lost`: a lost connection is closed.
     fn lost() -> wit::DisconnectReason {
@@ -605,6 +652,7 @@ mod v2 {
     });
     version!(later_imports!(););
     later_exports!();
+    single_exports!();
 
     /// 0.2.0 has no `connection-lost`: a lost connection is closed.
     fn lost() -> wit::DisconnectReason {
@@ -612,43 +660,106 @@ mod v2 {
     }
 }
 
-/// `chanhost:plugin@0.3.0`, the current version (`wit/`).
+/// `chanhost:plugin@0.3.0`, as frozen in `wit/0.3.0/`.
 mod v3 {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../wit/0.3.0",
         world: "plugin",
     });
     version!(later_imports!(););
     later_exports!();
+    single_exports!();
+    recover_export!();
+
+    fn lost() -> wit::DisconnectReason {
+        wit::DisconnectReason::ConnectionLost
+    }
+}
+
+/// `chanhost:plugin@0.4.0`, the current version (`wit/`): batches both
+/// ways.
+mod v4 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+    version!(
+        later_imports!();
+
+        fn apply(&mut self, effects: Vec<wit::Effect>) {
+            use self::chanhost::plugin::host::Host as H;
+            for effect in effects {
+                match effect {
+                    wit::Effect::Send(d) => H::send(self, d.target, d.event, d.data),
+                    wit::Effect::Emit(d) => H::emit(self, d.target, d.event, d.data),
+                    wit::Effect::Ack(a) => H::ack(self, a.target, a.ack_id, a.args),
+                    wit::Effect::Broadcast(b) => {
+                        H::broadcast_filtered(self, b.room, b.event, b.data, b.except, b.conditions)
+                    }
+                    wit::Effect::Join(m) => H::join(self, m.target, m.room),
+                    wit::Effect::Leave(m) => H::leave(self, m.target, m.room),
+                }
+            }
+        }
+    );
+    later_exports!();
+    recover_export!();
 
     fn lost() -> wit::DisconnectReason {
         wit::DisconnectReason::ConnectionLost
     }
 
-    pub(super) fn recover(
-        p: &Plugin,
-        store: &mut Store<StoreState>,
-        req: crate::plugin::RecoverRequest,
-    ) -> wasmtime::Result<Result<(), Rejection>> {
-        let req = wit::RecoverRequest {
-            target: req.target.into(),
-            previous: req.previous.into(),
-            socket_id: req.socket_id,
-            away_ms: req.away_ms,
-            params: req.params,
-            headers: req.headers.to_vec(),
-            query: req.query.to_vec(),
-            identity: req.identity.map(wit_identity),
-            user_connections: req.user_connections,
-            rooms: req.rooms,
-            missed: req.missed,
-        };
-        Ok(p.chanhost_plugin_channel()
-            .call_recover(store, &req)?
-            .map_err(|r| Rejection {
-                message: r.message,
-                data: r.data,
-            }))
+    pub(super) fn message(m: crate::plugin::ClientMessage) -> wit::ClientMessage {
+        wit::ClientMessage {
+            target: m.target.into(),
+            event: m.event,
+            data: m.data.into(),
+            ack_id: m.ack_id,
+        }
+    }
+
+    pub(super) fn event(room: &str, ev: &crate::hub::SharedEvent) -> wit::RoomEvent {
+        wit::RoomEvent {
+            room: room.to_owned(),
+            event: ev.event.to_string(),
+            data: Payload::json(&*ev.data).into(),
+        }
+    }
+}
+
+/// Clients' messages for one `messages` call (0.4.0), in the guest's
+/// types once: a batch given again item by item after a trap is not
+/// converted twice.
+pub struct Messages(Vec<v4::chanhost::plugin::types::ClientMessage>);
+
+impl Messages {
+    pub fn new(batch: Vec<super::ClientMessage>) -> Self {
+        Self(batch.into_iter().map(v4::message).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Room events for one `events` call (0.4.0), as [`Messages`].
+pub struct Events(Vec<v4::chanhost::plugin::types::RoomEvent>);
+
+impl Events {
+    pub fn new(batch: &[(Arc<str>, Arc<crate::hub::SharedEvent>)]) -> Self {
+        Self(batch.iter().map(|(r, e)| v4::event(r, e)).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -661,6 +772,7 @@ enum Pre {
     V1(v1::PluginPre<StoreState>),
     V2(v2::PluginPre<StoreState>),
     V3(v3::PluginPre<StoreState>),
+    V4(v4::PluginPre<StoreState>),
 }
 
 impl GuestPre {
@@ -676,6 +788,7 @@ impl GuestPre {
             WitVersion::V0_1 => Pre::V1(v1::PluginPre::new(pre)?),
             WitVersion::V0_2 => Pre::V2(v2::PluginPre::new(pre)?),
             WitVersion::V0_3 => Pre::V3(v3::PluginPre::new(pre)?),
+            WitVersion::V0_4 => Pre::V4(v4::PluginPre::new(pre)?),
         }))
     }
 
@@ -685,6 +798,7 @@ impl GuestPre {
             Pre::V1(_) => WitVersion::V0_1,
             Pre::V2(_) => WitVersion::V0_2,
             Pre::V3(_) => WitVersion::V0_3,
+            Pre::V4(_) => WitVersion::V0_4,
         }
     }
 
@@ -693,6 +807,7 @@ impl GuestPre {
             Pre::V1(p) => Live::V1(p.instantiate(store)?),
             Pre::V2(p) => Live::V2(p.instantiate(store)?),
             Pre::V3(p) => Live::V3(p.instantiate(store)?),
+            Pre::V4(p) => Live::V4(p.instantiate(store)?),
         }))
     }
 }
@@ -704,6 +819,7 @@ enum Live {
     V1(v1::Plugin),
     V2(v2::Plugin),
     V3(v3::Plugin),
+    V4(v4::Plugin),
 }
 
 fn set_hook(store: &mut Store<StoreState>, hook: Hook) {
@@ -717,6 +833,7 @@ macro_rules! call {
             Live::V1(p) => v1::$f(p, $($arg),*),
             Live::V2(p) => v2::$f(p, $($arg),*),
             Live::V3(p) => v3::$f(p, $($arg),*),
+            Live::V4(p) => v4::$f(p, $($arg),*),
         }
     };
 }
@@ -745,16 +862,55 @@ impl Guest {
         call!(self, connect(store, req))
     }
 
+    /// Whether the guest takes messages and events in batches (0.4.0);
+    /// an older one is given batches of one.
+    pub fn batches(&self) -> bool {
+        matches!(self.0, Live::V4(_))
+    }
+
+    /// One client's message: a `message` call (before 0.4.0), or a
+    /// `messages` call with it alone.
     pub fn message(
         &self,
         store: &mut Store<StoreState>,
-        target: InstanceRef,
-        event: &str,
-        data: Payload,
-        ack_id: Option<u64>,
+        m: super::ClientMessage,
     ) -> wasmtime::Result<()> {
         set_hook(store, Hook::Message);
-        call!(self, message(store, target, event, data, ack_id))
+        let (t, e, d, a) = (m.target, &*m.event, m.data, m.ack_id);
+        match &self.0 {
+            Live::V1(p) => v1::message(p, store, t, e, d, a),
+            Live::V2(p) => v2::message(p, store, t, e, d, a),
+            Live::V3(p) => v3::message(p, store, t, e, d, a),
+            Live::V4(p) => {
+                let m = v4::message(super::ClientMessage {
+                    target: t,
+                    event: m.event,
+                    data: d,
+                    ack_id: a,
+                });
+                p.chanhost_plugin_channel()
+                    .call_messages(store, std::slice::from_ref(&m))
+            }
+        }
+    }
+
+    /// Messages `range` of a batch in one `messages` call (0.4.0 guests:
+    /// the runtime batches no others).
+    pub fn messages(
+        &self,
+        store: &mut Store<StoreState>,
+        batch: &Messages,
+        range: std::ops::Range<usize>,
+    ) -> wasmtime::Result<()> {
+        set_hook(store, Hook::Message);
+        match &self.0 {
+            Live::V4(p) => p
+                .chanhost_plugin_channel()
+                .call_messages(store, &batch.0[range]),
+            _ => Err(wasmtime::format_err!(
+                "a batch for a guest without `messages`"
+            )),
+        }
     }
 
     pub fn disconnect(
@@ -767,15 +923,43 @@ impl Guest {
         call!(self, disconnect(store, target, reason))
     }
 
+    /// One room event: an `event` call (before 0.4.0), or an `events`
+    /// call with it alone.
     pub fn event(
         &self,
         store: &mut Store<StoreState>,
         room: &str,
-        event: &str,
-        data: Payload,
+        ev: &crate::hub::SharedEvent,
     ) -> wasmtime::Result<()> {
         set_hook(store, Hook::Event);
-        call!(self, event(store, room, event, data))
+        let (e, d) = (&*ev.event, || Payload::json(&*ev.data));
+        match &self.0 {
+            Live::V1(p) => v1::event(p, store, room, e, d()),
+            Live::V2(p) => v2::event(p, store, room, e, d()),
+            Live::V3(p) => v3::event(p, store, room, e, d()),
+            Live::V4(p) => p
+                .chanhost_plugin_channel()
+                .call_events(store, &[v4::event(room, ev)]),
+        }
+    }
+
+    /// Events `range` of a batch in one `events` call, as
+    /// [`Guest::messages`].
+    pub fn events(
+        &self,
+        store: &mut Store<StoreState>,
+        batch: &Events,
+        range: std::ops::Range<usize>,
+    ) -> wasmtime::Result<()> {
+        set_hook(store, Hook::Event);
+        match &self.0 {
+            Live::V4(p) => p
+                .chanhost_plugin_channel()
+                .call_events(store, &batch.0[range]),
+            _ => Err(wasmtime::format_err!(
+                "a batch for a guest without `events`"
+            )),
+        }
     }
 
     pub fn frame(
@@ -802,6 +986,7 @@ impl Guest {
             Live::V1(_) => Ok(()),
             Live::V2(p) => v2::fetched(p, store, id, response),
             Live::V3(p) => v3::fetched(p, store, id, response),
+            Live::V4(p) => v4::fetched(p, store, id, response),
         }
     }
 
@@ -812,6 +997,7 @@ impl Guest {
             Live::V1(_) => Ok(()),
             Live::V2(p) => v2::timer(p, store, key),
             Live::V3(p) => v3::timer(p, store, key),
+            Live::V4(p) => v4::timer(p, store, key),
         }
     }
 
@@ -829,6 +1015,7 @@ impl Guest {
                 data: None,
             })),
             Live::V3(p) => v3::recover(p, store, req),
+            Live::V4(p) => v4::recover(p, store, req),
         }
     }
 }

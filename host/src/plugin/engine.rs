@@ -34,7 +34,7 @@ pub enum PluginError {
     NotWasm(PathBuf),
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
-    #[error("built against chanhost:plugin@{found}, but this host implements chanhost:plugin@{} (and links 0.1.0 and 0.2.0 beside it); rebuild it against this host's wit/plugin.wit (`chanhost new-plugin` writes a copy)", WitVersion::CURRENT)]
+    #[error("built against chanhost:plugin@{found}, but this host implements chanhost:plugin@{} (and links 0.1.0, 0.2.0 and 0.3.0 beside it); rebuild it against this host's wit/plugin.wit (`chanhost new-plugin` writes a copy)", WitVersion::CURRENT)]
     WitVersion { found: String },
     #[error("does not export `{}` (it exports {found}); build it against the `plugin` world of wit/plugin.wit", WitVersion::CURRENT.export_name())]
     NoExport { found: String },

@@ -35,9 +35,10 @@ use std::sync::Arc;
 use crate::auth::Identity;
 use crate::hub::Protocol;
 
+pub use bindings::{Events, Messages};
 pub use engine::PluginEngine;
 pub use registry::Registry;
-pub use runtime::{CallError, HookFigures, Origin, PluginSlot};
+pub use runtime::{CallError, HookCounts, HookFigures, Origin, PluginSlot};
 
 /// A version of the `chanhost:plugin` WIT package the host links.
 /// Components built against any of them load side by side.
@@ -48,29 +49,44 @@ pub enum WitVersion {
     /// `0.2.0`, frozen in `wit/0.2.0/`: 0.1.0 plus `fetch`, deferred
     /// connects and timers.
     V0_2,
-    /// `0.3.0`, the current version (`wit/plugin.wit`): 0.2.0 plus
-    /// `recover` (connection state recovery) and `connection-lost`.
+    /// `0.3.0`, frozen in `wit/0.3.0/`: 0.2.0 plus `recover` (connection
+    /// state recovery) and `connection-lost`.
     V0_3,
+    /// `0.4.0`, the current version (`wit/plugin.wit`): 0.3.0 with
+    /// `messages` / `events` (batches) in place of `message` / `event`,
+    /// and `apply` (effects in one call).
+    V0_4,
 }
 
 impl WitVersion {
     /// Every version the host links, newest first.
-    pub const ALL: [WitVersion; 3] = [WitVersion::V0_3, WitVersion::V0_2, WitVersion::V0_1];
+    pub const ALL: [WitVersion; 4] = [
+        WitVersion::V0_4,
+        WitVersion::V0_3,
+        WitVersion::V0_2,
+        WitVersion::V0_1,
+    ];
     /// The version `chanhost new-plugin` and the SDK build against.
-    pub const CURRENT: WitVersion = WitVersion::V0_3;
+    pub const CURRENT: WitVersion = WitVersion::V0_4;
 
     pub fn as_str(self) -> &'static str {
         match self {
             WitVersion::V0_1 => "0.1.0",
             WitVersion::V0_2 => "0.2.0",
             WitVersion::V0_3 => "0.3.0",
+            WitVersion::V0_4 => "0.4.0",
         }
     }
 
     /// Whether the host may recover this version's sockets (it has
     /// `recover`).
     pub fn recovers(self) -> bool {
-        self == WitVersion::V0_3
+        matches!(self, WitVersion::V0_3 | WitVersion::V0_4)
+    }
+
+    /// Whether this version takes messages and events in batches.
+    pub fn batches(self) -> bool {
+        self == WitVersion::V0_4
     }
 
     /// The interface a component of this version exports.
@@ -94,6 +110,15 @@ impl std::fmt::Display for WitVersion {
 pub struct InstanceRef {
     pub connection: u64,
     pub id: String,
+}
+
+/// A message a client sent on an open instance, for the plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientMessage {
+    pub target: InstanceRef,
+    pub event: String,
+    pub data: Payload,
+    pub ack_id: Option<u64>,
 }
 
 /// A message body: JSON text and binary attachments.

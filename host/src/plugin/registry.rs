@@ -511,11 +511,8 @@ mod tests {
         wait.recv_timeout(std::time::Duration::from_secs(10))
             .expect("the call after the panic ran");
         assert_eq!(*seen.lock().unwrap(), vec!["echo:after".to_owned()]);
-        let message = slot.metrics.by_hook().find(|(h, ..)| *h == "message");
-        assert_eq!(
-            message.map(|(_, calls, errors)| (calls, errors)),
-            Some((2, 1))
-        );
+        let message = slot.metrics.by_hook().find(|h| h.hook == "message");
+        assert_eq!(message.map(|h| (h.calls, h.errors)), Some((2, 1)));
         reg.stop_all();
     }
 

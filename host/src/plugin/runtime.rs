@@ -33,18 +33,23 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 
-use super::bindings::{Guest, GuestPre, Hook, StoreState};
+use super::bindings::{Events, Guest, GuestPre, Hook, Messages, StoreState};
 use super::engine::{describe_error, PluginEngine, Started};
 use super::later::{ConnectReply, Due, Event};
 use super::native::{NativeHost, NativePlugin};
 use super::{
-    ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, RecoverRequest,
-    Rejection,
+    ClientMessage, ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload,
+    RecoverRequest, Rejection,
 };
 use crate::hub::{SharedEvent, WriteBatch};
 
 /// Most jobs run as one write batch.
 const BATCH: usize = 64;
+
+/// Most messages (or events) given to a 0.4.0 plugin in one call, and
+/// their most payload bytes (a larger one goes alone).
+pub const CALL_BATCH: usize = 128;
+pub const CALL_BATCH_BYTES: usize = 64 * 1024;
 
 /// Why a call did not complete.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -63,6 +68,9 @@ pub enum CallError {
 #[derive(Debug, Default)]
 pub struct PluginMetrics {
     calls: [AtomicU64; 10],
+    /// What the calls gave: a batched `messages` call of 5 is one call
+    /// and 5 items; any other call is one item.
+    items: [AtomicU64; 10],
     errors: [AtomicU64; 10],
     /// How long calls took, by hook.
     latency: [crate::metrics::LatencyHistogram; 10],
@@ -72,6 +80,10 @@ pub struct PluginMetrics {
     pub refused_backoff: AtomicU64,
     /// Instances rebuilt after a failure.
     pub rebuilds: AtomicU64,
+    /// Calls of `messages` / `events` with more than one item.
+    pub batches: AtomicU64,
+    /// Items given again alone after their batch's call failed.
+    pub retried: AtomicU64,
     /// Whether calls are refused now, until the instance is rebuilt.
     backing_off: AtomicBool,
     /// The last failure: when (ms since the epoch) and why.
@@ -88,6 +100,15 @@ pub struct HookFigures {
     /// without calls).
     pub p50_ns: Option<u64>,
     pub p99_ns: Option<u64>,
+}
+
+/// A hook's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookCounts {
+    pub hook: &'static str,
+    pub calls: u64,
+    pub items: u64,
+    pub errors: u64,
 }
 
 const HOOKS: [Hook; 10] = [
@@ -143,24 +164,36 @@ impl PluginMetrics {
         *self.last_error.lock() = Some((crate::adapter::now_ms(), text));
     }
 
+    /// A batched call of `n` items is made.
+    fn batch(&self, n: usize) {
+        if n > 1 {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Runs a call, counting it and its time under `hook`.
     fn timed<R>(&self, hook: Hook, f: impl FnOnce() -> R) -> R {
+        self.timed_items(hook, 1, f)
+    }
+
+    /// Runs a call that gives the plugin `items` messages or events.
+    fn timed_items<R>(&self, hook: Hook, items: usize, f: impl FnOnce() -> R) -> R {
         let i = Self::idx(hook);
         self.calls[i].fetch_add(1, Ordering::Relaxed);
+        self.items[i].fetch_add(items as u64, Ordering::Relaxed);
         let start = Instant::now();
         let r = f();
         self.latency[i].record(start.elapsed());
         r
     }
 
-    /// (hook name, calls, errors) for every hook.
-    pub fn by_hook(&self) -> impl Iterator<Item = (&'static str, u64, u64)> + '_ {
-        HOOKS.iter().enumerate().map(|(i, h)| {
-            (
-                h.name(),
-                self.calls[i].load(Ordering::Relaxed),
-                self.errors[i].load(Ordering::Relaxed),
-            )
+    /// Calls, items and errors of every hook.
+    pub fn by_hook(&self) -> impl Iterator<Item = HookCounts> + '_ {
+        HOOKS.iter().enumerate().map(|(i, h)| HookCounts {
+            hook: h.name(),
+            calls: self.calls[i].load(Ordering::Relaxed),
+            items: self.items[i].load(Ordering::Relaxed),
+            errors: self.errors[i].load(Ordering::Relaxed),
         })
     }
 }
@@ -170,7 +203,7 @@ impl PluginMetrics {
 enum Job {
     Connect(Box<ConnectRequest>, ConnectReply),
     Recover(Box<RecoverRequest>, ConnectReply),
-    Message(InstanceRef, String, Payload, Option<u64>),
+    Message(ClientMessage),
     Disconnect(InstanceRef, DisconnectReason),
     Event(Arc<str>, Arc<SharedEvent>),
     Frame(u64, String, String),
@@ -186,12 +219,7 @@ impl Job {
     /// The bytes of payload the job carries, for the queue's byte bound.
     fn weight(&self) -> usize {
         match self {
-            Job::Message(t, ev, data, _) => {
-                t.id.len()
-                    + ev.len()
-                    + data.json.len()
-                    + data.attachments.iter().map(Vec::len).sum::<usize>()
-            }
+            Job::Message(m) => message_weight(m),
             Job::Event(room, ev) => room.len() + ev.weight(),
             Job::Frame(_, kind, body) => kind.len() + body.len(),
             Job::Connect(req, _) => req.params.len(),
@@ -205,6 +233,14 @@ impl Job {
     fn droppable(&self) -> bool {
         matches!(self, Job::Message(..) | Job::Event(..) | Job::Frame(..))
     }
+}
+
+/// The bytes of a client's message, for the queue's and a batch's bounds.
+fn message_weight(m: &ClientMessage) -> usize {
+    m.target.id.len()
+        + m.event.len()
+        + m.data.json.len()
+        + m.data.attachments.iter().map(Vec::len).sum::<usize>()
 }
 
 /// A loaded version of a plugin.
@@ -312,7 +348,7 @@ impl PluginSlot {
         runner.go_live(started.store, started.guest);
         std::thread::Builder::new()
             .name(format!("plugin-{}", runner.name))
-            .spawn(move || run_jobs(rx, |job| runner.handle(job)))?;
+            .spawn(move || run_jobs(rx, &mut runner))?;
         Ok(slot)
     }
 
@@ -335,7 +371,7 @@ impl PluginSlot {
         };
         std::thread::Builder::new()
             .name(format!("plugin-{}", runner.name))
-            .spawn(move || run_jobs(rx, |job| runner.handle(job)))?;
+            .spawn(move || run_jobs(rx, &mut runner))?;
         Ok(slot)
     }
 
@@ -447,7 +483,12 @@ impl PluginSlot {
 
     /// Hands a client message to the plugin.
     pub fn message(&self, target: InstanceRef, event: String, data: Payload, ack: Option<u64>) {
-        self.submit(Job::Message(target, event, data, ack));
+        self.submit(Job::Message(ClientMessage {
+            target,
+            event,
+            data,
+            ack_id: ack,
+        }));
     }
 
     /// Tells the plugin an instance ended.
@@ -525,11 +566,114 @@ fn post(tx: &mpsc::WeakUnboundedSender<Job>, depth: &Depth, job: Job) {
     }
 }
 
-/// A plugin thread's loop: runs jobs until `Stop` (`handle` returns false)
+/// What a plugin thread runs next: one job, or consecutive messages or
+/// events that were waiting, for one call of a plugin that takes batches.
+enum Work {
+    One(Job),
+    Messages(Vec<ClientMessage>),
+    Events(Vec<(Arc<str>, Arc<SharedEvent>)>),
+}
+
+/// The side of a plugin thread that runs its work.
+trait Runs {
+    /// Whether consecutive messages and events go in one call.
+    fn batches(&self) -> bool;
+    /// Runs one piece of work; false on `Stop`.
+    fn run(&mut self, work: Work) -> bool;
+    /// What waits in the queue.
+    fn depth(&self) -> Arc<Depth>;
+}
+
+/// A plugin's queue as its thread reads it: a job taken to end a batch
+/// (one of another kind) is the next one read.
+struct Queue {
+    rx: mpsc::UnboundedReceiver<Job>,
+    next: Option<Job>,
+    depth: Arc<Depth>,
+}
+
+impl Queue {
+    fn taken(&self, job: Job) -> Job {
+        self.depth.taken(&job);
+        job
+    }
+
+    fn recv(&mut self) -> Option<Job> {
+        match self.next.take() {
+            Some(job) => Some(job),
+            None => self.rx.blocking_recv().map(|j| self.taken(j)),
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Job> {
+        match self.next.take() {
+            Some(job) => Some(job),
+            None => self.rx.try_recv().ok().map(|j| self.taken(j)),
+        }
+    }
+
+    /// `first`, with the messages or events waiting right behind it when
+    /// they go in batches: never more than [`CALL_BATCH`] items or (past
+    /// the first) [`CALL_BATCH_BYTES`]; nothing waits for more to come.
+    fn gather(&mut self, first: Job, batches: bool) -> Work {
+        if !batches {
+            return Work::One(first);
+        }
+        let mut bytes = first.weight();
+        let mut fits = |weight: usize| {
+            bytes += weight;
+            bytes <= CALL_BATCH_BYTES
+        };
+        match first {
+            Job::Message(m) => {
+                let mut batch = vec![m];
+                while batch.len() < CALL_BATCH {
+                    match self.try_recv() {
+                        Some(Job::Message(m)) if fits(message_weight(&m)) => batch.push(m),
+                        Some(other) => {
+                            self.next = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                Work::Messages(batch)
+            }
+            Job::Event(room, ev) => {
+                let mut batch = vec![(room, ev)];
+                while batch.len() < CALL_BATCH {
+                    match self.try_recv() {
+                        Some(job @ Job::Event(..)) if fits(job.weight()) => {
+                            let Job::Event(room, ev) = job else {
+                                unreachable!("matched above")
+                            };
+                            batch.push((room, ev));
+                        }
+                        Some(other) => {
+                            self.next = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                Work::Events(batch)
+            }
+            other => Work::One(other),
+        }
+    }
+}
+
+/// A plugin thread's loop: runs jobs until `Stop` (`run` returns false)
 /// or until the slot is gone.
-fn run_jobs(mut rx: mpsc::UnboundedReceiver<Job>, mut handle: impl FnMut(Job) -> bool) {
-    while let Some(first) = rx.blocking_recv() {
-        if !handle(first) {
+fn run_jobs(rx: mpsc::UnboundedReceiver<Job>, runner: &mut impl Runs) {
+    let mut queue = Queue {
+        rx,
+        next: None,
+        depth: runner.depth(),
+    };
+    while let Some(first) = queue.recv() {
+        let work = queue.gather(first, runner.batches());
+        if !runner.run(work) {
             return;
         }
         // More jobs waiting: a busy plugin. They run as one write batch, so
@@ -538,9 +682,10 @@ fn run_jobs(mut rx: mpsc::UnboundedReceiver<Job>, mut handle: impl FnMut(Job) ->
         // anyway.)
         let mut batch = None;
         for _ in 1..BATCH {
-            let Ok(job) = rx.try_recv() else { break };
+            let Some(job) = queue.try_recv() else { break };
             batch.get_or_insert_with(WriteBatch::begin);
-            if !handle(job) {
+            let work = queue.gather(job, runner.batches());
+            if !runner.run(work) {
                 return;
             }
         }
@@ -588,9 +733,48 @@ impl Runner {
         }
     }
 
+    /// Messages in one `messages` call. When it fails (a trap, its time
+    /// or memory used up), the instance is rebuilt and each message is
+    /// given again alone, so that a bad one fails alone.
+    fn messages(&mut self, batch: Vec<ClientMessage>) {
+        let batch = Messages::new(batch);
+        let n = batch.len();
+        self.metrics.batch(n);
+        let r = self.call_items(Hook::Message, n, |g, s| g.messages(s, &batch, 0..n));
+        if n > 1 && matches!(r, Err(CallError::Failed(_))) {
+            self.retry(Hook::Message, n);
+            for i in 0..n {
+                let _ = self.call(Hook::Message, |g, s| g.messages(s, &batch, i..i + 1));
+            }
+        }
+    }
+
+    /// Events in one `events` call, as [`Runner::messages`].
+    fn events(&mut self, batch: Vec<(Arc<str>, Arc<SharedEvent>)>) {
+        let batch = Events::new(&batch);
+        let n = batch.len();
+        self.metrics.batch(n);
+        let r = self.call_items(Hook::Event, n, |g, s| g.events(s, &batch, 0..n));
+        if n > 1 && matches!(r, Err(CallError::Failed(_))) {
+            self.retry(Hook::Event, n);
+            for i in 0..n {
+                let _ = self.call(Hook::Event, |g, s| g.events(s, &batch, i..i + 1));
+            }
+        }
+    }
+
+    fn retry(&self, hook: Hook, n: usize) {
+        self.metrics.retried.fetch_add(n as u64, Ordering::Relaxed);
+        tracing::warn!(
+            plugin = &*self.name,
+            hook = hook.name(),
+            items = n,
+            "a batched call failed; each of its items is given again alone"
+        );
+    }
+
     /// Runs one job; false on `Stop`.
     fn handle(&mut self, job: Job) -> bool {
-        self.depth.taken(&job);
         match job {
             Job::Rebuild => {
                 let _ = self.ensure_live();
@@ -613,8 +797,8 @@ impl Runner {
             Job::Recover(req, reply) => {
                 let _ = reply.send(self.call(Hook::Recover, |g, s| g.recover(s, *req)));
             }
-            Job::Message(t, ev, data, ack) => {
-                let _ = self.call(Hook::Message, |g, s| g.message(s, t, &ev, data, ack));
+            Job::Message(m) => {
+                let _ = self.call(Hook::Message, |g, s| g.message(s, m));
             }
             Job::Disconnect(t, reason) => {
                 if let Some(live) = &mut self.live {
@@ -624,8 +808,7 @@ impl Runner {
             }
             Job::Later(due) => self.due(*due),
             Job::Event(room, ev) => {
-                let data = Payload::json(&*ev.data);
-                let _ = self.call(Hook::Event, |g, s| g.event(s, &room, &ev.event, data));
+                let _ = self.call(Hook::Event, |g, s| g.event(s, &room, &ev));
             }
             Job::Frame(conn, kind, body) => {
                 let _ = self.call(Hook::Frame, |g, s| g.frame(s, conn, &kind, &body));
@@ -648,7 +831,28 @@ impl Runner {
         }
         true
     }
+}
 
+impl Runs for Runner {
+    fn batches(&self) -> bool {
+        self.version.pre.version().batches()
+    }
+
+    fn run(&mut self, work: Work) -> bool {
+        match work {
+            Work::One(job) => return self.handle(job),
+            Work::Messages(batch) => self.messages(batch),
+            Work::Events(batch) => self.events(batch),
+        }
+        true
+    }
+
+    fn depth(&self) -> Arc<Depth> {
+        self.depth.clone()
+    }
+}
+
+impl Runner {
     /// Rebuilds the instance if it was dropped after a failure.
     fn ensure_live(&mut self) -> Result<(), CallError> {
         if self.live.is_some() {
@@ -738,10 +942,31 @@ impl Runner {
         hook: Hook,
         f: impl FnOnce(&Guest, &mut wasmtime::Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
-        self.ensure_live()?;
+        self.call_items(hook, 1, f)
+    }
+
+    /// A call that gives the plugin `items` messages or events (one time
+    /// limit for them all).
+    fn call_items<R>(
+        &mut self,
+        hook: Hook,
+        items: usize,
+        f: impl FnOnce(&Guest, &mut wasmtime::Store<StoreState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        if let Err(e) = self.ensure_live() {
+            // Refused with the rest of the batch: counted once each.
+            if items > 1 && e == CallError::Unavailable {
+                self.metrics
+                    .refused_backoff
+                    .fetch_add(items as u64 - 1, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
         let live = self.live.as_mut().expect("ensured above");
         self.engine.arm_call(&mut live.store);
-        let result = self.metrics.timed(hook, || f(&live.guest, &mut live.store));
+        let result = self
+            .metrics
+            .timed_items(hook, items, || f(&live.guest, &mut live.store));
         match result {
             Ok(r) => {
                 self.failures = 0;
@@ -766,10 +991,38 @@ struct NativeRunner {
     depth: Arc<Depth>,
 }
 
+impl Runs for NativeRunner {
+    /// Native plugins take one message per call: the call costs nothing.
+    fn batches(&self) -> bool {
+        false
+    }
+
+    fn run(&mut self, work: Work) -> bool {
+        match work {
+            Work::One(job) => self.handle(job),
+            Work::Messages(batch) => {
+                for m in batch {
+                    self.handle(Job::Message(m));
+                }
+                true
+            }
+            Work::Events(batch) => {
+                for (room, ev) in batch {
+                    self.handle(Job::Event(room, ev));
+                }
+                true
+            }
+        }
+    }
+
+    fn depth(&self) -> Arc<Depth> {
+        self.depth.clone()
+    }
+}
+
 impl NativeRunner {
     /// Runs one job; false on `Stop`.
     fn handle(&mut self, job: Job) -> bool {
-        self.depth.taken(&job);
         match job {
             Job::Rebuild | Job::Later(_) => {}
             Job::Connect(req, reply) => {
@@ -784,8 +1037,10 @@ impl NativeRunner {
                     data: None,
                 })));
             }
-            Job::Message(t, ev, data, ack) => {
-                let _ = self.call(Hook::Message, |p, h| p.message(h, t, &ev, data, ack));
+            Job::Message(m) => {
+                let _ = self.call(Hook::Message, |p, h| {
+                    p.message(h, m.target, &m.event, m.data, m.ack_id)
+                });
             }
             Job::Disconnect(t, reason) => {
                 let _ = self.call(Hook::Disconnect, |p, h| p.disconnect(h, t, reason));

@@ -1,11 +1,21 @@
-//! Rust bindings of the `chanhost:plugin@0.3.0` world, for plugins.
+//! Rust bindings of the `chanhost:plugin@0.4.0` world, for plugins.
 //!
 //! ```ignore
 //! use chanhost_plugin::{export, Guest, types::*};
 //! struct MyPlugin;
-//! impl Guest for MyPlugin { /* describe, init, connect, ... */ }
+//! impl Guest for MyPlugin { /* describe, connect, message, ... */ }
 //! export!(MyPlugin);
 //! ```
+//!
+//! [`Guest`] is the plugin's side of the contract with one method per
+//! message and per event; its `messages` and `events` (the batches the
+//! host gives a busy plugin, in order) call them in turn unless a plugin
+//! reads a batch itself. While a batch runs, what [`host`] is asked to
+//! send, emit, ack, broadcast, join or leave is gathered and given to the
+//! host in one `apply` call when the batch ends (or before a host call
+//! that answers, such as `kv-get`, so that order holds): a burst crosses
+//! the boundary once each way. Hooks without a default are `describe` and
+//! `connect`.
 //!
 //! The host imports are in [`host`]; [`instance`] and [`json`] build the
 //! values plugins pass most often; [`conventions`] names the attribute keys
@@ -18,17 +28,130 @@ wit_bindgen::generate!({
     world: "plugin",
     path: "../../wit",
     pub_export_macro: true,
+    export_macro_name: "__export_raw",
     default_bindings_module: "chanhost_plugin",
 });
 
-pub use chanhost::plugin::{host, types};
+pub use chanhost::plugin::types;
 
 pub mod conventions;
+mod effects;
+pub mod host;
 #[cfg(feature = "http")]
 pub mod http;
-pub use exports::chanhost::plugin::channel::Guest;
 
-use types::{HttpRequest, Instance, Payload};
+use types::{
+    ClientMessage, ConnectRequest, DisconnectReason, HttpRequest, HttpResponse, Instance, Manifest,
+    Payload, RecoverRequest, Rejection, RoomEvent,
+};
+
+/// A channel plugin: what the host calls. Every method but `describe` and
+/// `connect` has a default (nothing done, or accepted).
+pub trait Guest {
+    /// Says what the plugin serves.
+    fn describe() -> Manifest;
+
+    /// The plugin's table from the host config, as JSON; an error refuses
+    /// to load this version.
+    fn init(_config: String) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// A client opens a channel instance.
+    fn connect(request: ConnectRequest) -> Result<(), Rejection>;
+
+    /// A client's message on an open instance.
+    fn message(_target: Instance, _event: String, _data: Payload, _ack_id: Option<u64>) {}
+
+    /// Messages that waited together, in order: by default each goes to
+    /// [`Guest::message`].
+    fn messages(batch: Vec<ClientMessage>) {
+        for m in batch {
+            Self::message(m.target, m.event, m.data, m.ack_id);
+        }
+    }
+
+    /// An instance ended.
+    fn disconnect(_target: Instance, _reason: DisconnectReason) {}
+
+    /// An event published to a room the plugin listens to.
+    fn event(_room: String, _event: String, _data: Payload) {}
+
+    /// Events that waited together, in order: by default each goes to
+    /// [`Guest::event`].
+    fn events(batch: Vec<RoomEvent>) {
+        for e in batch {
+            Self::event(e.room, e.event, e.data);
+        }
+    }
+
+    /// A connection-level Misskey frame listed in the manifest's `frames`.
+    fn frame(_connection: u64, _kind: String, _body: String) {}
+
+    /// The answer to a `fetch`.
+    fn fetched(_id: u64, _response: Result<HttpResponse, String>) {}
+
+    /// A timer set with `set-timer` is due.
+    fn timer(_key: String) {}
+
+    /// A Socket.IO socket comes back (connection state recovery); accepted
+    /// by default (the host restored its rooms and identity).
+    fn recover(_request: RecoverRequest) -> Result<(), Rejection> {
+        Ok(())
+    }
+}
+
+/// The generated export trait, implemented for every [`Guest`]: batches
+/// run with their effects gathered.
+impl<T: Guest> exports::chanhost::plugin::channel::Guest for T {
+    fn describe() -> Manifest {
+        T::describe()
+    }
+
+    fn init(config: String) -> Result<(), String> {
+        T::init(config)
+    }
+
+    fn connect(request: ConnectRequest) -> Result<(), Rejection> {
+        T::connect(request)
+    }
+
+    fn messages(batch: Vec<ClientMessage>) {
+        effects::gathered(|| T::messages(batch))
+    }
+
+    fn disconnect(target: Instance, reason: DisconnectReason) {
+        T::disconnect(target, reason)
+    }
+
+    fn events(batch: Vec<RoomEvent>) {
+        effects::gathered(|| T::events(batch))
+    }
+
+    fn frame(connection: u64, kind: String, body: String) {
+        T::frame(connection, kind, body)
+    }
+
+    fn fetched(id: u64, response: Result<HttpResponse, String>) {
+        T::fetched(id, response)
+    }
+
+    fn timer(key: String) {
+        T::timer(key)
+    }
+
+    fn recover(request: RecoverRequest) -> Result<(), Rejection> {
+        T::recover(request)
+    }
+}
+
+/// Exports a [`Guest`] as the plugin's component.
+#[macro_export]
+macro_rules! export {
+    ($ty:ident) => {
+        $crate::__export_raw!($ty with_types_in $crate);
+    };
+}
 
 /// Starts `method url` with a JSON body (none when `body` is empty) and
 /// the given headers; returns the id that `fetched` will carry.
