@@ -102,25 +102,31 @@ fn dispatch(c: &mut Criterion) {
         });
     }
     group.throughput(Throughput::Elements(BATCH as u64));
-    group.bench_function("plugin-batch", |b| {
-        b.iter(|| {
-            engine.arm_call(&mut started.store);
-            let batch = Messages::new(
-                (0..BATCH)
-                    .map(|_| ClientMessage {
-                        target: target.clone(),
-                        event: "publish".into(),
-                        data: Payload::json(black_box(json.as_str())),
-                        ack_id: None,
-                    })
-                    .collect(),
-            );
-            started
-                .guest
-                .messages(&mut started.store, &batch, 0..BATCH)
-                .expect("call")
-        })
-    });
+    for (name, event) in [
+        ("plugin-batch", "publish"),
+        ("plugin-batch-noop", "noop"),
+        ("plugin-batch-forward", "forward"),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                engine.arm_call(&mut started.store);
+                let batch = Messages::new(
+                    (0..BATCH)
+                        .map(|_| ClientMessage {
+                            target: target.clone(),
+                            event: event.into(),
+                            data: Payload::json(black_box(json.as_str())),
+                            ack_id: None,
+                        })
+                        .collect(),
+                );
+                started
+                    .guest
+                    .messages(&mut started.store, &batch, 0..BATCH)
+                    .expect("call")
+            })
+        });
+    }
     group.throughput(Throughput::Elements(1));
     group.bench_function("native", |b| {
         b.iter(|| native(&*services, black_box(&json)))

@@ -116,7 +116,7 @@ describe('faulty plugins', () => {
       await until(async () => (await errors()) === errorsBefore + 1, 20000, 'the fault to be counted');
       // The instance was rebuilt: guest memory starts over, the same client channel works.
       const after = await echo(ch, 'again');
-      assert.deepEqual(after, { body: 'again', served: 1 });
+      assert.deepEqual(after, { body: 'again', served: 1, batch: 1 });
       assert.match(host.stderr, new RegExp(`plugin call failed: ${cause.source}.*plugin="faulty" hook="message"`));
       assert.equal(host.proc.exitCode, null, 'host still running');
     });

@@ -8,6 +8,8 @@
 //! imports), and [`Guest`] / [`GuestPre`] wrap either version's `channel`
 //! exports in the plain types of [`super`].
 
+use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::{Arc, Weak};
 
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
@@ -17,6 +19,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::http::HttpPolicy;
 use super::later::Later;
+use super::packing;
 
 use super::{
     ConnectRequest, DisconnectReason, HostServices, InstanceRef, Manifest, Payload, Rejection,
@@ -683,6 +686,7 @@ mod v4 {
         path: "../wit",
         world: "plugin",
     });
+    use super::packing::{self, PackedEffect, PackedEvent, PackedMessage, Packer, Reader};
     version!(
         later_imports!();
 
@@ -701,7 +705,115 @@ mod v4 {
                 }
             }
         }
+
+        fn apply_packed(&mut self, batch: wit::EffectBatch) {
+            apply_packed(self, batch)
+        }
     );
+
+    /// The effects of a packed batch, in order: each read in place from
+    /// the batch's text (checked once), its owned parts made once. Words
+    /// that cannot be read end the batch there (logged): a plugin's own
+    /// packing is wrong, not a client's input.
+    fn apply_packed(state: &mut StoreState, mut batch: wit::EffectBatch) {
+        let Some(mut r) = Reader::new(&batch.text, &batch.words) else {
+            tracing::warn!(
+                plugin = &*state.name,
+                "packed effects whose text is not UTF-8; skipped"
+            );
+            return;
+        };
+        let Some(services) = state.services.upgrade() else {
+            return;
+        };
+        let (s, name) = (&*services, &*state.name);
+        let local_only = state.hook == super::Hook::Event;
+        let mut attachments = batch.attachments.iter_mut();
+        let mut take = |n: usize| -> Vec<Vec<u8>> {
+            attachments.by_ref().take(n).map(std::mem::take).collect()
+        };
+        let instance = |(connection, id): (u64, &str)| InstanceRef {
+            connection,
+            id: id.to_owned(),
+        };
+        let payload = |json: &str, attachments| Payload {
+            json: json.to_owned(),
+            attachments,
+        };
+        while !r.done() {
+            let Some(effect) = PackedEffect::read(&mut r) else {
+                tracing::warn!(
+                    plugin = name,
+                    "packed effects that cannot be read; the rest of the batch is skipped"
+                );
+                return;
+            };
+            match effect {
+                PackedEffect::Send {
+                    target,
+                    event,
+                    data,
+                    attachments,
+                } => s.send(
+                    name,
+                    instance(target),
+                    event,
+                    payload(data, take(attachments)),
+                ),
+                PackedEffect::Emit {
+                    target,
+                    event,
+                    data,
+                    attachments,
+                } => s.emit(
+                    name,
+                    instance(target),
+                    event,
+                    payload(data, take(attachments)),
+                ),
+                PackedEffect::Ack {
+                    target,
+                    ack_id,
+                    data,
+                    attachments,
+                } => s.ack(
+                    name,
+                    instance(target),
+                    ack_id,
+                    payload(data, take(attachments)),
+                ),
+                PackedEffect::Broadcast {
+                    room,
+                    event,
+                    data,
+                    attachments,
+                    except,
+                    conditions,
+                } => {
+                    let conditions = conditions
+                        .into_iter()
+                        .map(|c| Condition {
+                            attribute: c.attribute.to_owned(),
+                            keys: c.keys.into_iter().map(str::to_owned).collect(),
+                            exclude: c.exclude,
+                        })
+                        .collect();
+                    s.broadcast(
+                        name,
+                        room,
+                        event,
+                        payload(data, take(attachments)),
+                        except.map(instance),
+                        conditions,
+                        local_only,
+                    )
+                }
+                PackedEffect::Join { target, room } => s.join(name, instance(target), room),
+                PackedEffect::Leave { target, room } => s.leave(name, instance(target), room),
+            }
+        }
+    }
+
     later_exports!();
     recover_export!();
 
@@ -709,57 +821,143 @@ mod v4 {
         wit::DisconnectReason::ConnectionLost
     }
 
-    pub(super) fn message(m: crate::plugin::ClientMessage) -> wit::ClientMessage {
-        wit::ClientMessage {
-            target: m.target.into(),
-            event: m.event,
-            data: m.data.into(),
-            ack_id: m.ack_id,
+    pub(super) fn message_batch(batch: Vec<crate::plugin::ClientMessage>) -> wit::MessageBatch {
+        let bytes = batch
+            .iter()
+            .map(|m| m.target.id.len() + m.event.len() + m.data.json.len())
+            .sum();
+        let mut p = Packer::with_capacity(bytes, batch.len() * packing::MESSAGE_WORDS);
+        let mut attachments = Vec::new();
+        for m in batch {
+            PackedMessage {
+                connection: m.target.connection,
+                id: &m.target.id,
+                event: &m.event,
+                data: &m.data.json,
+                attachments: m.data.attachments.len(),
+                ack_id: m.ack_id,
+            }
+            .write(&mut p);
+            attachments.extend(m.data.attachments);
+        }
+        wit::MessageBatch {
+            text: p.text,
+            words: p.words,
+            attachments,
         }
     }
 
-    pub(super) fn event(room: &str, ev: &crate::hub::SharedEvent) -> wit::RoomEvent {
-        wit::RoomEvent {
-            room: room.to_owned(),
-            event: ev.event.to_string(),
-            data: Payload::json(&*ev.data).into(),
+    pub(super) fn event_batch<'a>(
+        batch: impl Iterator<Item = (&'a str, &'a crate::hub::SharedEvent)> + Clone,
+    ) -> wit::EventBatch {
+        let (bytes, n) = batch.clone().fold((0, 0), |(b, n), (room, ev)| {
+            (b + room.len() + ev.event.len() + ev.data.len(), n + 1)
+        });
+        let mut p = Packer::with_capacity(bytes, n * packing::EVENT_WORDS);
+        for (room, ev) in batch {
+            PackedEvent {
+                room,
+                event: &ev.event,
+                data: &ev.data,
+            }
+            .write(&mut p);
+        }
+        wit::EventBatch {
+            text: p.text,
+            words: p.words,
         }
     }
 }
 
-/// Clients' messages for one `messages` call (0.4.0), in the guest's
-/// types once: a batch given again item by item after a trap is not
-/// converted twice.
-pub struct Messages(Vec<v4::chanhost::plugin::types::ClientMessage>);
+/// Clients' messages for one `messages` call (0.4.0), packed once (see
+/// [`super::packing`]). A batch given again item by item after a trap is
+/// not packed again.
+pub struct Messages {
+    batch: v4::chanhost::plugin::types::MessageBatch,
+    len: usize,
+}
 
 impl Messages {
     pub fn new(batch: Vec<super::ClientMessage>) -> Self {
-        Self(batch.into_iter().map(v4::message).collect())
+        let len = batch.len();
+        Self {
+            batch: v4::message_batch(batch),
+            len,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
+    }
+
+    /// The messages of `range`: the whole batch, or a copy with only them
+    /// (and their attachments).
+    fn part(&self, range: Range<usize>) -> Cow<'_, v4::chanhost::plugin::types::MessageBatch> {
+        if range == (0..self.len) {
+            return Cow::Borrowed(&self.batch);
+        }
+        let b = &self.batch;
+        let words =
+            |r: &Range<usize>| r.start * packing::MESSAGE_WORDS..r.end * packing::MESSAGE_WORDS;
+        // The attachments before and in `range`, counted from the words.
+        let count = |r: Range<usize>| -> usize {
+            r.map(|i| {
+                b.words
+                    .get(i * packing::MESSAGE_WORDS + 8)
+                    .copied()
+                    .unwrap_or(0) as usize
+            })
+            .sum()
+        };
+        let first = count(0..range.start);
+        let n = count(range.clone());
+        Cow::Owned(v4::chanhost::plugin::types::MessageBatch {
+            text: b.text.clone(),
+            words: b.words.get(words(&range)).unwrap_or_default().to_vec(),
+            attachments: b
+                .attachments
+                .get(first..first + n)
+                .unwrap_or_default()
+                .to_vec(),
+        })
     }
 }
 
-/// Room events for one `events` call (0.4.0), as [`Messages`].
-pub struct Events(Vec<v4::chanhost::plugin::types::RoomEvent>);
+/// Room events for one `events` call (0.4.0), packed as [`Messages`].
+pub struct Events {
+    batch: v4::chanhost::plugin::types::EventBatch,
+    len: usize,
+}
 
 impl Events {
     pub fn new(batch: &[(Arc<str>, Arc<crate::hub::SharedEvent>)]) -> Self {
-        Self(batch.iter().map(|(r, e)| v4::event(r, e)).collect())
+        Self {
+            batch: v4::event_batch(batch.iter().map(|(r, e)| (&**r, &**e))),
+            len: batch.len(),
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
+    }
+
+    fn part(&self, range: Range<usize>) -> Cow<'_, v4::chanhost::plugin::types::EventBatch> {
+        if range == (0..self.len) {
+            return Cow::Borrowed(&self.batch);
+        }
+        let words = range.start * packing::EVENT_WORDS..range.end * packing::EVENT_WORDS;
+        Cow::Owned(v4::chanhost::plugin::types::EventBatch {
+            text: self.batch.text.clone(),
+            words: self.batch.words.get(words).unwrap_or_default().to_vec(),
+        })
     }
 }
 
@@ -882,14 +1080,13 @@ impl Guest {
             Live::V2(p) => v2::message(p, store, t, e, d, a),
             Live::V3(p) => v3::message(p, store, t, e, d, a),
             Live::V4(p) => {
-                let m = v4::message(super::ClientMessage {
+                let batch = v4::message_batch(vec![super::ClientMessage {
                     target: t,
                     event: m.event,
                     data: d,
                     ack_id: a,
-                });
-                p.chanhost_plugin_channel()
-                    .call_messages(store, std::slice::from_ref(&m))
+                }]);
+                p.chanhost_plugin_channel().call_messages(store, &batch)
             }
         }
     }
@@ -906,7 +1103,7 @@ impl Guest {
         match &self.0 {
             Live::V4(p) => p
                 .chanhost_plugin_channel()
-                .call_messages(store, &batch.0[range]),
+                .call_messages(store, &batch.part(range)),
             _ => Err(wasmtime::format_err!(
                 "a batch for a guest without `messages`"
             )),
@@ -939,7 +1136,7 @@ impl Guest {
             Live::V3(p) => v3::event(p, store, room, e, d()),
             Live::V4(p) => p
                 .chanhost_plugin_channel()
-                .call_events(store, &[v4::event(room, ev)]),
+                .call_events(store, &v4::event_batch(std::iter::once((room, ev)))),
         }
     }
 
@@ -955,7 +1152,7 @@ impl Guest {
         match &self.0 {
             Live::V4(p) => p
                 .chanhost_plugin_channel()
-                .call_events(store, &batch.0[range]),
+                .call_events(store, &batch.part(range)),
             _ => Err(wasmtime::format_err!(
                 "a batch for a guest without `events`"
             )),

@@ -27,6 +27,9 @@ pub mod http;
 pub mod kv;
 pub mod later;
 pub mod native;
+/// The word layouts of packed batches, shared with the Rust SDK.
+#[path = "../../../plugins/sdk/src/packing.rs"]
+pub mod packing;
 pub mod registry;
 pub mod runtime;
 

@@ -51,20 +51,36 @@ bool exports_chanhost_plugin_channel_connect(exports_chanhost_plugin_channel_con
   return true;
 }
 
-void exports_chanhost_plugin_channel_message(exports_chanhost_plugin_channel_instance_t *target,
-                                             plugin_string_t *event, exports_chanhost_plugin_channel_payload_t *data,
-                                             uint64_t *ack_id) {
-  (void)ack_id;
-  if (event->len == 4 && memcmp(event->ptr, "echo", 4) == 0) {
+// Clients' messages, in the order they came: every message that waited
+// while the plugin was busy (one alone when it was not). Every id, event
+// and JSON text of the batch is in `batch->text`, each message naming its
+// own by byte ranges (`start`, `len`). Each `echo` is answered; the
+// answers go back to the host in one `apply` call.
+void exports_chanhost_plugin_channel_messages(exports_chanhost_plugin_channel_message_batch_t *batch) {
+  uint8_t *text = batch->text.ptr;
+  chanhost_plugin_types_effect_t *effects = malloc((batch->messages.len + 1) * sizeof *effects);
+  size_t n = 0;
+  for (size_t i = 0; i < batch->messages.len; i++) {
+    chanhost_plugin_types_batched_message_t *m = &batch->messages.ptr[i];
+    if (m->event.len != 4 || memcmp(text + m->event.start, "echo", 4) != 0) continue;
     // Socket.IO (ids are namespaces) passes the arguments as an array.
-    if (target->id.len > 0 && target->id.ptr[0] == '/')
-      chanhost_plugin_host_emit(target, event, data);
-    else
-      chanhost_plugin_host_send(target, event, data);
+    bool socketio = m->id.len > 0 && text[m->id.start] == '/';
+    effects[n].tag = socketio ? CHANHOST_PLUGIN_TYPES_EFFECT_EMIT : CHANHOST_PLUGIN_TYPES_EFFECT_SEND;
+    chanhost_plugin_types_delivery_t *d = socketio ? &effects[n].val.emit : &effects[n].val.send;
+    // Borrowed from the batch: `apply` does not take what it is given.
+    d->target.connection = m->connection;
+    d->target.id = (plugin_string_t){text + m->id.start, m->id.len};
+    d->event = (plugin_string_t){text + m->event.start, m->event.len};
+    d->data.json = (plugin_string_t){text + m->data.start, m->data.len};
+    d->data.attachments = (plugin_list_list_u8_t){batch->attachments.ptr + m->attachments.start, m->attachments.len};
+    n++;
   }
-  exports_chanhost_plugin_channel_instance_free(target);
-  plugin_string_free(event);
-  exports_chanhost_plugin_channel_payload_free(data);
+  if (n > 0) {
+    chanhost_plugin_host_list_effect_t list = {effects, n};
+    chanhost_plugin_host_apply(&list);
+  }
+  free(effects);
+  exports_chanhost_plugin_channel_message_batch_free(batch);
 }
 
 void exports_chanhost_plugin_channel_disconnect(exports_chanhost_plugin_channel_instance_t *target,
@@ -73,11 +89,10 @@ void exports_chanhost_plugin_channel_disconnect(exports_chanhost_plugin_channel_
   exports_chanhost_plugin_channel_instance_free(target);
 }
 
-void exports_chanhost_plugin_channel_event(plugin_string_t *room, plugin_string_t *event,
-                                           exports_chanhost_plugin_channel_payload_t *data) {
-  plugin_string_free(room);
-  plugin_string_free(event);
-  exports_chanhost_plugin_channel_payload_free(data);
+// Events published to rooms the plugin listens to, in order, batched like
+// messages (this skeleton listens to none).
+void exports_chanhost_plugin_channel_events(exports_chanhost_plugin_channel_event_batch_t *batch) {
+  exports_chanhost_plugin_channel_event_batch_free(batch);
 }
 
 void exports_chanhost_plugin_channel_frame(exports_chanhost_plugin_channel_connection_id_t connection,

@@ -8,9 +8,24 @@ raised as `componentize_py_types.Err`.
 
 from wit_world import exports
 from wit_world.imports import host
-from wit_world.imports.types import ChannelSpec, LogLevel, Manifest, NamespaceSpec
+from wit_world.imports.types import (
+    ChannelSpec,
+    Delivery,
+    Effect_Emit,
+    Effect_Send,
+    Instance,
+    LogLevel,
+    Manifest,
+    NamespaceSpec,
+    Payload,
+)
 
 NAME = "{{name}}"
+
+
+def part(batch, span):
+    """The text of a range of a batch."""
+    return batch.text[span.start : span.start + span.len].decode()
 
 
 class Channel(exports.Channel):
@@ -29,19 +44,37 @@ class Channel(exports.Channel):
         host.log(LogLevel.INFO, f"{request.target.connection} opened {request.channel}")
         host.join(request.target, NAME)
 
-    def message(self, target, event, data, ack_id):
-        if event != "echo":
-            return
-        # Socket.IO (ids are namespaces) passes the arguments as an array.
-        if target.id.startswith("/"):
-            host.emit(target, "echo", data)
-        else:
-            host.send(target, "echo", data)
+    def messages(self, batch):
+        # Clients' messages, in the order they came: every message that
+        # waited while the plugin was busy (one alone when it was not).
+        # Every id, event and JSON text of the batch is in `batch.text`
+        # (bytes), each message naming its own by ranges. The answers go
+        # back to the host in one `apply` call.
+        effects = []
+        for m in batch.messages:
+            if part(batch, m.event) != "echo":
+                continue
+            target = Instance(connection=m.connection, id=part(batch, m.id))
+            first = m.attachments.start
+            data = Payload(
+                json=part(batch, m.data),
+                attachments=batch.attachments[first : first + m.attachments.len],
+            )
+            delivery = Delivery(target=target, event="echo", data=data)
+            # Socket.IO (ids are namespaces) passes the arguments as an array.
+            if target.id.startswith("/"):
+                effects.append(Effect_Emit(delivery))
+            else:
+                effects.append(Effect_Send(delivery))
+        if effects:
+            host.apply(effects)
 
     def disconnect(self, target, reason):
         pass
 
-    def event(self, room, event, data):
+    def events(self, batch):
+        # Events of rooms the plugin listens to, in order, batched like
+        # messages (this skeleton listens to none).
         pass
 
     def frame(self, connection, kind, body):

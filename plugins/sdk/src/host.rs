@@ -1,4 +1,4 @@
-//! The host's functions, as plugins call them. The six that change what
+//! The host's functions, as plugins call them. Those that change what
 //! clients receive (`send`, `emit`, `ack`, `broadcast`,
 //! `broadcast-filtered`, `join`, `leave`) are gathered while a batch runs
 //! (see the crate docs); every other call first applies what was gathered,
@@ -6,23 +6,25 @@
 
 use crate::chanhost::plugin::host as raw;
 use crate::effects::{flush, gather};
+use crate::packing::{write_broadcast, PackedEffect};
 use crate::types::{
-    AckReply, Condition, ConnectionId, Delivery, Effect, HttpRequest, Identity, Instance, LogLevel,
-    Membership, Payload, Rejection, RoomBroadcast,
+    Condition, ConnectionId, HttpRequest, Identity, Instance, LogLevel, Payload, Rejection,
 };
 
-pub use raw::apply;
+pub use raw::{apply, apply_packed};
 
 /// Sends one event to one channel instance.
 pub fn send(target: &Instance, event: &str, data: &Payload) {
-    let gathered = gather(|| {
-        Effect::Send(Delivery {
-            target: target.clone(),
-            event: event.to_owned(),
-            data: data.clone(),
-        })
+    let packed = gather(&data.attachments, |p| {
+        PackedEffect::Send {
+            target: (target.connection, &target.id),
+            event,
+            data: &data.json,
+            attachments: data.attachments.len(),
+        }
+        .write(p)
     });
-    if !gathered {
+    if !packed {
         raw::send(target, event, data)
     }
 }
@@ -30,54 +32,60 @@ pub fn send(target: &Instance, event: &str, data: &Payload) {
 /// Sends one event with any number of arguments (a JSON array) to one
 /// instance.
 pub fn emit(target: &Instance, event: &str, args: &Payload) {
-    let gathered = gather(|| {
-        Effect::Emit(Delivery {
-            target: target.clone(),
-            event: event.to_owned(),
-            data: args.clone(),
-        })
+    let packed = gather(&args.attachments, |p| {
+        PackedEffect::Emit {
+            target: (target.connection, &target.id),
+            event,
+            data: &args.json,
+            attachments: args.attachments.len(),
+        }
+        .write(p)
     });
-    if !gathered {
+    if !packed {
         raw::emit(target, event, args)
     }
 }
 
 /// Answers a client's acknowledgement request (Socket.IO).
 pub fn ack(target: &Instance, ack_id: u64, args: &Payload) {
-    let gathered = gather(|| {
-        Effect::Ack(AckReply {
-            target: target.clone(),
+    let packed = gather(&args.attachments, |p| {
+        PackedEffect::Ack {
+            target: (target.connection, &target.id),
             ack_id,
-            args: args.clone(),
-        })
+            data: &args.json,
+            attachments: args.attachments.len(),
+        }
+        .write(p)
     });
-    if !gathered {
+    if !packed {
         raw::ack(target, ack_id, args)
     }
 }
 
 /// Adds an instance to a room.
 pub fn join(target: &Instance, room: &str) {
-    let gathered = gather(|| {
-        Effect::Join(Membership {
-            target: target.clone(),
-            room: room.to_owned(),
-        })
+    let packed = gather(&[], |p| {
+        PackedEffect::Join {
+            target: (target.connection, &target.id),
+            room,
+        }
+        .write(p)
     });
-    if !gathered {
+    if !packed {
         raw::join(target, room)
     }
 }
 
 /// Removes an instance from a room.
 pub fn leave(target: &Instance, room: &str) {
-    let gathered = gather(|| {
-        Effect::Leave(Membership {
-            target: target.clone(),
-            room: room.to_owned(),
-        })
+    let packed = gather(&[], |p| {
+        PackedEffect::Leave {
+            target: (target.connection, &target.id),
+            room,
+        }
+        .write(p)
     });
-    if !gathered {
+    if !packed {
         raw::leave(target, room)
     }
 }
@@ -85,6 +93,22 @@ pub fn leave(target: &Instance, room: &str) {
 /// Delivers an event to every instance in a room (optionally all but one).
 pub fn broadcast(room: &str, event: &str, data: &Payload, except: Option<&Instance>) {
     broadcast_filtered(room, event, data, except, &[])
+}
+
+/// [`broadcast`] of JSON text without attachments (no [`Payload`] to
+/// make).
+pub fn broadcast_json(room: &str, event: &str, json: &str, except: Option<&Instance>) {
+    let packed = gather(&[], |p| {
+        write_broadcast(
+            p,
+            (room, event, json, 0),
+            except.map(|e| (e.connection, e.id.as_str())),
+            std::iter::empty::<(&str, bool, &[String])>(),
+        )
+    });
+    if !packed {
+        raw::broadcast(room, event, &crate::json(json), except)
+    }
 }
 
 /// Like [`broadcast`], but each member receives the event only if its
@@ -96,16 +120,17 @@ pub fn broadcast_filtered(
     except: Option<&Instance>,
     conditions: &[Condition],
 ) {
-    let gathered = gather(|| {
-        Effect::Broadcast(RoomBroadcast {
-            room: room.to_owned(),
-            event: event.to_owned(),
-            data: data.clone(),
-            except: except.cloned(),
-            conditions: conditions.to_vec(),
-        })
+    let packed = gather(&data.attachments, |p| {
+        write_broadcast(
+            p,
+            (room, event, &data.json, data.attachments.len()),
+            except.map(|e| (e.connection, e.id.as_str())),
+            conditions
+                .iter()
+                .map(|c| (c.attribute.as_str(), c.exclude, c.keys.as_slice())),
+        )
     });
-    if !gathered {
+    if !packed {
         match conditions {
             [] => raw::broadcast(room, event, data, except),
             _ => raw::broadcast_filtered(room, event, data, except, conditions),

@@ -8,14 +8,16 @@
 //! ```
 //!
 //! [`Guest`] is the plugin's side of the contract with one method per
-//! message and per event; its `messages` and `events` (the batches the
-//! host gives a busy plugin, in order) call them in turn unless a plugin
-//! reads a batch itself. While a batch runs, what [`host`] is asked to
-//! send, emit, ack, broadcast, join or leave is gathered and given to the
-//! host in one `apply` call when the batch ends (or before a host call
-//! that answers, such as `kv-get`, so that order holds): a burst crosses
-//! the boundary once each way. Hooks without a default are `describe` and
-//! `connect`.
+//! message and per event. The host gives a busy plugin what waited in its
+//! queue as one batch ([`Messages`], [`Events`]), in order; by default
+//! each message goes to [`Guest::on_message`], borrowed from the batch
+//! (no copy), and from there, copied, to [`Guest::message`]: a plugin
+//! that reads messages in place overrides `on_message`. While a batch
+//! runs, what [`host`] is asked to send, emit, ack, broadcast, join or
+//! leave is gathered and given to the host in one `apply` call when the
+//! batch ends (or before a host call that answers, such as `kv-get`, so
+//! that order holds): a burst crosses the boundary once each way. Hooks
+//! without a default are `describe` and `connect`.
 //!
 //! The host imports are in [`host`]; [`instance`] and [`json`] build the
 //! values plugins pass most often; [`conventions`] names the attribute keys
@@ -34,15 +36,19 @@ wit_bindgen::generate!({
 
 pub use chanhost::plugin::types;
 
+mod batch;
 pub mod conventions;
 mod effects;
 pub mod host;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod packing;
+
+pub use batch::{Event, Events, Message, Messages};
 
 use types::{
-    ClientMessage, ConnectRequest, DisconnectReason, HttpRequest, HttpResponse, Instance, Manifest,
-    Payload, RecoverRequest, Rejection, RoomEvent,
+    ConnectRequest, DisconnectReason, EventBatch, HttpRequest, HttpResponse, Instance, Manifest,
+    MessageBatch, Payload, RecoverRequest, Rejection,
 };
 
 /// A channel plugin: what the host calls. Every method but `describe` and
@@ -60,28 +66,41 @@ pub trait Guest {
     /// A client opens a channel instance.
     fn connect(request: ConnectRequest) -> Result<(), Rejection>;
 
-    /// A client's message on an open instance.
+    /// A client's message on an open instance, as owned values.
     fn message(_target: Instance, _event: String, _data: Payload, _ack_id: Option<u64>) {}
 
-    /// Messages that waited together, in order: by default each goes to
+    /// A client's message, borrowed from its batch: by default copied to
     /// [`Guest::message`].
-    fn messages(batch: Vec<ClientMessage>) {
-        for m in batch {
-            Self::message(m.target, m.event, m.data, m.ack_id);
+    fn on_message(m: Message<'_>) {
+        Self::message(m.target(), m.event.to_owned(), m.payload(), m.ack_id)
+    }
+
+    /// Messages that waited together, in order: by default each goes to
+    /// [`Guest::on_message`].
+    fn messages(batch: &Messages) {
+        for m in batch.iter() {
+            Self::on_message(m);
         }
     }
 
     /// An instance ended.
     fn disconnect(_target: Instance, _reason: DisconnectReason) {}
 
-    /// An event published to a room the plugin listens to.
+    /// An event published to a room the plugin listens to, as owned
+    /// values.
     fn event(_room: String, _event: String, _data: Payload) {}
 
-    /// Events that waited together, in order: by default each goes to
+    /// A room event, borrowed from its batch: by default copied to
     /// [`Guest::event`].
-    fn events(batch: Vec<RoomEvent>) {
-        for e in batch {
-            Self::event(e.room, e.event, e.data);
+    fn on_event(e: Event<'_>) {
+        Self::event(e.room.to_owned(), e.event.to_owned(), json(e.data))
+    }
+
+    /// Events that waited together, in order: by default each goes to
+    /// [`Guest::on_event`].
+    fn events(batch: &Events) {
+        for e in batch.iter() {
+            Self::on_event(e);
         }
     }
 
@@ -116,16 +135,16 @@ impl<T: Guest> exports::chanhost::plugin::channel::Guest for T {
         T::connect(request)
     }
 
-    fn messages(batch: Vec<ClientMessage>) {
-        effects::gathered(|| T::messages(batch))
+    fn messages(batch: MessageBatch) {
+        effects::gathered(|| T::messages(&Messages(batch)))
     }
 
     fn disconnect(target: Instance, reason: DisconnectReason) {
         T::disconnect(target, reason)
     }
 
-    fn events(batch: Vec<RoomEvent>) {
-        effects::gathered(|| T::events(batch))
+    fn events(batch: EventBatch) {
+        effects::gathered(|| T::events(&Events(batch)))
     }
 
     fn frame(connection: u64, kind: String, body: String) {

@@ -8,8 +8,9 @@ wit_bindgen::generate!({ world: "plugin", path: "wit" });
 
 use chanhost::plugin::host;
 use chanhost::plugin::types::{
-    ChannelSpec, ConnectRequest, DisconnectReason, HttpResponse, Instance, LogLevel, Manifest,
-    NamespaceSpec, Payload, RecoverRequest, Rejection,
+    ChannelSpec, ConnectRequest, Delivery, DisconnectReason, Effect, EventBatch, HttpResponse,
+    Instance, LogLevel, Manifest, MessageBatch, NamespaceSpec, Payload, RecoverRequest, Rejection,
+    Span,
 };
 use exports::chanhost::plugin::channel::Guest;
 
@@ -43,21 +44,51 @@ impl Guest for Plugin {
         Ok(())
     }
 
-    fn message(target: Instance, event: String, data: Payload, _ack: Option<u64>) {
-        if event != "echo" {
-            return;
-        }
-        // Socket.IO (ids are namespaces) passes the arguments as an array.
-        if target.id.starts_with('/') {
-            host::emit(&target, "echo", &data);
-        } else {
-            host::send(&target, "echo", &data);
+    /// Clients' messages, in the order they came: every message that
+    /// waited while the plugin was busy (one alone when it was not). Every
+    /// id, event and JSON text of the batch is in `batch.text`, each
+    /// message naming its own by ranges. The answers go back to the host
+    /// in one `apply` call.
+    fn messages(batch: MessageBatch) {
+        let text = std::str::from_utf8(&batch.text).unwrap_or_default();
+        let part = |s: Span| &text[s.start as usize..(s.start + s.len) as usize];
+        let effects: Vec<Effect> = batch
+            .messages
+            .iter()
+            .filter(|m| part(m.event) == "echo")
+            .map(|m| {
+                let first = m.attachments.start as usize;
+                let d = Delivery {
+                    target: Instance {
+                        connection: m.connection,
+                        id: part(m.id).to_owned(),
+                    },
+                    event: "echo".to_owned(),
+                    data: Payload {
+                        json: part(m.data).to_owned(),
+                        attachments: batch.attachments[first..first + m.attachments.len as usize]
+                            .to_vec(),
+                    },
+                };
+                // Socket.IO (ids are namespaces) passes the arguments as an
+                // array.
+                if d.target.id.starts_with('/') {
+                    Effect::Emit(d)
+                } else {
+                    Effect::Send(d)
+                }
+            })
+            .collect();
+        if !effects.is_empty() {
+            host::apply(&effects);
         }
     }
 
     fn disconnect(_target: Instance, _reason: DisconnectReason) {}
 
-    fn event(_room: String, _event: String, _data: Payload) {}
+    /// Events of rooms the plugin listens to, in order, batched like
+    /// messages (this skeleton listens to none).
+    fn events(_batch: EventBatch) {}
 
     fn frame(_connection: u64, _kind: String, _body: String) {}
 

@@ -8,7 +8,7 @@ use chanhost_plugin::types::{
     ChannelSpec, ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload,
     Rejection,
 };
-use chanhost_plugin::{export, host, json, Guest};
+use chanhost_plugin::{export, host, Guest, Message};
 use serde_json::Value;
 
 mod publish;
@@ -55,16 +55,18 @@ impl Guest for Bench {
         Ok(())
     }
 
-    fn message(_target: Instance, event: String, data: Payload, _ack: Option<u64>) {
-        match event.as_str() {
+    /// Read in place, from the batch the host gives (WIT 0.4.0); the
+    /// broadcasts go back together when the batch ends.
+    fn on_message(m: Message<'_>) {
+        match m.event {
             "publish" => {
-                if let Some((room, data)) = publish(&data.json) {
-                    host::broadcast(&room, "message", &json(data), None);
+                if let Some((room, data)) = publish(m.data) {
+                    host::broadcast_json(&room, "message", data, None);
                 }
             }
             // Not part of the contract: the dispatch benchmark's floor, one
             // broadcast of the payload as it came, without reading it.
-            "forward" => host::broadcast("fan", "message", &data, None),
+            "forward" => host::broadcast_json("fan", "message", m.data, None),
             _ => {}
         }
     }
