@@ -574,6 +574,17 @@ enum Work {
     Events(Vec<(Arc<str>, Arc<SharedEvent>)>),
 }
 
+impl Work {
+    /// The jobs it holds.
+    fn items(&self) -> usize {
+        match self {
+            Work::One(_) => 1,
+            Work::Messages(b) => b.len(),
+            Work::Events(b) => b.len(),
+        }
+    }
+}
+
 /// The side of a plugin thread that runs its work.
 trait Runs {
     /// Whether consecutive messages and events go in one call.
@@ -672,22 +683,28 @@ fn run_jobs(rx: mpsc::UnboundedReceiver<Job>, runner: &mut impl Runs) {
         depth: runner.depth(),
     };
     while let Some(first) = queue.recv() {
-        let work = queue.gather(first, runner.batches());
-        if !runner.run(work) {
-            return;
-        }
-        // More jobs waiting: a busy plugin. They run as one write batch, so
-        // frames they send to one connection go out in one write. (A lone
-        // job writes at once: a fan-out is spread over many connections
-        // anyway.)
+        // A busy plugin (a batch, or more jobs waiting): what it sends runs
+        // as one write batch, so frames for one connection go out in one
+        // write; at most `BATCH` messages' worth, so that no connection
+        // gets more than its send queue holds at once. (A lone job writes
+        // at once: a fan-out is spread over many connections anyway.)
         let mut batch = None;
-        for _ in 1..BATCH {
-            let Some(job) = queue.try_recv() else { break };
-            batch.get_or_insert_with(WriteBatch::begin);
+        let mut items = 0;
+        let mut next = Some(first);
+        while let Some(job) = next {
             let work = queue.gather(job, runner.batches());
+            let n = work.items();
+            if n > 1 || items > 0 {
+                batch.get_or_insert_with(WriteBatch::begin);
+            }
+            items += n;
             if !runner.run(work) {
                 return;
             }
+            if items >= BATCH {
+                break;
+            }
+            next = queue.try_recv();
         }
     }
 }
@@ -1098,6 +1115,105 @@ impl NativeRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(n: usize, bytes: usize) -> Job {
+        Job::Message(ClientMessage {
+            target: InstanceRef {
+                connection: n as u64,
+                id: String::new(),
+            },
+            event: String::new(),
+            data: Payload::json("x".repeat(bytes)),
+            ack_id: None,
+        })
+    }
+
+    fn queue(jobs: Vec<Job>) -> Queue {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let depth = Arc::new(Depth::default());
+        for j in jobs {
+            depth.jobs.fetch_add(1, Ordering::Relaxed);
+            depth.bytes.fetch_add(j.weight(), Ordering::Relaxed);
+            tx.send(j).ok();
+        }
+        Queue {
+            rx,
+            next: None,
+            depth,
+        }
+    }
+
+    /// The connections of a batch of messages, in order.
+    fn batch(work: Work) -> Vec<u64> {
+        match work {
+            Work::Messages(b) => b.iter().map(|m| m.target.connection).collect(),
+            _ => panic!("not a batch of messages"),
+        }
+    }
+
+    #[test]
+    fn consecutive_messages_make_one_batch_in_order_and_another_kind_ends_it() {
+        let event = Job::Event("r".into(), SharedEvent::new("e", "1".into()));
+        let mut q = queue(vec![
+            message(1, 1),
+            message(2, 1),
+            message(3, 1),
+            event,
+            message(4, 1),
+        ]);
+        let first = q.recv().unwrap();
+        assert_eq!(batch(q.gather(first, true)), [1, 2, 3]);
+        let next = q.recv().unwrap();
+        assert!(matches!(q.gather(next, true), Work::Events(e) if e.len() == 1));
+        let last = q.recv().unwrap();
+        assert_eq!(
+            batch(q.gather(last, true)),
+            [4],
+            "a lone message goes at once"
+        );
+        assert_eq!(q.depth.jobs.load(Ordering::Relaxed), 0);
+        assert_eq!(q.depth.bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_batch_is_bounded_in_count_and_bytes() {
+        let mut q = queue((0..CALL_BATCH + 5).map(|n| message(n, 1)).collect());
+        let first = q.recv().unwrap();
+        assert_eq!(batch(q.gather(first, true)).len(), CALL_BATCH);
+        let rest = q.recv().unwrap();
+        assert_eq!(batch(q.gather(rest, true)).len(), 5);
+
+        let half = CALL_BATCH_BYTES / 2;
+        let mut q = queue(vec![
+            message(1, half),
+            message(2, half - 100),
+            message(3, 200),
+        ]);
+        let first = q.recv().unwrap();
+        assert_eq!(
+            batch(q.gather(first, true)),
+            [1, 2],
+            "the third would pass the byte bound"
+        );
+        let big = q.recv().unwrap();
+        assert_eq!(batch(q.gather(big, true)), [3]);
+
+        // A message larger than the bound goes alone.
+        let mut q = queue(vec![message(1, CALL_BATCH_BYTES * 2), message(2, 1)]);
+        let first = q.recv().unwrap();
+        assert_eq!(batch(q.gather(first, true)), [1]);
+    }
+
+    #[test]
+    fn plugins_without_batches_get_one_job_at_a_time() {
+        let mut q = queue(vec![message(1, 1), message(2, 1)]);
+        let first = q.recv().unwrap();
+        assert!(matches!(q.gather(first, false), Work::One(Job::Message(_))));
+        let next = q.recv().unwrap();
+        assert!(
+            matches!(q.gather(next, false), Work::One(Job::Message(m)) if m.target.connection == 2)
+        );
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -52,28 +52,32 @@ bool exports_chanhost_plugin_channel_connect(exports_chanhost_plugin_channel_con
 }
 
 // Clients' messages, in the order they came: every message that waited
-// while the plugin was busy (one alone when it was not). Every id, event
-// and JSON text of the batch is in `batch->text`, each message naming its
-// own by byte ranges (`start`, `len`). Each `echo` is answered; the
-// answers go back to the host in one `apply` call.
+// while the plugin was busy (one alone when it was not), packed: every
+// id, event and JSON text is in `batch->text`, and `batch->words` has
+// twelve words per message (see `message-batch` in wit/plugin.wit). Each
+// `echo` is answered; the answers go back to the host in one `apply` call.
 void exports_chanhost_plugin_channel_messages(exports_chanhost_plugin_channel_message_batch_t *batch) {
   uint8_t *text = batch->text.ptr;
-  chanhost_plugin_types_effect_t *effects = malloc((batch->messages.len + 1) * sizeof *effects);
-  size_t n = 0;
-  for (size_t i = 0; i < batch->messages.len; i++) {
-    chanhost_plugin_types_batched_message_t *m = &batch->messages.ptr[i];
-    if (m->event.len != 4 || memcmp(text + m->event.start, "echo", 4) != 0) continue;
-    // Socket.IO (ids are namespaces) passes the arguments as an array.
-    bool socketio = m->id.len > 0 && text[m->id.start] == '/';
-    effects[n].tag = socketio ? CHANHOST_PLUGIN_TYPES_EFFECT_EMIT : CHANHOST_PLUGIN_TYPES_EFFECT_SEND;
-    chanhost_plugin_types_delivery_t *d = socketio ? &effects[n].val.emit : &effects[n].val.send;
-    // Borrowed from the batch: `apply` does not take what it is given.
-    d->target.connection = m->connection;
-    d->target.id = (plugin_string_t){text + m->id.start, m->id.len};
-    d->event = (plugin_string_t){text + m->event.start, m->event.len};
-    d->data.json = (plugin_string_t){text + m->data.start, m->data.len};
-    d->data.attachments = (plugin_list_list_u8_t){batch->attachments.ptr + m->attachments.start, m->attachments.len};
-    n++;
+  size_t count = batch->words.len / 12, attachment = 0, n = 0;
+  chanhost_plugin_types_effect_t *effects = malloc((count + 1) * sizeof *effects);
+  for (size_t i = 0; i < count; i++) {
+    uint32_t *w = batch->words.ptr + 12 * i;
+    size_t attachments = w[8];
+    plugin_string_t event = {text + w[4], w[5]};
+    if (event.len == 4 && memcmp(event.ptr, "echo", 4) == 0) {
+      // Socket.IO (ids are namespaces) passes the arguments as an array.
+      bool socketio = w[3] > 0 && text[w[2]] == '/';
+      effects[n].tag = socketio ? CHANHOST_PLUGIN_TYPES_EFFECT_EMIT : CHANHOST_PLUGIN_TYPES_EFFECT_SEND;
+      chanhost_plugin_types_delivery_t *d = socketio ? &effects[n].val.emit : &effects[n].val.send;
+      // Borrowed from the batch: `apply` does not take what it is given.
+      d->target.connection = (uint64_t)w[0] | (uint64_t)w[1] << 32;
+      d->target.id = (plugin_string_t){text + w[2], w[3]};
+      d->event = event;
+      d->data.json = (plugin_string_t){text + w[6], w[7]};
+      d->data.attachments = (plugin_list_list_u8_t){batch->attachments.ptr + attachment, attachments};
+      n++;
+    }
+    attachment += attachments;
   }
   if (n > 0) {
     chanhost_plugin_host_list_effect_t list = {effects, n};

@@ -9,9 +9,25 @@ import { join, apply, log } from 'chanhost:plugin/host@0.4.0';
 
 const NAME = '{{name}}';
 const utf8 = new TextDecoder();
+const u64 = (low, high) => BigInt(low) | (BigInt(high) << 32n);
 
-/** The text of a range of a batch. */
-const part = (batch, span) => utf8.decode(batch.text.subarray(span.start, span.start + span.len));
+// The messages of a packed batch, in order: every id, event and JSON text
+// is in `batch.text` (bytes), and `batch.words` has twelve words per
+// message (see `message-batch` in wit/plugin.wit).
+function* batchMessages({ text, words, attachments }) {
+  const part = (i) => utf8.decode(text.subarray(words[i], words[i] + words[i + 1]));
+  let attachment = 0;
+  for (let i = 0; i + 12 <= words.length; i += 12) {
+    const n = words[i + 8];
+    yield {
+      target: { connection: u64(words[i], words[i + 1]), id: part(i + 2) },
+      event: part(i + 4),
+      data: { json: part(i + 6), attachments: attachments.slice(attachment, attachment + n) },
+      ackId: words[i + 9] ? u64(words[i + 10], words[i + 11]) : undefined,
+    };
+    attachment += n;
+  }
+}
 
 export const channel = {
   describe() {
@@ -28,20 +44,12 @@ export const channel = {
     join(request.target, NAME);
   },
   // Clients' messages, in the order they came: every message that waited
-  // while the plugin was busy (one alone when it was not). Every id, event
-  // and JSON text of the batch is in `batch.text` (bytes), each message
-  // naming its own by ranges. The answers go back to the host in one
-  // `apply` call.
+  // while the plugin was busy (one alone when it was not). The answers go
+  // back to the host in one `apply` call.
   messages(batch) {
     const effects = [];
-    for (const m of batch.messages) {
-      if (part(batch, m.event) !== 'echo') continue;
-      const target = { connection: m.connection, id: part(batch, m.id) };
-      const first = m.attachments.start;
-      const data = {
-        json: part(batch, m.data),
-        attachments: batch.attachments.slice(first, first + m.attachments.len),
-      };
+    for (const { target, event, data } of batchMessages(batch)) {
+      if (event !== 'echo') continue;
       // Socket.IO (ids are namespaces) passes the arguments as an array.
       const tag = target.id.startsWith('/') ? 'emit' : 'send';
       effects.push({ tag, val: { target, event: 'echo', data } });

@@ -23,9 +23,23 @@ from wit_world.imports.types import (
 NAME = "{{name}}"
 
 
-def part(batch, span):
-    """The text of a range of a batch."""
-    return batch.text[span.start : span.start + span.len].decode()
+def batch_messages(batch):
+    """The messages of a packed batch, in order, as (target, event, data,
+    ack_id): every id, event and JSON text is in `batch.text` (bytes), and
+    `batch.words` has twelve words per message (see `message-batch` in
+    wit/plugin.wit)."""
+    w, text, attachment = batch.words, batch.text, 0
+
+    def part(i):
+        return text[w[i] : w[i] + w[i + 1]].decode()
+
+    for i in range(0, len(w) - 11, 12):
+        n = w[i + 8]
+        target = Instance(connection=w[i] | w[i + 1] << 32, id=part(i + 2))
+        data = Payload(json=part(i + 6), attachments=batch.attachments[attachment : attachment + n])
+        attachment += n
+        ack_id = w[i + 10] | w[i + 11] << 32 if w[i + 9] else None
+        yield target, part(i + 4), data, ack_id
 
 
 class Channel(exports.Channel):
@@ -47,19 +61,11 @@ class Channel(exports.Channel):
     def messages(self, batch):
         # Clients' messages, in the order they came: every message that
         # waited while the plugin was busy (one alone when it was not).
-        # Every id, event and JSON text of the batch is in `batch.text`
-        # (bytes), each message naming its own by ranges. The answers go
-        # back to the host in one `apply` call.
+        # The answers go back to the host in one `apply` call.
         effects = []
-        for m in batch.messages:
-            if part(batch, m.event) != "echo":
+        for target, event, data, _ack_id in batch_messages(batch):
+            if event != "echo":
                 continue
-            target = Instance(connection=m.connection, id=part(batch, m.id))
-            first = m.attachments.start
-            data = Payload(
-                json=part(batch, m.data),
-                attachments=batch.attachments[first : first + m.attachments.len],
-            )
             delivery = Delivery(target=target, event="echo", data=data)
             # Socket.IO (ids are namespaces) passes the arguments as an array.
             if target.id.startswith("/"):

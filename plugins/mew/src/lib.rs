@@ -23,9 +23,9 @@
 
 use chanhost_plugin::http;
 use chanhost_plugin::types::{
-    ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Payload, Rejection,
+    ConnectRequest, DisconnectReason, Instance, Manifest, NamespaceSpec, Rejection,
 };
-use chanhost_plugin::{export, host, json, log_warn, Guest};
+use chanhost_plugin::{export, host, json, log_warn, Event, Guest, Message};
 use serde_json::{json as j, Value};
 
 const EVERYONE: &str = "mew:all";
@@ -195,12 +195,14 @@ impl Guest for Mew {
         Ok(())
     }
 
-    fn message(target: Instance, event: String, data: Payload, _ack: Option<u64>) {
-        if event != "message/create" {
+    /// Read in place from the batch the host gives.
+    fn on_message(m: Message<'_>) {
+        if m.event != "message/create" {
             return;
         }
-        let args: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+        let args: Value = serde_json::from_str(m.data).unwrap_or(Value::Null);
         let payload = args.get(0).cloned().unwrap_or(Value::Null);
+        let target = m.target();
         if let Err(e) = create_message(&target, &payload) {
             log_warn(&format!("message/create failed: {e}"));
             let err = j!({"message": "Failed to create message"}).to_string();
@@ -212,11 +214,11 @@ impl Guest for Mew {
         host::kv_delete(&token_key(target.connection));
     }
 
-    fn event(room: String, event: String, data: Payload) {
-        if room != PRESENCE || event != "offline" {
+    fn on_event(e: Event<'_>) {
+        if e.room != PRESENCE || e.event != "offline" {
             return;
         }
-        let change: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
+        let change: Value = serde_json::from_str(e.data).unwrap_or(Value::Null);
         if let Some(user) = change.get("userId").and_then(Value::as_str) {
             let update = j!({"userId": user, "status": "offline"}).to_string();
             host::broadcast(EVERYONE, "PRESENCE_UPDATE", &json(update), None);

@@ -30,7 +30,7 @@ use chanhost_plugin::types::{
     Condition, ConnectRequest, DisconnectReason, HttpResponse, Instance, Manifest, Payload,
     Rejection,
 };
-use chanhost_plugin::{export, host, json, log_warn, Guest};
+use chanhost_plugin::{export, host, json, log_warn, Event, Guest};
 use serde_json::{json, Value};
 
 use misskey_api::{channel, Backend};
@@ -1034,12 +1034,20 @@ impl Guest for Misskey {
         }
     }
 
-    fn event(room: String, event: String, data: Payload) {
-        if room == NOTES {
-            if let Ok(n) = serde_json::from_str::<Value>(&data.json) {
-                with(|s| route_note(s, &n, &data.json));
+    /// Notes, the stream every timeline hangs on, are read in place from
+    /// the batch the host gives; the other rooms' events go to `event`.
+    fn on_event(e: Event<'_>) {
+        if e.room == NOTES {
+            if let Ok(n) = serde_json::from_str::<Value>(e.data) {
+                with(|s| route_note(s, &n, e.data));
             }
-        } else if room == INTERNAL {
+        } else {
+            Self::event(e.room.to_owned(), e.event.to_owned(), json(e.data));
+        }
+    }
+
+    fn event(room: String, event: String, data: Payload) {
+        if room == INTERNAL {
             let body: Value = serde_json::from_str(&data.json).unwrap_or(Value::Null);
             relations::on_internal(&event, &body);
             with(|s| on_internal(s, &event, &body));

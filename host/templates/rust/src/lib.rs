@@ -10,7 +10,6 @@ use chanhost::plugin::host;
 use chanhost::plugin::types::{
     ChannelSpec, ConnectRequest, Delivery, DisconnectReason, Effect, EventBatch, HttpResponse,
     Instance, LogLevel, Manifest, MessageBatch, NamespaceSpec, Payload, RecoverRequest, Rejection,
-    Span,
 };
 use exports::chanhost::plugin::channel::Guest;
 
@@ -45,40 +44,40 @@ impl Guest for Plugin {
     }
 
     /// Clients' messages, in the order they came: every message that
-    /// waited while the plugin was busy (one alone when it was not). Every
-    /// id, event and JSON text of the batch is in `batch.text`, each
-    /// message naming its own by ranges. The answers go back to the host
-    /// in one `apply` call.
+    /// waited while the plugin was busy (one alone when it was not),
+    /// packed: every id, event and JSON text is in `batch.text`, and
+    /// `batch.words` has twelve words per message (see `message-batch` in
+    /// `wit/plugin.wit`). The answers go back to the host in one `apply`
+    /// call.
     fn messages(batch: MessageBatch) {
         let text = std::str::from_utf8(&batch.text).unwrap_or_default();
-        let part = |s: Span| &text[s.start as usize..(s.start + s.len) as usize];
-        let effects: Vec<Effect> = batch
-            .messages
-            .iter()
-            .filter(|m| part(m.event) == "echo")
-            .map(|m| {
-                let first = m.attachments.start as usize;
-                let d = Delivery {
-                    target: Instance {
-                        connection: m.connection,
-                        id: part(m.id).to_owned(),
-                    },
-                    event: "echo".to_owned(),
-                    data: Payload {
-                        json: part(m.data).to_owned(),
-                        attachments: batch.attachments[first..first + m.attachments.len as usize]
-                            .to_vec(),
-                    },
-                };
-                // Socket.IO (ids are namespaces) passes the arguments as an
-                // array.
-                if d.target.id.starts_with('/') {
-                    Effect::Emit(d)
-                } else {
-                    Effect::Send(d)
-                }
-            })
-            .collect();
+        let mut attachments = batch.attachments.iter();
+        let mut effects = Vec::new();
+        for w in batch.words.chunks_exact(12) {
+            let part = |i: usize| &text[w[i] as usize..w[i] as usize + w[i + 1] as usize];
+            let data = Payload {
+                json: part(6).to_owned(),
+                attachments: attachments.by_ref().take(w[8] as usize).cloned().collect(),
+            };
+            if part(4) != "echo" {
+                continue;
+            }
+            let d = Delivery {
+                target: Instance {
+                    connection: u64::from(w[0]) | u64::from(w[1]) << 32,
+                    id: part(2).to_owned(),
+                },
+                event: "echo".to_owned(),
+                data,
+            };
+            // Socket.IO (ids are namespaces) passes the arguments as an
+            // array.
+            effects.push(if d.target.id.starts_with('/') {
+                Effect::Emit(d)
+            } else {
+                Effect::Send(d)
+            });
+        }
         if !effects.is_empty() {
             host::apply(&effects);
         }
