@@ -48,7 +48,7 @@ describe('command line and config', () => {
   test('check prints what a plugin serves, or why it is invalid', async () => {
     const ok = await runBin(['check', pluginPath('misskey')]);
     assert.equal(ok.code, 0, ok.stderr);
-    assert.match(ok.stdout, /implements: chanhost:plugin\/channel@0\.3\.0/);
+    assert.match(ok.stdout, /implements: chanhost:plugin\/channel@0\.4\.0/);
     assert.match(ok.stdout, /globalTimeline/);
     assert.match(ok.stdout, /listens to rooms: notesStream, internal/);
     assert.match(ok.stdout, /main \(requires a user, shared\)/);

@@ -5,7 +5,7 @@
 // meanwhile, in order, exactly once, before new ones; on WebSocket and on
 // polling, on one node and in a two-node cluster on a real redis-server
 // where the first node is SIGKILLed. Plugins built against 0.1.0 and 0.2.0
-// keep serving (their sockets are not recovered) beside a 0.3.0 plugin
+// keep serving (their sockets are not recovered) beside a 0.4.0 plugin
 // that is told of each recovery.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
