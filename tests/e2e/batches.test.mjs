@@ -13,7 +13,11 @@ const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from
 describe('batched plugin calls', () => {
   let host;
   before(async () => {
-    host = await startHost({ plugins: ['faulty', 'probe', 'legacy', 'legacy-v2', 'legacy-v3'] });
+    // Calls may run long, so that what comes meanwhile surely waits.
+    host = await startHost({
+      plugins: ['faulty', 'probe', 'legacy', 'legacy-v2', 'legacy-v3'],
+      config: '[plugin_runtime]\ncall_timeout_ms = 5000\n',
+    });
   });
   after(() => host.stop());
 
@@ -33,7 +37,7 @@ describe('batched plugin calls', () => {
     const echoes = collect(ch, 'echo');
     const batchesBefore = await metric('chanhost_plugin_batches_total{plugin="faulty"}');
     // While the plugin works, 300 messages queue up behind it.
-    ch.send('busy', { ms: 150 });
+    ch.send('busy', { ms: 800 });
     for (const n of range(1, 300)) ch.send('echo', n);
     await until(() => echoes.length === 300, 20000, `300 echoes (got ${echoes.length})`);
     assert.deepEqual(echoes.map((e) => e.body), range(1, 300));
@@ -60,7 +64,7 @@ describe('batched plugin calls', () => {
     const [errorsBefore, retriedBefore] = [await errors('message'), await retried()];
     const calls = () => metric('chanhost_plugin_calls_total{plugin="faulty",hook="message"}');
     const callsBefore = await calls();
-    ch.send('busy', { ms: 150 });
+    ch.send('busy', { ms: 800 });
     // Once the plugin works, all that follows waits behind it: one batch.
     await until(async () => (await calls()) > callsBefore, 5000, 'the busy call started');
     for (const n of range(1, 20)) {
@@ -87,13 +91,13 @@ describe('batched plugin calls', () => {
     const ch = await faulty();
     const heard = collect(ch, 'heard');
     const events = (ns, trap) => ns.map((n) => ({ room: 'faulty-in', event: n === trap ? 'trap' : 'tick', data: n }));
-    await host.publish([{ room: 'faulty-in', event: 'busy', data: { ms: 150 } }, ...events(range(1, 200))]);
+    await host.publish([{ room: 'faulty-in', event: 'busy', data: { ms: 800 } }, ...events(range(1, 200))]);
     await until(() => heard.length === 200, 20000, `200 events (got ${heard.length})`);
     assert.deepEqual(heard.map((h) => h.body), range(1, 200));
     assert.ok(Math.max(...heard.map((h) => h.batch)) > 1, 'some came together');
 
     const errorsBefore = await errors('event');
-    await host.publish([{ room: 'faulty-in', event: 'busy', data: { ms: 150 } }, ...events(range(201, 260), 230)]);
+    await host.publish([{ room: 'faulty-in', event: 'busy', data: { ms: 800 } }, ...events(range(201, 260), 230)]);
     await until(() => heard.length === 259, 20000, `259 events (got ${heard.length})`);
     assert.deepEqual(heard.slice(200).map((h) => h.body), range(201, 260).filter((n) => n !== 230));
     await until(async () => (await errors('event')) >= errorsBefore + 2, 10000, 'the batch and the trap counted');
@@ -114,7 +118,7 @@ describe('batched plugin calls', () => {
     }
     await until(() => connected === 4, 10000, 'four channels connected');
     // The batching plugin is kept busy while everyone's messages arrive.
-    sendJson(ws, { type: 'ch', body: { id: 'faulty', type: 'busy', body: { ms: 150 } } });
+    sendJson(ws, { type: 'ch', body: { id: 'faulty', type: 'busy', body: { ms: 800 } } });
     const calls = async (plugin) => metric(`chanhost_plugin_calls_total{plugin="${plugin}",hook="message"}`);
     const before = {};
     for (const channel of Object.keys(channels)) before[channel] = await calls(channel);
