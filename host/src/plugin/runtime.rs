@@ -26,6 +26,7 @@
 //! A native plugin ([`NativePlugin`]) runs behind the same slot, queue and
 //! thread; a panic in one of its hooks fails that call alone.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -755,39 +756,39 @@ impl Runner {
     /// given again alone, so that a bad one fails alone.
     fn messages(&mut self, batch: Vec<ClientMessage>) {
         let batch = Messages::new(batch);
-        let n = batch.len();
-        self.metrics.batch(n);
-        let r = self.call_items(Hook::Message, n, |g, s| g.messages(s, &batch, 0..n));
-        if n > 1 && matches!(r, Err(CallError::Failed(_))) {
-            self.retry(Hook::Message, n);
-            for i in 0..n {
-                let _ = self.call(Hook::Message, |g, s| g.messages(s, &batch, i..i + 1));
-            }
-        }
+        self.batch(Hook::Message, batch.len(), |g, s, r| {
+            g.messages(s, &batch, r)
+        });
     }
 
     /// Events in one `events` call, as [`Runner::messages`].
     fn events(&mut self, batch: Vec<(Arc<str>, Arc<SharedEvent>)>) {
         let batch = Events::new(&batch);
-        let n = batch.len();
-        self.metrics.batch(n);
-        let r = self.call_items(Hook::Event, n, |g, s| g.events(s, &batch, 0..n));
-        if n > 1 && matches!(r, Err(CallError::Failed(_))) {
-            self.retry(Hook::Event, n);
-            for i in 0..n {
-                let _ = self.call(Hook::Event, |g, s| g.events(s, &batch, i..i + 1));
-            }
-        }
+        self.batch(Hook::Event, batch.len(), |g, s, r| g.events(s, &batch, r));
     }
 
-    fn retry(&self, hook: Hook, n: usize) {
-        self.metrics.retried.fetch_add(n as u64, Ordering::Relaxed);
-        tracing::warn!(
-            plugin = &*self.name,
-            hook = hook.name(),
-            items = n,
-            "a batched call failed; each of its items is given again alone"
-        );
+    /// One call with items `0..n` (`call` makes it for a range of them);
+    /// after a failure, one call per item.
+    fn batch(
+        &mut self,
+        hook: Hook,
+        n: usize,
+        call: impl Fn(&Guest, &mut wasmtime::Store<StoreState>, Range<usize>) -> wasmtime::Result<()>,
+    ) {
+        self.metrics.batch(n);
+        let r = self.call_items(hook, n, |g, s| call(g, s, 0..n));
+        if n > 1 && matches!(r, Err(CallError::Failed(_))) {
+            self.metrics.retried.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(
+                plugin = &*self.name,
+                hook = hook.name(),
+                items = n,
+                "a batched call failed; each of its items is given again alone"
+            );
+            for i in 0..n {
+                let _ = self.call(hook, |g, s| call(g, s, i..i + 1));
+            }
+        }
     }
 
     /// Runs one job; false on `Stop`.
