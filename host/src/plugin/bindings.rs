@@ -874,45 +874,35 @@ mod v4 {
 /// not packed again.
 pub struct Messages {
     batch: v4::chanhost::plugin::types::MessageBatch,
-    len: usize,
 }
 
 impl Messages {
     pub fn new(batch: Vec<super::ClientMessage>) -> Self {
-        let len = batch.len();
         Self {
             batch: v4::message_batch(batch),
-            len,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.batch.words.len() / packing::MESSAGE_WORDS
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// The messages of `range`: the whole batch, or a copy with only them
     /// (and their attachments).
     fn part(&self, range: Range<usize>) -> Cow<'_, v4::chanhost::plugin::types::MessageBatch> {
-        if range == (0..self.len) {
+        if range == (0..self.len()) {
             return Cow::Borrowed(&self.batch);
         }
         let b = &self.batch;
         let words =
             |r: &Range<usize>| r.start * packing::MESSAGE_WORDS..r.end * packing::MESSAGE_WORDS;
         // The attachments before and in `range`, counted from the words.
-        let count = |r: Range<usize>| -> usize {
-            r.map(|i| {
-                b.words
-                    .get(i * packing::MESSAGE_WORDS + 8)
-                    .copied()
-                    .unwrap_or(0) as usize
-            })
-            .sum()
-        };
+        let count =
+            |r: Range<usize>| -> usize { r.map(|i| packing::attachments_of(&b.words, i)).sum() };
         let first = count(0..range.start);
         let n = count(range.clone());
         Cow::Owned(v4::chanhost::plugin::types::MessageBatch {
@@ -930,27 +920,25 @@ impl Messages {
 /// Room events for one `events` call (0.4.0), packed as [`Messages`].
 pub struct Events {
     batch: v4::chanhost::plugin::types::EventBatch,
-    len: usize,
 }
 
 impl Events {
     pub fn new(batch: &[(Arc<str>, Arc<crate::hub::SharedEvent>)]) -> Self {
         Self {
             batch: v4::event_batch(batch.iter().map(|(r, e)| (&**r, &**e))),
-            len: batch.len(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.batch.words.len() / packing::EVENT_WORDS
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     fn part(&self, range: Range<usize>) -> Cow<'_, v4::chanhost::plugin::types::EventBatch> {
-        if range == (0..self.len) {
+        if range == (0..self.len()) {
             return Cow::Borrowed(&self.batch);
         }
         let words = range.start * packing::EVENT_WORDS..range.end * packing::EVENT_WORDS;

@@ -12,6 +12,12 @@ pub const MESSAGE_WORDS: usize = 12;
 /// Words per event in an `event-batch`.
 pub const EVENT_WORDS: usize = 6;
 
+/// How many of a `message-batch`'s attachments message `i` has (0 when
+/// `words` holds no such message).
+pub fn attachments_of(words: &[u32], i: usize) -> usize {
+    words.get(i * MESSAGE_WORDS + 8).map_or(0, |&n| n as usize)
+}
+
 /// Effect kinds, as the first word of each effect.
 pub const SEND: u32 = 0;
 pub const EMIT: u32 = 1;
@@ -420,6 +426,11 @@ mod tests {
         };
         n.write(&mut p);
         assert_eq!(p.words.len(), 2 * MESSAGE_WORDS);
+        assert_eq!(
+            (attachments_of(&p.words, 0), attachments_of(&p.words, 1)),
+            (2, 0)
+        );
+        assert_eq!(attachments_of(&p.words, 2), 0, "past the last message");
         let mut r = Reader::new(&p.text, &p.words).unwrap();
         assert_eq!(PackedMessage::read(&mut r), Some(m));
         assert_eq!(PackedMessage::read(&mut r), Some(n));
