@@ -156,6 +156,11 @@ describe('chanhost in a socket.io cluster on Redis', () => {
       assert.deepEqual(new Set(mine.rooms), new Set([a.id, 'fetch']));
       assert.deepEqual(mine.handshake.auth, { room: 'fetch', token: 'x' });
       assert.equal(typeof mine.handshake.headers, 'object');
+      assert.equal(mine.handshake.address, '127.0.0.1');
+      assert.equal(mine.handshake.secure, false);
+      assert.ok(mine.handshake.url.startsWith('/socket.io/'), mine.handshake.url);
+      assert.equal(typeof mine.handshake.issued, 'number');
+      assert.match(mine.handshake.time, /^\w{3} \w{3} \d{2} \d{4} \d{2}:\d{2}:\d{2} GMT\+0000 \(Coordinated Universal Time\)$/);
       assert.ok(!all.some((s) => s.id === b.id), 'only the room asked for');
       const rooms = await node.io.of('/').adapter.allRooms();
       assert.ok(rooms.has('fetch') && rooms.has('fetch-b') && rooms.has(a.id));

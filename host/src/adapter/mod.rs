@@ -611,7 +611,7 @@ fn socket_json(conn: &ConnHandle, inst: &InstanceState) -> Option<Value> {
     };
     Some(serde_json::json!({
         "id": &*info.sid,
-        "handshake": info.handshake,
+        "handshake": info.handshake.to_json(),
         "rooms": rooms,
         "data": data,
     }))

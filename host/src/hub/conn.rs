@@ -287,12 +287,12 @@ pub struct InstanceState {
 }
 
 /// What a Socket.IO socket is known by beyond its connection: the id its
-/// CONNECT reply gave it, and its handshake as socket.io describes one.
+/// CONNECT reply gave it, and its handshake.
 #[derive(Debug)]
 pub struct SocketInfo {
     pub sid: Arc<str>,
-    /// `{headers, time, address, xdomain, secure, issued, url, query, auth}`.
-    pub handshake: serde_json::Value,
+    /// Rendered as socket.io describes one by [`Handshake::to_json`].
+    pub handshake: super::Handshake,
     /// The private id of its session, with connection state recovery (the
     /// CONNECT reply's `pid`).
     pub pid: Option<Arc<str>>,
@@ -309,7 +309,7 @@ pub struct SocketInfo {
 
 impl SocketInfo {
     /// A socket's description (not connected yet).
-    pub fn new(sid: Arc<str>, handshake: serde_json::Value) -> Self {
+    pub fn new(sid: Arc<str>, handshake: super::Handshake) -> Self {
         Self {
             sid,
             handshake,

@@ -16,6 +16,7 @@
 
 mod conn;
 mod event;
+mod handshake;
 mod hold;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ pub use conn::{
     WriteBatch, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
+pub use handshake::{Handshake, Pairs};
 pub use hold::Holds;
 
 use crate::auth::Identity;
@@ -661,7 +663,7 @@ mod tests {
                     channel: nsp.into(),
                     slot: slot.clone(),
                     socket: Some(Arc::new({
-                        let info = SocketInfo::new(sid.into(), serde_json::Value::Null);
+                        let info = SocketInfo::new(sid.into(), Handshake::default());
                         info.connected.store(connected, Ordering::SeqCst);
                         info
                     })),

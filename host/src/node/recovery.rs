@@ -54,11 +54,9 @@ pub struct RecoverInstance<'a> {
     pub offset: Option<u64>,
     /// The CONNECT auth as JSON text.
     pub params: String,
-    /// What the new connection kept of its opening request.
-    pub headers: crate::server::Pairs,
-    pub query: crate::server::Pairs,
-    /// The socket's handshake on its new connection.
-    pub handshake: serde_json::Value,
+    /// The socket's handshake on its new connection (with what it kept of
+    /// its opening request).
+    pub handshake: crate::hub::Handshake,
 }
 
 /// How a recovery ended.
@@ -508,8 +506,8 @@ impl Node {
             socket_id: session.sid.clone(),
             away_ms: now_ms().saturating_sub(session.disconnected_at),
             params: r.params,
-            headers: r.headers,
-            query: r.query,
+            headers: info.handshake.headers.clone(),
+            query: info.handshake.query.clone(),
             identity,
             user_connections,
             rooms: session.rooms.clone(),

@@ -50,7 +50,7 @@ pub const MAX_KEPT_VALUE_BYTES: usize = 8 << 10;
 pub const MAX_KEPT_REQUEST_BYTES: usize = 16 << 10;
 
 /// Name/value pairs of a request, as plugins are handed them.
-pub type Pairs = Arc<[(String, String)]>;
+pub use crate::hub::Pairs;
 
 /// What a connection keeps of the request that opened it, to hand its
 /// plugins at connect: the lower-cased headers (less [`HEADERS_NOT_KEPT`])

@@ -26,7 +26,8 @@ use super::engineio::{
 use super::ws::OP_TEXT;
 use super::Pairs;
 use crate::hub::{
-    ConnId, Gate, Holds, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent, Slot, SocketInfo,
+    ConnId, Gate, Handshake, Holds, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent, Slot,
+    SocketInfo,
 };
 use crate::node::{Node, OpenInstance, Opened, RecoverInstance, Recovered};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
@@ -75,20 +76,6 @@ fn args_for<'a>(slot: &Slot, event: &'a SharedEvent) -> &'a str {
         }),
         _ => args_of(event),
     }
-}
-
-/// A URL query component, percent-encoded (unreserved characters kept).
-fn urlencoding(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(char::from(b))
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 /// The Socket.IO layer of the node's Engine.IO endpoint.
@@ -150,38 +137,16 @@ impl SioSocket {
         }
     }
 
-    /// The handshake of a socket as socket.io describes it (what
-    /// `fetchSockets()` shows elsewhere).
-    fn handshake(&self, auth: Option<&Value>) -> Value {
-        let pairs = |p: &Pairs| -> serde_json::Map<String, Value> {
-            p.iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect()
-        };
-        let headers = pairs(&self.headers);
-        let xdomain = headers.contains_key("origin");
-        // The path and the query kept (what the transport needs is not).
-        let query: Vec<String> = self
-            .query
-            .iter()
-            .map(|(k, v)| format!("{}={}", urlencoding(k), urlencoding(v)))
-            .collect();
-        let url = if query.is_empty() {
-            "/socket.io/".to_owned()
-        } else {
-            format!("/socket.io/?{}", query.join("&"))
-        };
-        serde_json::json!({
-            "headers": headers,
-            "time": crate::adapter::notepack::js_date_string(self.issued as f64),
-            "address": self.address.to_string(),
-            "xdomain": xdomain,
-            "secure": false,
-            "issued": self.issued,
-            "url": url,
-            "query": pairs(&self.query),
-            "auth": auth.cloned().unwrap_or_else(|| serde_json::json!({})),
-        })
+    /// The handshake of a socket of this session, with its CONNECT's
+    /// auth (JSON text).
+    fn handshake(&self, auth: &str) -> Handshake {
+        Handshake {
+            headers: self.headers.clone(),
+            query: self.query.clone(),
+            address: self.address,
+            issued: self.issued,
+            auth: auth.into(),
+        }
     }
 
     /// Starts holding a namespace's events; the generation of this CONNECT.
@@ -357,7 +322,7 @@ impl SioHandler {
             .as_ref()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "{}".into());
-        let handshake = socket.handshake(auth.as_ref());
+        let handshake = socket.handshake(&params);
         if let Some(pid) = recovers.then(|| pid_of(auth.as_ref())).flatten() {
             let offset = auth.as_ref().and_then(|a| a.get("offset"));
             let offset = match offset {
@@ -379,8 +344,6 @@ impl SioHandler {
                         pid,
                         offset,
                         params: params.clone(),
-                        headers: socket.headers.clone(),
-                        query: socket.query.clone(),
                         handshake: handshake.clone(),
                     })
                     .await
@@ -438,7 +401,7 @@ impl SioHandler {
         key: Arc<str>,
         generation: u64,
         params: String,
-        handshake: Value,
+        handshake: Handshake,
     ) {
         let (node, socket, conn) = (&self.node, &session.socket, &session.conn);
         let Some(plugin) = node.plugins().namespace(&nsp) else {
