@@ -24,7 +24,9 @@
 //!
 //! Each server runs pinned to one core (`taskset -c 0`) and the load
 //! generator (`tests/bench`) to the other (`taskset -c 1`); the servers take
-//! turns in alternating order; every figure is the median of the repeats.
+//! turns in alternating order (in the upstream case, each protocol's
+//! WebAssembly and native plugin side by side); every figure is the median
+//! of the repeats.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -407,7 +409,18 @@ impl Case {
                 vec![Server::ChanhostSocketio]
             }
         } else if self.name == "upstream" {
-            Server::ALL.to_vec()
+            // Each protocol's plugin as WebAssembly next to the same
+            // contract as a native plugin: the two runs compared see the
+            // machine in the same state (turns reverse each repeat, so the
+            // pairs stay side by side).
+            vec![
+                Server::ChanhostMisskey,
+                Server::NativeMisskey,
+                Server::ChanhostSocketio,
+                Server::NativeSocketio,
+                Server::Node,
+                Server::Socketioxide,
+            ]
         } else if self.shape == Shape::Mixed {
             // The publisher's server; chanhost beside it.
             vec![Server::Node]
@@ -870,7 +883,8 @@ fn render(results: &Results, repeat: usize, quick: bool) -> String {
         s,
         "- Method: each server pinned to core 0 (`taskset -c 0`), the load generator \
          (`tests/bench`, Rust, tokio, small buffers) to core 1; servers take turns in \
-         alternating order; every figure is the median of {repeat} run(s). All servers \
+         alternating order (upstream: each protocol's WebAssembly and native plugin \
+         runs side by side); every figure is the median of {repeat} run(s). All servers \
          run the same broadcast contract (`tests/plugins/bench` for chanhost, \
          `tests/bench/peers/` for the others): WebSocket transport, no compression.\n\
          - Connect: N idle clients subscribed to a room; connections/s while opening \
