@@ -291,7 +291,8 @@ pub struct InstanceState {
 #[derive(Debug)]
 pub struct SocketInfo {
     pub sid: Arc<str>,
-    /// Rendered as socket.io describes one by [`Handshake::to_json`].
+    /// Rendered as socket.io describes one by
+    /// [`Handshake::to_json`](super::Handshake::to_json).
     pub handshake: super::Handshake,
     /// The private id of its session, with connection state recovery (the
     /// CONNECT reply's `pid`).
