@@ -884,7 +884,7 @@ impl Messages {
     }
 
     pub fn len(&self) -> usize {
-        self.batch.words.len() / packing::MESSAGE_WORDS
+        packing::message_count(&self.batch.words)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -898,8 +898,6 @@ impl Messages {
             return Cow::Borrowed(&self.batch);
         }
         let b = &self.batch;
-        let words =
-            |r: &Range<usize>| r.start * packing::MESSAGE_WORDS..r.end * packing::MESSAGE_WORDS;
         // The attachments before and in `range`, counted from the words.
         let count =
             |r: Range<usize>| -> usize { r.map(|i| packing::attachments_of(&b.words, i)).sum() };
@@ -907,7 +905,11 @@ impl Messages {
         let n = count(range.clone());
         Cow::Owned(v4::chanhost::plugin::types::MessageBatch {
             text: b.text.clone(),
-            words: b.words.get(words(&range)).unwrap_or_default().to_vec(),
+            words: b
+                .words
+                .get(packing::message_words(range))
+                .unwrap_or_default()
+                .to_vec(),
             attachments: b
                 .attachments
                 .get(first..first + n)
@@ -930,7 +932,7 @@ impl Events {
     }
 
     pub fn len(&self) -> usize {
-        self.batch.words.len() / packing::EVENT_WORDS
+        packing::event_count(&self.batch.words)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -941,10 +943,14 @@ impl Events {
         if range == (0..self.len()) {
             return Cow::Borrowed(&self.batch);
         }
-        let words = range.start * packing::EVENT_WORDS..range.end * packing::EVENT_WORDS;
         Cow::Owned(v4::chanhost::plugin::types::EventBatch {
             text: self.batch.text.clone(),
-            words: self.batch.words.get(words).unwrap_or_default().to_vec(),
+            words: self
+                .batch
+                .words
+                .get(packing::event_words(range))
+                .unwrap_or_default()
+                .to_vec(),
         })
     }
 }

@@ -4,7 +4,7 @@
 //! nothing (`serde_json::from_str` on [`Message::data`] borrows from it
 //! too).
 
-use crate::packing::{PackedEvent, PackedMessage, Reader, EVENT_WORDS, MESSAGE_WORDS};
+use crate::packing::{self, PackedEvent, PackedMessage, Reader};
 use crate::types::{EventBatch, Instance, MessageBatch, Payload};
 
 /// Clients' messages, in the order they came.
@@ -13,7 +13,7 @@ pub struct Messages(pub(crate) MessageBatch);
 impl Messages {
     /// How many messages the batch holds.
     pub fn len(&self) -> usize {
-        self.0.words.len() / MESSAGE_WORDS
+        packing::message_count(&self.0.words)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -80,7 +80,7 @@ pub struct Events(pub(crate) EventBatch);
 impl Events {
     /// How many events the batch holds.
     pub fn len(&self) -> usize {
-        self.0.words.len() / EVENT_WORDS
+        packing::event_count(&self.0.words)
     }
 
     pub fn is_empty(&self) -> bool {

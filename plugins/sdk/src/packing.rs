@@ -12,6 +12,26 @@ pub const MESSAGE_WORDS: usize = 12;
 /// Words per event in an `event-batch`.
 pub const EVENT_WORDS: usize = 6;
 
+/// How many messages the words of a `message-batch` name.
+pub fn message_count(words: &[u32]) -> usize {
+    words.len() / MESSAGE_WORDS
+}
+
+/// How many events the words of an `event-batch` name.
+pub fn event_count(words: &[u32]) -> usize {
+    words.len() / EVENT_WORDS
+}
+
+/// The words of messages `range` of a `message-batch`.
+pub fn message_words(range: core::ops::Range<usize>) -> core::ops::Range<usize> {
+    range.start * MESSAGE_WORDS..range.end * MESSAGE_WORDS
+}
+
+/// The words of events `range` of an `event-batch`.
+pub fn event_words(range: core::ops::Range<usize>) -> core::ops::Range<usize> {
+    range.start * EVENT_WORDS..range.end * EVENT_WORDS
+}
+
 /// How many of a `message-batch`'s attachments message `i` has (0 when
 /// `words` holds no such message).
 pub fn attachments_of(words: &[u32], i: usize) -> usize {
@@ -426,6 +446,11 @@ mod tests {
         };
         n.write(&mut p);
         assert_eq!(p.words.len(), 2 * MESSAGE_WORDS);
+        assert_eq!(message_count(&p.words), 2);
+        // The second message alone, as a part of the batch given again.
+        let mut r = Reader::new(&p.text, &p.words[message_words(1..2)]).unwrap();
+        assert_eq!(PackedMessage::read(&mut r), Some(n));
+        assert!(r.done());
         assert_eq!(
             (attachments_of(&p.words, 0), attachments_of(&p.words, 1)),
             (2, 0)
@@ -444,6 +469,8 @@ mod tests {
         };
         e.write(&mut p);
         assert_eq!(p.words.len(), EVENT_WORDS);
+        assert_eq!(event_count(&p.words), 1);
+        assert_eq!(p.words[event_words(0..1)], p.words[..]);
         let mut r = Reader::new(&p.text, &p.words).unwrap();
         assert_eq!(PackedEvent::read(&mut r), Some(e));
     }
