@@ -1,11 +1,11 @@
-//! What a Socket.IO socket keeps of its handshake: the parts of the
-//! opening request its session kept (shared, not copied, by every
-//! namespace of the session) and its CONNECT's auth as JSON text. The
+//! What a Socket.IO socket keeps of its handshake: what its session kept
+//! of the opening request ([`KeptRequest`], one per session, shared by every
+//! socket of it) and its CONNECT's auth as JSON text. The
 //! description socket.io gives of a handshake (`socket.handshake`, what
 //! `fetchSockets()` shows) is built from them only when it is asked for,
 //! so an idle socket holds no JSON tree of it.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -13,29 +13,47 @@ use serde_json::{Map, Value};
 /// Name/value pairs of a request, in order (headers or query).
 pub type Pairs = Arc<[(String, String)]>;
 
-/// A socket's handshake, kept small.
-#[derive(Debug, Clone)]
-pub struct Handshake {
-    /// The headers kept of the opening request.
+/// What a session kept of the request that opened it.
+#[derive(Debug)]
+pub struct KeptRequest {
+    /// The headers kept for plugins.
     pub headers: Pairs,
-    /// Its query, without what the transport itself needs.
+    /// The query, without what the transport itself needs.
     pub query: Pairs,
     /// The client's address.
     pub address: IpAddr,
     /// When the session opened (ms since the epoch).
     pub issued: u64,
+}
+
+/// A socket's handshake, kept small.
+#[derive(Debug, Clone)]
+pub struct Handshake {
+    /// Its session's, shared.
+    pub request: Arc<KeptRequest>,
     /// The CONNECT's auth, JSON text (`{}` without one).
     pub auth: Box<str>,
 }
 
-impl Default for Handshake {
-    /// A handshake of no request (no headers, an unspecified address).
+#[cfg(test)]
+impl Default for KeptRequest {
+    /// No request: no headers, an unspecified address.
     fn default() -> Self {
         Self {
             headers: Arc::new([]),
             query: Arc::new([]),
-            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             issued: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Default for Handshake {
+    /// A handshake of no request, without auth.
+    fn default() -> Self {
+        Self {
+            request: Arc::default(),
             auth: "{}".into(),
         }
     }
@@ -51,9 +69,10 @@ impl Handshake {
                 .map(|(k, v)| (k.clone(), Value::String(v.clone())))
                 .collect()
         };
-        let headers = pairs(&self.headers);
+        let r = &*self.request;
+        let headers = pairs(&r.headers);
         let xdomain = headers.contains_key("origin");
-        let query: Vec<String> = self
+        let query: Vec<String> = r
             .query
             .iter()
             .map(|(k, v)| format!("{}={}", urlencoding(k), urlencoding(v)))
@@ -66,13 +85,13 @@ impl Handshake {
         let auth = serde_json::from_str(&self.auth).unwrap_or_else(|_| Value::Object(Map::new()));
         serde_json::json!({
             "headers": headers,
-            "time": crate::adapter::notepack::js_date_string(self.issued as f64),
-            "address": self.address.to_string(),
+            "time": crate::adapter::notepack::js_date_string(r.issued as f64),
+            "address": r.address.to_string(),
             "xdomain": xdomain,
             "secure": false,
-            "issued": self.issued,
+            "issued": r.issued,
             "url": url,
-            "query": pairs(&self.query),
+            "query": pairs(&r.query),
             "auth": auth,
         })
     }
@@ -105,10 +124,12 @@ mod tests {
     #[test]
     fn renders_what_socket_io_shows_of_a_handshake() {
         let h = Handshake {
-            headers: pairs(&[("host", "example.com"), ("origin", "https://a.example")]),
-            query: pairs(&[("token", "a b&c")]),
-            address: "10.0.0.7".parse().unwrap(),
-            issued: 0,
+            request: Arc::new(KeptRequest {
+                headers: pairs(&[("host", "example.com"), ("origin", "https://a.example")]),
+                query: pairs(&[("token", "a b&c")]),
+                address: "10.0.0.7".parse().unwrap(),
+                issued: 0,
+            }),
             auth: r#"{"room":"r1"}"#.into(),
         };
         let j = h.to_json();

@@ -32,7 +32,7 @@ pub use conn::{
     WriteBatch, SLOW_CONSUMER_CLOSE,
 };
 pub use event::SharedEvent;
-pub use handshake::{Handshake, Pairs};
+pub use handshake::{Handshake, KeptRequest, Pairs};
 pub use hold::Holds;
 
 use crate::auth::Identity;

@@ -24,10 +24,9 @@ use super::engineio::{
     self, random_id, EioOut, EngineOptions, EngineServer, Handler, Opening, Session, WsOut,
 };
 use super::ws::OP_TEXT;
-use super::Pairs;
 use crate::hub::{
-    ConnId, Gate, Handshake, Holds, Outbound, Protocol, QueueFull, QueueLimits, SharedEvent, Slot,
-    SocketInfo,
+    ConnId, Gate, Handshake, Holds, KeptRequest, Outbound, Protocol, QueueFull, QueueLimits,
+    SharedEvent, Slot, SocketInfo,
 };
 use crate::node::{Node, OpenInstance, Opened, RecoverInstance, Recovered};
 use crate::plugin::{DisconnectReason, InstanceRef, Payload};
@@ -94,12 +93,9 @@ struct PendingBinary {
 
 /// The Socket.IO state of one Engine.IO session.
 pub struct SioSocket {
-    /// What the handshake kept, handed to plugins at each CONNECT.
-    headers: Pairs,
-    query: Pairs,
-    address: std::net::IpAddr,
-    /// When the session opened (ms since the epoch).
-    issued: u64,
+    /// What the opening request kept: handed to plugins at each CONNECT,
+    /// shared by the handshakes of its sockets.
+    request: Arc<KeptRequest>,
     /// Namespaces whose CONNECT is being decided: their events are held.
     holds: Holds,
     connected_once: AtomicBool,
@@ -125,12 +121,9 @@ pub enum SioError {
 }
 
 impl SioSocket {
-    fn new(headers: Pairs, query: Pairs, address: std::net::IpAddr) -> Self {
+    fn new(request: KeptRequest) -> Self {
         Self {
-            headers,
-            query,
-            address,
-            issued: crate::adapter::now_ms(),
+            request: Arc::new(request),
             holds: Holds::default(),
             connected_once: AtomicBool::new(false),
             pending: Mutex::new(None),
@@ -141,10 +134,7 @@ impl SioSocket {
     /// auth (JSON text).
     fn handshake(&self, auth: &str) -> Handshake {
         Handshake {
-            headers: self.headers.clone(),
-            query: self.query.clone(),
-            address: self.address,
-            issued: self.issued,
+            request: self.request.clone(),
             auth: auth.into(),
         }
     }
@@ -435,8 +425,8 @@ impl SioHandler {
             plugin,
             channel: &nsp,
             params,
-            headers: socket.headers.clone(),
-            query: socket.query.clone(),
+            headers: socket.request.headers.clone(),
+            query: socket.request.query.clone(),
             credential: None,
             socket: Some(info.clone()),
         };
@@ -530,11 +520,12 @@ impl Handler for SioHandler {
     }
 
     fn socket(&self, opening: &Opening) -> SioSocket {
-        SioSocket::new(
-            opening.headers.clone(),
-            opening.query.clone(),
-            opening.address(),
-        )
+        SioSocket::new(KeptRequest {
+            headers: opening.headers.clone(),
+            query: opening.query.clone(),
+            address: opening.address(),
+            issued: crate::adapter::now_ms(),
+        })
     }
 
     fn opened(&self, session: &Arc<Session<Self>>) {

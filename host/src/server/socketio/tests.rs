@@ -1,17 +1,11 @@
 //! The Socket.IO layer on its own: what it renders from the hub's items,
 //! with no Engine.IO session around it.
 
-use std::sync::Arc;
-
 use super::*;
 use crate::hub::{SharedEvent, Slot};
 
 fn socket() -> SioSocket {
-    SioSocket::new(
-        Arc::from(Vec::new()),
-        Arc::from(Vec::new()),
-        [127, 0, 0, 1].into(),
-    )
+    SioSocket::new(KeptRequest::default())
 }
 
 fn event(slot: &Slot, name: &str) -> Outbound {
